@@ -1,0 +1,180 @@
+"""The aggregator interface: member state dicts (+ per-member scores) in, one consensus out.
+
+An aggregator sees the floating-point entries of every member's state dict flattened into
+one matrix ``X`` of shape ``(num_members, num_values)`` and returns one row: the consensus.
+Integer and boolean entries (``num_batches_tracked``, masks, step counters) are never
+combined; the consensus takes them from the first member. Members whose floats contain NaN
+or Inf are dropped before the rule runs, whatever the rule, so they never reach the
+consensus.
+
+Plain torch only: no Ray, no Lightning.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "normalise", "unflatten"]
+
+StateDict = Mapping[str, Tensor]
+
+
+@dataclass
+class AggregationResult:
+    """What one aggregation round produced.
+
+    Attributes:
+        state: the consensus state dict (same keys, shapes and dtypes as the members').
+        member_weights: the weight each member received in the consensus (zeros for
+            excluded members), summing to one over the members that took part.
+        excluded: indices of members left out of this round (non-finite values, or flagged
+            by a robust pre-filter).
+        info: rule-specific diagnostics (e.g. ``{"iterations": 12}`` for the geometric median).
+    """
+
+    state: dict[str, Tensor]
+    member_weights: Tensor
+    excluded: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_aggregatable(tensor: Tensor) -> bool:
+    return torch.is_floating_point(tensor) or torch.is_complex(tensor)
+
+
+def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
+    """Stacks the floating-point entries of ``states`` into a ``(num_members, P)`` float32 matrix.
+
+    Returns the matrix and the keys it holds, in order. Every state must have the same keys
+    and shapes; a clear ``ValueError`` names the first mismatch.
+    """
+    reference = states[0]
+    keys = [k for k, v in reference.items() if _is_aggregatable(v)]
+    for index, state in enumerate(states[1:], start=1):
+        if set(state.keys()) != set(reference.keys()):
+            missing = sorted(set(reference.keys()) ^ set(state.keys()))
+            raise ValueError(f"member {index}'s state dict has different keys from member 0's: {missing[:5]}")
+        for key in keys:
+            if state[key].shape != reference[key].shape:
+                raise ValueError(
+                    f"member {index}'s {key!r} has shape {tuple(state[key].shape)},"
+                    f" member 0's has {tuple(reference[key].shape)}"
+                )
+    if not keys:
+        return torch.zeros(len(states), 0), keys
+    rows = [torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]) for state in states]
+    return torch.stack(rows), keys
+
+
+def unflatten(vector: Tensor, keys: Sequence[str], template: StateDict) -> dict[str, Tensor]:
+    """Inverse of :func:`flatten_states` for one row; non-float entries are copied from ``template``."""
+    out: dict[str, Tensor] = {}
+    offset = 0
+    sizes = {k: template[k].numel() for k in keys}
+    chunks: dict[str, Tensor] = {}
+    for key in keys:
+        chunks[key] = vector[offset : offset + sizes[key]]
+        offset += sizes[key]
+    for key, value in template.items():
+        if key in chunks:
+            out[key] = chunks[key].reshape(value.shape).to(value.dtype).clone()
+        else:
+            out[key] = value.detach().clone()
+    return out
+
+
+class Aggregator(ABC):
+    """Combines member state dicts into a consensus.
+
+    Subclasses implement :meth:`combine` on the flattened matrix. Call the instance:
+    ``aggregator(states, scores=None, sample_counts=None, prior_weights=None)``.
+
+    Args of ``__call__``:
+        states: one state dict per member (torch tensors; same keys and shapes).
+        scores: optional per-member confidence, higher is better (e.g. validation accuracy
+            or negative loss). Rules that do not use confidence ignore it.
+        sample_counts: optional number of samples each member trained on since the last sync.
+        prior_weights: optional non-negative per-member weights from outside the rule
+            (e.g. reputation); multiplied into the rule's own weighting where it has one.
+    """
+
+    #: the name accepted by ``HQDEStrategy(aggregator=...)``
+    name: str = ""
+
+    def __call__(
+        self,
+        states: Sequence[StateDict],
+        scores: Sequence[float] | None = None,
+        sample_counts: Sequence[float] | None = None,
+        prior_weights: Sequence[float] | None = None,
+    ) -> AggregationResult:
+        if len(states) == 0:
+            raise ValueError("`states` must hold at least one member state dict")
+        n = len(states)
+        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        matrix, keys = flatten_states(states)
+        finite = torch.isfinite(matrix).all(dim=1) if matrix.shape[1] else torch.ones(n, dtype=torch.bool)
+        keep = [i for i in range(n) if bool(finite[i])]
+        excluded = [i for i in range(n) if not bool(finite[i])]
+        if not keep:
+            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
+        prior = self._prior(n, sample_counts, prior_weights)
+        sub_scores = None if scores is None else torch.tensor([float(scores[i]) for i in keep], dtype=torch.float64)
+        consensus, sub_weights, info = self.combine(matrix[keep], sub_scores, prior[keep])
+        weights = torch.zeros(n, dtype=torch.float64)
+        weights[keep] = sub_weights.to(torch.float64)
+        template = states[keep[0]]
+        return AggregationResult(unflatten(consensus, keys, template), weights, excluded, info)
+
+    @staticmethod
+    def _prior(n: int, sample_counts: Sequence[float] | None, prior_weights: Sequence[float] | None) -> Tensor:
+        prior = torch.ones(n, dtype=torch.float64)
+        if sample_counts is not None:
+            prior = prior * torch.tensor([float(c) for c in sample_counts], dtype=torch.float64)
+        if prior_weights is not None:
+            prior = prior * torch.tensor([float(w) for w in prior_weights], dtype=torch.float64)
+        if bool((prior < 0).any()) or not bool(torch.isfinite(prior).all()):
+            raise ValueError("`sample_counts` and `prior_weights` must be finite and non-negative")
+        return prior
+
+    @abstractmethod
+    def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Combines the rows of ``matrix`` (finite, shape ``(n, P)``) into one row.
+
+        Args:
+            matrix: one flattened member per row.
+            scores: per-row confidence (float64) or ``None``.
+            prior: per-row non-negative prior weight (float64; all ones when nothing is known).
+
+        Returns:
+            ``(consensus of shape (P,), per-row weight of shape (n,), info dict)``. For rules
+            that are not a weighted mean, the weights say how much each row counted
+            (e.g. the final Weiszfeld weights), normalised to sum to one.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (stateful rules override this)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def normalise(weights: Tensor) -> Tensor:
+    """Scales non-negative ``weights`` to sum to one; all-zero weights become uniform."""
+    total = weights.sum()
+    if not bool(total > 0):
+        return torch.full_like(weights, 1.0 / weights.numel())
+    return weights / total

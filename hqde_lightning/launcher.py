@@ -1,0 +1,343 @@
+"""``RayEnsembleLauncher``: runs ``Trainer.fit`` as one Lightning fit loop per member in Ray actors.
+
+``launch(fit)`` in the driver:
+
+1. starts Ray locally if it is not running (or joins ``ray_address``),
+2. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled,
+3. starts a coordinator actor and ``num_members`` member actors with their resources,
+4. while they train, forwards their metrics to your loggers (``member_{i}/...``,
+   ``ensemble/...``) and shows their progress,
+5. when they finish, puts the consensus weights into your module, builds
+   ``strategy.ensemble`` and restores the trainer's epoch, step, metrics, callback states and
+   status as a normal ``fit`` leaves them.
+
+``validate``/``test``/``predict`` do not start actors: they run in the driver with the
+ensemble (see :mod:`hqde_lightning.evaluation`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from ray import cloudpickle
+from ray.exceptions import RayActorError, RayTaskError
+
+from hqde_lightning.actors import Coordinator, MemberActor, MemberResult
+from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.ensemble import Ensemble
+from hqde_lightning.evaluation import EnsembleEvaluation
+from hqde_lightning.member import MemberContext
+from hqde_lightning.progress import EnsembleProgress
+
+__all__ = ["RayEnsembleLauncher", "connect_ray"]
+
+_POLL_SECONDS = 0.25
+_AUTH_HINT = (
+    " Ray >= 2.60 enables token authentication by default: set `RAY_AUTH_MODE=token` (and the cluster's token)"
+    " in this process's environment, or start the cluster with authentication off."
+)
+
+
+def connect_ray(address: str, init_kwargs: Mapping[str, Any]) -> None:
+    """Joins the Ray cluster at ``address`` (no-op when Ray is already initialised)."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, **dict(init_kwargs))
+    except Exception as err:
+        raise MisconfigurationException(
+            f"HQDEStrategy could not reach Ray at `ray_address={address!r}`: {err}. Check that the cluster is running"
+            " (`ray status`) and the address is right, or pass `ray_address=None` to start Ray on this machine." + _AUTH_HINT
+        ) from err
+
+
+def _driver_pythonpath() -> str:
+    """The driver's import path, so actors on this machine import what the driver imports."""
+    entries = [p for p in sys.path if p and os.path.isdir(p)]
+    existing = os.environ.get("PYTHONPATH")
+    if existing:
+        entries.append(existing)
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+class RayEnsembleLauncher(_Launcher):
+    """Launches an ``HQDEStrategy`` fit as parallel member actors (see the module docstring)."""
+
+    def __init__(self, strategy: Any) -> None:
+        self._strategy = strategy
+        self._actors: list[Any] = []
+        self._started_ray = False
+
+    @property
+    def is_interactive_compatible(self) -> bool:
+        return True
+
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        assert trainer is not None
+        if trainer.state.fn != TrainerFn.FITTING:
+            return self._evaluate(function, args, kwargs, trainer)
+        return self._fit(function, args, kwargs, trainer)
+
+    def kill(self, signum: Any = None) -> None:
+        """Stops every actor of the current fit."""
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._actors = []
+
+    # ------------------------------------------------------------- evaluation
+    def _evaluate(self, function: Callable, args: tuple[Any, ...], kwargs: dict[str, Any], trainer: Trainer) -> Any:
+        evaluation = EnsembleEvaluation(self._strategy)
+        trainer.callbacks.append(evaluation)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            trainer.callbacks.remove(evaluation)
+            evaluation.restore_forward()
+
+    # -------------------------------------------------------------------- fit
+    def _fit(self, function: Callable, args: tuple[Any, ...], kwargs: dict[str, Any], trainer: Trainer) -> Any:
+        strategy = self._strategy
+        bound = inspect.signature(function).bind(*args, **kwargs)
+        model: LightningModule = bound.arguments["model"]
+        ckpt_path = bound.arguments.get("ckpt_path")
+        if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
+            bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
+            self._check_resume(bound.arguments["ckpt_path"])
+        payload = self._pickle(trainer, function, bound, model)
+        self._start_ray()
+        try:
+            coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(strategy.num_members, copy.deepcopy(strategy.aggregator))
+            self._actors = [coordinator]
+            results = self._run_members(trainer, payload, coordinator)
+            strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
+            self._recover(trainer, model, results)
+        finally:
+            self.kill()
+            if self._started_ray:
+                ray.shutdown()
+                self._started_ray = False
+        return None
+
+    def _check_resume(self, path: str) -> None:
+        section = load_checkpoint_file(path).get(HQDE_KEY)
+        if section is not None and int(section["num_members"]) != self._strategy.num_members:
+            raise MisconfigurationException(
+                f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
+                f" resume with `num_members={section['num_members']}`."
+            )
+
+    def _start_ray(self) -> None:
+        strategy = self._strategy
+        if ray.is_initialized():
+            return
+        if strategy.ray_address is not None:
+            connect_ray(strategy.ray_address, strategy.ray_init_kwargs)
+            return
+        init_kwargs = {"include_dashboard": False, "configure_logging": False, **strategy.ray_init_kwargs}
+        rank_zero_info("HQDEStrategy: starting a local Ray instance")
+        ray.init(address="local", **init_kwargs)
+        self._started_ray = True
+
+    def _pickle(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes:
+        """Pickles ``(trainer, function name, args, kwargs)``; unpicklable attributes get a clear error."""
+        loggers = trainer.loggers
+        trainer.loggers = []
+        try:
+            return cloudpickle.dumps((trainer, function.__name__, bound.args, bound.kwargs))
+        except Exception as err:
+            datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
+            culprit = _find_unpicklable(model, "model") or _find_unpicklable(datamodule, "datamodule") or "an object passed to `fit`"
+            raise MisconfigurationException(
+                f"HQDEStrategy sends your module and data to Ray actors by pickling them, but {culprit} cannot be"
+                f" pickled ({type(err).__name__}: {err}). Create it in `setup()`/`configure_model()` instead of"
+                " `__init__`, or make it picklable."
+            ) from err
+        finally:
+            trainer.loggers = loggers
+
+    def _member_options(self, trainer: Trainer) -> tuple[dict[str, Any], int]:
+        strategy = self._strategy
+        n = strategy.num_members
+        cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        options: dict[str, Any] = {"num_cpus": cluster_cpus / n}
+        if isinstance(trainer.accelerator, CUDAAccelerator):
+            options["num_gpus"] = strategy.default_gpus_per_member(len(strategy.parallel_devices or []))
+        options.update({k: v for k, v in strategy.resources_per_member.items() if v is not None})
+        if strategy.ray_address is None:
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
+        threads = max(1, math.floor(options["num_cpus"])) if options.get("num_cpus") else 1
+        return options, threads
+
+    def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any) -> list[MemberResult]:
+        strategy = self._strategy
+        options, threads = self._member_options(trainer)
+        member_cls = ray.remote(MemberActor)
+        cwd = os.getcwd()
+        mirrors = [_mirror(logger) for logger in trainer.loggers]
+        progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
+        payload_ref = ray.put(payload)
+        futures: dict[Any, int] = {}
+        for index in range(strategy.num_members):
+            actor = member_cls.options(**options).remote(cwd, threads)
+            self._actors.append(actor)
+            context = MemberContext(
+                index=index,
+                num_members=strategy.num_members,
+                seed=strategy.seed + index,
+                coordinator=coordinator,
+                sync=strategy.sync,
+                sync_strength=strategy.sync_strength,
+                sync_every_n_epochs=strategy.sync_every_n_epochs,
+                bagging=strategy.bagging,
+                score_metric=strategy.score_metric,
+                score_mode=strategy.score_mode,
+                mirrors=mirrors,
+                show_progress=progress.enabled,
+            )
+            futures[actor.run.remote(payload_ref, context)] = index
+        rank_zero_info(f"HQDEStrategy: training {strategy.num_members} members with {_describe(options)} each (seed {strategy.seed})")
+        results: dict[int, MemberResult] = {}
+        strategy.sync_history = []
+        forwarder = _EventForwarder(trainer, strategy, progress)
+        try:
+            pending = list(futures)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_SECONDS)
+                forwarder.handle(ray.get(coordinator.drain.remote()))
+                for ref in done:
+                    index = futures[ref]
+                    try:
+                        results[index] = ray.get(ref)
+                    except (RayTaskError, RayActorError) as err:
+                        raise _member_error(index, err) from None
+            forwarder.handle(ray.get(coordinator.drain.remote()))
+        finally:
+            progress.close()
+        return [results[i] for i in range(strategy.num_members)]
+
+    def _recover(self, trainer: Trainer, model: LightningModule, results: list[MemberResult]) -> None:
+        """Leaves the driver's trainer and module as a normal ``fit`` would."""
+        strategy = self._strategy
+        strategy.aggregator.load_state_dict(strategy.coordinator_state.get("aggregator", {}))
+        states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
+        scores = [r.score for r in results]
+        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
+        model.load_state_dict(final.state)
+        strategy.ensemble = Ensemble.from_states(model, states, combine=strategy.combiner).eval()
+
+        first = results[0]
+        trainer.fit_loop.load_state_dict(first.fit_loop_state)
+        trainer.fit_loop.restarting = False
+        trainer.state = first.trainer_state
+        metrics = trainer.callback_metrics
+        metrics.update({k: torch.tensor(v) for k, v in first.callback_metrics.items()})
+        for result in results:
+            metrics.update({f"member_{result.index}/{k}": torch.tensor(v) for k, v in result.callback_metrics.items()})
+        for callback in trainer.callbacks:
+            state = first.callbacks_state.get(callback.state_key)
+            if state:
+                if getattr(callback, "dirpath", "") is None and "dirpath" in state:
+                    callback.dirpath = state["dirpath"]  # resolved inside member 0; lets best/last paths load in full
+                callback.load_state_dict(copy.deepcopy(state))
+        strategy.connect(model)
+        model.trainer = trainer
+        for logger in trainer.loggers:
+            logger.save()
+            logger.finalize("success")
+
+
+class _EventForwarder:
+    """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
+
+    def __init__(self, trainer: Trainer, strategy: Any, progress: EnsembleProgress) -> None:
+        self.trainer = trainer
+        self.strategy = strategy
+        self.progress = progress
+        self.last_step = 0
+
+    def handle(self, events: list[tuple[Any, ...]]) -> None:
+        loggers = self.trainer.loggers
+        for kind, member, data in events:
+            if kind == "metrics":
+                logger_index, values, step = data
+                self.last_step = max(self.last_step, step or 0)
+                loggers[logger_index].log_metrics({f"member_{member}/{k}": v for k, v in values.items()}, step)
+            elif kind == "hparams":
+                logger_index, params = data
+                loggers[logger_index].log_hyperparams(params)
+            elif kind == "progress":
+                self.progress.update(member, *data)
+            elif kind == "sync":
+                self.strategy.sync_history.append(data)
+                summary = {
+                    "ensemble/sync_round": float(data["round"]),
+                    "ensemble/sync_distance_mean": float(np.mean(data["distance_to_consensus"])),
+                    "ensemble/sync_seconds": float(data["aggregation_seconds"]),
+                    "ensemble/sync_bytes": float(data["bytes_received"]),
+                    "ensemble/excluded_members": float(len(data["excluded"])),
+                }
+                for logger in loggers:
+                    logger.log_metrics(summary, self.last_step)
+
+
+def _mirror(logger: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr in ("name", "version", "save_dir", "root_dir", "log_dir"):
+        try:
+            value = getattr(logger, attr)
+        except Exception:  # loggers may raise for attributes they do not support
+            continue
+        out[attr] = os.path.abspath(value) if attr.endswith("dir") and isinstance(value, str) and "://" not in value else value
+    return out
+
+
+def _describe(options: Mapping[str, Any]) -> str:
+    parts = [f"{options.get('num_cpus', 0):g} CPU"]
+    if options.get("num_gpus"):
+        parts.append(f"{options['num_gpus']:g} GPU")
+    return " + ".join(parts)
+
+
+def _member_error(index: int, err: Exception) -> BaseException:
+    if isinstance(err, RayTaskError):
+        cause = err.as_instanceof_cause()
+        cause.args = (f"member {index} failed: {cause.args[0] if cause.args else err}",) + tuple(cause.args[1:])
+        return cause
+    return RuntimeError(f"member {index}'s actor died: {err}")
+
+
+def _find_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
+    """The dotted path of the first attribute of ``obj`` that cannot be pickled, if any."""
+    if obj is None or depth > 4:
+        return None
+    try:
+        cloudpickle.dumps(obj)
+        return None
+    except Exception:
+        pass
+    children: dict[str, Any] = dict(obj._modules) if isinstance(obj, torch.nn.Module) else {}
+    if hasattr(obj, "__dict__"):
+        children.update({k: v for k, v in vars(obj).items() if k not in ("_modules", "_trainer")})
+    for name, value in children.items():
+        found = _find_unpicklable(value, f"{path}.{name}", depth + 1)
+        if found is not None:
+            return found
+    return f"`{path}` ({type(obj).__name__})"

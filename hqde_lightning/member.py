@@ -1,0 +1,245 @@
+"""What runs inside a member actor, around the user's own Lightning fit loop.
+
+* :class:`MemberContext`: everything a member needs besides the pickled ``Trainer``.
+* :class:`MemberSync`: a private callback. At the end of each epoch's training batches it
+  sends the member's floating-point weights to the coordinator, waits for the consensus and
+  applies the sync mode; then it posts a snapshot (weights, optimizer state, RNG) that
+  member 0 uses to write whole-ensemble checkpoints. It also reports progress.
+* :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
+  the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
+  HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from argparse import Namespace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+
+from hqde_lightning.checkpoint import capture_rng_states
+
+__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "state_to_numpy", "tree_to_cpu"]
+
+SYNC_MODES = ("none", "elastic", "replace")
+_PROGRESS_INTERVAL_S = 0.5
+
+
+def state_to_numpy(state: Mapping[str, Tensor], floats_only: bool = False) -> dict[str, np.ndarray]:
+    """CPU numpy copies of a state dict's tensors (bfloat16 widened to float32, which numpy lacks)."""
+    out = {}
+    for key, value in state.items():
+        if floats_only and not torch.is_floating_point(value):
+            continue
+        tensor = value.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        out[key] = tensor.cpu().numpy().copy()
+    return out
+
+
+def tree_to_cpu(obj: Any) -> Any:
+    """Clones every tensor inside nested dicts/lists/tuples to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, Mapping):
+        return {k: tree_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class MemberContext:
+    """The member-specific part of a fit, sent to each actor with the pickled trainer.
+
+    Attributes:
+        index: the member's position in the ensemble (0 writes checkpoints).
+        num_members: ensemble size.
+        seed: this member's seed (the run's seed + index).
+        coordinator: handle of the coordinator actor.
+        sync: ``"none"``, ``"elastic"`` or ``"replace"``.
+        sync_strength: α in w ← w + α(w̄ − w) for ``"elastic"``.
+        sync_every_n_epochs: sync at the end of every n-th epoch.
+        bagging: train on a bootstrap sample of the training set.
+        score_metric: name of the logged metric used as confidence (``None``: −train loss).
+        score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
+        mirrors: per user logger, the attributes the stand-in logger must show.
+        show_progress: report progress to the driver's progress bar.
+        resume: this member's entry of a checkpoint's ``hqde`` section when resuming.
+    """
+
+    index: int
+    num_members: int
+    seed: int
+    coordinator: Any
+    sync: str
+    sync_strength: float
+    sync_every_n_epochs: int
+    bagging: bool
+    score_metric: str | None
+    score_mode: str
+    mirrors: list[dict[str, Any]] = field(default_factory=list)
+    show_progress: bool = True
+    resume: dict[str, Any] | None = None
+
+
+class MirrorLogger(Logger):
+    """Inside a member: looks like one of the user's loggers, forwards everything to the driver."""
+
+    def __init__(self, mirror: Mapping[str, Any], logger_index: int, member_index: int, coordinator: Any) -> None:
+        super().__init__()
+        self._mirror = dict(mirror)
+        self._logger_index = logger_index
+        self._member_index = member_index
+        self._coordinator = coordinator
+
+    @property
+    def name(self) -> str | None:
+        return self._mirror.get("name")
+
+    @property
+    def version(self) -> int | str | None:
+        return self._mirror.get("version")
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._mirror.get("save_dir")
+
+    @property
+    def root_dir(self) -> str | None:
+        return self._mirror.get("root_dir")
+
+    @property
+    def log_dir(self) -> str | None:
+        return self._mirror.get("log_dir")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        values = {k: float(v.item() if isinstance(v, Tensor) else v) for k, v in metrics.items()}
+        self._coordinator.emit.remote(("metrics", self._member_index, (self._logger_index, values, step)))
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        if self._member_index == 0:
+            params = vars(params) if isinstance(params, Namespace) else dict(params)
+            self._coordinator.emit.remote(("hparams", 0, (self._logger_index, params)))
+
+
+class MemberSync(Callback):
+    """Epoch-end weight synchronisation and snapshots for one member (private to the strategy)."""
+
+    def __init__(self, context: MemberContext) -> None:
+        self.ctx = context
+        self.last_round = -1
+        self.last_consensus: dict[str, np.ndarray] | None = None
+        self._loss_sum: Tensor | None = None
+        self._num_batches = 0
+        self._num_samples = 0
+        self._synced_epoch = -1
+        self._last_report = 0.0
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        resume = self.ctx.resume
+        if resume is not None:
+            from hqde_lightning.checkpoint import restore_rng_states
+
+            restore_rng_states(resume.get("rng", {}))
+            self.last_round = int(resume.get("round", -1))
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._loss_sum, self._num_batches, self._num_samples = None, 0, 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._num_batches += 1
+        try:
+            self._num_samples += int(extract_batch_size(batch))
+        except Exception:  # batches Lightning cannot size count as one sample
+            self._num_samples += 1
+        total = trainer.num_training_batches
+        now = time.monotonic()
+        if self.ctx.show_progress and now - self._last_report > _PROGRESS_INTERVAL_S:
+            self._last_report = now
+            self._report_progress(trainer, batch_idx + 1, total, loss)
+        if isinstance(total, int) and batch_idx + 1 >= total:
+            self._sync_point(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # epochs of unknown length (iterable datasets) reach their sync point here
+        self._sync_point(trainer, pl_module)
+
+    # ---------------------------------------------------------------- helpers
+    def _report_progress(self, trainer: Trainer, batch: int, total: Any, loss: Any) -> None:
+        loss_value = float(loss.item()) if isinstance(loss, Tensor) else None
+        total_value = total if isinstance(total, int) else None
+        event = ("progress", self.ctx.index, (trainer.current_epoch, batch, total_value, loss_value))
+        self.ctx.coordinator.emit.remote(event)
+
+    def score(self, trainer: Trainer) -> float | None:
+        """This member's confidence for the aggregator: the monitored metric, or −mean train loss."""
+        if self.ctx.score_metric is not None:
+            value = trainer.callback_metrics.get(self.ctx.score_metric)
+            if value is None:
+                return None
+            value = float(value)
+            return value if self.ctx.score_mode == "max" else -value
+        if self._loss_sum is None or self._num_batches == 0:
+            return None
+        return -float(self._loss_sum.item()) / self._num_batches
+
+    def _sync_point(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self._synced_epoch == epoch:
+            return
+        self._synced_epoch = epoch
+        ctx = self.ctx
+        if ctx.sync != "none" and (epoch + 1) % ctx.sync_every_n_epochs == 0:
+            self._exchange(trainer, pl_module, epoch)
+        self.last_round = epoch
+        self._post_snapshot(trainer, pl_module, epoch)
+        if ctx.show_progress:
+            self._report_progress(trainer, self._num_batches, trainer.num_training_batches, self._loss_sum / max(self._num_batches, 1) if self._loss_sum is not None else None)
+
+    def _exchange(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        state = pl_module.state_dict()
+        payload = state_to_numpy(state, floats_only=True)
+        score = self.score(trainer)
+        sync_call = self.ctx.coordinator.sync.remote(self.ctx.index, epoch, payload, score, self._num_samples)
+        (consensus_ref,) = ray.get(sync_call)
+        consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
+        self.last_consensus = consensus
+        alpha = 1.0 if self.ctx.sync == "replace" else self.ctx.sync_strength
+        with torch.no_grad():
+            for key, value in consensus.items():
+                target = state[key]
+                with warnings.catch_warnings():  # the shared, read-only consensus is only read here
+                    warnings.simplefilter("ignore", UserWarning)
+                    incoming = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
+                if alpha >= 1.0:
+                    target.copy_(incoming)
+                else:
+                    target.add_(incoming - target, alpha=alpha)
+
+    def _post_snapshot(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        snapshot = {
+            "round": epoch,
+            "state_dict": tree_to_cpu(pl_module.state_dict()),
+            "optimizer_states": [tree_to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+            "rng": capture_rng_states(),
+            "num_samples": self._num_samples,
+        }
+        self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, snapshot)
+

@@ -1,0 +1,403 @@
+"""``HQDEStrategy``: train an ensemble of copies of a LightningModule as parallel Ray actors.
+
+The strategy has two faces. In the driver (your script) it validates its arguments, hands
+``fit`` to :class:`~hqde_lightning.launcher.RayEnsembleLauncher` and evaluates the trained
+ensemble in ``validate``/``test``/``predict``. Inside each member actor it behaves like a
+single-device strategy on that member's device, and makes member 0 write checkpoints that
+hold the whole ensemble.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, SubsetRandomSampler
+
+from hqde_lightning.aggregation import Aggregator, resolve_aggregator
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO
+from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
+from hqde_lightning.member import SYNC_MODES, MemberContext, MemberSync
+
+if TYPE_CHECKING:
+    from hqde_lightning.launcher import RayEnsembleLauncher
+
+__all__ = ["HQDEStrategy"]
+
+_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
+
+
+class HQDEStrategy(Strategy):
+    """Trains ``num_members`` copies of your LightningModule in parallel Ray actors.
+
+    Every member runs your unmodified Lightning fit loop with its own seed and data order
+    (or bootstrap sample); at the end of every ``sync_every_n_epochs``-th epoch the members'
+    weights are combined by ``aggregator`` and each member applies ``sync``. After ``fit``
+    your module holds the consensus weights and :attr:`ensemble` holds every member;
+    ``validate``/``test``/``predict`` evaluate the ensemble.
+
+    Args:
+        num_members: ensemble size (>= 1).
+        aggregator: how member weights are combined: a name (``"mean"``, and the rules
+            registered in :mod:`hqde_lightning.aggregation`) or an ``Aggregator`` instance.
+        sync: ``"none"`` (independent deep ensemble), ``"elastic"`` (w ← w + α(w̄ − w), pulled
+            toward the consensus) or ``"replace"`` (w ← w̄, federated averaging).
+        sync_strength: α for ``"elastic"``, in [0, 1].
+        sync_every_n_epochs: sync at the end of every n-th training epoch (>= 1).
+        bagging: each member trains on its own bootstrap sample of the training set
+            (map-style datasets only) instead of the whole set in its own order.
+        combine: how member outputs are combined in ``validate``/``test``/``predict``:
+            ``"auto"``, ``"probability"``, ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
+        score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
+            confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
+        score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
+        ray_address: ``None`` starts a private local Ray instance when needed (shut down after
+            ``fit``); ``"auto"`` or ``"ray://host:10001"``/``"host:6379"`` joins an existing cluster.
+        ray_init_kwargs: extra keyword arguments for ``ray.init`` (e.g. ``runtime_env``).
+        resources_per_member: Ray resources of each member actor, keys among ``num_cpus``,
+            ``num_gpus``, ``memory``, ``resources``. Default: an equal share of the CPU cores, or
+            of the GPUs when the Trainer's accelerator is CUDA (4 members on 2 GPUs: 0.5 each).
+        seed: base seed; member ``i`` uses ``seed + i``. ``None`` draws one (logged).
+        accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy
+            (checkpoints are written atomically by default).
+    """
+
+    strategy_name = "hqde"
+
+    def __init__(
+        self,
+        num_members: int = 4,
+        aggregator: str | Aggregator = "mean",
+        sync: str = "elastic",
+        sync_strength: float = 0.5,
+        sync_every_n_epochs: int = 1,
+        bagging: bool = False,
+        combine: str | Combiner = "auto",
+        score_metric: str | None = None,
+        score_mode: str = "max",
+        ray_address: str | None = None,
+        ray_init_kwargs: Mapping[str, Any] | None = None,
+        resources_per_member: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io or AtomicCheckpointIO(), precision_plugin=precision_plugin)
+        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
+            raise MisconfigurationException(f"`HQDEStrategy(num_members={num_members!r})`: `num_members` must be an integer >= 1.")
+        try:
+            self.aggregator = resolve_aggregator(aggregator)
+            self.combiner = resolve_combiner(combine)
+        except (ValueError, TypeError) as err:
+            raise MisconfigurationException(f"HQDEStrategy: {err}") from err
+        if sync not in SYNC_MODES:
+            raise MisconfigurationException(f"`HQDEStrategy(sync={sync!r})` is not known; choose one of {list(SYNC_MODES)}.")
+        if isinstance(sync_strength, bool) or not isinstance(sync_strength, (int, float)) or not 0.0 <= float(sync_strength) <= 1.0:
+            raise MisconfigurationException(f"`HQDEStrategy(sync_strength={sync_strength!r})`: `sync_strength` must be a number in [0, 1].")
+        if isinstance(sync_every_n_epochs, bool) or not isinstance(sync_every_n_epochs, int) or sync_every_n_epochs < 1:
+            raise MisconfigurationException(f"`HQDEStrategy(sync_every_n_epochs={sync_every_n_epochs!r})`: must be an integer >= 1.")
+        if score_mode not in ("max", "min"):
+            raise MisconfigurationException(f"`HQDEStrategy(score_mode={score_mode!r})`: choose 'max' or 'min'.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise MisconfigurationException(f"`HQDEStrategy(seed={seed!r})`: `seed` must be a non-negative integer or None.")
+        if ray_address is not None and not isinstance(ray_address, str):
+            raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'ray://head:10001', or None.")
+        self.num_members = num_members
+        self.sync = sync
+        self.sync_strength = float(sync_strength)
+        self.sync_every_n_epochs = sync_every_n_epochs
+        self.bagging = bool(bagging)
+        self.score_metric = score_metric
+        self.score_mode = score_mode
+        self.ray_address = ray_address
+        self.ray_init_kwargs = dict(ray_init_kwargs or {})
+        self.resources_per_member = _check_resources(resources_per_member)
+        self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
+        #: every member after ``fit`` (or after loading an HQDE checkpoint), as one ``nn.Module``
+        self.ensemble: Ensemble | None = None
+        #: per-sync statistics of the last fit (members, weights, distances, bytes, seconds)
+        self.sync_history: list[dict[str, Any]] = []
+        self.coordinator_state: dict[str, Any] = {}
+        self.parallel_devices: list[torch.device] | None = None
+        self._num_nodes = 1
+        self._member: MemberContext | None = None
+        self._member_sync: MemberSync | None = None
+
+    # --------------------------------------------------------------- identity
+    @property
+    def is_member(self) -> bool:
+        """True inside a member actor, False in the driver."""
+        return self._member is not None
+
+    @property
+    def member_index(self) -> int | None:
+        return None if self._member is None else self._member.index
+
+    def _enter_member_mode(self, context: MemberContext) -> None:
+        self._member = context
+
+    # every member is a world of its own: Lightning's rank-0 code paths run in each of them
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
+    world_size = 1
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    # --------------------------------------------------- Trainer-time checks
+    def _configure_launcher(self) -> None:
+        """Called by ``Trainer(...)``: validates the accelerator/devices and, for a cluster, Ray's address."""
+        accelerator = self.accelerator
+        if not isinstance(accelerator, (CPUAccelerator, CUDAAccelerator)):
+            raise MisconfigurationException(
+                f"HQDEStrategy runs members on CPU or CUDA devices, not on `{type(accelerator).__name__}`:"
+                " use `Trainer(accelerator='cpu')` or `Trainer(accelerator='gpu')`."
+            )
+        if self._num_nodes != 1:
+            raise MisconfigurationException(
+                f"`Trainer(num_nodes={self._num_nodes})` does not apply to HQDEStrategy: Ray places members on the"
+                " nodes of its cluster. Leave `num_nodes=1` and pass `HQDEStrategy(ray_address=...)`."
+            )
+        devices = self.parallel_devices or []
+        if isinstance(accelerator, CPUAccelerator) and len(devices) > 1:
+            raise MisconfigurationException(
+                f"`Trainer(accelerator='cpu', devices={len(devices)})` asks for {len(devices)} CPU processes; HQDEStrategy"
+                " runs one process per member instead. Leave `devices` at 1 or 'auto' and set `num_members`"
+                " (and `resources_per_member={'num_cpus': ...}`)."
+            )
+        requested_gpus = float(self.resources_per_member.get("num_gpus", 0))
+        if isinstance(accelerator, CPUAccelerator) and requested_gpus > 0:
+            raise MisconfigurationException(
+                f"`resources_per_member={{'num_gpus': {requested_gpus}}}` asks for GPUs but the Trainer's accelerator is the CPU:"
+                " use `Trainer(accelerator='gpu')` or drop `num_gpus`."
+            )
+        if self.ray_address is not None:
+            from hqde_lightning.launcher import connect_ray
+
+            connect_ray(self.ray_address, self.ray_init_kwargs)
+        if isinstance(accelerator, CUDAAccelerator):
+            available = self._available_gpus(len(devices))
+            per_member = requested_gpus if requested_gpus > 0 else self.default_gpus_per_member(len(devices))
+            if per_member * self.num_members > available + 1e-9:
+                raise MisconfigurationException(
+                    f"HQDEStrategy(num_members={self.num_members}) with {per_member:g} GPU per member needs"
+                    f" {per_member * self.num_members:g} GPUs, but only {available} exist. Lower `num_members` or"
+                    " `resources_per_member['num_gpus']`."
+                )
+        from hqde_lightning.launcher import RayEnsembleLauncher
+
+        self._launcher = RayEnsembleLauncher(self)
+
+    def _available_gpus(self, trainer_devices: int) -> int:
+        if self.ray_address is not None:
+            import ray
+
+            return int(ray.cluster_resources().get("GPU", 0))
+        return trainer_devices
+
+    def default_gpus_per_member(self, num_gpus: int) -> float:
+        """Each member's share of ``num_gpus`` GPUs: one each when there are enough, else a fraction."""
+        if num_gpus <= 0:
+            return 0.0
+        return min(1.0, num_gpus / self.num_members)
+
+    @property
+    def launcher(self) -> _Launcher | None:
+        return None if self.is_member else self._launcher
+
+    # ------------------------------------------------------ single-device face
+    @property
+    def root_device(self) -> torch.device:
+        if isinstance(self.accelerator, CUDAAccelerator):
+            # inside a member, Ray's CUDA_VISIBLE_DEVICES shows the member's own GPU as device 0
+            return torch.device("cuda", 0) if self.is_member else (self.parallel_devices or [torch.device("cuda", 0)])[0]
+        return torch.device("cpu")
+
+    def model_to_device(self) -> None:
+        assert self.model is not None, "self.model must be set before self.model.to()"
+        self.model.to(self.root_device)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.member_index in (None, 0)
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        # members are different models: their metrics are never averaged together
+        return tensor
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return tensor
+
+    def barrier(self, name: str | None = None) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        """Inside a member with ``bagging=True``: the training loader draws the member's bootstrap sample."""
+        if not (self.is_member and self.bagging and self.lightning_module is not None):
+            return dataloader
+        trainer = self.lightning_module.trainer
+        if not trainer.training or not isinstance(dataloader, DataLoader):
+            return dataloader
+        dataset = dataloader.dataset
+        if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+            raise MisconfigurationException(
+                "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
+                f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
+            )
+        assert self._member is not None
+        rng = np.random.default_rng([self.seed, self._member.index])
+        indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return _update_dataloader(dataloader, SubsetRandomSampler(indices, generator=generator))
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Member 0 (or the driver) writes the checkpoint, with every member in ``checkpoint['hqde']``."""
+        if not self.is_global_zero:
+            return
+        checkpoint = dict(checkpoint)
+        section, consensus = self._member_checkpoint_section() if self.is_member else self._driver_checkpoint_section()
+        checkpoint[HQDE_KEY] = section
+        if consensus is not None:
+            checkpoint["state_dict"] = consensus
+        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _section(self, members: list[dict[str, Any]], weights: Any, active: Any) -> dict[str, Any]:
+        return {
+            "num_members": self.num_members,
+            "seed": self.seed,
+            "sync": self.sync,
+            "aggregator": getattr(self.aggregator, "name", type(self.aggregator).__name__),
+            "combine": self.combiner.name or "auto",
+            "members": members,
+            "weights": weights,
+            "active": active,
+            "coordinator": self.coordinator_state,
+        }
+
+    def _member_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        import ray
+
+        assert self._member is not None and self._member_sync is not None
+        coordinator = self._member.coordinator
+        round_id = self._member_sync.last_round
+        if round_id < 0:
+            rank_zero_warn("HQDEStrategy: a checkpoint written before the first epoch ended holds member 0 only.")
+            snapshots: dict[int, dict[str, Any]] = {}
+        else:
+            snapshots = ray.get(coordinator.snapshots_at.remote(round_id))
+            if self.lightning_module is not None and self.lightning_module.trainer.num_training_batches != float("inf"):
+                trainer = self.lightning_module.trainer
+                if trainer.fit_loop.epoch_loop.batch_progress.current.ready not in (0, trainer.num_training_batches):
+                    rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds every member as of the last epoch end.")
+        members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
+        for index, snapshot in snapshots.items():
+            members[index] = snapshot
+        self.coordinator_state = ray.get(coordinator.state_dict.remote())
+        states = [m["state_dict"] for m in members if m]
+        consensus = copy.deepcopy(self.aggregator)(states).state if states else None
+        return self._section(members, None, None), consensus
+
+    def _driver_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        if self.ensemble is None:
+            return self._section([], None, None), None
+        members = [{"state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}} for m in self.ensemble.members]
+        return self._section(members, self.ensemble.weights.cpu(), self.ensemble.active.cpu()), None
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a checkpoint; an HQDE checkpoint gives each member its own weights and optimizer state."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
+        section = checkpoint.get(HQDE_KEY)
+        if section is None:
+            return checkpoint
+        saved = int(section.get("num_members", len(section.get("members", []))))
+        if self.is_member:
+            assert self._member is not None and self._member_sync is not None
+            if saved != self.num_members:
+                raise MisconfigurationException(
+                    f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
+                    f" resume with `num_members={saved}`."
+                )
+            entry = section["members"][self._member.index]
+            if entry:
+                checkpoint = dict(checkpoint)
+                checkpoint["state_dict"] = entry["state_dict"]
+                if entry.get("optimizer_states"):
+                    checkpoint["optimizer_states"] = entry["optimizer_states"]
+                self._member_sync.ctx.resume = entry
+            if self._member.index == 0 and section.get("coordinator"):
+                self._member.coordinator.load_state_dict.remote(section["coordinator"])
+        elif section.get("members") and self.lightning_module is not None:
+            self.coordinator_state = dict(section.get("coordinator") or {})
+            template = self.lightning_module
+            self.ensemble = Ensemble.from_states(
+                template,
+                [m["state_dict"] if m else checkpoint["state_dict"] for m in section["members"]],
+                weights=section.get("weights"),
+                active=section.get("active"),
+                combine=self.combiner,
+            ).eval()
+        return checkpoint
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # driver-only state: the launcher holds Ray handles, the ensemble is what members produce
+        state["_launcher"] = None
+        state["ensemble"] = None
+        state["sync_history"] = []
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"HQDEStrategy(num_members={self.num_members}, aggregator={self.aggregator!r}, sync={self.sync!r},"
+            f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
+            f" seed={self.seed})"
+        )
+
+
+def _check_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:
+    if resources is None:
+        return {}
+    if not isinstance(resources, Mapping):
+        raise MisconfigurationException(f"`HQDEStrategy(resources_per_member={resources!r})` must be a dict with keys among {list(_RESOURCE_KEYS)}.")
+    unknown = sorted(set(resources) - set(_RESOURCE_KEYS))
+    if unknown:
+        raise MisconfigurationException(f"`resources_per_member` has unknown keys {unknown}; allowed keys are {list(_RESOURCE_KEYS)}.")
+    for key in ("num_cpus", "num_gpus", "memory"):
+        value = resources.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value)):
+            raise MisconfigurationException(f"`resources_per_member['{key}']={value!r}` must be a non-negative number.")
+    if resources.get("num_gpus", 0) > 1:
+        raise MisconfigurationException(
+            f"`resources_per_member['num_gpus']={resources['num_gpus']!r}`: a member trains on one device, so use a value in [0, 1]."
+        )
+    return dict(resources)
