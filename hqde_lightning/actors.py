@@ -83,6 +83,7 @@ class Coordinator:
         started = time.perf_counter()
         try:
             states = [_to_torch(rnd.payloads[i][0]) for i in members]
+            payload_bytes = sum(_payload_nbytes(rnd.payloads[i][0]) for i in members)
             raw_scores = [rnd.payloads[i][1] for i in members]
             scores = None if any(s is None for s in raw_scores) else raw_scores
             counts = [max(rnd.payloads[i][2], 1) for i in members]
@@ -90,6 +91,7 @@ class Coordinator:
             consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
             stats = self._round_stats(round_id, members, states, result, time.perf_counter() - started, raw_scores)
+            stats["bytes_received"] = payload_bytes
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
         except Exception as exc:  # every waiting member must hear of it, none may hang
@@ -103,7 +105,6 @@ class Coordinator:
         for state in states:
             squared = sum(float((state[k].float() - consensus[k].float()).pow(2).sum()) for k in consensus if torch.is_floating_point(consensus[k]))
             distances.append(squared**0.5)
-        payload_bytes = sum(_nbytes(p) for p in states)
         return {
             "round": round_id,
             "members": members,
@@ -112,7 +113,7 @@ class Coordinator:
             "distance_to_consensus": distances,
             "scores": scores,
             "aggregation_seconds": seconds,
-            "bytes_received": payload_bytes,
+            "fp32_bytes": sum(4 * v.numel() for state in states for v in state.values() if torch.is_floating_point(v)),
             "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
         }
 
@@ -164,8 +165,11 @@ def _to_torch(payload: Any) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(np.asarray(v)) for k, v in payload.items()}
 
 
-def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
+def _payload_nbytes(payload: Any) -> int:
+    """Bytes of the payload as it crossed the wire (numpy buffers or an encoded state's ``nbytes``)."""
+    if hasattr(payload, "nbytes"):
+        return int(payload.nbytes)
+    return int(sum(np.asarray(v).nbytes for v in payload.values()))
 
 
 @dataclass

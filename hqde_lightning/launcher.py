@@ -21,6 +21,7 @@ import copy
 import inspect
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
@@ -53,11 +54,24 @@ _AUTH_HINT = (
 )
 
 
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fails fast when ``host:port`` refuses connections (``ray.init`` would retry for a minute)."""
+    hostport = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
 def connect_ray(address: str, init_kwargs: Mapping[str, Any]) -> None:
     """Joins the Ray cluster at ``address`` (no-op when Ray is already initialised)."""
     if ray.is_initialized():
         return
     try:
+        _check_reachable(address)
         ray.init(address=address, **dict(init_kwargs))
     except Exception as err:
         raise MisconfigurationException(
@@ -129,12 +143,37 @@ class RayEnsembleLauncher(_Launcher):
             results = self._run_members(trainer, payload, coordinator)
             strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
             self._recover(trainer, model, results)
+            self._call_ensemble_hooks(trainer, bound)
         finally:
             self.kill()
             if self._started_ray:
                 ray.shutdown()
                 self._started_ray = False
         return None
+
+    def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
+        """Calls ``on_ensemble_fit_end(trainer, strategy, val_dataloaders)`` of callbacks that have it, in the driver.
+
+        The hook runs once, after the members came back (member-side hooks such as ``on_fit_end``
+        ran inside every member). ``val_dataloaders`` is a zero-argument function returning the
+        fit's validation loader(s), or ``None`` when the fit had none.
+        """
+        hooked = [cb for cb in trainer.callbacks if callable(getattr(cb, "on_ensemble_fit_end", None))]
+        if not hooked:
+            return
+
+        def val_dataloaders() -> Any:
+            loaders = bound.arguments.get("val_dataloaders")
+            datamodule = bound.arguments.get("datamodule")
+            if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
+                datamodule = bound.arguments["train_dataloaders"]
+            if loaders is None and datamodule is not None:
+                datamodule.setup("validate")
+                loaders = datamodule.val_dataloader()
+            return loaders
+
+        for callback in hooked:
+            callback.on_ensemble_fit_end(trainer, self._strategy, val_dataloaders)
 
     def _check_resume(self, path: str) -> None:
         section = load_checkpoint_file(path).get(HQDE_KEY)
@@ -292,6 +331,7 @@ class _EventForwarder:
                     "ensemble/sync_distance_mean": float(np.mean(data["distance_to_consensus"])),
                     "ensemble/sync_seconds": float(data["aggregation_seconds"]),
                     "ensemble/sync_bytes": float(data["bytes_received"]),
+                    "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),
                     "ensemble/excluded_members": float(len(data["excluded"])),
                 }
                 for logger in loggers:

@@ -17,7 +17,7 @@ import warnings
 from argparse import Namespace
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import ray
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
 
-__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "state_to_numpy", "tree_to_cpu"]
+__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "tree_to_cpu"]
 
 SYNC_MODES = ("none", "elastic", "replace")
 _PROGRESS_INTERVAL_S = 0.5
@@ -57,6 +57,18 @@ def tree_to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(tree_to_cpu(v) for v in obj)
     return obj
+
+
+@runtime_checkable
+class SyncCodec(Protocol):
+    """A callback that encodes the weights a member sends at a sync point (e.g. quantization).
+
+    ``encode_for_sync`` gets the member's floating-point state and returns the payload that
+    crosses the wire: a ``dict`` of numpy arrays or an object with ``decode() -> dict[str, Tensor]``
+    and ``nbytes``. At most one such callback is used (the first in ``trainer.callbacks``).
+    """
+
+    def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> Any: ...
 
 
 @dataclass
@@ -215,7 +227,12 @@ class MemberSync(Callback):
 
     def _exchange(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         state = pl_module.state_dict()
-        payload = state_to_numpy(state, floats_only=True)
+        codec = next((cb for cb in trainer.callbacks if isinstance(cb, SyncCodec)), None)
+        if codec is None:
+            payload: Any = state_to_numpy(state, floats_only=True)
+        else:
+            floats = {k: v for k, v in state.items() if torch.is_floating_point(v)}
+            payload = codec.encode_for_sync(trainer, pl_module, floats)
         score = self.score(trainer)
         sync_call = self.ctx.coordinator.sync.remote(self.ctx.index, epoch, payload, score, self._num_samples)
         (consensus_ref,) = ray.get(sync_call)

@@ -1,0 +1,85 @@
+"""Bad input fails early, at ``HQDEStrategy(...)``, ``Trainer(...)`` or before any actor starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from models import DigitsDataModule, DigitsModule
+
+from hqde_lightning import HQDEStrategy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_members": 0}, "num_members"),
+        ({"num_members": 2.5}, "num_members"),
+        ({"aggregator": "majority_vote"}, "aggregator='majority_vote'"),
+        ({"aggregator": 3}, "aggregator"),
+        ({"sync": "sometimes"}, "choose one of \\['none', 'elastic', 'replace'\\]"),
+        ({"sync_strength": 1.5}, "sync_strength"),
+        ({"sync_strength": -0.1}, "sync_strength"),
+        ({"sync_every_n_epochs": 0}, "sync_every_n_epochs"),
+        ({"combine": "vote"}, "combine='vote'"),
+        ({"score_mode": "best"}, "score_mode"),
+        ({"seed": -1}, "seed"),
+        ({"resources_per_member": {"cpus": 1}}, "unknown keys \\['cpus'\\]"),
+        ({"resources_per_member": {"num_cpus": -1}}, "num_cpus"),
+        ({"resources_per_member": {"num_gpus": 2}}, "a member trains on one device"),
+        ({"ray_address": 6379}, "ray_address"),
+    ],
+)
+def test_bad_strategy_arguments(kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        HQDEStrategy(**kwargs)
+
+
+def test_cpu_devices_above_one_rejected_at_trainer_time():
+    with pytest.raises(MisconfigurationException, match="devices=2"):
+        pl.Trainer(strategy=HQDEStrategy(num_members=2), accelerator="cpu", devices=2)
+
+
+def test_num_nodes_rejected_at_trainer_time():
+    with pytest.raises(MisconfigurationException, match="num_nodes"):
+        pl.Trainer(strategy=HQDEStrategy(num_members=2), accelerator="cpu", num_nodes=2)
+
+
+def test_gpus_on_cpu_accelerator_rejected_at_trainer_time():
+    with pytest.raises(MisconfigurationException, match="num_gpus"):
+        pl.Trainer(strategy=HQDEStrategy(num_members=2, resources_per_member={"num_gpus": 0.5}), accelerator="cpu")
+
+
+def test_unreachable_ray_address_rejected_at_trainer_time():
+    # in a fresh interpreter: this test session's own Ray instance would otherwise be reused
+    code = (
+        "import lightning.pytorch as pl\n"
+        "from hqde_lightning import HQDEStrategy\n"
+        "try:\n"
+        "    pl.Trainer(strategy=HQDEStrategy(num_members=2, ray_address='127.0.0.1:1'), accelerator='cpu')\n"
+        "except Exception as err:\n"
+        "    print(type(err).__name__, err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "MisconfigurationException" in out
+    assert "ray_address='127.0.0.1:1'" in out and "RAY_AUTH_MODE=token" in out
+
+
+class _Unpicklable(DigitsModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_unpicklable_module_named_before_actors_start(tmp_path):
+    import ray
+
+    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2), max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    started_before = ray.is_initialized()
+    with pytest.raises(MisconfigurationException, match="`model.lock` \\(lock\\)"):
+        trainer.fit(_Unpicklable(), datamodule=DigitsDataModule())
+    assert ray.is_initialized() == started_before, "no Ray instance or actor may start for a module that cannot be shipped"

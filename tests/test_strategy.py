@@ -1,0 +1,181 @@
+"""End-to-end: real Lightning fits of real members on bundled digits, in Ray actors."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from models import DigitsDataModule, DigitsModule
+
+from hqde_lightning import Ensemble, HQDEStrategy
+from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+
+MAX_EPOCHS = 3
+
+
+def _trainer(strategy: HQDEStrategy, tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        strategy=strategy,
+        max_epochs=MAX_EPOCHS,
+        default_root_dir=str(tmp_path),
+        logger=CSVLogger(str(tmp_path)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def _member_distances(ensemble: Ensemble) -> list[float]:
+    flats = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in ensemble.members]
+    return [float((a - b).norm()) for a, b in itertools.combinations(flats, 2)]
+
+
+@pytest.fixture(scope="module")
+def fits(ray_session, tmp_path_factory):
+    """One 3-member fit per sync mode (same seed, same data)."""
+    out = {}
+    for sync in ("none", "elastic", "replace"):
+        tmp = tmp_path_factory.mktemp(f"fit_{sync}")
+        strategy = HQDEStrategy(num_members=3, sync=sync, sync_strength=0.5, seed=7)
+        trainer = _trainer(strategy, tmp)
+        model = DigitsModule()
+        dm = DigitsDataModule()
+        trainer.fit(model, datamodule=dm)
+        out[sync] = (trainer, strategy, model, dm, tmp)
+    return out
+
+
+def test_sync_modes_control_member_diversity(fits):
+    distances = {sync: _member_distances(fits[sync][1].ensemble) for sync in fits}
+    assert min(distances["none"]) > 0.1, "independent members must differ"
+    assert max(distances["replace"]) < 1e-5, "replace leaves every member equal to the consensus"
+    assert 1e-4 < max(distances["elastic"]) < min(distances["none"]), "elastic sits between none and replace"
+
+
+def test_ensemble_beats_mean_member_on_test(fits):
+    trainer, strategy, model, dm, _ = fits["none"]
+    (results,) = trainer.test(model, datamodule=dm, verbose=False)
+    member_accs = [results[f"member_{i}/test_acc"] for i in range(3)]
+    assert results["ensemble/test_acc"] >= sum(member_accs) / 3
+    assert results["ensemble/test_acc"] > 0.85
+    # the user's own test_step ran on the ensemble's forward
+    assert results["test_acc"] == pytest.approx(results["ensemble/test_acc"], abs=1e-6)
+    for key in ("ensemble/test_nll", "ensemble/test_ece", "ensemble/test_brier"):
+        assert 0.0 <= results[key] < 1.0
+
+
+def test_driver_state_matches_plain_fit(fits, tmp_path):
+    trainer, strategy, model, dm, _ = fits["elastic"]
+    plain = pl.Trainer(max_epochs=MAX_EPOCHS, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False, enable_model_summary=False)
+    plain.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == plain.current_epoch == MAX_EPOCHS
+    assert trainer.global_step == plain.global_step
+    assert trainer.state.fn == plain.state.fn and trainer.state.status == plain.state.status
+    assert trainer.state.stage == plain.state.stage
+    assert set(plain.callback_metrics) <= set(trainer.callback_metrics)
+    assert {f"member_{i}/val_acc" for i in range(3)} <= set(trainer.callback_metrics)
+    assert trainer.lightning_module is model
+    assert os.path.isfile(trainer.checkpoint_callback.best_model_path)
+
+
+def test_driver_module_holds_consensus(fits):
+    _, strategy, model, _, _ = fits["none"]
+    members = [m.state_dict() for m in strategy.ensemble.members]
+    for key, value in model.state_dict().items():
+        if torch.is_floating_point(value):
+            expected = torch.stack([m[key] for m in members]).mean(0)
+            torch.testing.assert_close(value, expected)
+
+
+def test_loggers_get_member_and_ensemble_metrics(fits):
+    trainer, *_ = fits["elastic"]
+    (metrics_file,) = glob.glob(os.path.join(trainer.logger.log_dir, "metrics.csv"))
+    with open(metrics_file) as f:
+        columns = set(next(csv.reader(f)))
+    assert {f"member_{i}/val_acc" for i in range(3)} <= columns
+    assert {f"member_{i}/train_loss_step" for i in range(3)} <= columns
+    assert {"ensemble/sync_distance_mean", "ensemble/sync_bytes"} <= columns
+    assert len(fits["elastic"][1].sync_history) == MAX_EPOCHS
+
+
+def test_predict_returns_combined_probabilities(fits):
+    trainer, strategy, model, dm, _ = fits["none"]
+    batches = trainer.predict(model, datamodule=dm)
+    assert len(batches) == 2 and batches[0].shape == (256, 10)
+    probs = batches[0].exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(256))
+    x = dm.test.tensors[0][:256]
+    torch.testing.assert_close(probs, strategy.ensemble.predict_proba(x), atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(model), "the evaluation-time forward must be removed afterwards"
+
+
+def test_checkpoint_holds_every_member_and_rebuilds_without_ray(fits):
+    trainer, strategy, model, dm, _ = fits["none"]
+    path = trainer.checkpoint_callback.best_model_path
+    checkpoint = load_checkpoint_file(path)
+    section = checkpoint[HQDE_KEY]
+    assert section["num_members"] == 3 and len(section["members"]) == 3
+    assert all(m["optimizer_states"] for m in section["members"])
+    ensemble = Ensemble.load_from_checkpoint(path, DigitsModule)
+    x = dm.test.tensors[0][:64]
+    torch.testing.assert_close(ensemble.predict_proba(x), strategy.ensemble.predict_proba(x))
+    # the checkpoint's state_dict is the consensus: plain Lightning loading gives the consensus model
+    consensus = DigitsModule.load_from_checkpoint(path)
+    torch.testing.assert_close(consensus.net[0].weight, model.net[0].weight)
+
+
+def test_resume_reproduces_saved_members(ray_session, tmp_path):
+    checkpoint_cb = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=3)
+    _trainer(strategy, tmp_path, max_epochs=2, callbacks=[checkpoint_cb]).fit(DigitsModule(), datamodule=DigitsDataModule())
+    saved = load_checkpoint_file(checkpoint_cb.last_model_path)
+    assert saved["epoch"] == 1
+
+    resumed = HQDEStrategy(num_members=2, sync="none", seed=3)
+    trainer = _trainer(resumed, tmp_path, max_epochs=2)
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=checkpoint_cb.last_model_path)
+    for member, entry in zip(resumed.ensemble.members, saved[HQDE_KEY]["members"]):
+        for key, value in entry["state_dict"].items():
+            torch.testing.assert_close(member.state_dict()[key], value)
+
+    continued = HQDEStrategy(num_members=2, sync="none", seed=3)
+    trainer = _trainer(continued, tmp_path, max_epochs=3)
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=checkpoint_cb.last_model_path)
+    assert trainer.current_epoch == 3
+    moved = [float((m.net[0].weight - e["state_dict"]["net.0.weight"]).norm()) for m, e in zip(continued.ensemble.members, saved[HQDE_KEY]["members"])]
+    assert min(moved) > 0, "the resumed run trained one more epoch from the saved members"
+
+
+def test_resume_with_wrong_member_count_fails_before_training(fits, tmp_path):
+    path = fits["none"][0].checkpoint_callback.best_model_path
+    trainer = _trainer(HQDEStrategy(num_members=2), tmp_path)
+    with pytest.raises(Exception, match="holds 3 members"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=path)
+
+
+def test_bagging_members_see_bootstrap_samples(ray_session, tmp_path):
+    strategy = HQDEStrategy(num_members=2, sync="none", bagging=True, seed=11)
+    trainer = _trainer(strategy, tmp_path, max_epochs=1)
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert min(_member_distances(strategy.ensemble)) > 0.1
+    assert trainer.global_step == 19  # a bootstrap sample has the training set's size
+
+
+def test_member_failure_surfaces_the_original_error(ray_session, tmp_path):
+    class Exploding(DigitsModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise ValueError("boom in training_step")
+            return super().training_step(batch, batch_idx)
+
+    trainer = _trainer(HQDEStrategy(num_members=2), tmp_path, max_epochs=1)
+    with pytest.raises(ValueError, match="boom in training_step"):
+        trainer.fit(Exploding(), datamodule=DigitsDataModule())
