@@ -1,0 +1,44 @@
+"""GPU placement (run where CUDA exists; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from models import DigitsDataModule, DigitsModule
+
+from hqde_lightning import HQDEStrategy
+
+
+class RecordDevice(pl.Callback):
+    """Logs which physical GPU (Ray's CUDA_VISIBLE_DEVICES) and device type each member trained on."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "-1").split(",")[0]
+        pl_module.log("gpu_id", float(visible))
+        pl_module.log("on_cuda", float(pl_module.device.type == "cuda"))
+
+
+@pytest.mark.gpu
+def test_two_members_share_one_gpu(ray_session, tmp_path):
+    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0)
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, callbacks=[RecordDevice()],
+        default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+    )
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    metrics = trainer.callback_metrics
+    assert float(metrics["member_0/on_cuda"]) == 1.0 and float(metrics["member_1/on_cuda"]) == 1.0
+    assert float(metrics["member_0/gpu_id"]) == float(metrics["member_1/gpu_id"]), "both members on the same GPU"
+    (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
+    assert results["ensemble/test_acc"] > 0.8
+
+
+@pytest.mark.gpu
+def test_more_gpus_than_exist_rejected_at_trainer_time():
+    gpus = torch.cuda.device_count()
+    with pytest.raises(MisconfigurationException, match="GPUs, but only"):
+        pl.Trainer(strategy=HQDEStrategy(num_members=gpus + 1, resources_per_member={"num_gpus": 1}), accelerator="gpu", devices=gpus)
