@@ -1,0 +1,96 @@
+"""Agreement-weighted averaging ("entanglement").
+
+The name is borrowed from quantum mechanics; the maths is classical cosine similarity.
+Each member's *update* is ``u_i = w_i - r``, where the reference ``r`` is the previous
+round's consensus (kept as aggregator state) or, on the first round, the coordinate-wise
+mean of the members. The "entanglement" matrix is
+
+    E_ij = strength * cos(u_i, u_j)
+
+with ``cos(0, 0) = 1`` and ``cos(0, u) = 0`` for ``u != 0``, so identical members never
+produce NaN. Member ``i``'s agreement is the row sum of ``E`` without the diagonal,
+``s_i = sum_{j != i} E_ij``; the weights are ``softmax(s) × prior``, renormalised, and the
+consensus is the weighted mean of the members. Members whose update points the same way as
+the others weigh more; a member that disagrees with everyone weighs less.
+
+The reference is a single flattened vector. When a call has a different number of columns
+from the stored reference (a topology that shards parameters across calls), that call uses
+the members' mean as the reference; such a topology should give every shard its own
+instance so each shard keeps its own reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hqde_lightning.aggregation.base import Aggregator
+from hqde_lightning.aggregation.superposition import superposition_weights
+
+__all__ = ["Entanglement", "update_cosines"]
+
+
+def update_cosines(updates: Tensor) -> Tensor:
+    """Pairwise cosine similarity of the rows of ``updates``, defined for zero rows.
+
+    Args:
+        updates: shape ``(n, P)``, finite.
+
+    Returns:
+        float64 ``(n, n)`` matrix in ``[-1, 1]``; two zero rows have cosine 1, a zero row
+        and a non-zero row have cosine 0. A row whose norm underflows to below the
+        smallest normal float counts as zero.
+    """
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    zero = norms <= torch.finfo(norms.dtype).tiny
+    unit = updates * torch.where(zero, 0.0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny)).unsqueeze(1)
+    cosines = (unit @ unit.T).to(torch.float64).clamp(-1.0, 1.0)
+    return cosines.masked_fill(zero.unsqueeze(0) & zero.unsqueeze(1), 1.0)
+
+
+class Entanglement(Aggregator):
+    """Weighted mean where members whose updates agree with the others' weigh more.
+
+    Args:
+        strength: non-negative scale of the cosine matrix; 0 gives the prior-weighted
+            mean, larger values sharpen the preference for agreeing members.
+    """
+
+    name = "entanglement"
+
+    def __init__(self, strength: float = 1.0) -> None:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise TypeError(f"`strength` must be a non-negative number, got {type(strength).__name__}")
+        if not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"`strength` must be finite and >= 0, got {strength}")
+        self.strength = float(strength)
+        self._reference: Tensor | None = None
+
+    def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        if self._reference is not None and self._reference.numel() == matrix.shape[1]:
+            reference, source = self._reference.to(matrix.dtype), "previous_consensus"
+        else:
+            reference, source = matrix.mean(dim=0, dtype=torch.float64).to(matrix.dtype), "mean"
+        entanglement = self.strength * update_cosines(matrix - reference)
+        agreement = entanglement.sum(dim=1) - entanglement.diagonal()
+        weights = superposition_weights(agreement, 1.0, prior)
+        consensus = weights.to(matrix.dtype) @ matrix
+        self._reference = consensus.detach().clone()
+        return consensus, weights, {"reference": source, "agreement": agreement.tolist()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns ``{"reference": previous consensus (1-D float32 tensor) or None}``."""
+        return {"reference": None if self._reference is None else self._reference.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores the reference saved by :meth:`state_dict`.
+
+        Args:
+            state: a mapping with key ``"reference"`` holding a tensor or ``None``.
+        """
+        reference = state["reference"]
+        self._reference = None if reference is None else torch.as_tensor(reference, dtype=torch.float32).reshape(-1).clone()

@@ -1,0 +1,292 @@
+"""Byzantine defence: a MAD outlier test, reputation scores, and a wrapper using both.
+
+* :func:`mad_outliers` measures each member's Euclidean distance ``d_i`` to the
+  coordinate-wise median of the members and flags members whose modified z-score
+  (Iglewicz & Hoaglin) ``0.6745 * (d_i - median(d)) / MAD(d)`` exceeds ``threshold``. Only
+  members *far* from the median are flagged, never ones that are unusually close.
+* :class:`Reputation` keeps one score per member in ``[floor, 1]``: flagged members are
+  multiplied by ``decay``, clean ones recover ``score += recovery * (1 - score)``.
+* :class:`RobustAggregator` wraps any rule: each round it drops non-finite and flagged
+  members, multiplies the prior by the reputation scores, runs the inner rule, and updates
+  the reputations.
+
+Plain torch only: no Ray, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, unflatten
+
+__all__ = ["RobustAggregator", "Reputation", "coordinate_median", "mad_outliers"]
+
+#: relative margin used when the MAD is zero, see :func:`mad_outliers`
+MAD_ZERO_MARGIN = 1e-6
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"`threshold` must be a positive number, got {type(threshold).__name__}")
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"`threshold` must be finite and > 0, got {threshold}")
+    return float(threshold)
+
+
+def _check_fraction(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number in [0, 1], got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+    return float(value)
+
+
+def coordinate_median(matrix: Tensor) -> Tensor:
+    """Coordinate-wise median of the rows (the mean of the two middle values for even ``n``).
+
+    Args:
+        matrix: shape ``(n, P)`` with ``n >= 1``.
+
+    Returns:
+        shape ``(P,)``, same dtype as ``matrix``.
+    """
+    n = matrix.shape[0]
+    ordered = torch.sort(matrix, dim=0).values
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
+def mad_outliers(matrix: Tensor, threshold: float = 3.5) -> Tensor:
+    """Flags rows far from the coordinate-wise median by a robust (MAD) z-score.
+
+    ``d_i = ||x_i - median||``, ``z_i = 0.6745 * (d_i - median(d)) / MAD`` with
+    ``MAD = median(|d - median(d)|)``; row ``i`` is flagged when ``z_i > threshold``.
+
+    When ``MAD == 0`` (at least half the rows are exactly as far from the median as the
+    median distance, typically because they are identical), a row is flagged when
+    ``d_i > median(d) + 1e-6 * max(median(d), ||median||)``: any row measurably farther out
+    than the agreeing majority, with a relative slack so float rounding is not flagged.
+
+    Only rows with ``d_i > median(d)`` can be flagged, so at most ``n // 2`` rows are
+    flagged and the majority is never thrown away; with ``n <= 2`` nothing is flagged.
+
+    Args:
+        matrix: shape ``(n, P)``, finite.
+        threshold: z-score above which a row is flagged (> 0; 3.5 is the usual choice).
+
+    Returns:
+        bool tensor of shape ``(n,)``.
+
+    Raises:
+        ValueError: for a non-2-D or non-finite ``matrix`` or a bad ``threshold``.
+    """
+    threshold = _check_threshold(threshold)
+    if matrix.dim() != 2:
+        raise ValueError(f"`matrix` must have shape (num_members, num_values), got {tuple(matrix.shape)}")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("`matrix` must be finite; drop NaN/Inf rows before the outlier test")
+    if matrix.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    median = coordinate_median(matrix)
+    distances = torch.linalg.vector_norm(matrix - median, dim=1).to(torch.float64)
+    centre = coordinate_median(distances.unsqueeze(1))[0]
+    mad = coordinate_median((distances - centre).abs().unsqueeze(1))[0]
+    if bool(mad > 0):
+        return 0.6745 * (distances - centre) / mad > threshold
+    margin = MAD_ZERO_MARGIN * max(float(centre), float(torch.linalg.vector_norm(median)))
+    return distances > centre + margin
+
+
+class Reputation:
+    """One trust score per member: decays when flagged, recovers on clean rounds.
+
+    Scores start at 1. After a round, a flagged member's score becomes
+    ``max(floor, score * decay)``; a clean member's becomes ``score + recovery * (1 - score)``.
+
+    Args:
+        num_members: number of members tracked (int >= 1).
+        decay: multiplier for flagged members, in [0, 1].
+        recovery: fraction of the gap to 1 regained per clean round, in [0, 1].
+        floor: lowest score a member can fall to, in [0, 1].
+    """
+
+    def __init__(self, num_members: int, decay: float = 0.5, recovery: float = 0.1, floor: float = 0.0) -> None:
+        if isinstance(num_members, bool) or not isinstance(num_members, int):
+            raise TypeError(f"`num_members` must be an int >= 1, got {type(num_members).__name__}")
+        if num_members < 1:
+            raise ValueError(f"`num_members` must be >= 1, got {num_members}")
+        self.num_members = num_members
+        self.decay = _check_fraction(decay, "decay")
+        self.recovery = _check_fraction(recovery, "recovery")
+        self.floor = _check_fraction(floor, "floor")
+        self._scores = torch.ones(num_members, dtype=torch.float64)
+
+    @property
+    def weights(self) -> Tensor:
+        """The current scores (float64, shape ``(num_members,)``), used as prior weights."""
+        return self._scores.clone()
+
+    def update(self, flagged: Sequence[bool]) -> None:
+        """Applies one round: decay for flagged members, recovery for the others.
+
+        Args:
+            flagged: one bool per member.
+
+        Raises:
+            ValueError: when ``flagged`` does not have ``num_members`` entries.
+        """
+        mask = torch.as_tensor([bool(f) for f in flagged], dtype=torch.bool)
+        if mask.numel() != self.num_members:
+            raise ValueError(f"`flagged` has {mask.numel()} entries for {self.num_members} members")
+        decayed = (self._scores * self.decay).clamp_min(self.floor)
+        recovered = self._scores + self.recovery * (1.0 - self._scores)
+        self._scores = torch.where(mask, decayed, recovered)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns ``{"scores": float64 tensor of shape (num_members,)}``."""
+        return {"scores": self._scores.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores the scores saved by :meth:`state_dict`.
+
+        Args:
+            state: a mapping with key ``"scores"``.
+
+        Raises:
+            ValueError: when the number of scores differs from ``num_members``.
+        """
+        scores = torch.as_tensor(state["scores"], dtype=torch.float64).reshape(-1)
+        if scores.numel() != self.num_members:
+            raise ValueError(f"the saved reputation has {scores.numel()} scores for {self.num_members} members")
+        self._scores = scores.clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"Reputation(num_members={self.num_members}, decay={self.decay}, recovery={self.recovery},"
+            f" floor={self.floor}, scores={self._scores.tolist()})"
+        )
+
+
+class RobustAggregator(Aggregator):
+    """Runs a MAD outlier filter and reputation weighting in front of another rule.
+
+    Members are tracked by their index in the call, so the number of members must stay the
+    same across rounds; when it changes, the reputations are reset (with a warning).
+    Members with NaN/Inf values are excluded and, like flagged ones, lose reputation.
+
+    Args:
+        inner: the rule that combines the surviving members (an :class:`Aggregator` or a
+            registered name such as ``"mean"`` or ``"geometric_median"``).
+        threshold: MAD z-score above which a member is excluded for the round (> 0).
+        reputation: whether to keep reputation scores and multiply them into the prior.
+
+    The result's ``excluded`` lists non-finite and flagged members; ``info`` holds the
+    inner rule's info plus ``"flagged"`` (indices flagged by the MAD test) and
+    ``"reputation"`` (the scores after this round, or ``None`` when disabled).
+    """
+
+    name = "robust"
+
+    def __init__(self, inner: Aggregator | str, threshold: float = 3.5, reputation: bool = True) -> None:
+        from hqde_lightning.aggregation import resolve_aggregator
+
+        self.inner = resolve_aggregator(inner)
+        self.threshold = _check_threshold(threshold)
+        if not isinstance(reputation, bool):
+            raise TypeError(f"`reputation` must be a bool, got {type(reputation).__name__}")
+        self.reputation = reputation
+        self._tracker: Reputation | None = None
+
+    @property
+    def tracker(self) -> Reputation | None:
+        """The reputation scores (``None`` before the first round or when disabled)."""
+        return self._tracker
+
+    def __call__(
+        self,
+        states: Sequence[StateDict],
+        scores: Sequence[float] | None = None,
+        sample_counts: Sequence[float] | None = None,
+        prior_weights: Sequence[float] | None = None,
+    ) -> AggregationResult:
+        if len(states) == 0:
+            raise ValueError("`states` must hold at least one member state dict")
+        n = len(states)
+        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        matrix, keys = flatten_states(states)
+        finite = torch.isfinite(matrix).all(dim=1)
+        if not bool(finite.any()):
+            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
+        prior = self._prior(n, sample_counts, prior_weights)
+        if self.reputation:
+            if self._tracker is not None and self._tracker.num_members != n:
+                warnings.warn(
+                    f"RobustAggregator saw {n} members after tracking {self._tracker.num_members};"
+                    " resetting every member's reputation to 1",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._tracker = None
+            if self._tracker is None:
+                self._tracker = Reputation(n)
+            prior = prior * self._tracker.weights
+        flagged = torch.zeros(n, dtype=torch.bool)
+        flagged[finite] = mad_outliers(matrix[finite], self.threshold)
+        use = finite & ~flagged
+        sub_scores = None if scores is None else torch.tensor([float(s) for s in scores], dtype=torch.float64)[use]
+        consensus, sub_weights, inner_info = self.inner.combine(matrix[use], sub_scores, prior[use])
+        weights = torch.zeros(n, dtype=torch.float64)
+        weights[use] = sub_weights.to(torch.float64)
+        if self._tracker is not None:
+            self._tracker.update((~use).tolist())
+        info = {
+            **inner_info,
+            "flagged": torch.nonzero(flagged).flatten().tolist(),
+            "reputation": None if self._tracker is None else self._tracker.weights.tolist(),
+        }
+        excluded = torch.nonzero(~use).flatten().tolist()
+        template = states[int(torch.nonzero(use)[0])]
+        return AggregationResult(unflatten(consensus, keys, template), weights, excluded, info)
+
+    def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Filters the rows of ``matrix`` by :func:`mad_outliers` and combines the rest.
+
+        Used when this rule is called on an already-flattened matrix (e.g. by a topology);
+        rows are not tracked across calls here, so reputations are neither applied nor updated.
+        """
+        flagged = mad_outliers(matrix, self.threshold)
+        keep = ~flagged
+        sub_scores = None if scores is None else scores[keep]
+        consensus, sub_weights, info = self.inner.combine(matrix[keep], sub_scores, prior[keep])
+        weights = torch.zeros(matrix.shape[0], dtype=torch.float64)
+        weights[keep] = sub_weights.to(torch.float64)
+        return consensus, weights, {**info, "flagged": torch.nonzero(flagged).flatten().tolist()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns ``{"reputation": Reputation.state_dict() or None, "inner": inner.state_dict()}``."""
+        return {
+            "reputation": None if self._tracker is None else self._tracker.state_dict(),
+            "inner": self.inner.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned.
+
+        Args:
+            state: a mapping with keys ``"reputation"`` and ``"inner"``.
+        """
+        saved = state["reputation"]
+        if saved is None:
+            self._tracker = None
+        else:
+            tracker = Reputation(int(torch.as_tensor(saved["scores"]).numel()))
+            tracker.load_state_dict(saved)
+            self._tracker = tracker
+        self.inner.load_state_dict(state["inner"])

@@ -1,0 +1,95 @@
+"""Confidence-weighted averaging ("superposition").
+
+The name is borrowed from quantum mechanics; the maths is classical. Member ``i`` with
+confidence score ``c_i`` (higher is better, e.g. validation accuracy or negative loss) gets
+the amplitude ``a_i = sqrt(softmax(c / T)_i)``, so its probability ``a_i**2`` is a
+temperature-``T`` softmax of the scores. The consensus is the weighted mean
+``sum_i a_i**2 * w_i`` after the probabilities are multiplied by the prior (sample counts ×
+reputation) and renormalised:
+
+    weight_i = softmax(c / T)_i * prior_i / sum_j softmax(c / T)_j * prior_j
+
+which equals ``softmax(c / T + log prior)`` and is computed that way to avoid underflow.
+A small ``T`` approaches picking the best member; a large ``T`` approaches the plain
+prior-weighted mean. With no scores, or all scores equal, the weights are exactly the
+normalised prior, so the consensus is exactly :class:`~hqde_lightning.aggregation.mean.Mean`'s.
+
+The same rule combines member predictions: ``sum_i weight_i * p_i`` over member
+probabilities, using :func:`superposition_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hqde_lightning.aggregation.base import Aggregator, normalise
+
+__all__ = ["Superposition", "superposition_weights"]
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a positive number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"`temperature` must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | None = None) -> Tensor:
+    """Per-member weights ``a_i**2 * prior_i`` (renormalised) from confidence scores.
+
+    Args:
+        scores: shape ``(n,)``, one finite confidence per member, higher is better.
+        temperature: softmax temperature ``T > 0``.
+        prior: optional shape ``(n,)`` non-negative weights (sample counts × reputation);
+            all ones when ``None``. An all-zero prior counts as uniform.
+
+    Returns:
+        float64 weights of shape ``(n,)`` summing to one. When every score is equal the
+        result is exactly ``prior / prior.sum()``.
+
+    Raises:
+        ValueError: for a bad temperature, non-finite scores, or shapes that disagree.
+    """
+    temperature = _check_temperature(temperature)
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"`scores` must be finite, got {scores.tolist()}")
+    prior = torch.ones_like(scores) if prior is None else torch.as_tensor(prior, dtype=torch.float64).reshape(-1)
+    if prior.shape != scores.shape:
+        raise ValueError(f"`prior` has {prior.numel()} entries for {scores.numel()} scores")
+    if bool((prior < 0).any()) or not bool(torch.isfinite(prior).all()):
+        raise ValueError("`prior` must be finite and non-negative")
+    if not bool(prior.sum() > 0):
+        prior = torch.ones_like(prior)
+    if scores.numel() == 0 or bool((scores == scores[0]).all()):
+        return normalise(prior)
+    return torch.softmax(scores / temperature + torch.log(prior), dim=0)
+
+
+class Superposition(Aggregator):
+    """Weighted mean with weights ``softmax(scores / temperature) × prior`` (renormalised).
+
+    Args:
+        temperature: softmax temperature ``T > 0``; smaller trusts the best-scored
+            members more.
+    """
+
+    name = "superposition"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = _check_temperature(temperature)
+
+    def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        if scores is None:
+            weights = normalise(prior)
+            probabilities = torch.full_like(prior, 1.0 / prior.numel())
+        else:
+            weights = superposition_weights(scores, self.temperature, prior)
+            probabilities = superposition_weights(scores, self.temperature)
+        info = {"amplitudes": probabilities.sqrt().tolist(), "temperature": self.temperature}
+        return weights.to(matrix.dtype) @ matrix, weights, info
