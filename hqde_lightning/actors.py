@@ -28,6 +28,7 @@ from lightning.pytorch.trainer.states import TrainerState
 from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
+from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, state_to_numpy, tree_to_cpu
 
 __all__ = ["Coordinator", "MemberActor", "MemberResult"]
@@ -36,7 +37,7 @@ __all__ = ["Coordinator", "MemberActor", "MemberResult"]
 @dataclass
 class _Round:
     event: asyncio.Event
-    payloads: dict[int, tuple[Any, float | None, int]] = field(default_factory=dict)
+    payloads: dict[int, tuple[Any, float | None, int, int, dict[str, int]]] = field(default_factory=dict)
     result: Any = None
     error: str | None = None
 
@@ -47,28 +48,31 @@ class Coordinator:
     Args:
         num_members: ensemble size.
         aggregator: the rule that combines member weights.
+        topology: the path the weights take (flat, tree, map-reduce).
         state: a previous run's :meth:`state_dict` when resuming.
     """
 
-    def __init__(self, num_members: int, aggregator: Aggregator, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, num_members: int, aggregator: Aggregator, topology: Topology, state: Mapping[str, Any] | None = None) -> None:
         self.num_members = num_members
         self.aggregator = aggregator
+        self.topology = topology
         self.active = set(range(num_members))
         self.rounds: dict[int, _Round] = {}
         self.snapshots: dict[int, tuple[int, Any]] = {}
         self.events: list[tuple[Any, ...]] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_posted: asyncio.Event | None = None
+        self._executor: Executor | None = None
         if state is not None:
             self.load_state_dict(state)
 
     # ---------------------------------------------------------------- syncing
-    async def sync(self, member: int, round_id: int, payload: Any, score: float | None, num_samples: int) -> list[Any]:
-        """Adds ``member``'s weights to round ``round_id`` and returns ``[consensus_ref]`` once it is done."""
+    async def sync(self, member: int, round_id: int, payload: list[Any], nbytes: int, layout: dict[str, int], score: float | None, num_samples: int) -> list[Any]:
+        """Adds ``member``'s payload (``[ObjectRef]``) to round ``round_id``; returns ``[consensus_ref]`` once done."""
         rnd = self.rounds.get(round_id)
         if rnd is None:
             rnd = self.rounds[round_id] = _Round(asyncio.Event())
-        rnd.payloads[member] = (payload, score, num_samples)
+        rnd.payloads[member] = (payload[0], score, num_samples, nbytes, layout)
         self._maybe_complete(round_id)
         await rnd.event.wait()
         if rnd.error is not None:
@@ -80,18 +84,26 @@ class Coordinator:
         if rnd.event.is_set() or not rnd.payloads or not self.active <= set(rnd.payloads):
             return
         members = sorted(rnd.payloads)
+        entries = [rnd.payloads[i] for i in members]
         started = time.perf_counter()
         try:
-            states = [_to_torch(rnd.payloads[i][0]) for i in members]
-            payload_bytes = sum(_payload_nbytes(rnd.payloads[i][0]) for i in members)
-            raw_scores = [rnd.payloads[i][1] for i in members]
+            raw_scores = [e[1] for e in entries]
             scores = None if any(s is None for s in raw_scores) else raw_scores
-            counts = [max(rnd.payloads[i][2], 1) for i in members]
-            result = self.aggregator(states, scores=scores, sample_counts=counts)
-            consensus = state_to_numpy(result.state)
+            counts = [max(e[2], 1) for e in entries]
+            sizes = [e[3] for e in entries]
+            if isinstance(self.topology, Flat):
+                states = [decode_payload(ray.get(e[0])) for e in entries]
+                result = self.aggregator(states, scores=scores, sample_counts=counts)
+                consensus = state_to_numpy(result.state)
+                comm = CommStats(1, sum(sizes) + sum(v.nbytes for v in consensus.values()), 0)
+            else:
+                if self._executor is None:
+                    self._executor = RayExecutor()
+                result, comm = self.topology.reduce([e[0] for e in entries], sizes, self.aggregator, scores, counts, self._executor, entries[0][4])
+                consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
-            stats = self._round_stats(round_id, members, states, result, time.perf_counter() - started, raw_scores)
-            stats["bytes_received"] = payload_bytes
+            stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
+            stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
         except Exception as exc:  # every waiting member must hear of it, none may hang
@@ -99,21 +111,15 @@ class Coordinator:
         rnd.payloads.clear()
         rnd.event.set()
 
-    def _round_stats(self, round_id: int, members: list[int], states: list[dict[str, torch.Tensor]], result: Any, seconds: float, scores: list[float | None]) -> dict[str, Any]:
-        consensus = result.state
-        distances = []
-        for state in states:
-            squared = sum(float((state[k].float() - consensus[k].float()).pow(2).sum()) for k in consensus if torch.is_floating_point(consensus[k]))
-            distances.append(squared**0.5)
+    def _round_stats(self, round_id: int, members: list[int], result: Any, seconds: float, scores: list[float | None]) -> dict[str, Any]:
         return {
             "round": round_id,
             "members": members,
             "excluded": [members[i] for i in result.excluded],
             "member_weights": [float(w) for w in result.member_weights],
-            "distance_to_consensus": distances,
             "scores": scores,
             "aggregation_seconds": seconds,
-            "fp32_bytes": sum(4 * v.numel() for state in states for v in state.values() if torch.is_floating_point(v)),
+            "topology": self.topology.name,
             "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
         }
 
@@ -157,19 +163,6 @@ class Coordinator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.aggregator.load_state_dict(state.get("aggregator", {}))
         self.history = list(state.get("history", []))
-
-
-def _to_torch(payload: Any) -> dict[str, torch.Tensor]:
-    if hasattr(payload, "decode"):
-        return payload.decode()
-    return {k: torch.tensor(np.asarray(v)) for k, v in payload.items()}
-
-
-def _payload_nbytes(payload: Any) -> int:
-    """Bytes of the payload as it crossed the wire (numpy buffers or an encoded state's ``nbytes``)."""
-    if hasattr(payload, "nbytes"):
-        return int(payload.nbytes)
-    return int(sum(np.asarray(v).nbytes for v in payload.values()))
 
 
 @dataclass

@@ -26,7 +26,6 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -138,7 +137,7 @@ class RayEnsembleLauncher(_Launcher):
         payload = self._pickle(trainer, function, bound, model)
         self._start_ray()
         try:
-            coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(strategy.num_members, copy.deepcopy(strategy.aggregator))
+            coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology)
             self._actors = [coordinator]
             results = self._run_members(trainer, payload, coordinator)
             strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
@@ -328,7 +327,8 @@ class _EventForwarder:
                 self.strategy.sync_history.append(data)
                 summary = {
                     "ensemble/sync_round": float(data["round"]),
-                    "ensemble/sync_distance_mean": float(np.mean(data["distance_to_consensus"])),
+                    "ensemble/sync_comm_rounds": float(data["comm_rounds"]),
+                    "ensemble/sync_bytes_moved": float(data["bytes_moved"]),
                     "ensemble/sync_seconds": float(data["aggregation_seconds"]),
                     "ensemble/sync_bytes": float(data["bytes_received"]),
                     "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
+from hqde_lightning.topology import payload_layout, payload_nbytes
 
 __all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "tree_to_cpu"]
 
@@ -234,21 +235,27 @@ class MemberSync(Callback):
             floats = {k: v for k, v in state.items() if torch.is_floating_point(v)}
             payload = codec.encode_for_sync(trainer, pl_module, floats)
         score = self.score(trainer)
-        sync_call = self.ctx.coordinator.sync.remote(self.ctx.index, epoch, payload, score, self._num_samples)
+        # the payload goes to the object store once; the coordinator (or its reducers) read it from there
+        sync_call = self.ctx.coordinator.sync.remote(
+            self.ctx.index, epoch, [ray.put(payload)], payload_nbytes(payload), payload_layout(payload), score, self._num_samples
+        )
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
         self.last_consensus = consensus
         alpha = 1.0 if self.ctx.sync == "replace" else self.ctx.sync_strength
+        squared_distance = 0.0
         with torch.no_grad():
             for key, value in consensus.items():
                 target = state[key]
                 with warnings.catch_warnings():  # the shared, read-only consensus is only read here
                     warnings.simplefilter("ignore", UserWarning)
                     incoming = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
+                squared_distance += float((incoming.float() - target.float()).pow(2).sum())
                 if alpha >= 1.0:
                     target.copy_(incoming)
                 else:
                     target.add_(incoming - target, alpha=alpha)
+        pl_module.log("hqde/distance_to_consensus", squared_distance**0.5, on_step=False, on_epoch=True)
 
     def _post_snapshot(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         snapshot = {

@@ -28,10 +28,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
-from hqde_lightning.aggregation import Aggregator, resolve_aggregator
+from hqde_lightning.aggregation import Aggregator, RobustAggregator, resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.member import SYNC_MODES, MemberContext, MemberSync
+from hqde_lightning.topology import Flat, Topology, resolve_topology
 
 if TYPE_CHECKING:
     from hqde_lightning.launcher import RayEnsembleLauncher
@@ -54,6 +55,14 @@ class HQDEStrategy(Strategy):
         num_members: ensemble size (>= 1).
         aggregator: how member weights are combined: a name (``"mean"``, and the rules
             registered in :mod:`hqde_lightning.aggregation`) or an ``Aggregator`` instance.
+        topology: how weights reach the consensus: ``"flat"`` (one coordinator), ``"tree"``
+            (pairwise, ceil(log2 n) parallel rounds) or ``"mapreduce"`` (sharded by parameter
+            across parallel reducers), or a ``Topology`` (see :mod:`hqde_lightning.topology`).
+        outlier_threshold: turns on the Byzantine defence: members whose distance to the
+            coordinate-wise median has a MAD z-score above this are left out of the round, and
+            a reputation score (kept in checkpoints) down-weights repeat offenders. ``None``
+            (default) turns it off. Needs ``topology="flat"``. Members sending NaN/Inf are
+            always left out.
         sync: ``"none"`` (independent deep ensemble), ``"elastic"`` (w ← w + α(w̄ − w), pulled
             toward the consensus) or ``"replace"`` (w ← w̄, federated averaging).
         sync_strength: α for ``"elastic"``, in [0, 1].
@@ -82,6 +91,8 @@ class HQDEStrategy(Strategy):
         self,
         num_members: int = 4,
         aggregator: str | Aggregator = "mean",
+        topology: str | Topology = "flat",
+        outlier_threshold: float | None = None,
         sync: str = "elastic",
         sync_strength: float = 0.5,
         sync_every_n_epochs: int = 1,
@@ -103,6 +114,15 @@ class HQDEStrategy(Strategy):
         try:
             self.aggregator = resolve_aggregator(aggregator)
             self.combiner = resolve_combiner(combine)
+            self.topology = resolve_topology(topology)
+            self.topology.check(self.aggregator)
+            if outlier_threshold is not None:
+                if not isinstance(self.topology, Flat):
+                    raise ValueError(
+                        f"`outlier_threshold` compares whole weight vectors in the coordinator and needs `topology='flat'`,"
+                        f" not {self.topology.name!r}"
+                    )
+                self.aggregator = RobustAggregator(self.aggregator, threshold=outlier_threshold)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(f"HQDEStrategy: {err}") from err
         if sync not in SYNC_MODES:
@@ -378,7 +398,7 @@ class HQDEStrategy(Strategy):
 
     def __repr__(self) -> str:
         return (
-            f"HQDEStrategy(num_members={self.num_members}, aggregator={self.aggregator!r}, sync={self.sync!r},"
+            f"HQDEStrategy(num_members={self.num_members}, aggregator={self.aggregator!r}, topology={self.topology!r}, sync={self.sync!r},"
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
             f" seed={self.seed})"
         )

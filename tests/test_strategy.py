@@ -102,7 +102,8 @@ def test_loggers_get_member_and_ensemble_metrics(fits):
         columns = set(next(csv.reader(f)))
     assert {f"member_{i}/val_acc" for i in range(3)} <= columns
     assert {f"member_{i}/train_loss_step" for i in range(3)} <= columns
-    assert {"ensemble/sync_distance_mean", "ensemble/sync_bytes"} <= columns
+    assert {"ensemble/sync_seconds", "ensemble/sync_bytes", "ensemble/sync_bytes_moved"} <= columns
+    assert {f"member_{i}/hqde/distance_to_consensus" for i in range(3)} <= columns
     assert len(fits["elastic"][1].sync_history) == MAX_EPOCHS
 
 

@@ -1,0 +1,319 @@
+"""Topologies: the path member weights take to become the consensus.
+
+* ``flat``: every member's weights go to one process, which runs the aggregator once.
+* ``tree``: pairwise reduction in ceil(log2 n) rounds; each round's pairs are combined in
+  parallel tasks and only the partial results move on. Exact for mean-like rules (a pair's
+  result carries the pair's total weight, so the weighted mean of partial means is the mean);
+  for median-like rules it is an approximation (a median of pairwise medians), and rules that
+  cannot combine two members (Krum) are refused.
+* ``mapreduce``: parameters are sharded by name across R reducers (balanced by size); each
+  reducer aggregates its shard of every member in parallel and the shards are gathered. Exact
+  for coordinate-wise rules (mean, trimmed mean); whole-vector rules (geometric median, Krum,
+  entanglement) see one shard at a time, which is an approximation.
+
+Work runs through an :class:`Executor`: :class:`LocalExecutor` runs tasks in this process (unit
+tests, small models); the coordinator uses :class:`RayExecutor`, which runs them as Ray tasks that
+read member payloads straight from the object store. Each reduction reports the communication
+rounds it took and the bytes it moved (payload bytes into each task plus the results out).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hqde_lightning.aggregation import AggregationResult, Aggregator, Krum, MultiKrum
+
+__all__ = [
+    "TOPOLOGIES",
+    "CommStats",
+    "Executor",
+    "Flat",
+    "LocalExecutor",
+    "MapReduce",
+    "RayExecutor",
+    "Topology",
+    "Tree",
+    "decode_payload",
+    "payload_layout",
+    "payload_nbytes",
+    "resolve_topology",
+]
+
+
+def decode_payload(payload: Any, keys: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Torch tensors from a member payload (numpy dict or encoded state), optionally only ``keys``."""
+    if isinstance(payload, tuple):  # a partial result: (numpy state, member weights)
+        payload = payload[0]
+    if hasattr(payload, "tensors") and hasattr(payload, "decode"):
+        if keys is not None:
+            payload = type(payload)({k: payload.tensors[k] for k in keys})
+        return payload.decode()
+    selected = payload if keys is None else {k: payload[k] for k in keys}
+    return {k: torch.tensor(np.asarray(v)) for k, v in selected.items()}
+
+
+def payload_nbytes(payload: Any) -> int:
+    """Bytes a payload occupies on the wire."""
+    if isinstance(payload, tuple):
+        payload = payload[0]
+    if hasattr(payload, "nbytes") and not isinstance(payload, Mapping):
+        return int(payload.nbytes)
+    return int(sum(np.asarray(v).nbytes for v in payload.values()))
+
+
+def payload_layout(payload: Any) -> dict[str, int]:
+    """Name -> number of values of every entry of a payload."""
+    if hasattr(payload, "tensors"):
+        return {k: int(np.prod(t.shape)) for k, t in payload.tensors.items()}
+    return {k: int(np.asarray(v).size) for k, v in payload.items()}
+
+
+def _resolve(payload: Any) -> Any:
+    """Fetches a payload passed by object-store handle (handles nested in lists are not resolved by Ray)."""
+    if type(payload).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(payload)
+    return payload
+
+
+def _numpy_state(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def combine_group(
+    rule: Aggregator,
+    payloads: Sequence[Any],
+    scores: Sequence[float] | None,
+    weights: Sequence[float],
+    keys: Sequence[str] | None = None,
+) -> tuple[dict[str, np.ndarray], list[float], list[int], dict[str, Any]]:
+    """One reduction task: decodes ``payloads`` (their ``keys`` only) and applies ``rule``.
+
+    Returns the consensus as numpy arrays, the weight each input received, the excluded
+    inputs and the rule's info.
+    """
+    states = [decode_payload(_resolve(p), keys) for p in payloads]
+    result = copy.deepcopy(rule)(states, scores=scores, sample_counts=weights)
+    return _numpy_state(result.state), [float(w) for w in result.member_weights], result.excluded, result.info
+
+
+@dataclass
+class CommStats:
+    """What one reduction cost in communication."""
+
+    rounds: int
+    bytes_moved: int
+    tasks: int
+
+
+class Executor(ABC):
+    """Runs reduction tasks; ``submit`` returns a handle that ``gather`` resolves."""
+
+    @abstractmethod
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    @abstractmethod
+    def gather(self, handles: Sequence[Any]) -> list[Any]: ...
+
+
+class LocalExecutor(Executor):
+    """Runs each task immediately in this process."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def gather(self, handles: Sequence[Any]) -> list[Any]:
+        return list(handles)
+
+
+class RayExecutor(Executor):
+    """Runs each task as a Ray task (payload ``ObjectRef`` arguments are read from the object store).
+
+    Args:
+        num_cpus: CPUs each task reserves. 0 by default: reductions run while every member is
+            blocked waiting for the consensus, so they use the members' idle cores, and a task
+            that waited for a free CPU would wait forever.
+    """
+
+    def __init__(self, num_cpus: float = 0.0) -> None:
+        import ray
+
+        self._ray = ray
+        self._remote = ray.remote(combine_group).options(num_cpus=num_cpus)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert fn is combine_group, "RayExecutor runs reduction tasks only"
+        return self._remote.remote(*args)
+
+    def gather(self, handles: Sequence[Any]) -> list[Any]:
+        return list(self._ray.get(list(handles)))
+
+
+class Topology(ABC):
+    """A way to reduce member payloads with an aggregation rule."""
+
+    name: str = ""
+
+    def check(self, rule: Aggregator) -> None:
+        """Raises ``ValueError`` when ``rule`` cannot run on this topology."""
+
+    @abstractmethod
+    def reduce(
+        self,
+        payloads: Sequence[Any],
+        sizes: Sequence[int],
+        rule: Aggregator,
+        scores: Sequence[float] | None,
+        weights: Sequence[float],
+        executor: Executor,
+        layout: Mapping[str, int],
+    ) -> tuple[AggregationResult, CommStats]:
+        """Combines ``payloads`` (values or object-store handles) of ``sizes`` bytes each.
+
+        ``layout`` maps every floating-point entry's name to its number of values.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _result(state: Mapping[str, np.ndarray], weights: Sequence[float], excluded: Sequence[int], info: dict[str, Any]) -> AggregationResult:
+    tensor_state = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    return AggregationResult(tensor_state, torch.tensor(list(weights), dtype=torch.float64), sorted(set(excluded)), info)
+
+
+class Flat(Topology):
+    """Every member's weights to one process; one aggregation."""
+
+    name = "flat"
+
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+        (out,) = executor.gather([executor.submit(combine_group, rule, list(payloads), scores, list(weights))])
+        state, member_weights, excluded, info = out
+        consensus_bytes = sum(v.nbytes for v in state.values())
+        return _result(state, member_weights, excluded, info), CommStats(1, sum(sizes) + consensus_bytes, 1)
+
+
+class Tree(Topology):
+    """Pairwise reduction in ceil(log2 n) parallel rounds."""
+
+    name = "tree"
+
+    def check(self, rule: Aggregator) -> None:
+        if isinstance(rule, (Krum, MultiKrum)):
+            raise ValueError(f"`topology='tree'` combines members two at a time; {type(rule).__name__} needs n > 2f + 2 members per call. Use 'flat' or 'mapreduce'.")
+
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+        n = len(payloads)
+        # each node: (handle or payload, total weight, score, members under it, size in bytes)
+        nodes = [(payloads[i], float(weights[i]), None if scores is None else float(scores[i]), [i], int(sizes[i])) for i in range(n)]
+        member_weight = {i: 1.0 for i in range(n)}
+        excluded: set[int] = set()
+        rounds = bytes_moved = tasks = 0
+        info: dict[str, Any] = {}
+        while len(nodes) > 1:
+            rounds += 1
+            pairs = [nodes[i : i + 2] for i in range(0, len(nodes), 2)]
+            handles = []
+            for pair in pairs:
+                if len(pair) == 1:
+                    handles.append(None)
+                    continue
+                pair_scores = None if scores is None else [pair[0][2], pair[1][2]]
+                handles.append(executor.submit(combine_group, rule, [pair[0][0], pair[1][0]], pair_scores, [pair[0][1], pair[1][1]]))
+                bytes_moved += pair[0][4] + pair[1][4]
+                tasks += 1
+            resolved = executor.gather([h for h in handles if h is not None])
+            next_nodes = []
+            for pair, handle in zip(pairs, handles):
+                if handle is None:
+                    next_nodes.append(pair[0])
+                    continue
+                state, pair_weights, pair_excluded, info = resolved.pop(0)
+                for side, w in zip(pair, pair_weights):
+                    for member in side[3]:
+                        member_weight[member] *= w
+                for side_index in pair_excluded:
+                    excluded.update(pair[side_index][3])
+                total = pair[0][1] + pair[1][1]
+                score = None if scores is None else (pair[0][2] * pair[0][1] + pair[1][2] * pair[1][1]) / max(total, 1e-12)
+                size = sum(v.nbytes for v in state.values())
+                bytes_moved += size
+                next_nodes.append(((state, pair_weights), total, score, pair[0][3] + pair[1][3], size))
+            nodes = next_nodes
+        root = nodes[0][0]
+        state = root[0] if isinstance(root, tuple) else _numpy_state(decode_payload(_resolve(root)))
+        weights_out = [member_weight[i] for i in range(n)]
+        return _result(state, weights_out, excluded, info), CommStats(rounds, bytes_moved, tasks)
+
+
+class MapReduce(Topology):
+    """Parameters sharded by name across ``num_reducers`` parallel reducers, then gathered.
+
+    Args:
+        num_reducers: number of shards (at most one per parameter tensor).
+    """
+
+    name = "mapreduce"
+
+    def __init__(self, num_reducers: int = 4) -> None:
+        if isinstance(num_reducers, bool) or not isinstance(num_reducers, int) or num_reducers < 1:
+            raise ValueError(f"`num_reducers={num_reducers!r}` must be an integer >= 1")
+        self.num_reducers = num_reducers
+
+    def shards(self, sizes_by_key: Mapping[str, int]) -> list[list[str]]:
+        """Greedy balanced partition of the keys: largest tensors first, each to the lightest shard."""
+        count = max(1, min(self.num_reducers, len(sizes_by_key)))
+        loads = [0] * count
+        shards: list[list[str]] = [[] for _ in range(count)]
+        for key in sorted(sizes_by_key, key=lambda k: -sizes_by_key[k]):
+            target = loads.index(min(loads))
+            shards[target].append(key)
+            loads[target] += sizes_by_key[key]
+        return [s for s in shards if s]
+
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+        keys_sizes = dict(layout)
+        shards = self.shards(keys_sizes)
+        handles = [executor.submit(combine_group, rule, list(payloads), scores, list(weights), shard) for shard in shards]
+        outputs = executor.gather(handles)
+        state: dict[str, np.ndarray] = {}
+        member_weights = np.zeros(len(payloads))
+        excluded: set[int] = set()
+        total = sum(keys_sizes.values()) or 1
+        for shard, (shard_state, shard_weights, shard_excluded, _) in zip(shards, outputs):
+            state.update(shard_state)
+            member_weights += np.asarray(shard_weights) * sum(keys_sizes[k] for k in shard) / total
+            excluded.update(shard_excluded)
+        consensus_bytes = sum(v.nbytes for v in state.values())
+        return _result(state, member_weights.tolist(), excluded, {"shards": len(shards)}), CommStats(2, sum(sizes) + consensus_bytes, len(shards))
+
+    def __repr__(self) -> str:
+        return f"MapReduce(num_reducers={self.num_reducers})"
+
+
+TOPOLOGIES: dict[str, type[Topology]] = {t.name: t for t in (Flat, Tree, MapReduce)}
+
+
+def resolve_topology(topology: str | Topology) -> Topology:
+    """A :class:`Topology` for a registered name or an instance (``ValueError`` lists the names)."""
+    if isinstance(topology, Topology):
+        return topology
+    if isinstance(topology, str) and topology in TOPOLOGIES:
+        return TOPOLOGIES[topology]()
+    raise ValueError(f"`topology={topology!r}` is not known; choose one of {sorted(TOPOLOGIES)} or pass a `Topology` instance")
+
+
+def expected_tree_rounds(num_members: int) -> int:
+    """ceil(log2 n): the rounds a tree reduction of ``num_members`` takes."""
+    return math.ceil(math.log2(num_members)) if num_members > 1 else 0
