@@ -1,0 +1,14 @@
+"""Lightning callbacks for ``HQDEStrategy`` ensembles (each also works with a plain ``Trainer``).
+
+* :class:`QuantumNoise`: annealed Gaussian exploration noise on weights or gradients.
+* :class:`AdaptiveQuantization`: 4/8/16-bit weights at sync points, with error feedback.
+* :class:`EnsembleSelection`: after ``fit``, keeps an accurate, diverse subset of members (QUBO).
+* :class:`PerformanceMonitor`: throughput and memory per member, traffic per sync.
+"""
+
+from hqde_lightning.callbacks.monitor import PerformanceMonitor
+from hqde_lightning.callbacks.noise import QuantumNoise
+from hqde_lightning.callbacks.quantization import AdaptiveQuantization
+from hqde_lightning.callbacks.selection import EnsembleSelection
+
+__all__ = ["AdaptiveQuantization", "EnsembleSelection", "PerformanceMonitor", "QuantumNoise"]
