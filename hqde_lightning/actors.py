@@ -14,7 +14,9 @@ Both are plain classes here; the launcher wraps them with ``ray.remote`` and the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerState
 from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
+from hqde_lightning.checkpoint import AtomicCheckpointIO
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, state_to_numpy, tree_to_cpu
 
@@ -142,12 +145,17 @@ class Coordinator:
         if self._snapshot_posted is not None:
             self._snapshot_posted.set()
 
-    async def snapshots_at(self, round_id: int) -> dict[int, dict[str, Any]]:
-        """Waits until every active member posted a snapshot of round ``round_id`` or later; returns them."""
-        while not all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active):
+    async def snapshots_at(self, round_id: int, exclude: int | None = None) -> dict[int, dict[str, Any]]:
+        """Waits until every active member but ``exclude`` posted a snapshot of round ``round_id`` or later."""
+        while not all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active if m != exclude):
             self._snapshot_posted = asyncio.Event()
             await self._snapshot_posted.wait()
-        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items())}
+        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items()) if m != exclude}
+
+    def latest_snapshot(self, member: int) -> dict[str, Any] | None:
+        """``member``'s latest end-of-epoch snapshot (a Lightning checkpoint dict), if any."""
+        entry = self.snapshots.get(member)
+        return None if entry is None else entry[1]
 
     # --------------------------------------------------------- driver channel
     def emit(self, event: tuple[Any, ...]) -> None:
@@ -193,14 +201,26 @@ class MemberActor:
             os.chdir(cwd)
         torch.set_num_threads(max(1, num_threads))
 
-    def ready(self) -> bool:
-        return True
+    @staticmethod
+    def _write_snapshot(snapshot: dict[str, Any], index: int) -> str:
+        path = os.path.join(_snapshot_dir(), f"member_{index}.ckpt")
+        AtomicCheckpointIO().save_checkpoint(snapshot, path)
+        return path
 
     def run(self, payload: bytes, context: MemberContext) -> MemberResult:
-        """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``."""
+        """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.
+
+        A restarted member (``context.restart_from`` holds its last snapshot) resumes from it.
+        """
         from lightning.pytorch import seed_everything
 
         trainer, function_name, args, kwargs = cloudpickle.loads(payload)
+        if context.restart_from is not None:
+            snapshot = ray.get(context.restart_from[0])
+            if snapshot is not None:
+                bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs)
+                bound.arguments["ckpt_path"] = self._write_snapshot(snapshot, context.index)
+                args, kwargs = bound.args, bound.kwargs
         strategy = trainer.strategy
         strategy._enter_member_mode(context)
         trainer._loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
@@ -224,6 +244,10 @@ class MemberActor:
             score=sync.score(trainer),
             last_round=sync.last_round,
         )
+
+
+def _snapshot_dir() -> str:
+    return tempfile.mkdtemp(prefix="hqde-restart-")
 
 
 def _is_scalar(value: Any) -> bool:

@@ -33,15 +33,17 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray import cloudpickle
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hqde_lightning.actors import Coordinator, MemberActor, MemberResult
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.member import MemberContext
+from hqde_lightning.placement import PlacementScorer
 from hqde_lightning.progress import EnsembleProgress
 
 __all__ = ["RayEnsembleLauncher", "connect_ray"]
@@ -231,10 +233,16 @@ class RayEnsembleLauncher(_Launcher):
         cwd = os.getcwd()
         mirrors = [_mirror(logger) for logger in trainer.loggers]
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
+        placement = PlacementScorer.from_ray()
         payload_ref = ray.put(payload)
         futures: dict[Any, int] = {}
-        for index in range(strategy.num_members):
-            actor = member_cls.options(**options).remote(cwd, threads)
+        nodes: dict[int, str] = {}
+        restarts = dict.fromkeys(range(strategy.num_members), 0)
+
+        def start(index: int, restart_from: Any = None) -> None:
+            nodes[index] = placement.place(options)
+            affinity = NodeAffinitySchedulingStrategy(node_id=nodes[index], soft=True)
+            actor = member_cls.options(**options, scheduling_strategy=affinity).remote(cwd, threads)
             self._actors.append(actor)
             context = MemberContext(
                 index=index,
@@ -249,39 +257,81 @@ class RayEnsembleLauncher(_Launcher):
                 score_mode=strategy.score_mode,
                 mirrors=mirrors,
                 show_progress=progress.enabled,
+                restart_from=restart_from,
             )
             futures[actor.run.remote(payload_ref, context)] = index
+
+        for index in range(strategy.num_members):
+            start(index)
         rank_zero_info(f"HQDEStrategy: training {strategy.num_members} members with {_describe(options)} each (seed {strategy.seed})")
         results: dict[int, MemberResult] = {}
         strategy.sync_history = []
+        strategy.dropped_members = []
         forwarder = _EventForwarder(trainer, strategy, progress)
         try:
-            pending = list(futures)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_SECONDS)
+            while futures:
+                done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=_POLL_SECONDS)
                 forwarder.handle(ray.get(coordinator.drain.remote()))
                 for ref in done:
-                    index = futures[ref]
+                    index = futures.pop(ref)
                     try:
                         results[index] = ray.get(ref)
-                    except (RayTaskError, RayActorError) as err:
-                        raise _member_error(index, err) from None
+                    except RayTaskError as err:
+                        if not isinstance(err.cause, RayActorError):
+                            raise _member_error(index, err) from None
+                        self._on_member_death(index, err, restarts, coordinator, start, placement, nodes[index], options)
+                    except RayActorError as err:
+                        self._on_member_death(index, err, restarts, coordinator, start, placement, nodes[index], options)
+                    else:
+                        placement.release(nodes[index], options, succeeded=True)
             forwarder.handle(ray.get(coordinator.drain.remote()))
         finally:
             progress.close()
-        return [results[i] for i in range(strategy.num_members)]
+        return [results[i] for i in sorted(results)]
+
+    def _on_member_death(
+        self,
+        index: int,
+        err: Exception,
+        restarts: dict[int, int],
+        coordinator: Any,
+        start: Callable[..., None],
+        placement: PlacementScorer,
+        node_id: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        """Restarts a dead member from its last end-of-epoch snapshot, or gives up on it as configured."""
+        strategy = self._strategy
+        placement.release(node_id, options, succeeded=False)
+        if restarts[index] >= strategy.max_member_restarts:
+            message = f"member {index}'s actor died {restarts[index] + 1} time(s), more than `max_member_restarts={strategy.max_member_restarts}`"
+            if strategy.on_member_failure == "fail":
+                raise RuntimeError(f"{message}; stopping the fit (checkpoints written so far are intact): {err}")
+            rank_zero_warn(f"{message}; continuing with the other members (`on_member_failure='continue'`).")
+            strategy.dropped_members.append(index)
+            coordinator.finish.remote(index)
+            return
+        restarts[index] += 1
+        snapshot_ref = coordinator.latest_snapshot.remote(index)
+        rank_zero_warn(
+            f"HQDEStrategy: member {index}'s actor died ({type(err).__name__}); restarting it from its last end-of-epoch"
+            f" snapshot (restart {restarts[index]} of {strategy.max_member_restarts})."
+        )
+        start(index, restart_from=[snapshot_ref])
 
     def _recover(self, trainer: Trainer, model: LightningModule, results: list[MemberResult]) -> None:
         """Leaves the driver's trainer and module as a normal ``fit`` would."""
         strategy = self._strategy
         strategy.aggregator.load_state_dict(strategy.coordinator_state.get("aggregator", {}))
+        if strategy.dropped_members:
+            rank_zero_warn(f"HQDEStrategy: the ensemble holds {len(results)} of {strategy.num_members} members; members {strategy.dropped_members} were dropped after failing.")
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
         scores = [r.score for r in results]
         final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
         model.load_state_dict(final.state)
         strategy.ensemble = Ensemble.from_states(model, states, combine=strategy.combiner).eval()
 
-        first = results[0]
+        first = next((r for r in results if r.index == 0), results[0])
         trainer.fit_loop.load_state_dict(first.fit_loop_state)
         trainer.fit_loop.restarting = False
         trainer.state = first.trainer_state

@@ -33,6 +33,8 @@ from hqde_lightning.topology import payload_layout, payload_nbytes
 __all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "tree_to_cpu"]
 
 SYNC_MODES = ("none", "elastic", "replace")
+#: the entry of a member snapshot that holds its index, sync round and RNG states
+MEMBER_KEY = "hqde_member"
 _PROGRESS_INTERVAL_S = 0.5
 
 
@@ -90,6 +92,7 @@ class MemberContext:
         mirrors: per user logger, the attributes the stand-in logger must show.
         show_progress: report progress to the driver's progress bar.
         resume: this member's entry of a checkpoint's ``hqde`` section when resuming.
+        restart_from: ``[ObjectRef]`` of the snapshot a restarted member resumes from.
     """
 
     index: int
@@ -105,6 +108,7 @@ class MemberContext:
     mirrors: list[dict[str, Any]] = field(default_factory=list)
     show_progress: bool = True
     resume: dict[str, Any] | None = None
+    restart_from: list[Any] | None = None
 
 
 class MirrorLogger(Logger):
@@ -157,7 +161,7 @@ class MemberSync(Callback):
         self._loss_sum: Tensor | None = None
         self._num_batches = 0
         self._num_samples = 0
-        self._synced_epoch = -1
+        self.synced_epoch = -1
         self._last_report = 0.0
 
     # ------------------------------------------------------------------ hooks
@@ -193,6 +197,7 @@ class MemberSync(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # epochs of unknown length (iterable datasets) reach their sync point here
         self._sync_point(trainer, pl_module)
+        self._post_snapshot(trainer, trainer.current_epoch)
 
     # ---------------------------------------------------------------- helpers
     def _report_progress(self, trainer: Trainer, batch: int, total: Any, loss: Any) -> None:
@@ -215,14 +220,13 @@ class MemberSync(Callback):
 
     def _sync_point(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self._synced_epoch == epoch:
+        if self.synced_epoch == epoch:
             return
-        self._synced_epoch = epoch
+        self.synced_epoch = epoch
         ctx = self.ctx
         if ctx.sync != "none" and (epoch + 1) % ctx.sync_every_n_epochs == 0:
             self._exchange(trainer, pl_module, epoch)
         self.last_round = epoch
-        self._post_snapshot(trainer, pl_module, epoch)
         if ctx.show_progress:
             self._report_progress(trainer, self._num_batches, trainer.num_training_batches, self._loss_sum / max(self._num_batches, 1) if self._loss_sum is not None else None)
 
@@ -257,13 +261,13 @@ class MemberSync(Callback):
                     target.add_(incoming - target, alpha=alpha)
         pl_module.log("hqde/distance_to_consensus", squared_distance**0.5, on_step=False, on_epoch=True)
 
-    def _post_snapshot(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        snapshot = {
-            "round": epoch,
-            "state_dict": tree_to_cpu(pl_module.state_dict()),
-            "optimizer_states": [tree_to_cpu(opt.state_dict()) for opt in trainer.optimizers],
-            "rng": capture_rng_states(),
-            "num_samples": self._num_samples,
-        }
-        self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, snapshot)
+    def _post_snapshot(self, trainer: Trainer, epoch: int) -> None:
+        """Sends the coordinator this member's full Lightning checkpoint as of this epoch's end.
 
+        It is what member 0 writes for this member in whole-ensemble checkpoints and what a
+        restarted member resumes from (``on_train_epoch_end`` is where Lightning's own
+        end-of-epoch checkpoints are taken, so resuming from it is standard).
+        """
+        snapshot = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        snapshot[MEMBER_KEY] = {"index": self.ctx.index, "round": epoch, "rng": capture_rng_states()}
+        self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot))

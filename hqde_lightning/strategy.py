@@ -28,10 +28,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
-from hqde_lightning.aggregation import Aggregator, RobustAggregator, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO
+from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
-from hqde_lightning.member import SYNC_MODES, MemberContext, MemberSync
+from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
 from hqde_lightning.topology import Flat, Topology, resolve_topology
 
 if TYPE_CHECKING:
@@ -81,6 +81,12 @@ class HQDEStrategy(Strategy):
             ``num_gpus``, ``memory``, ``resources``. Default: an equal share of the CPU cores, or
             of the GPUs when the Trainer's accelerator is CUDA (4 members on 2 GPUs: 0.5 each).
         seed: base seed; member ``i`` uses ``seed + i``. ``None`` draws one (logged).
+        max_member_restarts: how often a member whose actor dies (process killed, node lost) is
+            restarted from its last end-of-epoch snapshot, on the best-scoring node (see
+            :mod:`hqde_lightning.placement`). Exceptions raised by your code are not retried.
+        on_member_failure: when a member has used up its restarts: ``"fail"`` stops the fit with
+            an error (checkpoints written so far stay intact), ``"continue"`` finishes with the
+            other members and says so.
         accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy
             (checkpoints are written atomically by default).
     """
@@ -104,6 +110,8 @@ class HQDEStrategy(Strategy):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         resources_per_member: Mapping[str, Any] | None = None,
         seed: int | None = None,
+        max_member_restarts: int = 1,
+        on_member_failure: str = "fail",
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
@@ -123,6 +131,7 @@ class HQDEStrategy(Strategy):
                         f" not {self.topology.name!r}"
                     )
                 self.aggregator = RobustAggregator(self.aggregator, threshold=outlier_threshold)
+            _check_rule_fits(self.aggregator, num_members)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(f"HQDEStrategy: {err}") from err
         if sync not in SYNC_MODES:
@@ -131,6 +140,10 @@ class HQDEStrategy(Strategy):
             raise MisconfigurationException(f"`HQDEStrategy(sync_strength={sync_strength!r})`: `sync_strength` must be a number in [0, 1].")
         if isinstance(sync_every_n_epochs, bool) or not isinstance(sync_every_n_epochs, int) or sync_every_n_epochs < 1:
             raise MisconfigurationException(f"`HQDEStrategy(sync_every_n_epochs={sync_every_n_epochs!r})`: must be an integer >= 1.")
+        if isinstance(max_member_restarts, bool) or not isinstance(max_member_restarts, int) or max_member_restarts < 0:
+            raise MisconfigurationException(f"`HQDEStrategy(max_member_restarts={max_member_restarts!r})`: must be an integer >= 0.")
+        if on_member_failure not in ("fail", "continue"):
+            raise MisconfigurationException(f"`HQDEStrategy(on_member_failure={on_member_failure!r})`: choose 'fail' or 'continue'.")
         if score_mode not in ("max", "min"):
             raise MisconfigurationException(f"`HQDEStrategy(score_mode={score_mode!r})`: choose 'max' or 'min'.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -138,6 +151,8 @@ class HQDEStrategy(Strategy):
         if ray_address is not None and not isinstance(ray_address, str):
             raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'ray://head:10001', or None.")
         self.num_members = num_members
+        self.max_member_restarts = max_member_restarts
+        self.on_member_failure = on_member_failure
         self.sync = sync
         self.sync_strength = float(sync_strength)
         self.sync_every_n_epochs = sync_every_n_epochs
@@ -153,6 +168,8 @@ class HQDEStrategy(Strategy):
         #: per-sync statistics of the last fit (members, weights, distances, bytes, seconds)
         self.sync_history: list[dict[str, Any]] = []
         self.coordinator_state: dict[str, Any] = {}
+        #: members given up on during the last fit (``on_member_failure="continue"``)
+        self.dropped_members: list[int] = []
         self.parallel_devices: list[torch.device] | None = None
         self._num_nodes = 1
         self._member: MemberContext | None = None
@@ -301,7 +318,7 @@ class HQDEStrategy(Strategy):
         if not self.is_global_zero:
             return
         checkpoint = dict(checkpoint)
-        section, consensus = self._member_checkpoint_section() if self.is_member else self._driver_checkpoint_section()
+        section, consensus = self._member_checkpoint_section(checkpoint) if self.is_member else self._driver_checkpoint_section()
         checkpoint[HQDE_KEY] = section
         if consensus is not None:
             checkpoint["state_dict"] = consensus
@@ -320,27 +337,31 @@ class HQDEStrategy(Strategy):
             "coordinator": self.coordinator_state,
         }
 
-    def _member_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    def _member_checkpoint_section(self, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        """Member 0's own state plus every other member's latest end-of-epoch snapshot."""
         import ray
 
-        assert self._member is not None and self._member_sync is not None
-        coordinator = self._member.coordinator
-        round_id = self._member_sync.last_round
-        if round_id < 0:
-            rank_zero_warn("HQDEStrategy: a checkpoint written before the first epoch ended holds member 0 only.")
-            snapshots: dict[int, dict[str, Any]] = {}
-        else:
-            snapshots = ray.get(coordinator.snapshots_at.remote(round_id))
-            if self.lightning_module is not None and self.lightning_module.trainer.num_training_batches != float("inf"):
-                trainer = self.lightning_module.trainer
-                if trainer.fit_loop.epoch_loop.batch_progress.current.ready not in (0, trainer.num_training_batches):
-                    rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds every member as of the last epoch end.")
+        assert self._member is not None and self._member_sync is not None and self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        epoch = trainer.current_epoch
+        # the members' snapshots of round r are taken at the end of epoch r; a save before this
+        # epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round r - 1
+        round_id = epoch if self._member_sync.synced_epoch == epoch else epoch - 1
+        own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
+        own[MEMBER_KEY] = {"index": 0, "round": round_id, "rng": capture_rng_states()}
         members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
-        for index, snapshot in snapshots.items():
-            members[index] = snapshot
+        members[0] = own
+        coordinator = self._member.coordinator
+        if round_id < 0:
+            rank_zero_warn("HQDEStrategy: a checkpoint written before the first epoch ended holds member 0 only; the others resume from the consensus.")
+        elif self.num_members > 1:
+            if round_id != epoch:
+                rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of the last epoch end.")
+            for index, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, 0)).items():
+                members[index] = snapshot
         self.coordinator_state = ray.get(coordinator.state_dict.remote())
         states = [m["state_dict"] for m in members if m]
-        consensus = copy.deepcopy(self.aggregator)(states).state if states else None
+        consensus = copy.deepcopy(self.aggregator)(states).state
         return self._section(members, None, None), consensus
 
     def _driver_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
@@ -354,33 +375,35 @@ class HQDEStrategy(Strategy):
             self.checkpoint_io.remove_checkpoint(filepath)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a checkpoint; an HQDE checkpoint gives each member its own weights and optimizer state."""
+        """Loads a checkpoint; from an HQDE checkpoint each member resumes its own full state.
+
+        Inside member ``i`` the whole checkpoint is replaced by member ``i``'s entry (weights,
+        optimizer, loops, callback states, RNG); a member without an entry starts from the
+        consensus. In the driver (``validate``/``test``/``predict`` with ``ckpt_path``) the
+        ensemble is rebuilt from the entries.
+        """
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
         section = checkpoint.get(HQDE_KEY)
-        if section is None:
-            return checkpoint
-        saved = int(section.get("num_members", len(section.get("members", []))))
         if self.is_member:
             assert self._member is not None and self._member_sync is not None
-            if saved != self.num_members:
-                raise MisconfigurationException(
-                    f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
-                    f" resume with `num_members={saved}`."
-                )
-            entry = section["members"][self._member.index]
-            if entry:
-                checkpoint = dict(checkpoint)
-                checkpoint["state_dict"] = entry["state_dict"]
-                if entry.get("optimizer_states"):
-                    checkpoint["optimizer_states"] = entry["optimizer_states"]
-                self._member_sync.ctx.resume = entry
-            if self._member.index == 0 and section.get("coordinator"):
-                self._member.coordinator.load_state_dict.remote(section["coordinator"])
-        elif section.get("members") and self.lightning_module is not None:
+            if section is not None:
+                saved = int(section["num_members"])
+                if saved != self.num_members:
+                    raise MisconfigurationException(
+                        f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
+                        f" resume with `num_members={saved}`."
+                    )
+                entry = section["members"][self._member.index]
+                if entry:
+                    checkpoint = entry
+                if self._member.index == 0 and section.get("coordinator"):
+                    self._member.coordinator.load_state_dict.remote(section["coordinator"])
+            if MEMBER_KEY in checkpoint:
+                self._member_sync.ctx.resume = checkpoint[MEMBER_KEY]
+        elif section is not None and section.get("members") and self.lightning_module is not None:
             self.coordinator_state = dict(section.get("coordinator") or {})
-            template = self.lightning_module
             self.ensemble = Ensemble.from_states(
-                template,
+                self.lightning_module,
                 [m["state_dict"] if m else checkpoint["state_dict"] for m in section["members"]],
                 weights=section.get("weights"),
                 active=section.get("active"),
@@ -402,6 +425,18 @@ class HQDEStrategy(Strategy):
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
             f" seed={self.seed})"
         )
+
+
+def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
+    """Refuses rules that cannot run on ``num_members`` members; warns about ones that would do nothing."""
+    rule = aggregator.inner if isinstance(aggregator, RobustAggregator) else aggregator
+    if isinstance(rule, (Krum, MultiKrum)) and num_members <= 2 * rule.num_byzantine + 2:
+        raise ValueError(
+            f"{type(rule).__name__}(num_byzantine={rule.num_byzantine}) needs n > 2f + 2 members, got num_members={num_members};"
+            f" use at least {2 * rule.num_byzantine + 3} members or a smaller `num_byzantine`"
+        )
+    if isinstance(rule, TrimmedMean) and int(rule.beta * num_members) == 0:
+        rank_zero_warn(f"TrimmedMean(beta={rule.beta}) trims no member out of {num_members}: it is the plain mean. Raise `beta` to at least {1 / num_members:.3f}.")
 
 
 def _check_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:

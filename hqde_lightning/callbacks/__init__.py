@@ -4,11 +4,13 @@
 * :class:`AdaptiveQuantization`: 4/8/16-bit weights at sync points, with error feedback.
 * :class:`EnsembleSelection`: after ``fit``, keeps an accurate, diverse subset of members (QUBO).
 * :class:`PerformanceMonitor`: throughput and memory per member, traffic per sync.
+* :class:`ByzantineMembers`: fault injection: chosen members send corrupted weights.
 """
 
+from hqde_lightning.callbacks.byzantine import ByzantineMembers
 from hqde_lightning.callbacks.monitor import PerformanceMonitor
 from hqde_lightning.callbacks.noise import QuantumNoise
 from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.callbacks.selection import EnsembleSelection
 
-__all__ = ["AdaptiveQuantization", "EnsembleSelection", "PerformanceMonitor", "QuantumNoise"]
+__all__ = ["AdaptiveQuantization", "ByzantineMembers", "EnsembleSelection", "PerformanceMonitor", "QuantumNoise"]

@@ -1,0 +1,107 @@
+"""Fault tolerance: a member whose actor dies is restarted (or dropped, or the fit fails cleanly)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import ray
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from models import DigitsDataModule, DigitsModule
+
+from hqde_lightning import HQDEStrategy
+from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.placement import NodeRecord, PlacementScorer
+
+
+class KillOnce(pl.Callback):
+    """Kills member ``member``'s own actor (``ray.kill``) at ``epoch``/``batch``, once per marker file."""
+
+    def __init__(self, marker: str, member: int = 1, epoch: int = 1, batch: int = 5) -> None:
+        self.marker, self.member, self.epoch, self.batch = marker, member, epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.strategy.member_index != self.member or trainer.current_epoch != self.epoch or batch_idx != self.batch:
+            return
+        if os.path.exists(self.marker):
+            return
+        Path(self.marker).touch()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def _fit(tmp_path, callbacks, **strategy_kwargs):
+    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=4, **strategy_kwargs)
+    trainer = pl.Trainer(
+        strategy=strategy, max_epochs=3, callbacks=callbacks, default_root_dir=str(tmp_path),
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    return trainer, strategy
+
+
+def test_killed_member_is_restarted_and_fit_finishes(ray_session, tmp_path):
+    with pytest.warns(UserWarning, match="member 1's actor died .* restarting it"):
+        trainer, strategy = _fit(tmp_path, [KillOnce(str(tmp_path / "killed"))])
+    assert (tmp_path / "killed").exists(), "the member really was killed"
+    assert trainer.current_epoch == 3
+    assert strategy.ensemble.num_members == 3 and strategy.dropped_members == []
+    assert len(strategy.sync_history) == 3 and all(h["members"] == [0, 1, 2] for h in strategy.sync_history)
+    flats = [torch.cat([p.flatten() for p in m.parameters()]) for m in strategy.ensemble.members]
+    assert min(float((a - b).norm()) for a, b in itertools.combinations(flats, 2)) > 1e-4
+    (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
+    assert results["member_1/test_acc"] > 0.85, "the restarted member is trained"
+
+
+def test_member_dropped_when_restarts_run_out_and_continue_is_chosen(ray_session, tmp_path):
+    with pytest.warns(UserWarning, match="continuing with the other members"):
+        trainer, strategy = _fit(tmp_path, [KillOnce(str(tmp_path / "killed"))], max_member_restarts=0, on_member_failure="continue")
+    assert strategy.dropped_members == [1]
+    assert strategy.ensemble.num_members == 2
+    assert trainer.current_epoch == 3
+    assert [h["members"] for h in strategy.sync_history][-1] == [0, 2]
+
+
+def test_fit_fails_cleanly_with_checkpoint_intact(ray_session, tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    with pytest.raises(RuntimeError, match="more than `max_member_restarts=0`"):
+        _fit(tmp_path, [KillOnce(str(tmp_path / "killed")), checkpoint], max_member_restarts=0)
+    saved = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")
+    assert saved["epoch"] == 0 and len(saved[HQDE_KEY]["members"]) == 3
+    assert not [p for p in os.listdir(tmp_path / "ckpt") if p.endswith(".tmp")]
+
+
+def test_placement_score_weights():
+    good = NodeRecord("good", cpus=8, successes=9, failures=0, speed=100.0)
+    flaky = NodeRecord("flaky", cpus=8, successes=1, failures=8, speed=100.0)
+    scorer = PlacementScorer([flaky, good])
+    request = {"num_cpus": 2}
+    assert scorer.score(good, request) == pytest.approx(0.4 * 10 / 11 + 0.3 * 1.0 + 0.2 * 1.0 + 0.1)
+    assert scorer.rank(request) == ["good", "flaky"]
+
+
+def test_placement_spreads_load_and_prefers_capable_fast_nodes():
+    a, b = NodeRecord("a", cpus=4), NodeRecord("b", cpus=4)
+    scorer = PlacementScorer([a, b])
+    chosen = [scorer.place({"num_cpus": 2}) for _ in range(4)]
+    assert sorted(chosen) == ["a", "a", "b", "b"], "equal nodes share the members"
+    gpu = PlacementScorer([NodeRecord("cpu-only", cpus=8), NodeRecord("gpu", cpus=8, gpus=1)])
+    assert gpu.rank({"num_cpus": 1, "num_gpus": 1})[0] == "gpu"
+    fast = PlacementScorer([NodeRecord("slow", cpus=8), NodeRecord("fast", cpus=8)])
+    fast.record_speed("slow", 50.0)
+    fast.record_speed("fast", 200.0)
+    assert fast.rank({"num_cpus": 1})[0] == "fast"
+    scorer.release("a", {"num_cpus": 2}, succeeded=False)
+    assert a.failures == 1 and a.cpus_used == 2.0
+
+
+def test_bad_fault_arguments():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="max_member_restarts"):
+        HQDEStrategy(max_member_restarts=-1)
+    with pytest.raises(MisconfigurationException, match="on_member_failure"):
+        HQDEStrategy(on_member_failure="retry")
