@@ -384,6 +384,9 @@ class _EventForwarder:
                     "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),
                     "ensemble/excluded_members": float(len(data["excluded"])),
                 }
+                reputation = data["info"].get("reputation")
+                if isinstance(reputation, list):
+                    summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
                 for logger in loggers:
                     logger.log_metrics(summary, self.last_step)
 

@@ -80,3 +80,11 @@ class DigitsModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class TanhDigitsModule(DigitsModule):
+    """An MLP with tanh and no normalisation: not scale-invariant, so weight-scaling attacks bite."""
+
+    def __init__(self, hidden: int = 64, lr: float = 0.1) -> None:
+        super().__init__(hidden=hidden, lr=lr)
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
