@@ -189,3 +189,12 @@ def timed(fn: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - started
+
+
+class TanhMLP(SmallCNN):
+    """A tanh MLP without normalisation (weight-scaling attacks are not absorbed by BatchNorm)."""
+
+    def __init__(self, lr: float = 0.1, in_features: int = 64, hidden: int = 64) -> None:
+        super().__init__(lr=lr)
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, 10))
