@@ -125,6 +125,9 @@ def test_checkpoint_holds_every_member_and_rebuilds_without_ray(fits):
     section = checkpoint[HQDE_KEY]
     assert section["num_members"] == 3 and len(section["members"]) == 3
     assert all(m["optimizer_states"] for m in section["members"])
+    # each member's entry is its own full Lightning state: it resumes its loops and callbacks
+    assert all({"loops", "callbacks", "hqde_member"} <= set(m) for m in section["members"])
+    assert [m["hqde_member"]["index"] for m in section["members"]] == [0, 1, 2]
     ensemble = Ensemble.load_from_checkpoint(path, DigitsModule)
     x = dm.test.tensors[0][:64]
     torch.testing.assert_close(ensemble.predict_proba(x), strategy.ensemble.predict_proba(x))

@@ -43,8 +43,8 @@ class QuantumNoise(Callback):
     and buffers (BatchNorm statistics, integer counters) never are. ``scale=0`` changes nothing
     (not even a random number is drawn), so such a run is bit-identical to one without the
     callback. The generator's state is part of :meth:`state_dict`, so a resumed fit continues
-    its noise stream exactly; with ``HQDEStrategy`` the checkpoint holds member 0's callback
-    state, so member 0 continues its stream and the other members restart theirs.
+    its noise stream exactly; with ``HQDEStrategy`` the checkpoint holds every member's callback
+    state, so every member continues its own stream.
 
     Args:
         scale: initial noise level, a finite number >= 0 (relative to each tensor's RMS when

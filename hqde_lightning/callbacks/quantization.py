@@ -39,8 +39,8 @@ class AdaptiveQuantization(Callback):
 
     With ``error_feedback`` each member keeps what quantization lost and adds it to the weights
     it sends at the next sync, so nothing is lost for good. :meth:`state_dict` holds the
-    residuals and the sync count; a checkpoint written by ``HQDEStrategy`` holds member 0's, so
-    on resume member 0 gets its residuals back and the other members start theirs from zero.
+    residuals and the sync count; a checkpoint written by ``HQDEStrategy`` holds every member's,
+    so on resume each member gets its own residuals back.
 
     Logged at every sync (per member, once per epoch): ``quant/bytes`` and ``quant/fp32_bytes``
     (payload size and the float32 size of the same tensors), ``quant/ratio`` (their quotient),
