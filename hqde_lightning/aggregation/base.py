@@ -114,12 +114,7 @@ class Aggregator(ABC):
         sample_counts: Sequence[float] | None = None,
         prior_weights: Sequence[float] | None = None,
     ) -> AggregationResult:
-        if len(states) == 0:
-            raise ValueError("`states` must hold at least one member state dict")
-        n = len(states)
-        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
-            if values is not None and len(values) != n:
-                raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        n = self._check_call(states, scores, sample_counts, prior_weights)
         matrix, keys = flatten_states(states)
         finite = torch.isfinite(matrix).all(dim=1) if matrix.shape[1] else torch.ones(n, dtype=torch.bool)
         keep = [i for i in range(n) if bool(finite[i])]
@@ -133,6 +128,22 @@ class Aggregator(ABC):
         weights[keep] = sub_weights.to(torch.float64)
         template = states[keep[0]]
         return AggregationResult(unflatten(consensus, keys, template), weights, excluded, info)
+
+    @staticmethod
+    def _check_call(
+        states: Sequence[StateDict],
+        scores: Sequence[float] | None,
+        sample_counts: Sequence[float] | None,
+        prior_weights: Sequence[float] | None,
+    ) -> int:
+        """Checks that there are states and one score/count/weight per state; returns their number."""
+        if len(states) == 0:
+            raise ValueError("`states` must hold at least one member state dict")
+        n = len(states)
+        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        return n
 
     @staticmethod
     def _prior(n: int, sample_counts: Sequence[float] | None, prior_weights: Sequence[float] | None) -> Tensor:

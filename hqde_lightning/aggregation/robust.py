@@ -214,12 +214,7 @@ class RobustAggregator(Aggregator):
         sample_counts: Sequence[float] | None = None,
         prior_weights: Sequence[float] | None = None,
     ) -> AggregationResult:
-        if len(states) == 0:
-            raise ValueError("`states` must hold at least one member state dict")
-        n = len(states)
-        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
-            if values is not None and len(values) != n:
-                raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        n = self._check_call(states, scores, sample_counts, prior_weights)
         matrix, keys = flatten_states(states)
         finite = torch.isfinite(matrix).all(dim=1)
         if not bool(finite.any()):
