@@ -39,6 +39,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hqde_lightning.actors import Coordinator, MemberActor, MemberResult
+from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
@@ -319,6 +320,14 @@ class RayEnsembleLauncher(_Launcher):
         )
         start(index, restart_from=[snapshot_ref])
 
+    def _prediction_weights(self, scores: list[float | None]) -> torch.Tensor | None:
+        """With the superposition rule, predictions are combined with the same amplitudes² as weights."""
+        aggregator = self._strategy.aggregator
+        rule = aggregator.inner if isinstance(aggregator, RobustAggregator) else aggregator
+        if not isinstance(rule, Superposition) or any(s is None for s in scores):
+            return None
+        return superposition_weights(torch.tensor(scores, dtype=torch.float64), rule.temperature)
+
     def _recover(self, trainer: Trainer, model: LightningModule, results: list[MemberResult]) -> None:
         """Leaves the driver's trainer and module as a normal ``fit`` would."""
         strategy = self._strategy
@@ -329,7 +338,7 @@ class RayEnsembleLauncher(_Launcher):
         scores = [r.score for r in results]
         final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
         model.load_state_dict(final.state)
-        strategy.ensemble = Ensemble.from_states(model, states, combine=strategy.combiner).eval()
+        strategy.ensemble = Ensemble.from_states(model, states, weights=self._prediction_weights(scores), combine=strategy.combiner).eval()
 
         first = next((r for r in results if r.index == 0), results[0])
         trainer.fit_loop.load_state_dict(first.fit_loop_state)
@@ -384,6 +393,7 @@ class _EventForwarder:
                     "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),
                     "ensemble/excluded_members": float(len(data["excluded"])),
                 }
+                summary.update({f"ensemble/sync_{k}": float(v) for k, v in data["info"].items() if isinstance(v, (int, float))})
                 reputation = data["info"].get("reputation")
                 if isinstance(reputation, list):
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})

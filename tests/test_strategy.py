@@ -183,3 +183,13 @@ def test_member_failure_surfaces_the_original_error(ray_session, tmp_path):
     trainer = _trainer(HQDEStrategy(num_members=2), tmp_path, max_epochs=1)
     with pytest.raises(ValueError, match="boom in training_step"):
         trainer.fit(Exploding(), datamodule=DigitsDataModule())
+
+
+def test_superposition_weights_predictions_by_member_confidence(ray_session, tmp_path):
+    from hqde_lightning.aggregation import Superposition, superposition_weights
+
+    strategy = HQDEStrategy(num_members=2, sync="elastic", aggregator=Superposition(temperature=0.05), score_metric="val_acc", seed=2)
+    trainer = _trainer(strategy, tmp_path, max_epochs=1)
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    scores = torch.tensor([float(trainer.callback_metrics[f"member_{i}/val_acc"]) for i in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(strategy.ensemble.weights, superposition_weights(scores, 0.05))
