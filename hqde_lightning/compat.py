@@ -211,6 +211,7 @@ class HQDESystem:
             names it).
         TypeError: for a ``model_class`` that is not an ``nn.Module`` class, or model kwargs that
             its constructor refuses.
+        MisconfigurationException: for ``strategy_kwargs`` values that ``HQDEStrategy`` refuses.
     """
 
     def __init__(
@@ -254,8 +255,11 @@ class HQDESystem:
             "trainer_kwargs": dict(trainer_kwargs),
         }
         self._trainer_kwargs = self._check_trainer_kwargs(trainer_kwargs)
-        self._callbacks()  # builds the callbacks once so that bad values fail now, not at train()
-        self._strategy_options()
+        self._callbacks()  # built once here so that bad values fail now, not at train()
+        try:
+            HQDEStrategy(**self._strategy_options())  # likewise for the strategy's arguments
+        except TypeError as err:
+            raise ValueError(f"`strategy_kwargs`: {err}") from err
         try:
             network = model_class(**self._config["model_kwargs"])
         except TypeError as err:

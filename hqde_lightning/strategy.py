@@ -75,7 +75,7 @@ class HQDEStrategy(Strategy):
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
         ray_address: ``None`` starts a private local Ray instance when needed (shut down after
-            ``fit``); ``"auto"`` or ``"ray://host:10001"``/``"host:6379"`` joins an existing cluster.
+            ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (e.g. ``runtime_env``).
         resources_per_member: Ray resources of each member actor, keys among ``num_cpus``,
             ``num_gpus``, ``memory``, ``resources``. Default: an equal share of the CPU cores, or
@@ -149,7 +149,7 @@ class HQDEStrategy(Strategy):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise MisconfigurationException(f"`HQDEStrategy(seed={seed!r})`: `seed` must be a non-negative integer or None.")
         if ray_address is not None and not isinstance(ray_address, str):
-            raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'ray://head:10001', or None.")
+            raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
         self.num_members = num_members
         self.max_member_restarts = max_member_restarts
         self.on_member_failure = on_member_failure
