@@ -198,3 +198,25 @@ class TanhMLP(SmallCNN):
         super().__init__(lr=lr)
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+
+def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    """A grouped bar chart of ``series`` (name -> one value per label), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(series))), 4.0))
+    width = 0.8 / max(1, len(series))
+    for offset, (name, values) in enumerate(series.items()):
+        axis.bar([i + offset * width for i in range(len(labels))], values, width=width, label=name)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    axis.set_xticklabels(labels, rotation=30, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -21,7 +21,7 @@ import ray
 import torch
 from torch import nn
 
-from common import DATASETS, ImageData, TanhMLP, machine, print_table, quiet_trainer, write_results
+from common import DATASETS, RESULTS, ImageData, TanhMLP, bar_plot, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, TrimmedMean
 from hqde_lightning.callbacks import ByzantineMembers
@@ -96,10 +96,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1826, help="MLP width for part 2 (1826 -> ~10M parameters)")
     parser.add_argument("--agg-members", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="CI smoke: 5 members, 1 epoch, one attack, a small model in part 2")
+    parser.add_argument("--aggregators", nargs="+", default=None, help="labels to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 4 members, 1 epoch, one attack, two rules, a small model in part 2")
     args = parser.parse_args()
     if args.quick:
-        args.members, args.fractions, args.attacks, args.epochs, args.width, args.agg_members, args.repeats = 5, [1], ["scale"], 1, 256, 4, 1
+        args.members, args.fractions, args.attacks, args.epochs, args.width, args.agg_members, args.repeats = 4, [1], ["scale"], 1, 256, 4, 1
+        args.aggregators = ["mean", "geometric_median"]
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = [{"aggregator": "mean", "attack": "none", "byzantine": f"0/{args.members}", "test_acc": ensemble_accuracy(args.members, 0, None, {"aggregator": "mean"}, args.epochs)}]
@@ -107,6 +109,8 @@ def main() -> None:
     for byzantine in args.fractions:
         for attack in args.attacks:
             for label, kwargs in aggregators(args.members, byzantine).items():
+                if args.aggregators is not None and label not in args.aggregators:
+                    continue
                 accuracy = ensemble_accuracy(args.members, byzantine, attack, kwargs, args.epochs)
                 rows.append({"aggregator": label, "attack": attack, "byzantine": f"{byzantine}/{args.members}", "test_acc": accuracy})
                 print(f"{label:>20} {attack:>10} {byzantine}/{args.members}: {accuracy:.4f}", flush=True)
@@ -117,7 +121,16 @@ def main() -> None:
     print("\nPart 2: per-sync aggregation time")
     print_table(timing, ["rule", "topology", "members", "params_M", "seconds_mean", "seconds_min", "rounds", "tasks", "MB_moved"])
     print(f"\ndata: {DATASETS['digits']}; machine: {machine()}")
-    path = write_results("robustness" + ("_quick" if args.quick else ""), {"machine": machine(), "accuracy": rows, "aggregation": timing, "epochs": args.epochs, "members": args.members})
+    name = "robustness" + ("_quick" if args.quick else "")
+    cases = rows[1:]
+    labels = sorted({f"{r['attack']} {r['byzantine']}" for r in cases})
+    rules = sorted({r["aggregator"] for r in cases})
+    lookup = {(r["aggregator"], f"{r['attack']} {r['byzantine']}"): r["test_acc"] for r in cases}
+    bar_plot(
+        RESULTS / f"{name}.png", f"Ensemble test accuracy under Byzantine members (clean: {rows[0]['test_acc']:.3f})", labels,
+        {rule: [lookup.get((rule, label), 0.0) for label in labels] for rule in rules}, "test accuracy",
+    )
+    path = write_results(name, {"machine": machine(), "accuracy": rows, "aggregation": timing, "epochs": args.epochs, "members": args.members})
     print(f"wrote {path}")
     ray.shutdown()
 

@@ -20,7 +20,7 @@ import time
 
 import lightning.pytorch as pl
 
-from common import DATASETS, ImageData, SmallCNN, TreeMemory, load_data, machine, print_table, quiet_trainer, write_results
+from common import DATASETS, RESULTS, ImageData, SmallCNN, TreeMemory, bar_plot, load_data, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
 
 
@@ -70,7 +70,13 @@ def main() -> None:
     single = next(r for r in rows if r["members"] == min(args.members) and r["mode"] == "sequential")
     print(f"data: {DATASETS[args.data]}; {train_len} training images, {args.epochs} epochs; machine: {machine()}")
     print(f"single model ({min(args.members)} member, plain Trainer): {single['wall_s']:.1f} s, {single['peak_mem_mb']:.0f} MiB")
-    path = write_results("training_cost" + ("_quick" if args.quick else ""), {"data": DATASETS[args.data], "train_images": train_len, "epochs": args.epochs, "machine": machine(), "rows": rows})
+    name = "training_cost" + ("_quick" if args.quick else "")
+    members = [str(m) for m in args.members]
+    bar_plot(
+        RESULTS / f"{name}.png", f"Training cost ({args.data}, {args.epochs} epochs)", members,
+        {mode: [r["wall_s"] for r in rows if r["mode"] == mode] for mode in ("sequential", "hqde")}, "wall time (s) by number of members",
+    )
+    path = write_results(name, {"data": DATASETS[args.data], "train_images": train_len, "epochs": args.epochs, "machine": machine(), "rows": rows})
     print(f"wrote {path}")
 
 
