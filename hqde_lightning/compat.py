@@ -86,7 +86,7 @@ from hqde_lightning.aggregation import Entanglement
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
-from hqde_lightning.evaluation import _StageMetrics, classification_batch
+from hqde_lightning.evaluation import EnsembleMetrics, classification_batch
 from hqde_lightning.launcher import connect_ray
 from hqde_lightning.member import SyncCodec
 from hqde_lightning.strategy import HQDEStrategy
@@ -428,14 +428,14 @@ class HQDESystem:
         """
         ensemble = self._trained()
         device = ensemble.active.device
-        metrics: _StageMetrics | None = None
+        metrics: EnsembleMetrics | None = None
         for batch in loader:
             pair = classification_batch(batch)
             if pair is None:
                 raise ValueError("HQDESystem.evaluate needs `(inputs, targets)` batches with integer class targets of shape (batch,).")
             logits = ensemble.member_outputs(pair[0].to(device))
             if metrics is None:
-                metrics = _StageMetrics(logits.shape[0], logits.shape[-1], device)
+                metrics = EnsembleMetrics(logits.shape[0], logits.shape[-1], device)
             metrics.update(logits, ensemble.active_weights(), pair[1].to(device))
         if metrics is None:
             raise ValueError("HQDESystem.evaluate got an empty loader.")

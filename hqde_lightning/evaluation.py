@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from hqde_lightning.ensemble import Ensemble
 
-__all__ = ["EnsembleEvaluation", "classification_batch"]
+__all__ = ["EnsembleEvaluation", "EnsembleMetrics", "classification_batch"]
 
 
 class _EnsembleForward:
@@ -63,8 +63,8 @@ def classification_batch(batch: Any) -> tuple[Tensor, Tensor] | None:
     return inputs, target
 
 
-class _StageMetrics:
-    """Ensemble and per-member torchmetrics for one stage and dataloader."""
+class EnsembleMetrics:
+    """Ensemble and per-member torchmetrics (accuracy, NLL, ECE, Brier, disagreement) for one stage and dataloader."""
 
     def __init__(self, num_members: int, num_classes: int, device: torch.device) -> None:
         self.ensemble = MetricCollection(
@@ -112,7 +112,7 @@ class EnsembleEvaluation(Callback):
         self.strategy = strategy
         self._module: LightningModule | None = None
         self._forward: _EnsembleForward | None = None
-        self._metrics: dict[int, _StageMetrics] = {}
+        self._metrics: dict[int, EnsembleMetrics] = {}
         self._warned_contract = False
 
     # ------------------------------------------------------------- forward
@@ -181,7 +181,7 @@ class EnsembleEvaluation(Callback):
             return
         ensemble = self._forward.ensemble
         if dataloader_idx not in self._metrics:
-            self._metrics[dataloader_idx] = _StageMetrics(logits.shape[0], logits.shape[-1], logits.device)
+            self._metrics[dataloader_idx] = EnsembleMetrics(logits.shape[0], logits.shape[-1], logits.device)
         self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), pair[1])
 
     def _log(self, pl_module: LightningModule, stage: str) -> None:
