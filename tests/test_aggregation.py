@@ -605,3 +605,17 @@ def test_multi_krum_needs_num_selected_members() -> None:
     with pytest.raises(ValueError, match="num_selected=6"):
         MultiKrum(num_byzantine=0, num_selected=6)(states_of(random_rows(19, 5, 3)))
 
+
+
+def test_krum_counts_non_finite_members_against_f():
+    """Two NaN members out of 7 with f=2: they are the Byzantine ones, Krum runs on the 5 left."""
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(4)} for _ in range(7)]
+    states[0]["w"][:] = float("nan")
+    states[1]["w"][:] = float("inf")
+    for rule in (Krum(num_byzantine=2), MultiKrum(num_byzantine=2)):
+        result = rule(states)
+        assert result.excluded == [0, 1]
+        assert torch.isfinite(result.state["w"]).all()
+    with pytest.raises(ValueError, match="n > 2f"):
+        Krum(num_byzantine=2)(states[2:])

@@ -106,6 +106,8 @@ class Aggregator(ABC):
 
     #: the name accepted by ``HQDEStrategy(aggregator=...)``
     name: str = ""
+    #: members the current call already left out as non-finite (known-bad) before :meth:`combine`
+    num_excluded: int = 0
 
     def __call__(
         self,
@@ -122,6 +124,7 @@ class Aggregator(ABC):
         if not keep:
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
         prior = self._prior(n, sample_counts, prior_weights)
+        self.num_excluded = len(excluded)
         sub_scores = None if scores is None else torch.tensor([float(scores[i]) for i in keep], dtype=torch.float64)
         consensus, sub_weights, info = self.combine(matrix[keep], sub_scores, prior[keep])
         weights = torch.zeros(n, dtype=torch.float64)

@@ -88,12 +88,21 @@ def krum_ranking(matrix: Tensor, num_byzantine: int, rule: str = "Krum") -> tupl
     return scores, by_total[torch.argsort(scores[by_total], stable=True)]
 
 
+def _tolerated(num_byzantine: int, n: int, num_excluded: int) -> int:
+    """``f``, or, when known-bad members were left out and ``n <= 2f + 2``, the largest ``f' < f`` with ``n > 2f' + 2``."""
+    if num_excluded and n <= 2 * num_byzantine + 2:
+        return max(0, min(num_byzantine, (n - 3) // 2))
+    return num_byzantine
+
+
 class Krum(Aggregator):
     """Selects the single member with the lowest Krum score.
 
     Args:
         num_byzantine: ``f >= 0``, the number of Byzantine members tolerated; a call needs
-            ``n > 2f + 2`` members.
+            ``n > 2f + 2`` members. When members were already left out as NaN/Inf (known
+            Byzantine) and too few remain, ``f`` is lowered to the largest value the remaining
+            members allow, which is never below ``f`` minus the number left out.
     """
 
     name = "krum"
@@ -102,7 +111,7 @@ class Krum(Aggregator):
         self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        krum, order = krum_ranking(matrix, self.num_byzantine, "Krum")
+        krum, order = krum_ranking(matrix, _tolerated(self.num_byzantine, matrix.shape[0], self.num_excluded), "Krum")
         chosen = int(order[0])
         weights = torch.zeros(matrix.shape[0], dtype=torch.float64)
         weights[chosen] = 1.0
@@ -114,7 +123,7 @@ class MultiKrum(Aggregator):
 
     Args:
         num_byzantine: ``f >= 0``, the number of Byzantine members tolerated; a call needs
-            ``n > 2f + 2`` members.
+            ``n > 2f + 2`` members (members already left out as NaN/Inf count against ``f``).
         num_selected: ``m >= 1`` members averaged; ``None`` means ``n - f``. A call with
             fewer than ``m`` members raises ``ValueError``.
     """
@@ -127,8 +136,9 @@ class MultiKrum(Aggregator):
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         n = matrix.shape[0]
-        krum, order = krum_ranking(matrix, self.num_byzantine, "Multi-Krum")
-        selected_count = n - self.num_byzantine if self.num_selected is None else self.num_selected
+        f = _tolerated(self.num_byzantine, n, self.num_excluded)
+        krum, order = krum_ranking(matrix, f, "Multi-Krum")
+        selected_count = n - f if self.num_selected is None else self.num_selected
         if selected_count > n:
             raise ValueError(f"MultiKrum(num_selected={selected_count}) needs at least that many members, got n={n}")
         selected = torch.sort(order[:selected_count]).values

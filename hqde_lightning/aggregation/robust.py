@@ -236,6 +236,7 @@ class RobustAggregator(Aggregator):
         flagged[finite] = mad_outliers(matrix[finite], self.threshold)
         use = finite & ~flagged
         sub_scores = None if scores is None else torch.tensor([float(s) for s in scores], dtype=torch.float64)[use]
+        self.inner.num_excluded = int((~use).sum())
         consensus, sub_weights, inner_info = self.inner.combine(matrix[use], sub_scores, prior[use])
         weights = torch.zeros(n, dtype=torch.float64)
         weights[use] = sub_weights.to(torch.float64)
