@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
 from hqde_lightning.topology import Flat, Topology, resolve_topology
-
-if TYPE_CHECKING:
-    from hqde_lightning.launcher import RayEnsembleLauncher
 
 __all__ = ["HQDEStrategy"]
 
