@@ -1,7 +1,7 @@
 """The 60-second tour: 4 members of an ordinary LightningModule trained as Ray actors.
 
 Data: scikit-learn's bundled digits (1,797 8×8 images, 10 classes; no download).
-Run: ``python examples/quick_start.py`` (about 40 s on 2 CPU cores, Ray start-up included).
+Run: ``python examples/quick_start.py`` (about 20 s on 2 idle CPU cores, Ray start-up included).
 """
 
 from __future__ import annotations
