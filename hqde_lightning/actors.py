@@ -184,7 +184,6 @@ class MemberResult:
     callbacks_state: dict[str, Any]
     trainer_state: TrainerState
     score: float | None
-    last_round: int
 
 
 class MemberActor:
@@ -242,7 +241,6 @@ class MemberActor:
             callbacks_state=callbacks_state,
             trainer_state=trainer.state,
             score=sync.score(trainer),
-            last_round=sync.last_round,
         )
 
 

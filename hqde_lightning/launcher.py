@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -234,6 +235,7 @@ class RayEnsembleLauncher(_Launcher):
         cwd = os.getcwd()
         mirrors = [_mirror(logger) for logger in trainer.loggers]
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
+        forwarder = _EventForwarder(trainer, strategy, progress)
         placement = PlacementScorer.from_ray()
         payload_ref = ray.put(payload)
         futures: dict[Any, int] = {}
@@ -241,13 +243,13 @@ class RayEnsembleLauncher(_Launcher):
         restarts = dict.fromkeys(range(strategy.num_members), 0)
 
         def start(index: int, restart_from: Any = None) -> None:
+            forwarder.forget(index)
             nodes[index] = placement.place(options)
             affinity = NodeAffinitySchedulingStrategy(node_id=nodes[index], soft=True)
             actor = member_cls.options(**options, scheduling_strategy=affinity).remote(cwd, threads)
             self._actors.append(actor)
             context = MemberContext(
                 index=index,
-                num_members=strategy.num_members,
                 seed=strategy.seed + index,
                 coordinator=coordinator,
                 sync=strategy.sync,
@@ -257,7 +259,6 @@ class RayEnsembleLauncher(_Launcher):
                 score_metric=strategy.score_metric,
                 score_mode=strategy.score_mode,
                 mirrors=mirrors,
-                show_progress=progress.enabled,
                 restart_from=restart_from,
             )
             futures[actor.run.remote(payload_ref, context)] = index
@@ -268,7 +269,6 @@ class RayEnsembleLauncher(_Launcher):
         results: dict[int, MemberResult] = {}
         strategy.sync_history = []
         strategy.dropped_members = []
-        forwarder = _EventForwarder(trainer, strategy, progress)
         try:
             while futures:
                 done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=_POLL_SECONDS)
@@ -284,6 +284,7 @@ class RayEnsembleLauncher(_Launcher):
                     except RayActorError as err:
                         self._on_member_death(index, err, restarts, coordinator, start, placement, nodes[index], options)
                     else:
+                        placement.record_speed(nodes[index], forwarder.batches_per_second.get(index, 0.0))
                         placement.release(nodes[index], options, succeeded=True)
             forwarder.handle(ray.get(coordinator.drain.remote()))
         finally:
@@ -369,6 +370,21 @@ class _EventForwarder:
         self.strategy = strategy
         self.progress = progress
         self.last_step = 0
+        #: each member's measured training speed, fed to placement when the member finishes
+        self.batches_per_second: dict[int, float] = {}
+        self._first_report: dict[int, tuple[float, int]] = {}
+
+    def forget(self, member: int) -> None:
+        """A restarted member counts its speed afresh."""
+        self._first_report.pop(member, None)
+
+    def _measure(self, member: int, epoch: int, batch: int, total: int | None) -> None:
+        if total is None:
+            return
+        done, now = epoch * total + batch, time.monotonic()
+        started, done_then = self._first_report.setdefault(member, (now, done))
+        if now > started and done > done_then:
+            self.batches_per_second[member] = (done - done_then) / (now - started)
 
     def handle(self, events: list[tuple[Any, ...]]) -> None:
         loggers = self.trainer.loggers
@@ -382,6 +398,7 @@ class _EventForwarder:
                 loggers[logger_index].log_hyperparams(params)
             elif kind == "progress":
                 self.progress.update(member, *data)
+                self._measure(member, *data[:3])
             elif kind == "sync":
                 self.strategy.sync_history.append(data)
                 summary = {

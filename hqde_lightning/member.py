@@ -80,7 +80,6 @@ class MemberContext:
 
     Attributes:
         index: the member's position in the ensemble (0 writes checkpoints).
-        num_members: ensemble size.
         seed: this member's seed (the run's seed + index).
         coordinator: handle of the coordinator actor.
         sync: ``"none"``, ``"elastic"`` or ``"replace"``.
@@ -90,13 +89,11 @@ class MemberContext:
         score_metric: name of the logged metric used as confidence (``None``: −train loss).
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
         mirrors: per user logger, the attributes the stand-in logger must show.
-        show_progress: report progress to the driver's progress bar.
         resume: this member's entry of a checkpoint's ``hqde`` section when resuming.
         restart_from: ``[ObjectRef]`` of the snapshot a restarted member resumes from.
     """
 
     index: int
-    num_members: int
     seed: int
     coordinator: Any
     sync: str
@@ -106,7 +103,6 @@ class MemberContext:
     score_metric: str | None
     score_mode: str
     mirrors: list[dict[str, Any]] = field(default_factory=list)
-    show_progress: bool = True
     resume: dict[str, Any] | None = None
     restart_from: list[Any] | None = None
 
@@ -156,8 +152,6 @@ class MemberSync(Callback):
 
     def __init__(self, context: MemberContext) -> None:
         self.ctx = context
-        self.last_round = -1
-        self.last_consensus: dict[str, np.ndarray] | None = None
         self._loss_sum: Tensor | None = None
         self._num_batches = 0
         self._num_samples = 0
@@ -171,7 +165,6 @@ class MemberSync(Callback):
             from hqde_lightning.checkpoint import restore_rng_states
 
             restore_rng_states(resume.get("rng", {}))
-            self.last_round = int(resume.get("round", -1))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches, self._num_samples = None, 0, 0
@@ -188,7 +181,7 @@ class MemberSync(Callback):
             self._num_samples += 1
         total = trainer.num_training_batches
         now = time.monotonic()
-        if self.ctx.show_progress and now - self._last_report > _PROGRESS_INTERVAL_S:
+        if now - self._last_report > _PROGRESS_INTERVAL_S:
             self._last_report = now
             self._report_progress(trainer, batch_idx + 1, total, loss)
         if isinstance(total, int) and batch_idx + 1 >= total:
@@ -226,9 +219,7 @@ class MemberSync(Callback):
         ctx = self.ctx
         if ctx.sync != "none" and (epoch + 1) % ctx.sync_every_n_epochs == 0:
             self._exchange(trainer, pl_module, epoch)
-        self.last_round = epoch
-        if ctx.show_progress:
-            self._report_progress(trainer, self._num_batches, trainer.num_training_batches, self._loss_sum / max(self._num_batches, 1) if self._loss_sum is not None else None)
+        self._report_progress(trainer, self._num_batches, trainer.num_training_batches, self._loss_sum / max(self._num_batches, 1) if self._loss_sum is not None else None)
 
     def _exchange(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         state = pl_module.state_dict()
@@ -245,7 +236,6 @@ class MemberSync(Callback):
         )
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
-        self.last_consensus = consensus
         alpha = 1.0 if self.ctx.sync == "replace" else self.ctx.sync_strength
         squared_distance = 0.0
         with torch.no_grad():

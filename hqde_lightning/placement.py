@@ -96,8 +96,8 @@ class PlacementScorer:
         else:
             node.failures += 1
 
-    def record_speed(self, node_id: str, samples_per_s: float) -> None:
-        """Folds a throughput measurement into the node's speed (running mean of the last two)."""
+    def record_speed(self, node_id: str, throughput: float) -> None:
+        """Folds a member's measured throughput (batches/s) into the node's speed (mean of the last two)."""
         node = self.nodes.get(node_id)
-        if node is not None and samples_per_s > 0:
-            node.speed = samples_per_s if node.speed is None else 0.5 * (node.speed + samples_per_s)
+        if node is not None and throughput > 0:
+            node.speed = throughput if node.speed is None else 0.5 * (node.speed + throughput)

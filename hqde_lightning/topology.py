@@ -20,7 +20,6 @@ rounds it took and the bytes it moved (payload bytes into each task plus the res
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -312,8 +311,3 @@ def resolve_topology(topology: str | Topology) -> Topology:
     if isinstance(topology, str) and topology in TOPOLOGIES:
         return TOPOLOGIES[topology]()
     raise ValueError(f"`topology={topology!r}` is not known; choose one of {sorted(TOPOLOGIES)} or pass a `Topology` instance")
-
-
-def expected_tree_rounds(num_members: int) -> int:
-    """ceil(log2 n): the rounds a tree reduction of ``num_members`` takes."""
-    return math.ceil(math.log2(num_members)) if num_members > 1 else 0

@@ -106,3 +106,20 @@ def test_bad_fault_arguments():
         HQDEStrategy(max_member_restarts=-1)
     with pytest.raises(MisconfigurationException, match="on_member_failure"):
         HQDEStrategy(on_member_failure="retry")
+
+
+def test_member_speed_is_measured_from_progress_reports():
+    import time
+    from types import SimpleNamespace
+
+    from hqde_lightning.launcher import _EventForwarder
+    from hqde_lightning.progress import EnsembleProgress
+
+    forwarder = _EventForwarder(trainer=SimpleNamespace(loggers=[]), strategy=None, progress=EnsembleProgress(1, enabled=False))
+    forwarder.handle([("progress", 0, (0, 2, 10, 0.5))])
+    time.sleep(0.05)
+    forwarder.handle([("progress", 0, (1, 2, 10, 0.4))])  # 10 more batches
+    assert 0 < forwarder.batches_per_second[0] <= 10 / 0.05
+    forwarder.forget(0)
+    forwarder.handle([("progress", 0, (0, 1, 10, 0.5))])  # a restarted member starts counting again
+    assert forwarder._first_report[0][1] == 1
