@@ -28,33 +28,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from digits_data import DigitsData
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization
 
 NUM_MEMBERS = 4
-
-
-class DigitsData(pl.LightningDataModule):
-    """Digits as 64-value vectors in [0, 1], split with a fixed permutation."""
-
-    def setup(self, stage: str | None = None) -> None:
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32) / 16.0
-        y = torch.tensor(y, dtype=torch.long)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
-        self.train_set = TensorDataset(x[:1200], y[:1200])
-        self.test_set = TensorDataset(x[1497:], y[1497:])
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=64, shuffle=True)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=300)
 
 
 class WideMLP(pl.LightningModule):
