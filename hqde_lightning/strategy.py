@@ -67,7 +67,9 @@ class HQDEStrategy(Strategy):
         bagging: each member trains on its own bootstrap sample of the training set
             (map-style datasets only) instead of the whole set in its own order.
         combine: how member outputs are combined in ``validate``/``test``/``predict``:
-            ``"auto"``, ``"probability"``, ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
+            ``"auto"`` (class logits as probabilities once evaluation batches with integer class
+            targets showed which output holds them, everything else averaged), ``"probability"``,
+            ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
         score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
