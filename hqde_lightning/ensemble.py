@@ -1,14 +1,39 @@
 """The trained ensemble as an ``nn.Module``: every member plus the rule that combines them.
 
-Combination rules (``combine=``):
+Combination rules (``combine=``), applied to every tensor leaf of the members' outputs (a
+tensor, or tensors inside tuples, lists and dicts):
 
-* ``"probability"``: member outputs are class logits; the ensemble returns the log of the
-  weighted mean of the members' softmax probabilities (``softmax`` of it gives the mean
-  probabilities exactly, ``argmax`` gives the ensemble's class, ``cross_entropy`` on it is the
-  ensemble's negative log-likelihood).
+* ``"probability"``: every floating leaf is class logits over its last dimension; the ensemble
+  returns the log of the weighted mean of the members' softmax probabilities (``softmax`` of it
+  gives the mean probabilities exactly, ``argmax`` gives the ensemble's class, ``cross_entropy``
+  on it is the ensemble's negative log-likelihood).
 * ``"mean"``: weighted mean of the raw outputs (regression, embeddings, anything else).
-* ``"auto"`` (default): ``"probability"`` for floating outputs of shape ``(batch, classes)``
-  with at least two classes, ``"mean"`` otherwise.
+* ``"auto"`` (default, :class:`AutoCombiner`): the leaf that holds class logits is combined as
+  probabilities, every other leaf is averaged. A leaf holds class logits only when evaluation
+  showed it: a batch follows the classification contract ``(inputs, target, ...)`` with an
+  integer ``target`` of shape ``(batch,)`` (see :func:`hqde_lightning.evaluation.classification_batch`)
+  and the leaf is a floating ``(batch, classes)`` tensor with ``classes > max(target)`` over every
+  target seen so far (of several such leaves, the one with the fewest columns, the first on a
+  tie). Nothing else is guessed: without such targets every leaf is averaged.
+
+  ``predict`` batches usually carry no targets: ``"auto"`` then uses what ``validate``/``test``
+  of the same ensemble established (it is kept in ``strategy.ensemble``, also when a checkpoint
+  is loaded into the same strategy), and averages otherwise. To get probabilities without
+  evaluating first, pass ``combine="probability"`` (all leaves), or
+  ``AutoCombiner(probability_leaf="[0]")`` for one leaf of a tuple/dict output.
+
+Examples with ``combine="auto"`` (``y``: integer class targets in evaluation batches):
+
+* logits ``(batch, 10)`` after ``validate``/``test`` on ``(x, y)`` batches: the log of the mean
+  member probabilities; in a ``predict`` before any evaluation: the mean of the logits;
+* a 3-output regression ``(batch, 3)`` trained on float targets: the mean of the outputs;
+* ``(logits, features)`` with ``features`` of shape ``(batch, 32)``: the logits as probabilities
+  (32 columns are more than the logits' 10, so ``features`` is not taken for them), the
+  features averaged; the same for a dict, by key.
+
+Members whose weights hold NaN or Inf are left out when an ensemble is built from saved states
+(:meth:`Ensemble.from_states`, used after ``fit`` and when loading checkpoints): a warning names
+them and :attr:`Ensemble.excluded_members` lists them.
 
 Member weights default to uniform; the superposition rule sets them from member confidence.
 Members are evaluated together with ``torch.func.vmap`` over stacked parameters when the
@@ -18,15 +43,29 @@ module allows it, and one after another otherwise.
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_map_with_path
 
-__all__ = ["COMBINERS", "Combiner", "Ensemble", "MeanCombiner", "ProbabilityCombiner", "AutoCombiner", "resolve_combiner"]
+__all__ = [
+    "COMBINERS",
+    "AutoCombiner",
+    "ClassLogitsLeaf",
+    "Combiner",
+    "Ensemble",
+    "MeanCombiner",
+    "ProbabilityCombiner",
+    "is_class_target",
+    "is_stacked_logits",
+    "leaf_paths",
+    "non_finite_members",
+    "resolve_combiner",
+]
 
 
 class Combiner(ABC):
@@ -37,6 +76,15 @@ class Combiner(ABC):
     @abstractmethod
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
         """Returns the combined output (the member axis removed)."""
+
+    def combine_leaf(self, path: str, outputs: Tensor, weights: Tensor) -> Tensor:
+        """Combines one tensor leaf of a (possibly nested) output; ``path`` names the leaf
+        (``""`` for a bare tensor, ``"[0]"``, ``"['logits']"``...). Default: ``self(outputs, weights)``."""
+        return self(outputs, weights)
+
+    def observe_targets(self, outputs: Any, target: Tensor) -> None:
+        """Evaluation hands over each forward call's stacked member outputs with the batch's
+        integer class targets ``(batch,)``; rules that learn from them override this (default: nothing)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -70,19 +118,107 @@ class ProbabilityCombiner(Combiner):
         return torch.logsumexp(log_probs + log_w.reshape(shape), dim=0).to(outputs.dtype)
 
 
+def is_stacked_logits(leaf: Any) -> bool:
+    """Whether ``leaf`` has the shape class logits have once stacked: a floating tensor of shape ``(members, batch, classes >= 2)``."""
+    return isinstance(leaf, Tensor) and torch.is_floating_point(leaf) and leaf.dim() == 3 and leaf.shape[-1] >= 2
+
+
+def is_class_target(target: Any) -> bool:
+    """Whether ``target`` can be integer class indices of a batch: an integer tensor of shape ``(batch,)``."""
+    return isinstance(target, Tensor) and target.dim() == 1 and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+
+
+def leaf_paths(outputs: Any) -> list[tuple[str, Any]]:
+    """Every leaf of a nested output with its path (``""``, ``"[0]"``, ``"['logits']"``, ``"[1]['a']"``...)."""
+    leaves, _ = tree_flatten_with_path(outputs)
+    return [(keystr(path), leaf) for path, leaf in leaves]
+
+
+class ClassLogitsLeaf:
+    """Which leaf of the members' outputs holds class logits, learnt from integer class targets.
+
+    A leaf qualifies when it is a floating ``(members, batch, classes)`` tensor whose ``batch``
+    equals the targets' and whose ``classes`` (>= 2) exceed every target seen so far; of several,
+    the one with the fewest classes (the first on a tie) is kept.
+
+    Attributes:
+        path: the chosen leaf's path (see :func:`leaf_paths`), ``None`` while none qualified.
+        num_classes: its number of columns (``None`` when ``path`` was given, not learnt).
+        max_target: the largest target seen (``-1`` before any).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.num_classes: int | None = None
+        self.max_target = -1
+
+    def observe(self, outputs: Any, target: Tensor) -> None:
+        """Updates the choice from one forward call's stacked outputs and its batch's targets
+        (ignored unless they are integer class indices of shape ``(batch,)``)."""
+        if not is_class_target(target) or target.numel() == 0:
+            return
+        self.max_target = max(self.max_target, int(target.max()))
+        candidates = [
+            (int(leaf.shape[-1]), order, path)
+            for order, (path, leaf) in enumerate(leaf_paths(outputs))
+            if is_stacked_logits(leaf) and leaf.shape[1] == target.shape[0] and leaf.shape[-1] > self.max_target
+        ]
+        if candidates:
+            self.num_classes, _, self.path = min(candidates)
+        elif self.num_classes is not None and self.num_classes <= self.max_target:
+            self.path, self.num_classes = None, None  # larger targets showed the earlier choice was no class logits
+
+    def matches(self, path: str, leaf: Any) -> bool:
+        """Whether ``leaf`` (stacked) at ``path`` is the class-logits leaf."""
+        return (
+            self.path is not None
+            and path == self.path
+            and is_stacked_logits(leaf)
+            and (self.num_classes is None or leaf.shape[-1] == self.num_classes)
+        )
+
+    def select(self, outputs: Any) -> Tensor | None:
+        """The class-logits leaf of ``outputs`` (stacked), if it has one."""
+        return next((leaf for path, leaf in leaf_paths(outputs) if self.matches(path, leaf)), None)
+
+    def __repr__(self) -> str:
+        return f"ClassLogitsLeaf(path={self.path!r}, num_classes={self.num_classes})"
+
+
 class AutoCombiner(Combiner):
-    """``ProbabilityCombiner`` for ``(batch, classes >= 2)`` floating outputs, ``MeanCombiner`` otherwise."""
+    """Class logits as probabilities, every other output averaged (the rule: see the module docstring).
+
+    Args:
+        probability_leaf: the output leaf to combine as class logits from the start: ``""`` for
+            a bare tensor output, ``"[0]"`` for the first element of a tuple, ``"['logits']"``
+            for a dict entry. ``None`` (default): learnt from the integer class targets that
+            evaluation sees (:meth:`observe_targets`); until then every leaf is averaged.
+    """
 
     name = "auto"
 
-    def __init__(self) -> None:
+    def __init__(self, probability_leaf: str | None = None) -> None:
+        if probability_leaf is not None and not isinstance(probability_leaf, str):
+            raise TypeError(f"`probability_leaf` must be a leaf path such as '', '[0]' or \"['logits']\", got {probability_leaf!r}")
+        self.logits = ClassLogitsLeaf(probability_leaf)
+        self._fixed = probability_leaf is not None
         self._probability = ProbabilityCombiner()
         self._mean = MeanCombiner()
 
-    def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
-        if torch.is_floating_point(outputs) and outputs.dim() == 3 and outputs.shape[-1] >= 2:
+    def observe_targets(self, outputs: Any, target: Tensor) -> None:
+        if not self._fixed:
+            self.logits.observe(outputs, target)
+
+    def combine_leaf(self, path: str, outputs: Tensor, weights: Tensor) -> Tensor:
+        if self.logits.matches(path, outputs):
             return self._probability(outputs, weights)
         return self._mean(outputs, weights)
+
+    def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
+        return self.combine_leaf("", outputs, weights)
+
+    def __repr__(self) -> str:
+        return f"AutoCombiner(probability_leaf={self.logits.path!r})"
 
 
 COMBINERS: dict[str, type[Combiner]] = {c.name: c for c in (AutoCombiner, ProbabilityCombiner, MeanCombiner)}
@@ -97,6 +233,19 @@ def resolve_combiner(combine: str | Combiner) -> Combiner:
     raise ValueError(f"`combine={combine!r}` is not known; choose one of {sorted(COMBINERS)} or pass a `Combiner` instance")
 
 
+def non_finite_members(states: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Positions of the state dicts with a NaN or Inf in a floating-point or complex tensor."""
+    return [
+        i
+        for i, state in enumerate(states)
+        if any(
+            not bool(torch.isfinite(t).all())
+            for t in (torch.as_tensor(v) for v in state.values())
+            if torch.is_floating_point(t) or torch.is_complex(t)
+        )
+    ]
+
+
 def _stack(outputs: Sequence[Any]) -> Any:
     return tree_map(lambda *leaves: torch.stack(leaves) if isinstance(leaves[0], Tensor) else leaves[0], outputs[0], *outputs[1:])
 
@@ -108,10 +257,17 @@ class Ensemble(nn.Module):
         members: the member modules (same architecture).
         weights: per-member combination weights (normalised over active members);
             uniform when ``None``.
-        combine: a name from :data:`COMBINERS` or a :class:`Combiner`.
+        combine: a name from :data:`COMBINERS` or a :class:`Combiner` (an instance is copied,
+            so what an :class:`AutoCombiner` learns in evaluation belongs to this ensemble).
         active: which members take part in predictions (all when ``None``). Inactive
             members are kept, e.g. after member selection.
         vectorize: evaluate members with ``torch.func.vmap`` when possible.
+        member_ids: each member's index in the run that trained it (``0..n-1`` when ``None``);
+            differs from the position when members were left out. Metrics are named after it.
+
+    Attributes:
+        excluded_members: indices (in the training run) of members left out by
+            :meth:`from_states` because their weights held NaN or Inf.
     """
 
     def __init__(
@@ -121,6 +277,7 @@ class Ensemble(nn.Module):
         combine: str | Combiner = "auto",
         active: Sequence[bool] | Tensor | None = None,
         vectorize: bool = True,
+        member_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(members) == 0:
@@ -133,15 +290,24 @@ class Ensemble(nn.Module):
             raise ValueError(f"`weights` and `active` need one entry per member ({n})")
         if not bool(self.active.any()):
             raise ValueError("`active` must keep at least one member")
-        self.combiner = resolve_combiner(combine)
+        self.combiner = copy.deepcopy(resolve_combiner(combine))
         self.vectorize = vectorize
+        self.member_ids = list(range(n)) if member_ids is None else [int(i) for i in member_ids]
+        if len(self.member_ids) != n:
+            raise ValueError(f"`member_ids` needs one entry per member ({n}), got {self.member_ids}")
+        self.excluded_members: list[int] = []
 
     @property
     def num_members(self) -> int:
         return len(self.members)
 
     def active_indices(self) -> list[int]:
+        """Positions (in :attr:`members`) of the active members."""
         return [i for i in range(self.num_members) if bool(self.active[i])]
+
+    def active_member_ids(self) -> list[int]:
+        """Training-run indices (:attr:`member_ids`) of the active members."""
+        return [self.member_ids[i] for i in self.active_indices()]
 
     def active_weights(self) -> Tensor:
         w = self.weights[self.active].clamp_min(0)
@@ -187,7 +353,9 @@ class Ensemble(nn.Module):
     def combine_outputs(self, outputs: Any) -> Any:
         """Combines what :meth:`member_outputs` returned (tensor by tensor for nested outputs)."""
         weights = self.active_weights()
-        return tree_map(lambda leaf: self.combiner(leaf, weights) if isinstance(leaf, Tensor) else leaf, outputs)
+        return tree_map_with_path(
+            lambda path, leaf: self.combiner.combine_leaf(keystr(path), leaf, weights) if isinstance(leaf, Tensor) else leaf, outputs
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The combined output of the active members (see the module docstring for the rules)."""
@@ -228,17 +396,51 @@ class Ensemble(nn.Module):
     def from_states(
         cls,
         template: nn.Module,
-        states: Sequence[dict[str, Any]],
+        states: Sequence[Mapping[str, Any]],
+        weights: Sequence[float] | Tensor | None = None,
+        active: Sequence[bool] | Tensor | None = None,
+        member_ids: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> Ensemble:
-        """Builds an ensemble of deep copies of ``template``, member ``i`` loaded with ``states[i]``."""
+        """Builds an ensemble of deep copies of ``template``, member ``i`` loaded with ``states[i]``.
+
+        States holding NaN or Inf leave the ensemble: a warning names them, ``weights``/``active``
+        (one entry per state) lose their entries, and ``excluded_members`` lists their
+        ``member_ids`` (``0..len(states)-1`` when ``None``). Other keyword arguments go to the
+        constructor.
+
+        Raises:
+            ValueError: when every state holds NaN or Inf (there is no ensemble to build).
+        """
+        ids = list(range(len(states))) if member_ids is None else [int(i) for i in member_ids]
+        bad = set(non_finite_members(states))
+        excluded = [ids[i] for i in sorted(bad)]
+        if bad and len(bad) == len(states):
+            raise ValueError(
+                f"the weights of every member ({excluded}) hold NaN or Inf: there is no ensemble to build. A loss that is"
+                " NaN from the first steps (learning rate too high, NaN/Inf in the data, log of 0) usually causes this."
+            )
+        if bad:
+            warnings.warn(
+                f"members {excluded} hold NaN or Inf weights and are left out of the ensemble (`excluded_members`);"
+                f" it keeps members {[ids[i] for i in range(len(states)) if i not in bad]}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        keep = [i for i in range(len(states)) if i not in bad]
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)[keep]
+        if active is not None:
+            active = torch.as_tensor(active, dtype=torch.bool)[keep]
         members = []
-        for state in states:
+        for state in (states[i] for i in keep):
             member = copy.deepcopy(template)
             member.__dict__.pop("forward", None)  # never inherit an evaluation-time forward patch
             member.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
             members.append(member)
-        return cls(members, **kwargs)
+        ensemble = cls(members, weights=weights, active=active, member_ids=[ids[i] for i in keep], **kwargs)
+        ensemble.excluded_members = excluded
+        return ensemble
 
     @classmethod
     def load_from_checkpoint(
@@ -257,6 +459,8 @@ class Ensemble(nn.Module):
                 a plain ``nn.Module`` class is built with ``module_class(**module_kwargs)``.
             map_location: passed to ``torch.load``.
             **module_kwargs: extra constructor arguments.
+
+        Members whose saved weights hold NaN or Inf are left out (see :meth:`from_states`).
         """
         from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 
@@ -280,5 +484,5 @@ class Ensemble(nn.Module):
         return ensemble.eval()
 
     def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, active={self.active_indices()}, combiner={self.combiner!r}"
+        return f"num_members={self.num_members}, member_ids={self.member_ids}, active={self.active_indices()}, combiner={self.combiner!r}"
 

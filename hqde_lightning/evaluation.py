@@ -2,18 +2,23 @@
 
 While one of these runs, your module's ``forward`` is the ensemble's: ``self(x)`` inside your
 ``validation_step``/``test_step``/``predict_step`` returns the combined output of every
-active member (for class logits: the log of the mean member probabilities). Your own
+active member (for class logits: the log of the mean member probabilities; which outputs
+count as class logits is decided as :mod:`hqde_lightning.ensemble` describes). Your own
 metrics therefore measure the ensemble.
 
 The classification contract: when a batch is ``(inputs, target, ...)`` with an integer
-``target`` of shape ``(batch,)`` and ``module(inputs)`` returns logits of shape
-``(batch, classes)``, this callback also logs, with torchmetrics:
+``target`` of shape ``(batch,)`` and a call of ``self(...)`` in the step returns logits of shape
+``(batch, classes)`` with ``classes > target`` (alone, or as one leaf of a tuple/dict output),
+this callback also logs, with torchmetrics:
 
 * ``ensemble/{stage}_acc``, ``_nll``, ``_ece`` (expected calibration error, 15 bins),
   ``_brier`` and ``_disagreement`` (mean pairwise disagreement of the members' classes),
 * ``member_{i}/{stage}_acc`` and ``_nll`` for every active member,
 
-where ``stage`` is ``val`` or ``test``.
+where ``stage`` is ``val`` or ``test``. They are computed from the member outputs of the first
+such call in the step, i.e. from what your ``forward`` actually received (after any reshaping
+in your step); the members are never run again on the raw batch. A step that calls no
+``self(...)`` (or none returning such logits) gets no built-in metrics, with a one-time notice.
 """
 
 from __future__ import annotations
@@ -23,34 +28,54 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from hqde_lightning.ensemble import Ensemble
+from hqde_lightning.ensemble import AutoCombiner, ClassLogitsLeaf, Ensemble, is_class_target, is_stacked_logits, leaf_paths
 
 __all__ = ["EnsembleEvaluation", "EnsembleMetrics", "classification_batch"]
 
 
 class _EnsembleForward:
-    """Stands in for a module's ``forward``: the ensemble's output, remembering member outputs."""
+    """Stands in for a module's ``forward``: the ensemble's output.
+
+    For the current batch it remembers the stacked member outputs of every call (``calls``)
+    and hands them, with the batch's integer class targets if it has some, to the combiner.
+    """
 
     def __init__(self, ensemble: Ensemble) -> None:
         self.ensemble = ensemble
-        self.last: tuple[Any, Any] | None = None
+        self.target: Tensor | None = None
+        self.calls: list[Any] = []
+        self._noticed_mean = False
+
+    def begin_batch(self, target: Tensor | None) -> None:
+        """Forgets the previous batch's calls; ``target`` is this batch's class targets or ``None``."""
+        self.target, self.calls = target, []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         outputs = self.ensemble.member_outputs(*args, **kwargs)
-        if len(args) == 1 and not kwargs:
-            self.last = (args[0], outputs)
+        if self.target is not None:
+            self.ensemble.combiner.observe_targets(outputs, self.target)
+        self.calls.append(outputs)
+        self._notice_averaged_logits(outputs)
         return self.ensemble.combine_outputs(outputs)
 
-    def member_outputs_for(self, inputs: Any) -> Any:
-        if self.last is not None and self.last[0] is inputs:
-            return self.last[1]
-        with torch.no_grad():
-            return self.ensemble.member_outputs(inputs)
+    def _notice_averaged_logits(self, outputs: Any) -> None:
+        """Says once when ``combine="auto"`` averages ``(batch, k >= 2)`` outputs for want of targets."""
+        combiner = self.ensemble.combiner
+        if self._noticed_mean or self.target is not None or not isinstance(combiner, AutoCombiner) or combiner.logits.path is not None:
+            return
+        shapes = [tuple(leaf.shape[1:]) for _, leaf in leaf_paths(outputs) if is_stacked_logits(leaf)]
+        if shapes:
+            self._noticed_mean = True
+            rank_zero_info(
+                f"HQDEStrategy(combine='auto') averages the members' {shapes[0]} outputs: no evaluation batch with integer class"
+                " targets showed them to be class logits. Run `trainer.validate`/`trainer.test` first, or pass"
+                " `combine='probability'`, to combine them as probabilities."
+            )
 
 
 def classification_batch(batch: Any) -> tuple[Tensor, Tensor] | None:
@@ -58,15 +83,14 @@ def classification_batch(batch: Any) -> tuple[Tensor, Tensor] | None:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         return None
     inputs, target = batch[0], batch[1]
-    if not isinstance(target, Tensor) or target.dim() != 1 or target.dtype.is_floating_point or target.dtype == torch.bool:
-        return None
-    return inputs, target
+    return (inputs, target) if is_class_target(target) else None
 
 
 class EnsembleMetrics:
     """Ensemble and per-member torchmetrics (accuracy, NLL, ECE, Brier, disagreement) for one stage and dataloader."""
 
     def __init__(self, num_members: int, num_classes: int, device: torch.device) -> None:
+        self.num_classes = num_classes
         self.ensemble = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
@@ -113,11 +137,13 @@ class EnsembleEvaluation(Callback):
         self._module: LightningModule | None = None
         self._forward: _EnsembleForward | None = None
         self._metrics: dict[int, EnsembleMetrics] = {}
+        self._logits = ClassLogitsLeaf()
         self._warned_contract = False
 
     # ------------------------------------------------------------- forward
     def _begin(self, pl_module: LightningModule) -> None:
         self._metrics = {}
+        self._logits = ClassLogitsLeaf()
         ensemble = self.strategy.ensemble
         if ensemble is None:
             rank_zero_warn("HQDEStrategy has no trained ensemble yet (call `fit` or pass an HQDE `ckpt_path`): evaluating the module itself.")
@@ -153,11 +179,25 @@ class EnsembleEvaluation(Callback):
         self.restore_forward()
 
     # ------------------------------------------------------------- metrics
+    def _begin_batch(self, batch: Any) -> None:
+        if self._forward is not None:
+            pair = classification_batch(batch)
+            self._forward.begin_batch(None if pair is None else pair[1])
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_batch(batch)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_batch(batch)
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_batch(batch)
+
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, dataloader_idx)
+        self._update(dataloader_idx)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, dataloader_idx)
+        self._update(dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log(pl_module, "val")
@@ -165,29 +205,34 @@ class EnsembleEvaluation(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log(pl_module, "test")
 
-    def _update(self, batch: Any, dataloader_idx: int) -> None:
+    def _update(self, dataloader_idx: int) -> None:
+        """Updates the built-in metrics from the member outputs this step's ``self(...)`` calls produced."""
         if self._forward is None:
             return
-        pair = classification_batch(batch)
-        logits = None if pair is None else self._forward.member_outputs_for(pair[0])
-        if pair is None or not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[1] != pair[1].shape[0] or logits.shape[-1] < 2:
+        target = self._forward.target
+        calls = self._forward.calls if target is not None else []
+        for outputs in calls:
+            self._logits.observe(outputs, target)
+        logits = next((leaf for leaf in map(self._logits.select, calls) if leaf is not None and leaf.shape[1] == target.shape[0]), None)
+        metrics = self._metrics.get(dataloader_idx)
+        if logits is None or (metrics is not None and metrics.num_classes != logits.shape[-1]):
             if not self._warned_contract:
                 self._warned_contract = True
                 rank_zero_warn(
-                    "HQDEStrategy logs ensemble accuracy/calibration only for `(inputs, int target)` batches whose"
-                    " `module(inputs)` returns `(batch, classes)` logits; this module's batches do not, so only"
+                    "HQDEStrategy logs ensemble accuracy/calibration only for `(inputs, int target)` batches whose step calls"
+                    " `self(...)` and gets `(batch, classes)` logits (alone or inside a tuple/dict); this step does not, so only"
                     " your own logged metrics (computed on the ensemble's forward) are reported."
                 )
             return
         ensemble = self._forward.ensemble
         if dataloader_idx not in self._metrics:
             self._metrics[dataloader_idx] = EnsembleMetrics(logits.shape[0], logits.shape[-1], logits.device)
-        self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), pair[1])
+        self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), target)
 
     def _log(self, pl_module: LightningModule, stage: str) -> None:
         if self._forward is None or not self._metrics:
             return
-        member_ids = self._forward.ensemble.active_indices()
+        member_ids = self._forward.ensemble.active_member_ids()
         values: dict[str, Tensor] = {}
         for dataloader_idx, metrics in sorted(self._metrics.items()):
             suffix = f"/dataloader_idx_{dataloader_idx}" if len(self._metrics) > 1 else ""

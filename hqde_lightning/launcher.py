@@ -330,16 +330,30 @@ class RayEnsembleLauncher(_Launcher):
         return superposition_weights(torch.tensor(scores, dtype=torch.float64), rule.temperature)
 
     def _recover(self, trainer: Trainer, model: LightningModule, results: list[MemberResult]) -> None:
-        """Leaves the driver's trainer and module as a normal ``fit`` would."""
+        """Leaves the driver's trainer and module as a normal ``fit`` would.
+
+        Members whose final weights hold NaN or Inf leave ``strategy.ensemble`` (a warning names
+        them); ``strategy.excluded_members`` lists them and every logger gets their number as
+        ``ensemble/excluded_members``. When no member is finite the fit fails.
+        """
         strategy = self._strategy
         strategy.aggregator.load_state_dict(strategy.coordinator_state.get("aggregator", {}))
         if strategy.dropped_members:
             rank_zero_warn(f"HQDEStrategy: the ensemble holds {len(results)} of {strategy.num_members} members; members {strategy.dropped_members} were dropped after failing.")
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
         scores = [r.score for r in results]
+        try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)
+            ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results])
+        except ValueError as err:
+            raise RuntimeError(f"HQDEStrategy: the fit ended without a usable member: {err}") from err
+        score_of = {r.index: r.score for r in results}
+        weights = self._prediction_weights([score_of[i] for i in ensemble.member_ids])
+        if weights is not None:
+            ensemble.set_weights(weights)
+        strategy.ensemble = ensemble.eval()
+        strategy.excluded_members = list(ensemble.excluded_members)
         final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
         model.load_state_dict(final.state)
-        strategy.ensemble = Ensemble.from_states(model, states, weights=self._prediction_weights(scores), combine=strategy.combiner).eval()
 
         first = next((r for r in results if r.index == 0), results[0])
         trainer.fit_loop.load_state_dict(first.fit_loop_state)
@@ -349,6 +363,8 @@ class RayEnsembleLauncher(_Launcher):
         metrics.update({k: torch.tensor(v) for k, v in first.callback_metrics.items()})
         for result in results:
             metrics.update({f"member_{result.index}/{k}": torch.tensor(v) for k, v in result.callback_metrics.items()})
+        excluded = {"ensemble/excluded_members": float(len(strategy.excluded_members))}
+        metrics.update({k: torch.tensor(v) for k, v in excluded.items()})
         for callback in trainer.callbacks:
             state = first.callbacks_state.get(callback.state_key)
             if state:
@@ -358,6 +374,7 @@ class RayEnsembleLauncher(_Launcher):
         strategy.connect(model)
         model.trainer = trainer
         for logger in trainer.loggers:
+            logger.log_metrics(excluded, trainer.global_step)
             logger.save()
             logger.finalize("success")
 

@@ -67,7 +67,9 @@ class HQDEStrategy(Strategy):
         bagging: each member trains on its own bootstrap sample of the training set
             (map-style datasets only) instead of the whole set in its own order.
         combine: how member outputs are combined in ``validate``/``test``/``predict``:
-            ``"auto"``, ``"probability"``, ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
+            ``"auto"`` (class logits as probabilities once evaluation batches with integer class
+            targets showed which output holds them, everything else averaged), ``"probability"``,
+            ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
         score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
@@ -167,6 +169,9 @@ class HQDEStrategy(Strategy):
         self.coordinator_state: dict[str, Any] = {}
         #: members given up on during the last fit (``on_member_failure="continue"``)
         self.dropped_members: list[int] = []
+        #: members left out of :attr:`ensemble` because their weights held NaN or Inf (after the
+        #: last fit or checkpoint load); logged as ``ensemble/excluded_members`` (their number)
+        self.excluded_members: list[int] = []
         self.parallel_devices: list[torch.device] | None = None
         self._num_nodes = 1
         self._member: MemberContext | None = None
@@ -377,7 +382,8 @@ class HQDEStrategy(Strategy):
         Inside member ``i`` the whole checkpoint is replaced by member ``i``'s entry (weights,
         optimizer, loops, callback states, RNG); a member without an entry starts from the
         consensus. In the driver (``validate``/``test``/``predict`` with ``ckpt_path``) the
-        ensemble is rebuilt from the entries.
+        ensemble is rebuilt from the entries, without members whose weights hold NaN or Inf
+        (listed in :attr:`excluded_members`).
         """
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
         section = checkpoint.get(HQDE_KEY)
@@ -399,13 +405,16 @@ class HQDEStrategy(Strategy):
                 self._member_sync.ctx.resume = checkpoint[MEMBER_KEY]
         elif section is not None and section.get("members") and self.lightning_module is not None:
             self.coordinator_state = dict(section.get("coordinator") or {})
+            # the combiner of an ensemble already evaluated keeps what it learnt (which output holds class logits)
+            combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
             self.ensemble = Ensemble.from_states(
                 self.lightning_module,
                 [m["state_dict"] if m else checkpoint["state_dict"] for m in section["members"]],
                 weights=section.get("weights"),
                 active=section.get("active"),
-                combine=self.combiner,
+                combine=combiner,
             ).eval()
+            self.excluded_members = list(self.ensemble.excluded_members)
         return checkpoint
 
     def __getstate__(self) -> dict[str, Any]:

@@ -25,13 +25,88 @@ def test_probability_combiner_is_log_of_weighted_mean_probability():
     torch.testing.assert_close(combined.exp(), expected)
 
 
-def test_auto_combiner_uses_probabilities_for_logits_and_mean_otherwise():
-    logits = torch.randn(2, 6, 3)
+def test_auto_combiner_averages_until_integer_targets_show_class_logits():
+    outputs = torch.randn(2, 6, 3)
     weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(AutoCombiner()(logits, weights), ProbabilityCombiner()(logits, weights))
-    regression = torch.randn(2, 6)
-    torch.testing.assert_close(AutoCombiner()(regression, weights), regression.mean(0))
-    torch.testing.assert_close(MeanCombiner()(logits, weights), logits.mean(0))
+    combiner = AutoCombiner()
+    torch.testing.assert_close(combiner(outputs, weights), outputs.mean(0))  # no targets seen: averaged
+    combiner.observe_targets(outputs, torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 1.0]))  # float targets say nothing
+    combiner.observe_targets(outputs, torch.zeros(5, dtype=torch.long))  # another batch size: not this output's targets
+    torch.testing.assert_close(combiner(outputs, weights), outputs.mean(0))
+    combiner.observe_targets(outputs, torch.tensor([0, 1, 2, 0, 1, 1]))
+    torch.testing.assert_close(combiner(outputs, weights), ProbabilityCombiner()(outputs, weights))
+    combiner.observe_targets(outputs, torch.tensor([0, 1, 3, 0, 1, 1]))  # class 3 cannot be one of 3 columns
+    torch.testing.assert_close(combiner(outputs, weights), outputs.mean(0))
+    torch.testing.assert_close(MeanCombiner()(outputs, weights), outputs.mean(0))
+
+
+class _LogitsAndFeatures(nn.Module):
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor):
+        features = torch.tanh(self.body(x))
+        logits = self.head(features)
+        return {"embedding": features, "logits": logits} if self.as_dict else (logits, features)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_auto_combiner_combines_only_the_leaf_that_matches_the_targets(as_dict):
+    torch.manual_seed(0)
+    ensemble = Ensemble([_LogitsAndFeatures(as_dict) for _ in range(3)]).eval()
+    x, y = torch.randn(8, 64), torch.arange(8) % 10
+    logits_key, features_key = ("logits", "embedding") if as_dict else (0, 1)
+    with torch.no_grad():
+        stacked = ensemble.member_outputs(x)
+        before = ensemble(x)
+        torch.testing.assert_close(before[logits_key], stacked[logits_key].mean(0))  # no targets seen yet: averaged
+        ensemble.combiner.observe_targets(stacked, y)
+        after = ensemble(x)
+    weights = ensemble.active_weights()
+    # 32 feature columns also exceed the targets, but the 10 logits are the fewest columns that do
+    assert ensemble.combiner.logits.path == ("['logits']" if as_dict else "[0]")
+    torch.testing.assert_close(after[logits_key], ProbabilityCombiner()(stacked[logits_key], weights))
+    torch.testing.assert_close(after[features_key], stacked[features_key].mean(0))
+
+
+def test_auto_combiner_with_a_given_probability_leaf_needs_no_targets():
+    torch.manual_seed(0)
+    ensemble = Ensemble([_LogitsAndFeatures() for _ in range(2)], combine=AutoCombiner(probability_leaf="[0]")).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        stacked = ensemble.member_outputs(x)
+        logits, features = ensemble(x)
+        ensemble.combiner.observe_targets(stacked, torch.zeros(5, dtype=torch.long))  # the given leaf stays
+    torch.testing.assert_close(logits, ProbabilityCombiner()(stacked[0], ensemble.active_weights()))
+    torch.testing.assert_close(features, stacked[1].mean(0))
+    assert ensemble.combiner.logits.path == "[0]"
+    with pytest.raises(TypeError, match="probability_leaf"):
+        AutoCombiner(probability_leaf=0)
+
+
+def test_ensemble_owns_a_copy_of_the_combiner():
+    combiner = AutoCombiner()
+    ensemble = Ensemble(_members(2), combine=combiner)
+    ensemble.combiner.observe_targets(torch.randn(2, 4, 10), torch.tensor([0, 1, 2, 3]))
+    assert ensemble.combiner.logits.path == "" and combiner.logits.path is None
+
+
+def test_from_states_leaves_out_non_finite_members():
+    members = _members(3)
+    states = [m.state_dict() for m in members]
+    states[1] = {k: v.clone() for k, v in states[1].items()}
+    states[1]["net.1.running_var"][0] = float("inf")  # a buffer counts as much as a parameter
+    with pytest.warns(UserWarning, match=r"members \[11\] hold NaN or Inf.*keeps members \[10, 12\]"):
+        ensemble = Ensemble.from_states(members[0], states, weights=[0.2, 0.3, 0.5], active=[True, True, False], member_ids=[10, 11, 12])
+    assert ensemble.num_members == 2 and ensemble.member_ids == [10, 12] and ensemble.excluded_members == [11]
+    torch.testing.assert_close(ensemble.weights, torch.tensor([0.2, 0.5], dtype=torch.float64))
+    assert ensemble.active.tolist() == [True, False] and ensemble.active_member_ids() == [10]
+    nan = [{k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in s.items()} for s in states[:2]]
+    with pytest.raises(ValueError, match=r"every member \(\[0, 1\]\) hold NaN or Inf"):
+        Ensemble.from_states(members[0], nan)
 
 
 def test_unknown_combiner_named_in_error():

@@ -109,6 +109,7 @@ def test_loggers_get_member_and_ensemble_metrics(fits):
 
 def test_predict_returns_combined_probabilities(fits):
     trainer, strategy, model, dm, _ = fits["none"]
+    trainer.validate(model, datamodule=dm, verbose=False)  # its (x, int y) batches show the output is class logits
     batches = trainer.predict(model, datamodule=dm)
     assert len(batches) == 2 and batches[0].shape == (256, 10)
     probs = batches[0].exp()
