@@ -200,6 +200,10 @@ class MemberActor:
             os.chdir(cwd)
         torch.set_num_threads(max(1, num_threads))
 
+    def node_id(self) -> str:
+        """The Ray node this member runs on (answering it also tells the driver the member started)."""
+        return ray.get_runtime_context().get_node_id()
+
     @staticmethod
     def _write_snapshot(snapshot: dict[str, Any], index: int) -> str:
         path = os.path.join(_snapshot_dir(), f"member_{index}.ckpt")
