@@ -311,7 +311,7 @@ class RayEnsembleLauncher(_Launcher):
         try:
             while futures:
                 done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=_POLL_SECONDS)
-                forwarder.handle(ray.get(coordinator.drain.remote()))
+                forwarder.handle(_drain(coordinator))
                 self._watch_starts(starting, options)
                 for ref in done:
                     index = futures.pop(ref)
@@ -326,7 +326,7 @@ class RayEnsembleLauncher(_Launcher):
                     else:
                         placement.record_speed(nodes[index], forwarder.batches_per_second.get(index, 0.0))
                         placement.release(nodes[index], options, succeeded=True)
-            forwarder.handle(ray.get(coordinator.drain.remote()))
+            forwarder.handle(_drain(coordinator))
         finally:
             progress.close()
         return [results[i] for i in sorted(results)]
@@ -536,6 +536,22 @@ def _loopback_only(enabled: bool) -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+def _drain(coordinator: Any) -> list[tuple[Any, ...]]:
+    """The coordinator's queued events; a coordinator that is gone fails the fit saying why."""
+    try:
+        return ray.get(coordinator.drain.remote())
+    except RayActorError as err:
+        try:
+            lost = [f"{n['NodeID'][:8]} ({n.get('NodeManagerAddress', '?')})" for n in ray.nodes() if not n.get("Alive")]
+        except Exception:  # GCS is gone as well
+            lost = []
+        where = f"Ray lost node(s) {', '.join(lost)}" if lost else "its Ray node is gone"
+        raise RuntimeError(
+            f"HQDEStrategy: the coordinator actor can no longer be reached ({type(err).__name__}): {where}. On a single"
+            " machine this means Ray itself stopped (its raylet died). Checkpoints written so far are intact."
+        ) from err
 
 
 def alive_nodes() -> list[NodeCapacity]:
