@@ -231,8 +231,9 @@ class RayEnsembleLauncher(_Launcher):
         request: dict[str, Any] = {}
         if isinstance(strategy.accelerator, CUDAAccelerator):
             request["num_gpus"] = strategy.default_gpus_per_member(len(strategy.parallel_devices or []))
+        uses_gpus = float(strategy.resources_per_member.get("num_gpus", request.get("num_gpus", 0.0)) or 0.0) > 0
         gpu_nodes = [n for n in nodes if n.resources.get("GPU", 0.0) >= 1.0]
-        hosts = gpu_nodes if request.get("num_gpus") and gpu_nodes else nodes
+        hosts = gpu_nodes if uses_gpus and gpu_nodes else nodes
         request["num_cpus"] = default_share([float(n.resources.get("CPU", 0.0)) for n in hosts], strategy.num_members)
         request.update({k: v for k, v in strategy.resources_per_member.items() if v is not None})
         return request

@@ -152,7 +152,8 @@ def ray_resources(request: Mapping[str, object]) -> dict[str, float]:
 def describe_resources(resources: Mapping[str, float]) -> str:
     """``resources`` as text (``2 CPU, 1 GPU, 4.0 GiB memory``), without Ray's internal node/object-store entries."""
     parts = []
-    for name, value in resources.items():
+    order = {"CPU": 0, "GPU": 1, "memory": 2}
+    for name, value in sorted(resources.items(), key=lambda item: (order.get(item[0], 3), item[0])):
         if name.startswith("node:") or name == "object_store_memory" or name.startswith("accelerator_type"):
             continue
         parts.append(f"{value / 2**30:.1f} GiB memory" if name == "memory" else f"{value:g} {name}")

@@ -71,8 +71,8 @@ class HQDEStrategy(Strategy):
         score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
-        ray_address: ``None`` starts a private local Ray instance when needed (shut down after
-            ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).
+        ray_address: ``None`` starts a private local Ray instance when needed (listening on
+            127.0.0.1 only, shut down after ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (e.g. ``runtime_env``).
         resources_per_member: Ray resources of each member actor, keys among ``num_cpus``,
             ``num_gpus``, ``memory``, ``resources``. Default: the largest equal share of the
@@ -252,8 +252,8 @@ class HQDEStrategy(Strategy):
             if per_gpu * available < self.num_members:
                 raise MisconfigurationException(
                     f"HQDEStrategy(num_members={self.num_members}) with {per_member:g} GPU per member needs"
-                    f" {math.ceil(self.num_members / max(per_gpu, 1))} GPUs ({per_gpu} member(s) fit on one GPU: a member's"
-                    f" share must fit within one GPU), but only {available} exist. Lower `num_members` or"
+                    f" {math.ceil(self.num_members / max(per_gpu, 1))} GPUs, but only {available} exist ({per_gpu} member(s)"
+                    " fit on one GPU: a member's share must fit within one GPU). Lower `num_members` or"
                     " `resources_per_member['num_gpus']`."
                 )
         from hqde_lightning.launcher import RayEnsembleLauncher

@@ -14,13 +14,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 
 SCENARIO_TIMEOUT_S = 600
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,10 +28,11 @@ def _in_fresh_process(scenario: Callable[..., Any], *args: Any) -> Any:
     """Runs ``scenario`` in a new process whose raylets (started by ``Cluster``) import these tests' modules."""
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([TESTS_DIR, *(previous or "").split(os.pathsep)]) if p)
+    pool = get_context("spawn").Pool(1)
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(scenario, *args).result(timeout=SCENARIO_TIMEOUT_S)
+        return pool.apply_async(scenario, args).get(timeout=SCENARIO_TIMEOUT_S)
     finally:
+        pool.terminate()  # a scenario that hangs is stopped with its process (Ray's reaper stops its raylets)
         if previous is None:
             del os.environ["PYTHONPATH"]
         else:

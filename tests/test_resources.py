@@ -31,7 +31,7 @@ def _trainer(strategy: HQDEStrategy, tmp_path) -> pl.Trainer:
 
 def test_request_larger_than_every_node_fails_at_trainer_time(ray_session, tmp_path):
     cpus = ray.cluster_resources()["CPU"]
-    with pytest.raises(MisconfigurationException, match=r"member 0 of 2 asks for 64 CPU .*no node is that large.*nodes offer: node \w+ \(.*\): " + f"{cpus:g} CPU"):
+    with pytest.raises(MisconfigurationException, match=r"member 0 of 2 asks for 64 CPU .*no node is that large.*nodes offer: node \w+ \(.*\): " + f"{cpus:g} CPU, .* GiB memory"):
         _trainer(HQDEStrategy(num_members=2, resources_per_member={"num_cpus": 64}), tmp_path)
 
 
