@@ -2,8 +2,11 @@
 
 :class:`Coordinator` (one per fit, an asyncio actor taking no CPU) collects each sync round's
 member weights, runs the aggregator once every active member has sent its weights, and hands
-the consensus back through the object store. It also keeps the members' latest snapshots
-(for whole-ensemble checkpoints and restarts) and queues metrics and progress for the driver.
+the consensus back through the object store. It owns everything it keeps (a member's weights
+are copied into an object the coordinator owns, so they outlive a member that dies while the
+round waits) and keeps only the latest round's consensus. It also keeps the members' latest
+snapshots (for whole-ensemble checkpoints and restarts) and queues metrics and progress for
+the driver.
 
 :class:`MemberActor` (one per member) unpickles the user's ``Trainer``, switches its strategy
 into member mode and runs the user's own Lightning fit loop.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -60,7 +64,10 @@ class Coordinator:
         self.aggregator = aggregator
         self.topology = topology
         self.active = set(range(num_members))
+        #: rounds still collecting payloads (a round is dropped as soon as it completes)
         self.rounds: dict[int, _Round] = {}
+        #: the latest completed round and its consensus, for a restarted member that redoes it
+        self.last_result: tuple[int, Any] | None = None
         self.snapshots: dict[int, tuple[int, Any]] = {}
         self.events: list[tuple[Any, ...]] = []
         self.history: list[dict[str, Any]] = []
@@ -70,12 +77,19 @@ class Coordinator:
             self.load_state_dict(state)
 
     # ---------------------------------------------------------------- syncing
-    async def sync(self, member: int, round_id: int, payload: list[Any], nbytes: int, layout: dict[str, int], score: float | None, num_samples: int) -> list[Any]:
-        """Adds ``member``'s payload (``[ObjectRef]``) to round ``round_id``; returns ``[consensus_ref]`` once done."""
+    async def sync(self, member: int, round_id: int, payload: Any, nbytes: int, layout: dict[str, int], score: float | None, num_samples: int) -> list[Any]:
+        """Adds ``member``'s payload to round ``round_id``; returns ``[consensus_ref]`` once the round completes.
+
+        ``payload`` arrives by value and is put into an object the coordinator owns (an object
+        the member put would die with the member). A member arriving at a round that already
+        completed (a restarted member redoing the round it died in) gets the latest consensus.
+        """
+        if self.last_result is not None and round_id <= self.last_result[0]:
+            return [self.last_result[1]]
         rnd = self.rounds.get(round_id)
         if rnd is None:
             rnd = self.rounds[round_id] = _Round(asyncio.Event())
-        rnd.payloads[member] = (payload[0], score, num_samples, nbytes, layout)
+        rnd.payloads[member] = (ray.put(payload), score, num_samples, nbytes, layout)
         self._maybe_complete(round_id)
         await rnd.event.wait()
         if rnd.error is not None:
@@ -105,6 +119,7 @@ class Coordinator:
                 result, comm = self.topology.reduce([e[0] for e in entries], sizes, self.aggregator, scores, counts, self._executor, entries[0][4])
                 consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
+            self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
             stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
             self.history.append(stats)
@@ -113,6 +128,7 @@ class Coordinator:
             rnd.error = f"{type(exc).__name__}: {exc}"
         rnd.payloads.clear()
         rnd.event.set()
+        del self.rounds[round_id]  # the waiting members hold the round itself
 
     def _round_stats(self, round_id: int, members: list[int], result: Any, seconds: float, scores: list[float | None]) -> dict[str, Any]:
         return {
@@ -127,9 +143,10 @@ class Coordinator:
         }
 
     def finish(self, member: int) -> None:
-        """``member``'s fit ended: later rounds no longer wait for it."""
+        """``member``'s fit ended (or it was dropped): open rounds no longer wait for it or count it."""
         self.active.discard(member)
         for round_id in list(self.rounds):
+            self.rounds[round_id].payloads.pop(member, None)  # only a dropped member can have a payload waiting
             self._maybe_complete(round_id)
         self._notify_snapshot()
 
@@ -200,25 +217,32 @@ class MemberActor:
             os.chdir(cwd)
         torch.set_num_threads(max(1, num_threads))
 
+    def node_id(self) -> str:
+        """The Ray node this member runs on (answering it also tells the driver the member started)."""
+        return ray.get_runtime_context().get_node_id()
+
     @staticmethod
-    def _write_snapshot(snapshot: dict[str, Any], index: int) -> str:
-        path = os.path.join(_snapshot_dir(), f"member_{index}.ckpt")
+    def _write_snapshot(snapshot: dict[str, Any], index: int, directory: str) -> str:
+        path = os.path.join(directory, f"member_{index}.ckpt")
         AtomicCheckpointIO().save_checkpoint(snapshot, path)
         return path
 
     def run(self, payload: bytes, context: MemberContext) -> MemberResult:
         """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.
 
-        A restarted member (``context.restart_from`` holds its last snapshot) resumes from it.
+        A restarted member (``context.restart_from`` holds its last snapshot) resumes from it,
+        through a temporary ``hqde-restart-*`` directory removed when its fit ends.
         """
         from lightning.pytorch import seed_everything
 
         trainer, function_name, args, kwargs = cloudpickle.loads(payload)
+        restart_dir: str | None = None
         if context.restart_from is not None:
             snapshot = ray.get(context.restart_from[0])
             if snapshot is not None:
+                restart_dir = tempfile.mkdtemp(prefix="hqde-restart-")
                 bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs)
-                bound.arguments["ckpt_path"] = self._write_snapshot(snapshot, context.index)
+                bound.arguments["ckpt_path"] = self._write_snapshot(snapshot, context.index, restart_dir)
                 args, kwargs = bound.args, bound.kwargs
         strategy = trainer.strategy
         strategy._enter_member_mode(context)
@@ -228,7 +252,11 @@ class MemberActor:
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         strategy._member_sync = sync
         seed_everything(context.seed, workers=True, verbose=False)
-        getattr(trainer, function_name)(*args, **kwargs)
+        try:
+            getattr(trainer, function_name)(*args, **kwargs)
+        finally:
+            if restart_dir is not None:
+                shutil.rmtree(restart_dir, ignore_errors=True)
         context.coordinator.finish.remote(context.index)
         callbacks_state = {}
         if context.index == 0:
@@ -242,10 +270,6 @@ class MemberActor:
             trainer_state=trainer.state,
             score=sync.score(trainer),
         )
-
-
-def _snapshot_dir() -> str:
-    return tempfile.mkdtemp(prefix="hqde-restart-")
 
 
 def _is_scalar(value: Any) -> bool:

@@ -17,6 +17,7 @@ ensemble (see :mod:`hqde_lightning.evaluation`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -24,7 +25,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -45,7 +46,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.member import MemberContext
-from hqde_lightning.placement import PlacementScorer
+from hqde_lightning.placement import NodeCapacity, PlacementScorer, check_members_fit, default_share, describe_resources, fits_node, ray_resources
 from hqde_lightning.progress import EnsembleProgress
 
 __all__ = ["RayEnsembleLauncher", "connect_ray"]
@@ -99,6 +100,8 @@ class RayEnsembleLauncher(_Launcher):
         self._strategy = strategy
         self._actors: list[Any] = []
         self._started_ray = False
+        #: the Ray node id each member of the current (or last) fit runs on, once it started
+        self.member_nodes: dict[int, str] = {}
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -194,8 +197,9 @@ class RayEnsembleLauncher(_Launcher):
             connect_ray(strategy.ray_address, strategy.ray_init_kwargs)
             return
         init_kwargs = {"include_dashboard": False, "configure_logging": False, **strategy.ray_init_kwargs}
-        rank_zero_info("HQDEStrategy: starting a local Ray instance")
-        ray.init(address="local", **init_kwargs)
+        rank_zero_info("HQDEStrategy: starting a local Ray instance (listening on 127.0.0.1 only)")
+        with _loopback_only(enabled="_node_ip_address" not in init_kwargs):
+            ray.init(address="local", **init_kwargs)
         self._started_ray = True
 
     def _pickle(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes:
@@ -215,14 +219,45 @@ class RayEnsembleLauncher(_Launcher):
         finally:
             trainer.loggers = loggers
 
-    def _member_options(self, trainer: Trainer) -> tuple[dict[str, Any], int]:
+    def member_request(self) -> dict[str, Any]:
+        """Each member's Ray resources: ``resources_per_member`` over the default share.
+
+        The default CPU share is the largest equal share that packs every member onto the
+        alive nodes (:func:`~hqde_lightning.placement.default_share`; only GPU nodes count when
+        members use GPUs); the GPU share is :meth:`HQDEStrategy.default_gpus_per_member`.
+        """
         strategy = self._strategy
-        n = strategy.num_members
-        cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        options: dict[str, Any] = {"num_cpus": cluster_cpus / n}
-        if isinstance(trainer.accelerator, CUDAAccelerator):
-            options["num_gpus"] = strategy.default_gpus_per_member(len(strategy.parallel_devices or []))
-        options.update({k: v for k, v in strategy.resources_per_member.items() if v is not None})
+        nodes = alive_nodes()
+        request: dict[str, Any] = {}
+        if isinstance(strategy.accelerator, CUDAAccelerator):
+            request["num_gpus"] = strategy.default_gpus_per_member(len(strategy.parallel_devices or []))
+        uses_gpus = float(strategy.resources_per_member.get("num_gpus", request.get("num_gpus", 0.0)) or 0.0) > 0
+        gpu_nodes = [n for n in nodes if n.resources.get("GPU", 0.0) >= 1.0]
+        hosts = gpu_nodes if uses_gpus and gpu_nodes else nodes
+        request["num_cpus"] = default_share([float(n.resources.get("CPU", 0.0)) for n in hosts], strategy.num_members)
+        request.update({k: v for k, v in strategy.resources_per_member.items() if v is not None})
+        return request
+
+    def check_resources(self) -> dict[str, Any]:
+        """Packs every member's request onto the alive nodes and returns the request.
+
+        Raises ``MisconfigurationException`` naming the first member that fits on no node, its
+        request and what the nodes offer (Ray would otherwise wait forever for it).
+        """
+        request = self.member_request()
+        n = self._strategy.num_members
+        try:
+            check_members_fit([ray_resources(request)] * n, alive_nodes())
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"HQDEStrategy(num_members={n}) cannot place its members: {err}. Lower `resources_per_member`"
+                " or `num_members`, or add nodes to the cluster."
+            ) from None
+        return request
+
+    def _member_options(self) -> tuple[dict[str, Any], int]:
+        strategy = self._strategy
+        options = self.check_resources()
         if strategy.ray_address is None:
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
         threads = max(1, math.floor(options["num_cpus"])) if options.get("num_cpus") else 1
@@ -230,7 +265,7 @@ class RayEnsembleLauncher(_Launcher):
 
     def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any) -> list[MemberResult]:
         strategy = self._strategy
-        options, threads = self._member_options(trainer)
+        options, threads = self._member_options()
         member_cls = ray.remote(MemberActor)
         cwd = os.getcwd()
         mirrors = [_mirror(logger) for logger in trainer.loggers]
@@ -240,6 +275,9 @@ class RayEnsembleLauncher(_Launcher):
         payload_ref = ray.put(payload)
         futures: dict[Any, int] = {}
         nodes: dict[int, str] = {}
+        #: member start probes (``node_id()`` calls) not answered yet: index and deadline
+        starting: dict[Any, tuple[int, float]] = {}
+        self.member_nodes = {}
         restarts = dict.fromkeys(range(strategy.num_members), 0)
 
         def start(index: int, restart_from: Any = None) -> None:
@@ -248,6 +286,8 @@ class RayEnsembleLauncher(_Launcher):
             affinity = NodeAffinitySchedulingStrategy(node_id=nodes[index], soft=True)
             actor = member_cls.options(**options, scheduling_strategy=affinity).remote(cwd, threads)
             self._actors.append(actor)
+            self.member_nodes.pop(index, None)
+            starting[actor.node_id.remote()] = (index, time.monotonic() + strategy.member_start_timeout_s)
             context = MemberContext(
                 index=index,
                 seed=strategy.seed + index,
@@ -272,7 +312,8 @@ class RayEnsembleLauncher(_Launcher):
         try:
             while futures:
                 done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=_POLL_SECONDS)
-                forwarder.handle(ray.get(coordinator.drain.remote()))
+                forwarder.handle(_drain(coordinator))
+                self._watch_starts(starting, options)
                 for ref in done:
                     index = futures.pop(ref)
                     try:
@@ -280,16 +321,43 @@ class RayEnsembleLauncher(_Launcher):
                     except RayTaskError as err:
                         if not isinstance(err.cause, RayActorError):
                             raise _member_error(index, err) from None
-                        self._on_member_death(index, err, restarts, coordinator, start, placement, nodes[index], options)
+                        self._on_member_death(index, err, restarts, coordinator, start, placement, self.member_nodes.get(index, nodes[index]), options)
                     except RayActorError as err:
-                        self._on_member_death(index, err, restarts, coordinator, start, placement, nodes[index], options)
+                        self._on_member_death(index, err, restarts, coordinator, start, placement, self.member_nodes.get(index, nodes[index]), options)
                     else:
                         placement.record_speed(nodes[index], forwarder.batches_per_second.get(index, 0.0))
                         placement.release(nodes[index], options, succeeded=True)
-            forwarder.handle(ray.get(coordinator.drain.remote()))
+            forwarder.handle(_drain(coordinator))
         finally:
             progress.close()
         return [results[i] for i in sorted(results)]
+
+    def _watch_starts(self, starting: dict[Any, tuple[int, float]], options: Mapping[str, Any]) -> None:
+        """Records where started members run; fails the fit when one waited longer than ``member_start_timeout_s``.
+
+        A member that does not start although its request fits the nodes waits for resources
+        that other actors or jobs hold; Ray would keep it waiting forever.
+        """
+        if not starting:
+            return
+        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+        for ref in ready:
+            index, _ = starting.pop(ref)
+            try:
+                self.member_nodes[index] = ray.get(ref)
+            except (RayActorError, RayTaskError):  # the member died before starting; its fit call reports it
+                pass
+        now = time.monotonic()
+        late = sorted(index for index, deadline in starting.values() if now > deadline)
+        if late:
+            timeout = self._strategy.member_start_timeout_s
+            offer = "; ".join(f"node {n.node_id[:8]} ({n.address}): {describe_resources(n.resources)}" for n in alive_nodes())
+            raise RuntimeError(
+                f"HQDEStrategy: member(s) {late} asked for {describe_resources(ray_resources(options))} each but did not start within"
+                f" `member_start_timeout_s={timeout:g}`: other actors or jobs hold the resources. The nodes offer {offer};"
+                f" free now: {describe_resources(ray.available_resources())}. Free resources, lower `resources_per_member`"
+                " or `num_members`, or raise `member_start_timeout_s`."
+            )
 
     def _on_member_death(
         self,
@@ -302,9 +370,14 @@ class RayEnsembleLauncher(_Launcher):
         node_id: str,
         options: Mapping[str, Any],
     ) -> None:
-        """Restarts a dead member from its last end-of-epoch snapshot, or gives up on it as configured."""
+        """Restarts a dead member from its last end-of-epoch snapshot, or gives up on it as configured.
+
+        When the member's node left the cluster, the member restarts on another node; when no
+        alive node can host it (on a single machine: Ray itself stopped), the fit fails saying so.
+        """
         strategy = self._strategy
         placement.release(node_id, options, succeeded=False)
+        self._check_node_alive(index, node_id, placement, options)
         if restarts[index] >= strategy.max_member_restarts:
             message = f"member {index}'s actor died {restarts[index] + 1} time(s), more than `max_member_restarts={strategy.max_member_restarts}`"
             if strategy.on_member_failure == "fail":
@@ -320,6 +393,27 @@ class RayEnsembleLauncher(_Launcher):
             f" snapshot (restart {restarts[index]} of {strategy.max_member_restarts})."
         )
         start(index, restart_from=[snapshot_ref])
+
+    def _check_node_alive(self, index: int, node_id: str, placement: PlacementScorer, options: Mapping[str, Any]) -> None:
+        """Raises when member ``index``'s node is gone and no alive node can host the member again."""
+        try:
+            nodes = ray.nodes()
+        except Exception as err:  # the cluster itself is unreachable
+            raise RuntimeError(f"HQDEStrategy: member {index}'s actor died and Ray no longer answers ({err}): Ray itself stopped.") from err
+        if any(n["NodeID"] == node_id and n.get("Alive") for n in nodes):
+            return
+        lost = next((n for n in nodes if n["NodeID"] == node_id), {})
+        where = f"Ray node {node_id[:8]} ({lost.get('NodeManagerAddress', 'unknown address')})"
+        alive = alive_nodes()
+        request = ray_resources(options)
+        if not any(fits_node(request, n) for n in alive):
+            raise RuntimeError(
+                f"HQDEStrategy: member {index} was lost with its {where}, and no alive node can host it"
+                f" ({describe_resources(request)}; alive nodes: {'; '.join(describe_resources(n.resources) for n in alive) or 'none'})."
+                " On a single machine this means Ray itself stopped (its raylet died). Checkpoints written so far are intact."
+            )
+        placement.remove(node_id)
+        rank_zero_warn(f"HQDEStrategy: {where} left the cluster; member {index} restarts on another node.")
 
     def _prediction_weights(self, scores: list[float | None]) -> torch.Tensor | None:
         """With the superposition rule, predictions are combined with the same amplitudes² as weights."""
@@ -433,6 +527,54 @@ class _EventForwarder:
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
                 for logger in loggers:
                     logger.log_metrics(summary, self.last_step)
+
+
+@contextlib.contextmanager
+def _loopback_only(enabled: bool) -> Iterator[None]:
+    """Makes the Ray instance started inside the block listen on 127.0.0.1 only.
+
+    Ray binds its servers (GCS, raylet, object manager, workers) to the node's IP address, and
+    to loopback only when that address is 127.0.0.1; ``ray.init(_node_ip_address="127.0.0.1")``
+    is rewritten to the machine's network address on Linux. Ray's own switch for single-machine
+    clusters, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read once, when Ray is imported), makes
+    it take 127.0.0.1; this applies the same switch for the duration of ``ray.init``.
+    """
+    from ray._private import ray_constants
+
+    if not enabled:
+        yield
+        return
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        rank_zero_warn(f"HQDEStrategy: this Ray version ({ray.__version__}) has no single-machine switch; the local Ray instance listens on the network.")
+        yield
+        return
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+def _drain(coordinator: Any) -> list[tuple[Any, ...]]:
+    """The coordinator's queued events; a coordinator that is gone fails the fit saying why."""
+    try:
+        return ray.get(coordinator.drain.remote())
+    except RayActorError as err:
+        try:
+            lost = [f"{n['NodeID'][:8]} ({n.get('NodeManagerAddress', '?')})" for n in ray.nodes() if not n.get("Alive")]
+        except Exception:  # GCS is gone as well
+            lost = []
+        where = f"Ray lost node(s) {', '.join(lost)}" if lost else "its Ray node is gone"
+        raise RuntimeError(
+            f"HQDEStrategy: the coordinator actor can no longer be reached ({type(err).__name__}): {where}. On a single"
+            " machine this means Ray itself stopped (its raylet died). Checkpoints written so far are intact."
+        ) from err
+
+
+def alive_nodes() -> list[NodeCapacity]:
+    """The connected cluster's alive nodes and their total resources."""
+    return [NodeCapacity(n["NodeID"], n["Resources"], n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")]
 
 
 def _mirror(logger: Any) -> dict[str, Any]:

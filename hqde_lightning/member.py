@@ -230,9 +230,9 @@ class MemberSync(Callback):
             floats = {k: v for k, v in state.items() if torch.is_floating_point(v)}
             payload = codec.encode_for_sync(trainer, pl_module, floats)
         score = self.score(trainer)
-        # the payload goes to the object store once; the coordinator (or its reducers) read it from there
+        # passed by value: the coordinator keeps its own copy, which outlives this member if it dies during the round
         sync_call = self.ctx.coordinator.sync.remote(
-            self.ctx.index, epoch, [ray.put(payload)], payload_nbytes(payload), payload_layout(payload), score, self._num_samples
+            self.ctx.index, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, self._num_samples
         )
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)

@@ -73,12 +73,18 @@ class HQDEStrategy(Strategy):
         score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
-        ray_address: ``None`` starts a private local Ray instance when needed (shut down after
-            ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).
+        ray_address: ``None`` starts a private local Ray instance when needed (listening on
+            127.0.0.1 only, shut down after ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (e.g. ``runtime_env``).
         resources_per_member: Ray resources of each member actor, keys among ``num_cpus``,
-            ``num_gpus``, ``memory``, ``resources``. Default: an equal share of the CPU cores, or
-            of the GPUs when the Trainer's accelerator is CUDA (4 members on 2 GPUs: 0.5 each).
+            ``num_gpus``, ``memory``, ``resources``. Default: the largest equal share of the
+            CPU cores that packs every member onto the nodes, and when the Trainer's accelerator
+            is CUDA a GPU share that packs onto whole GPUs (3 or 4 members on 2 GPUs: 0.5 each).
+            Before any member starts, the requests are packed onto the nodes' resources; a
+            member that fits nowhere fails the fit (at ``Trainer(...)`` when Ray is already
+            connected) naming the member, its request and what the nodes offer.
+        member_start_timeout_s: seconds a member may wait for its resources to become free
+            (held by other actors or jobs) before the fit fails, naming what it waits for.
         seed: base seed; member ``i`` uses ``seed + i``. ``None`` draws one (logged).
         max_member_restarts: how often a member whose actor dies (process killed, node lost) is
             restarted from its last end-of-epoch snapshot, on the best-scoring node (see
@@ -108,6 +114,7 @@ class HQDEStrategy(Strategy):
         ray_address: str | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
         resources_per_member: Mapping[str, Any] | None = None,
+        member_start_timeout_s: float = 300.0,
         seed: int | None = None,
         max_member_restarts: int = 1,
         on_member_failure: str = "fail",
@@ -149,6 +156,13 @@ class HQDEStrategy(Strategy):
             raise MisconfigurationException(f"`HQDEStrategy(seed={seed!r})`: `seed` must be a non-negative integer or None.")
         if ray_address is not None and not isinstance(ray_address, str):
             raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
+        if (
+            isinstance(member_start_timeout_s, bool)
+            or not isinstance(member_start_timeout_s, (int, float))
+            or not math.isfinite(member_start_timeout_s)
+            or member_start_timeout_s <= 0
+        ):
+            raise MisconfigurationException(f"`HQDEStrategy(member_start_timeout_s={member_start_timeout_s!r})`: must be a finite number of seconds > 0.")
         self.num_members = num_members
         self.max_member_restarts = max_member_restarts
         self.on_member_failure = on_member_failure
@@ -161,6 +175,7 @@ class HQDEStrategy(Strategy):
         self.ray_address = ray_address
         self.ray_init_kwargs = dict(ray_init_kwargs or {})
         self.resources_per_member = _check_resources(resources_per_member)
+        self.member_start_timeout_s = float(member_start_timeout_s)
         self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
         #: every member after ``fit`` (or after loading an HQDE checkpoint), as one ``nn.Module``
         self.ensemble: Ensemble | None = None
@@ -238,15 +253,21 @@ class HQDEStrategy(Strategy):
         if isinstance(accelerator, CUDAAccelerator):
             available = self._available_gpus(len(devices))
             per_member = requested_gpus if requested_gpus > 0 else self.default_gpus_per_member(len(devices))
-            if per_member * self.num_members > available + 1e-9:
+            per_gpu = math.floor(1.0 / per_member + 1e-9) if per_member > 0 else self.num_members
+            if per_gpu * available < self.num_members:
                 raise MisconfigurationException(
                     f"HQDEStrategy(num_members={self.num_members}) with {per_member:g} GPU per member needs"
-                    f" {per_member * self.num_members:g} GPUs, but only {available} exist. Lower `num_members` or"
+                    f" {math.ceil(self.num_members / max(per_gpu, 1))} GPUs, but only {available} exist ({per_gpu} member(s)"
+                    " fit on one GPU: a member's share must fit within one GPU). Lower `num_members` or"
                     " `resources_per_member['num_gpus']`."
                 )
         from hqde_lightning.launcher import RayEnsembleLauncher
 
         self._launcher = RayEnsembleLauncher(self)
+        import ray
+
+        if ray.is_initialized():  # the cluster the fit will use is known: check that the members fit it now
+            self._launcher.check_resources()
 
     def _available_gpus(self, trainer_devices: int) -> int:
         if self.ray_address is not None:
@@ -256,10 +277,13 @@ class HQDEStrategy(Strategy):
         return trainer_devices
 
     def default_gpus_per_member(self, num_gpus: int) -> float:
-        """Each member's share of ``num_gpus`` GPUs: one each when there are enough, else a fraction."""
+        """Each member's share of ``num_gpus`` GPUs: one each when there are enough, else 1/k with
+        k = ceil(num_members / num_gpus) members per GPU, so the shares pack onto whole GPUs
+        (3 members on 2 GPUs: 0.5 each, never 0.667, which would leave the third with no GPU)."""
         if num_gpus <= 0:
             return 0.0
-        return min(1.0, num_gpus / self.num_members)
+        # rounded down to Ray's resource step (1e-4), so that k shares never exceed one GPU
+        return math.floor(1e4 / math.ceil(self.num_members / num_gpus)) / 1e4
 
     @property
     def launcher(self) -> _Launcher | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,8 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from models import DigitsDataModule, DigitsModule
 
 from hqde_lightning import HQDEStrategy
+from hqde_lightning.actors import Coordinator
+from hqde_lightning.aggregation import resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.member import state_to_numpy
 from hqde_lightning.placement import NodeRecord, PlacementScorer
+from hqde_lightning.topology import payload_layout, payload_nbytes, resolve_topology
 
 
 class KillOnce(pl.Callback):
@@ -33,6 +39,46 @@ class KillOnce(pl.Callback):
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
+class KillAtSync(pl.Callback):
+    """Kills member ``member`` (from a thread of its own actor) after it sent its epoch-``epoch`` weights,
+    while it waits at the sync point; member ``late`` reaches that sync point only after the kill, so the
+    round completes after the member that sent weights to it is dead."""
+
+    def __init__(self, marker: str, member: int = 1, late: int = 2, epoch: int = 1) -> None:
+        self.marker, self.member, self.late, self.epoch = marker, member, late, epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch != self.epoch or batch_idx != trainer.num_training_batches - 1 or os.path.exists(self.marker):
+            return
+        if trainer.strategy.member_index == self.member:
+            sync, actor = trainer.strategy._member_sync, ray.get_runtime_context().current_actor
+
+            def kill() -> None:
+                while sync.synced_epoch != self.epoch:  # set just before the weights are sent
+                    time.sleep(0.02)
+                time.sleep(1.0)  # the sync call with the weights reaches the coordinator
+                Path(self.marker).touch()
+                ray.kill(actor, no_restart=True)
+
+            threading.Thread(target=kill, daemon=True).start()
+        elif trainer.strategy.member_index == self.late:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(3.0)  # the dead member's own objects are gone by now
+
+
+class RecordResumePath(pl.Callback):
+    """Writes the checkpoint path a restarted member resumed from into ``record``."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.ckpt_path:
+            Path(self.record).write_text(str(trainer.ckpt_path))
+
+
 def _fit(tmp_path, callbacks, **strategy_kwargs):
     strategy = HQDEStrategy(num_members=3, sync="elastic", seed=4, **strategy_kwargs)
     trainer = pl.Trainer(
@@ -45,8 +91,11 @@ def _fit(tmp_path, callbacks, **strategy_kwargs):
 
 def test_killed_member_is_restarted_and_fit_finishes(ray_session, tmp_path):
     with pytest.warns(UserWarning, match="member 1's actor died .* restarting it"):
-        trainer, strategy = _fit(tmp_path, [KillOnce(str(tmp_path / "killed"))])
+        trainer, strategy = _fit(tmp_path, [KillOnce(str(tmp_path / "killed")), RecordResumePath(str(tmp_path / "resumed"))])
     assert (tmp_path / "killed").exists(), "the member really was killed"
+    resumed = Path((tmp_path / "resumed").read_text())
+    assert resumed.parent.name.startswith("hqde-restart-")
+    assert not resumed.parent.exists(), "the restart directory is removed when the restarted member's fit ends"
     assert trainer.current_epoch == 3
     assert strategy.ensemble.num_members == 3 and strategy.dropped_members == []
     assert len(strategy.sync_history) == 3 and all(h["members"] == [0, 1, 2] for h in strategy.sync_history)
@@ -54,6 +103,50 @@ def test_killed_member_is_restarted_and_fit_finishes(ray_session, tmp_path):
     assert min(float((a - b).norm()) for a, b in itertools.combinations(flats, 2)) > 1e-4
     (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
     assert results["member_1/test_acc"] > 0.85, "the restarted member is trained"
+
+
+def test_member_killed_while_waiting_at_a_sync_is_restarted_and_the_round_completes(ray_session, tmp_path):
+    with pytest.warns(UserWarning, match="member 1's actor died .* restarting it"):
+        trainer, strategy = _fit(tmp_path, [KillAtSync(str(tmp_path / "killed"))])
+    assert (tmp_path / "killed").exists(), "the member really was killed at the sync point"
+    assert trainer.current_epoch == 3
+    assert strategy.ensemble.num_members == 3 and strategy.dropped_members == []
+    assert [h["members"] for h in strategy.sync_history] == [[0, 1, 2]] * 3
+
+
+def test_member_killed_while_waiting_at_a_sync_is_dropped_and_the_round_completes(ray_session, tmp_path):
+    with pytest.warns(UserWarning, match="continuing with the other members"):
+        trainer, strategy = _fit(tmp_path, [KillAtSync(str(tmp_path / "killed"))], max_member_restarts=0, on_member_failure="continue")
+    assert trainer.current_epoch == 3 and strategy.dropped_members == [1]
+    assert len(strategy.sync_history) == 3 and strategy.sync_history[-1]["members"] == [0, 2]
+
+
+def test_coordinator_memory_does_not_grow_with_rounds(ray_session):
+    class CountingCoordinator(Coordinator):  # defined here so that Ray ships it to the actor by value
+        def references(self) -> int:
+            """How many objects this process's reference table holds (owned or borrowed)."""
+            return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+    coordinator = ray.remote(CountingCoordinator).options(num_cpus=0).remote(2, resolve_aggregator("mean"), resolve_topology("flat"))
+    weights = state_to_numpy(DigitsModule(hidden=512).state_dict(), floats_only=True)  # > 100 kB: in the shared object store
+    counts = []
+    for round_id in range(8):
+        calls = [coordinator.sync.remote(m, round_id, weights, payload_nbytes(weights), payload_layout(weights), None, 10) for m in range(2)]
+        for (consensus,) in ray.get(calls):
+            assert set(ray.get(consensus)) == set(weights)  # every member reads the consensus, then drops it
+        del calls, consensus
+        deadline = time.monotonic() + 10
+        while True:  # members' releases reach the owner asynchronously
+            count = ray.get(coordinator.references.remote())
+            if not counts or count <= counts[0] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        counts.append(count)
+    assert counts[-1] <= counts[0], f"objects held by the coordinator after each round: {counts}"
+    # a restarted member redoing the last round gets that round's consensus at once
+    (late,) = ray.get(coordinator.sync.remote(1, 7, weights, payload_nbytes(weights), payload_layout(weights), None, 10), timeout=30)
+    assert set(ray.get(late)) == set(weights)
+    ray.kill(coordinator)
 
 
 def test_member_dropped_when_restarts_run_out_and_continue_is_chosen(ray_session, tmp_path):

@@ -1,0 +1,190 @@
+"""Multi-node behaviour on Ray's own multi-node test cluster (``ray.cluster_utils.Cluster``:
+several real raylets on this machine): members spread over nodes, a member whose node is removed
+mid-fit restarts on another node, and losing the only node that can host members fails the fit
+saying so; on a single machine, the death of the Ray instance's raylet fails the fit saying so.
+
+A ``Cluster`` cannot share a process with the session's local Ray instance, so each scenario runs
+in a fresh process (``spawn``) that starts the cluster, fits and shuts the cluster down again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+SCENARIO_TIMEOUT_S = 600
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _in_fresh_process(scenario: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``scenario`` in a new process whose raylets (started by ``Cluster``) import these tests' modules."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([TESTS_DIR, *(previous or "").split(os.pathsep)]) if p)
+    pool = get_context("spawn").Pool(1)
+    try:
+        return pool.apply_async(scenario, args).get(timeout=SCENARIO_TIMEOUT_S)
+    finally:
+        pool.terminate()  # a scenario that hangs is stopped with its process (Ray's reaper stops its raylets)
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+class BlockAfterMarker(pl.Callback):
+    """Member ``member`` touches ``marker`` at the start of epoch 1 and then waits there (until its node
+    is removed), once: a restarted member finds the marker and trains on."""
+
+    def __init__(self, marker: str, member: int = 1) -> None:
+        self.marker, self.member = marker, member
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.strategy.member_index != self.member or trainer.current_epoch != 1 or os.path.exists(self.marker):
+            return
+        Path(self.marker).touch()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _fit_in_thread(strategy, callbacks, root: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Fits 2 epochs of digits in a thread (the cluster is changed from the main thread meanwhile)."""
+    from models import DigitsDataModule, DigitsModule
+
+    outcome: dict[str, Any] = {}
+    trainer = pl.Trainer(
+        strategy=strategy, max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=callbacks, default_root_dir=root,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+
+    def run() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+                outcome["epoch"] = trainer.current_epoch
+            except Exception as err:  # handed to the test
+                outcome["error"] = f"{type(err).__name__}: {err}"
+        outcome["warnings"] = [str(w.message) for w in caught]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.1)
+
+
+def _node_removed_mid_fit(root: str, worker_cpus: list[int]) -> dict[str, Any]:
+    """2 members on a cluster of a CPU-less head and workers with ``worker_cpus``; the node of member 1
+    is removed while member 1 waits at the start of epoch 1."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from hqde_lightning import HQDEStrategy
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = {cluster.add_node(num_cpus=cpus).node_id: None for cpus in worker_cpus}
+        nodes = {node.node_id: node for node in cluster.worker_nodes}
+        strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, ray_address=cluster.address, member_start_timeout_s=120)
+        marker = os.path.join(root, "member_1_waits")
+        thread, outcome = _fit_in_thread(strategy, [BlockAfterMarker(marker)], root)
+        launcher = strategy._launcher
+        _wait_for(lambda: os.path.exists(marker) and 1 in launcher.member_nodes, "member 1 to reach epoch 1")
+        first_nodes = dict(launcher.member_nodes)
+        cluster.remove_node(nodes[first_nodes[1]])
+        thread.join(SCENARIO_TIMEOUT_S)
+        outcome.update(first_nodes=first_nodes, final_nodes=dict(launcher.member_nodes), workers=list(workers))
+        return outcome
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _spread(root: str) -> dict[str, Any]:
+    """2 members asking for 1 CPU each on a CPU-less head and two workers of 2 CPUs (both fit on one)."""
+    import ray
+    from models import DigitsDataModule, DigitsModule
+    from ray.cluster_utils import Cluster
+
+    from hqde_lightning import HQDEStrategy
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=2).node_id for _ in range(2)]
+        strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, ray_address=cluster.address, resources_per_member={"num_cpus": 1})
+        trainer = pl.Trainer(
+            strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=1, default_root_dir=root,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+        return {"nodes": dict(strategy._launcher.member_nodes), "workers": workers, "epoch": trainer.current_epoch}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_members_spread_over_nodes(tmp_path):
+    result = _in_fresh_process(_spread, str(tmp_path))
+    assert result["epoch"] == 1
+    assert sorted(result["nodes"].values()) == sorted(result["workers"]), "one member on each worker node"
+
+
+def test_member_of_a_removed_node_restarts_on_another_node(tmp_path):
+    result = _in_fresh_process(_node_removed_mid_fit, str(tmp_path), [1, 1, 1])
+    assert "error" not in result, result["error"]
+    assert result["epoch"] == 2, "the fit finished"
+    first, final = result["first_nodes"], result["final_nodes"]
+    assert first[0] != first[1] and set(first.values()) <= set(result["workers"])
+    assert final[0] == first[0], "member 0 stayed where it was"
+    assert final[1] not in (first[0], first[1]) and final[1] in result["workers"], "member 1 moved to the idle node"
+    assert any("left the cluster; member 1 restarts on another node" in w for w in result["warnings"])
+
+
+def test_losing_the_only_node_that_hosts_members_fails_saying_so(tmp_path):
+    result = _in_fresh_process(_node_removed_mid_fit, str(tmp_path), [2])
+    assert "epoch" not in result
+    assert "was lost with its Ray node" in result["error"] and "no alive node can host it" in result["error"], result["error"]
+
+
+class KillRaylet(pl.Callback):
+    """Member 0 kills the raylet of the Ray instance the package started (its own parent process) at epoch 1."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.strategy.member_index != 0 or trainer.current_epoch != 1:
+            return
+        import psutil
+
+        raylet = psutil.Process(os.getppid())
+        assert raylet.name() == "raylet", raylet.name()
+        raylet.kill()
+        time.sleep(60)
+
+
+def _raylet_dies(root: str) -> dict[str, Any]:
+    """A fit on the Ray instance the package starts itself (``ray_address=None``) whose raylet dies mid-fit."""
+    from hqde_lightning import HQDEStrategy
+
+    thread, outcome = _fit_in_thread(HQDEStrategy(num_members=2, seed=0), [KillRaylet()], root)
+    thread.join(SCENARIO_TIMEOUT_S)
+    return outcome
+
+
+def test_local_raylet_death_fails_saying_ray_stopped(tmp_path):
+    result = _in_fresh_process(_raylet_dies, str(tmp_path))
+    assert "epoch" not in result
+    assert "Ray itself stopped (its raylet died)" in result["error"], result["error"]
