@@ -25,7 +25,10 @@ from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, load_checkpoint_file
 from hqde_lightning.member import MEMBER_KEY
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import hqde_lightning
+
+# the folder the package under test is imported from (for the writer subprocesses)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hqde_lightning.__file__)))
 
 
 def _trainer(strategy: HQDEStrategy, root, **kwargs) -> pl.Trainer:
@@ -115,6 +118,19 @@ def test_resume_after_driver_save_continues_each_member(ray_session, tmp_path):
             torch.testing.assert_close(got, want, msg=f"member {index} keeps its own optimizer state")
         moved = float((resumed.ensemble.members[index].net[0].weight - entry["state_dict"]["net.0.weight"]).norm())
         assert moved > 0, "and trains one more epoch"
+
+    # a file whose member entries hold weights only (as older versions wrote after fit) still resumes
+    legacy = load_checkpoint_file(path)
+    legacy[HQDE_KEY]["members"] = [{"state_dict": m["state_dict"]} for m in legacy[HQDE_KEY]["members"]]
+    legacy_path = str(tmp_path / "weights_only_entries.ckpt")
+    torch.save(legacy, legacy_path)
+    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=9), tmp_path, max_epochs=2, enable_checkpointing=False, callbacks=[RecordStart(str(tmp_path))])
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=legacy_path)
+    assert trainer.current_epoch == 2
+    for index, entry in enumerate(saved):
+        start = torch.load(tmp_path / f"member_{index}.pt", weights_only=True)
+        assert start["epoch"] == 1
+        torch.testing.assert_close(start["state_dict"]["net.0.weight"], entry["state_dict"]["net.0.weight"])
 
 
 # ------------------------------------------------------------------ B10: the writer role moves
@@ -289,7 +305,7 @@ AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(3), "slow": Slow()},
 
 def _start_slow_writer(target) -> subprocess.Popen:
     """A process that starts writing ``target`` and hangs mid-write (its temporary file exists)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
     process = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)], env=env)
     deadline = time.monotonic() + 120
     while not glob.glob(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.*.tmp")):
