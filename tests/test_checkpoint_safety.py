@@ -133,6 +133,19 @@ def test_resume_after_driver_save_continues_each_member(ray_session, tmp_path):
         torch.testing.assert_close(start["state_dict"]["net.0.weight"], entry["state_dict"]["net.0.weight"])
 
 
+def test_step_checkpoint_in_the_first_resumed_epoch_holds_every_member(robust_fit, tmp_path):
+    """Resumed members post their starting state, so a mid-epoch save before any sync of the new run does not wait for one."""
+    driver_path = robust_fit[-1]  # written after 2 epochs
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5, save_top_k=-1)
+    strategy = HQDEStrategy(num_members=3, sync="elastic", outlier_threshold=3.0, seed=5)
+    trainer = _trainer(strategy, tmp_path, max_epochs=3, callbacks=[checkpoints, AdaptiveQuantization(), QuantumNoise(scale=1e-3)])
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=driver_path)
+    assert trainer.current_epoch == 3
+    section = load_checkpoint_file(str(tmp_path / "ckpt" / "epoch=2-step=40.ckpt"))[HQDE_KEY]
+    assert [m["global_step"] for m in section["members"]] == [40, 38, 38]
+    assert Ensemble.load_from_checkpoint(str(tmp_path / "ckpt" / "epoch=2-step=40.ckpt"), DigitsModule).num_members == 3
+
+
 # ------------------------------------------------------------------ B10: the writer role moves
 
 
