@@ -341,3 +341,31 @@ def test_temporary_file_of_a_killed_write_is_removed(tmp_path):
     finally:
         running.kill()
         running.wait()
+
+
+class KillMemberOnce(pl.Callback):
+    """Kills member ``member``'s actor at ``epoch``/``batch`` (once: a marker file remembers it)."""
+
+    def __init__(self, marker: str, member: int = 0, epoch: int = 1, batch: int = 5) -> None:
+        self.marker, self.member, self.epoch, self.batch = marker, member, epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.strategy.member_index, trainer.current_epoch, batch_idx) != (self.member, self.epoch, self.batch) or os.path.exists(self.marker):
+            return
+        open(self.marker, "w").close()
+        import ray
+
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def test_checkpoints_continue_after_member_zero_is_given_up_on(ray_session, tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1)
+    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=3, max_member_restarts=0, on_member_failure="continue")
+    trainer = _trainer(strategy, tmp_path, max_epochs=3, callbacks=[checkpoints, KillMemberOnce(str(tmp_path / "killed"))])
+    with pytest.warns(UserWarning, match="continuing with the other members"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert strategy.dropped_members == [0]
+    written = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "ckpt" / "epoch=*.ckpt")))
+    assert written == ["epoch=0-step=19.ckpt", "epoch=1-step=38.ckpt", "epoch=2-step=57.ckpt"]
+    members = load_checkpoint_file(str(tmp_path / "ckpt" / "epoch=2-step=57.ckpt"))[HQDE_KEY]["members"]
+    assert [m[MEMBER_KEY]["round"] for m in members] == [0, 2], "member 0 as of its last epoch end, member 1 at epoch 2"
