@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +69,11 @@ class Coordinator:
         #: the latest completed round and its consensus, for a restarted member that redoes it
         self.last_result: tuple[int, Any] | None = None
         self.snapshots: dict[int, tuple[int, Any]] = {}
+        #: members whose final snapshot (the end of their fit) has arrived
+        self.done: set[int] = set()
         self.events: list[tuple[Any, ...]] = []
         self.history: list[dict[str, Any]] = []
-        self._snapshot_posted: asyncio.Event | None = None
+        self._snapshot_waiters: list[asyncio.Event] = []
         self._executor: Executor | None = None
         if state is not None:
             self.load_state_dict(state)
@@ -151,28 +153,68 @@ class Coordinator:
         self._notify_snapshot()
 
     # -------------------------------------------------------------- snapshots
-    def post_snapshot(self, member: int, round_id: int, snapshot: dict[str, Any]) -> None:
-        """Keeps ``member``'s latest snapshot (copied out of the object store, so it outlives the member)."""
+    def post_snapshot(self, member: int, round_id: int, snapshot: dict[str, Any], final: bool = False) -> None:
+        """Keeps ``member``'s latest snapshot (copied out of the object store, so it outlives the member).
+
+        ``round_id`` is the last epoch the snapshot's member finished (-1 before its first);
+        ``final`` marks the snapshot taken when the member's fit ended.
+        """
         previous = self.snapshots.get(member)
         if previous is None or previous[0] <= round_id:
             self.snapshots[member] = (round_id, tree_to_cpu(snapshot))
+        if final:
+            self.done.add(member)
         self._notify_snapshot()
 
     def _notify_snapshot(self) -> None:
-        if self._snapshot_posted is not None:
-            self._snapshot_posted.set()
+        waiters, self._snapshot_waiters = self._snapshot_waiters, []
+        for event in waiters:
+            event.set()
+
+    async def _until(self, ready: Callable[[], bool | None]) -> Any:
+        """Waits until ``ready()`` returns something other than ``None``/``False`` (re-checked after every snapshot or finish)."""
+        while not (answer := ready()):
+            event = asyncio.Event()
+            self._snapshot_waiters.append(event)
+            await event.wait()
+        return answer
 
     async def snapshots_at(self, round_id: int, exclude: int | None = None) -> dict[int, dict[str, Any]]:
         """Waits until every active member but ``exclude`` posted a snapshot of round ``round_id`` or later."""
-        while not all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active if m != exclude):
-            self._snapshot_posted = asyncio.Event()
-            await self._snapshot_posted.wait()
+        await self._until(lambda: all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active if m != exclude))
         return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items()) if m != exclude}
 
+    async def is_writer(self, member: int, epoch: int) -> bool:
+        """Whether ``member`` writes the ensemble's checkpoints during ``epoch``.
+
+        The writer of an epoch is the lowest-index member that trains in it: member 0 while it
+        runs, then the next one when member 0 stops early (``trainer.should_stop``, early
+        stopping) or is given up on. A lower member that still runs but has not reached
+        ``epoch`` yet is waited for (it may yet train in ``epoch``); one that has reached it, or
+        finished after training it, is the writer instead.
+        """
+
+        def decide() -> str | None:
+            for lower in range(member):
+                posted = self.snapshots[lower][0] if lower in self.snapshots else None
+                if lower in self.active and lower not in self.done:
+                    if posted is None or posted < epoch - 1:
+                        return None  # still training, not in ``epoch`` yet
+                    return "lower"
+                if posted is not None and posted >= epoch:
+                    return "lower"  # trained ``epoch`` to its end before it finished
+            return "self"
+
+        return await self._until(decide) == "self"
+
     def latest_snapshot(self, member: int) -> dict[str, Any] | None:
-        """``member``'s latest end-of-epoch snapshot (a Lightning checkpoint dict), if any."""
+        """``member``'s latest snapshot (a Lightning checkpoint dict), if any."""
         entry = self.snapshots.get(member)
         return None if entry is None else entry[1]
+
+    def latest_snapshots(self) -> dict[int, dict[str, Any]]:
+        """Every member's latest snapshot (the final one for members whose fit ended)."""
+        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items())}
 
     # --------------------------------------------------------- driver channel
     def emit(self, event: tuple[Any, ...]) -> None:
@@ -258,9 +300,7 @@ class MemberActor:
             if restart_dir is not None:
                 shutil.rmtree(restart_dir, ignore_errors=True)
         context.coordinator.finish.remote(context.index)
-        callbacks_state = {}
-        if context.index == 0:
-            callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
+        callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
         return MemberResult(
             index=context.index,
             state_dict=state_to_numpy(trainer.lightning_module.state_dict()),

@@ -1,39 +1,73 @@
-"""Checkpoint files: atomic writes and the ensemble's section inside a Lightning checkpoint.
+"""Checkpoint files: safe atomic writes, safe loading and the ensemble's section inside a Lightning checkpoint.
 
 A checkpoint written under ``HQDEStrategy`` is an ordinary Lightning checkpoint whose
 ``state_dict`` holds the consensus weights (so ``YourModule.load_from_checkpoint`` gives the
 consensus model) plus one extra entry, ``checkpoint["hqde"]``:
 
 ``members``
-    one dict per member: ``state_dict``, ``optimizer_states``, ``rng`` (torch / numpy /
-    python / CUDA generator states) and the sync ``round`` they were taken at.
+    one entry per member index: that member's own full Lightning checkpoint (``state_dict``,
+    ``optimizer_states``, loops, callback states) plus ``hqde_member`` (its index, the sync
+    ``round`` it was taken at and its torch / numpy / python / CUDA generator states). Resuming
+    gives every member its own entry; ``Ensemble.load_from_checkpoint`` reads the weights.
 ``coordinator``
     the aggregator's state (e.g. reputations, references) and the sync history.
 ``weights`` / ``active`` / ``combine``
     how the ensemble combines predictions.
 ``num_members``, ``seed``
     the run's shape, checked on resume.
+``checksums``
+    SHA-256 digests of the consensus and of every member's ``state_dict`` tensors, checked on
+    every load (they detect damage, not tampering: whoever can edit the file can recompute them).
+
+Loading is safe by default: files are read with ``torch.load(weights_only=True)``, which
+refuses any pickled object other than tensors, containers and plain values. Everything the
+package writes stays inside those types. A file refused for holding other objects (e.g.
+hyper-parameters of custom classes) loads with an explicit ``weights_only=False`` -- only for
+files from a source you trust, since unpickling them can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
-import tempfile
-from collections.abc import Mapping
+import re
+import secrets
+import socket
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
-from fsspec.implementations.local import LocalFileSystem
+from torch import Tensor
 
-__all__ = ["HQDE_KEY", "AtomicCheckpointIO", "capture_rng_states", "load_checkpoint_file", "restore_rng_states"]
+__all__ = [
+    "HQDE_KEY",
+    "AtomicCheckpointIO",
+    "capture_rng_states",
+    "ensemble_entries",
+    "load_checkpoint_file",
+    "member_checksums",
+    "read_checkpoint",
+    "restore_rng_states",
+    "state_digest",
+    "to_safe_types",
+    "verify_checksums",
+]
 
 HQDE_KEY = "hqde"
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+#: ``.{target}.{host tag}-{pid}-{random}.tmp``: the temporary file of one write in progress
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+# file-access errors keep their own type: they do not mean the file is damaged
+_ACCESS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MemoryError)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,8 +75,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Local files are written to a temporary file in the target's folder, flushed to disk and
     moved over the target with ``os.replace`` (atomic on POSIX and Windows): a crash during a
-    save leaves the previous checkpoint intact. Remote file systems keep Lightning's own
-    transactional write.
+    save leaves the previous checkpoint intact. The temporary file is created as ``torch.save``
+    creates files (mode ``0o666`` minus the process's umask), so the checkpoint gets the same
+    permissions as a plain ``torch.save`` would give it. A failed write removes its temporary
+    file; one left by a process killed mid-write (its name holds the host and process id) is
+    removed by the next save into the same folder from the same host, once that process is
+    gone. Remote file systems keep Lightning's own transactional write.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
@@ -52,8 +90,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        _remove_stale_temporary_files(folder)
+        tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{_HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -65,9 +105,167 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
-    """Loads a checkpoint file (a trusted one: hyper-parameters may hold arbitrary objects)."""
-    return pl_load(path, map_location=map_location, weights_only=False)
+def _remove_stale_temporary_files(folder: str) -> None:
+    """Removes the temporary files in ``folder`` left by writes of this host's processes that are gone."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = _TMP_NAME.match(name)
+        if match is None or match["host"] != _HOST_TAG or not _process_gone(int(match["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:  # another writer removed it first
+            pass
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process ``pid`` runs on this host (checked on POSIX only; elsewhere nothing counts as gone)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+    """Loads a checkpoint file safely and checks it (see :func:`read_checkpoint` for the errors).
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+        weights_only: ``True`` (default) refuses any pickled object other than tensors,
+            containers and plain values; ``False`` loads anything -- only for files from a
+            source you trust, since unpickling them can run code.
+    """
+    return read_checkpoint(path, lambda: pl_load(path, map_location=map_location, weights_only=bool(weights_only)))
+
+
+def read_checkpoint(path: _PATH, load: Callable[[], Any]) -> dict[str, Any]:
+    """Runs ``load`` (a ``torch.load`` of ``path``), checks what it returned and names ``path`` in every failure.
+
+    Raises:
+        pickle.UnpicklingError: ``weights_only=True`` refused an object in the file (the message
+            names it and says how to opt in).
+        RuntimeError: the file is damaged or is not a checkpoint, or a tensor checksum stored in
+            an HQDE checkpoint does not match (the message names the member).
+        FileNotFoundError, PermissionError, ...: the file cannot be opened (unchanged).
+    """
+    try:
+        checkpoint = load()
+    except _ACCESS_ERRORS:
+        raise
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if refused is None:
+            raise _damaged(path, err) from err
+        raise pickle.UnpicklingError(
+            f"{path} was not loaded: it holds `{refused.group(1)}`, which `weights_only=True` refuses because unpickling"
+            " it can run code. Checkpoints written by HQDEStrategy hold only tensors and plain values; objects like this"
+            " one come from elsewhere (e.g. hyper-parameters of a custom type, or a crafted file). If the file comes from"
+            " a source you trust, load it with `weights_only=False`: `trainer.fit/validate/test/predict(...,"
+            " weights_only=False)` or `Ensemble.load_from_checkpoint(..., weights_only=False)`."
+        ) from None
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "CUDA" in str(err):  # a device mapping problem, not a damaged file
+            raise
+        raise _damaged(path, err) from err
+    if not isinstance(checkpoint, dict):
+        raise RuntimeError(f"{path} is damaged or is not a checkpoint: it holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    verify_checksums(checkpoint, path)
+    return checkpoint
+
+
+def _damaged(path: _PATH, err: BaseException) -> RuntimeError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+    return RuntimeError(f"{path} is damaged or is not a checkpoint ({type(err).__name__}: {detail}).")
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 over a state dict's tensors (key, dtype, shape and bytes, in key order); other values are not covered."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k, v in state.items() if isinstance(v, Tensor)):
+        tensor = state[key].detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        if tensor.is_quantized:
+            tensor = tensor.int_repr()
+        tensor = tensor.cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def member_checksums(consensus: Mapping[str, Any] | None, members: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``checksums`` entry of an HQDE section: digests of the consensus and of each member's ``state_dict``."""
+    return {
+        "algorithm": "sha256",
+        "consensus": None if consensus is None else state_digest(consensus),
+        "members": [state_digest(m["state_dict"]) if m.get("state_dict") is not None else None for m in members],
+    }
+
+
+def verify_checksums(checkpoint: Mapping[str, Any], path: _PATH) -> None:
+    """Recomputes the digests stored in ``checkpoint['hqde']['checksums']`` (if any); raises naming the damaged part.
+
+    Raises:
+        RuntimeError: ``"<path> is damaged: member 2's weights do not match ..."`` (or the consensus's).
+    """
+    section = checkpoint.get(HQDE_KEY)
+    expected = section.get("checksums") if isinstance(section, Mapping) else None
+    if not expected:
+        return
+    consensus = expected.get("consensus")
+    if consensus is not None and state_digest(checkpoint.get("state_dict") or {}) != consensus:
+        raise RuntimeError(f"{path} is damaged: the consensus weights (`state_dict`) do not match the checksum written with them.")
+    members = list(section.get("members") or [])
+    digests = list(expected.get("members") or [])
+    if len(digests) != len(members):
+        raise RuntimeError(f"{path} is damaged: it lists {len(members)} members but {len(digests)} member checksums.")
+    for index, (entry, digest) in enumerate(zip(members, digests)):
+        if digest is not None and state_digest((entry or {}).get("state_dict") or {}) != digest:
+            raise RuntimeError(f"{path} is damaged: member {index}'s weights do not match the checksum written with them.")
+
+
+def ensemble_entries(checkpoint: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Tensor | None]:
+    """Every member's weights in an HQDE checkpoint, and which members take part in predictions.
+
+    Returns ``(states, active)``: ``active`` is the section's mask (``None``: all members), with
+    members that hold no weights (they never reported a state) given the consensus weights,
+    switched off and named in a warning.
+    """
+    section = checkpoint[HQDE_KEY]
+    members = list(section["members"])
+    missing = [i for i, m in enumerate(members) if not m or m.get("state_dict") is None]
+    active = section.get("active")
+    if missing:
+        warnings.warn(f"HQDE checkpoint: members {missing} hold no weights (they never reported a state); they are left out of predictions.", UserWarning)
+        active = torch.ones(len(members), dtype=torch.bool) if active is None else torch.as_tensor(active, dtype=torch.bool).clone()
+        active[missing] = False
+    states = [checkpoint["state_dict"] if i in missing else m["state_dict"] for i, m in enumerate(members)]
+    return states, active
+
+
+def to_safe_types(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays turned into Python numbers and tensors (nested dicts/lists/tuples).
+
+    What the package writes must load with ``torch.load(weights_only=True)``, which refuses numpy objects.
+    """
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, Mapping):
+        return {k: to_safe_types(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_safe_types(v) for v in obj)
+    return obj
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -488,7 +488,7 @@ class HQDESystem:
         Raises:
             ValueError: when ``path`` was not written by :meth:`save`.
         """
-        payload = load_checkpoint_file(path)
+        payload = load_checkpoint_file(path, weights_only=False)  # the configuration is cloudpickled: trusted files only
         if not isinstance(payload, Mapping) or payload.get("format") != _FILE_FORMAT:
             raise ValueError(f"{path!r} was not written by `HQDESystem.save`.")
         if payload["version"] != _FILE_VERSION:

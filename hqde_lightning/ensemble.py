@@ -448,37 +448,47 @@ class Ensemble(nn.Module):
         checkpoint_path: str,
         module_class: type[nn.Module],
         map_location: Any = "cpu",
+        weights_only: bool = True,
         **module_kwargs: Any,
     ) -> Ensemble:
         """Rebuilds the ensemble saved by ``HQDEStrategy`` for inference, without Ray.
 
         Args:
-            checkpoint_path: a checkpoint written during an ``HQDEStrategy`` fit.
+            checkpoint_path: a checkpoint written during or after an ``HQDEStrategy`` fit.
             module_class: the ``LightningModule`` class that was trained. Built with
                 ``module_class.load_from_checkpoint`` (saved hyper-parameters are honoured);
                 a plain ``nn.Module`` class is built with ``module_class(**module_kwargs)``.
             map_location: passed to ``torch.load``.
+            weights_only: ``True`` (default) loads tensors and plain values only and refuses
+                any other pickled object; ``False`` also loads e.g. hyper-parameters of custom
+                types -- only for files from a source you trust, since unpickling can run code.
             **module_kwargs: extra constructor arguments.
 
         Members whose saved weights hold NaN or Inf are left out (see :meth:`from_states`).
-        """
-        from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 
-        checkpoint = load_checkpoint_file(checkpoint_path, map_location=map_location)
+        Raises:
+            pickle.UnpicklingError: ``weights_only=True`` refused an object in the file.
+            RuntimeError: the file is damaged or is not a checkpoint, or a member's weights do
+                not match the checksum written with them.
+        """
+        from hqde_lightning.checkpoint import HQDE_KEY, ensemble_entries, load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(checkpoint_path, map_location=map_location, weights_only=weights_only)
         if HQDE_KEY not in checkpoint:
             raise ValueError(f"{checkpoint_path!r} holds no HQDE ensemble (no {HQDE_KEY!r} entry); was it written by HQDEStrategy?")
         section = checkpoint[HQDE_KEY]
         loader = getattr(module_class, "load_from_checkpoint", None)
         if loader is not None:
-            template = loader(checkpoint_path, map_location=map_location, **module_kwargs)
+            template = loader(checkpoint_path, map_location=map_location, weights_only=weights_only, **module_kwargs)
         else:
             template = module_class(**module_kwargs)
         template.eval()
+        states, active = ensemble_entries(checkpoint)
         ensemble = cls.from_states(
             template,
-            [m["state_dict"] for m in section["members"]],
+            states,
             weights=section.get("weights"),
-            active=section.get("active"),
+            active=active,
             combine=section.get("combine", "auto"),
         )
         return ensemble.eval()

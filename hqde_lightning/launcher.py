@@ -140,7 +140,7 @@ class RayEnsembleLauncher(_Launcher):
         ckpt_path = bound.arguments.get("ckpt_path")
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
-            self._check_resume(bound.arguments["ckpt_path"])
+            self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         payload = self._pickle(trainer, function, bound, model)
         self._start_ray()
         try:
@@ -149,6 +149,8 @@ class RayEnsembleLauncher(_Launcher):
             results = self._run_members(trainer, payload, coordinator)
             strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
             self._recover(trainer, model, results)
+            # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
+            strategy._keep_final_checkpoints(ray.get(coordinator.latest_snapshots.remote()))
             self._call_ensemble_hooks(trainer, bound)
         finally:
             self.kill()
@@ -181,8 +183,10 @@ class RayEnsembleLauncher(_Launcher):
         for callback in hooked:
             callback.on_ensemble_fit_end(trainer, self._strategy, val_dataloaders)
 
-    def _check_resume(self, path: str) -> None:
-        section = load_checkpoint_file(path).get(HQDE_KEY)
+    def _check_resume(self, path: str, weights_only: bool | None) -> None:
+        """Loads ``ckpt_path`` once in the driver, before any actor starts: a file that is refused
+        (``weights_only``, default True), damaged or of another ensemble size fails here."""
+        section = load_checkpoint_file(path, weights_only=weights_only is not False).get(HQDE_KEY)
         if section is not None and int(section["num_members"]) != self._strategy.num_members:
             raise MisconfigurationException(
                 f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
@@ -449,21 +453,23 @@ class RayEnsembleLauncher(_Launcher):
         final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
         model.load_state_dict(final.state)
 
-        first = next((r for r in results if r.index == 0), results[0])
-        trainer.fit_loop.load_state_dict(first.fit_loop_state)
+        # the member that trained longest (lowest index on ties) wrote the last checkpoints: its
+        # loops and callback states (e.g. the checkpoint callback's best/last paths) are the run's
+        lead = max(results, key=lambda r: (_progress(r), -r.index))
+        trainer.fit_loop.load_state_dict(lead.fit_loop_state)
         trainer.fit_loop.restarting = False
-        trainer.state = first.trainer_state
+        trainer.state = lead.trainer_state
         metrics = trainer.callback_metrics
-        metrics.update({k: torch.tensor(v) for k, v in first.callback_metrics.items()})
+        metrics.update({k: torch.tensor(v) for k, v in lead.callback_metrics.items()})
         for result in results:
             metrics.update({f"member_{result.index}/{k}": torch.tensor(v) for k, v in result.callback_metrics.items()})
         excluded = {"ensemble/excluded_members": float(len(strategy.excluded_members))}
         metrics.update({k: torch.tensor(v) for k, v in excluded.items()})
         for callback in trainer.callbacks:
-            state = first.callbacks_state.get(callback.state_key)
+            state = lead.callbacks_state.get(callback.state_key)
             if state:
                 if getattr(callback, "dirpath", "") is None and "dirpath" in state:
-                    callback.dirpath = state["dirpath"]  # resolved inside member 0; lets best/last paths load in full
+                    callback.dirpath = state["dirpath"]  # resolved inside the member; lets best/last paths load in full
                 callback.load_state_dict(copy.deepcopy(state))
         strategy.connect(model)
         model.trainer = trainer
@@ -575,6 +581,14 @@ def _drain(coordinator: Any) -> list[tuple[Any, ...]]:
 def alive_nodes() -> list[NodeCapacity]:
     """The connected cluster's alive nodes and their total resources."""
     return [NodeCapacity(n["NodeID"], n["Resources"], n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")]
+
+
+def _progress(result: MemberResult) -> tuple[int, int]:
+    """How far a member's fit went: (completed epochs, optimizer steps), from its fit loop's saved progress."""
+    state = result.fit_loop_state
+    epochs = state.get("epoch_progress", {}).get("current", {}).get("completed", 0)
+    steps = state.get("epoch_loop.state_dict", {}).get("_batches_that_stepped", 0)
+    return int(epochs), int(steps)
 
 
 def _mirror(logger: Any) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 * :class:`MemberContext`: everything a member needs besides the pickled ``Trainer``.
 * :class:`MemberSync`: a private callback. At the end of each epoch's training batches it
   sends the member's floating-point weights to the coordinator, waits for the consensus and
-  applies the sync mode; then it posts a snapshot (weights, optimizer state, RNG) that
-  member 0 uses to write whole-ensemble checkpoints. It also reports progress.
+  applies the sync mode; then it posts a snapshot (its full Lightning checkpoint and RNG
+  states) that the member writing checkpoints puts into whole-ensemble checkpoints. It also
+  posts one when training starts and one when the fit ends, and reports progress.
 * :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
   the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
   HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
@@ -79,7 +80,7 @@ class MemberContext:
     """The member-specific part of a fit, sent to each actor with the pickled trainer.
 
     Attributes:
-        index: the member's position in the ensemble (0 writes checkpoints).
+        index: the member's position in the ensemble (the lowest one still training writes checkpoints).
         seed: this member's seed (the run's seed + index).
         coordinator: handle of the coordinator actor.
         sync: ``"none"``, ``"elastic"`` or ``"replace"``.
@@ -165,6 +166,12 @@ class MemberSync(Callback):
             from hqde_lightning.checkpoint import restore_rng_states
 
             restore_rng_states(resume.get("rng", {}))
+        # the state this member starts (or resumes) from, for checkpoints written before its next epoch end
+        self._post_snapshot(trainer, trainer.current_epoch - 1)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the member's final state: what a checkpoint written after ``fit`` (even by the driver) resumes from
+        self._post_snapshot(trainer, trainer.current_epoch - 1, final=True)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches, self._num_samples = None, 0, 0
@@ -251,13 +258,16 @@ class MemberSync(Callback):
                     target.add_(incoming - target, alpha=alpha)
         pl_module.log("hqde/distance_to_consensus", squared_distance**0.5, on_step=False, on_epoch=True)
 
-    def _post_snapshot(self, trainer: Trainer, epoch: int) -> None:
-        """Sends the coordinator this member's full Lightning checkpoint as of this epoch's end.
+    def _post_snapshot(self, trainer: Trainer, epoch: int, final: bool = False) -> None:
+        """Sends the coordinator this member's full Lightning checkpoint as of now, after epoch ``epoch``.
 
-        It is what member 0 writes for this member in whole-ensemble checkpoints and what a
-        restarted member resumes from (``on_train_epoch_end`` is where Lightning's own
-        end-of-epoch checkpoints are taken, so resuming from it is standard).
+        Taken at each epoch's end (``on_train_epoch_end``, where Lightning's own end-of-epoch
+        checkpoints are taken), when training starts and when the fit ends (``final``, waited
+        for so that the driver finds it). It is what the writing member puts into
+        whole-ensemble checkpoints for this member and what a restarted member resumes from.
         """
         snapshot = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         snapshot[MEMBER_KEY] = {"index": self.ctx.index, "round": epoch, "rng": capture_rng_states()}
-        self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot))
+        posted = self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot), final)
+        if final:
+            ray.get(posted)

@@ -3,8 +3,8 @@
 The strategy has two faces. In the driver (your script) it validates its arguments, hands
 ``fit`` to :class:`~hqde_lightning.launcher.RayEnsembleLauncher` and evaluates the trained
 ensemble in ``validate``/``test``/``predict``. Inside each member actor it behaves like a
-single-device strategy on that member's device, and makes member 0 write checkpoints that
-hold the whole ensemble.
+single-device strategy on that member's device, and makes one member at a time (the
+lowest-index one still training) write checkpoints that hold the whole ensemble.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
 from hqde_lightning.topology import Flat, Topology, resolve_topology
@@ -191,6 +191,11 @@ class HQDEStrategy(Strategy):
         self._num_nodes = 1
         self._member: MemberContext | None = None
         self._member_sync: MemberSync | None = None
+        # the epoch this member was last confirmed as the checkpoint writer for
+        self._writer_epoch: int | None = None
+        # driver: each member's full Lightning checkpoint from the end of the last fit (weights of
+        # ensemble members left out: they are read from ``ensemble`` when saving)
+        self._final_checkpoints: dict[int, dict[str, Any]] = {}
 
     # --------------------------------------------------------------- identity
     @property
@@ -303,7 +308,28 @@ class HQDEStrategy(Strategy):
 
     @property
     def is_global_zero(self) -> bool:
-        return self.member_index in (None, 0)
+        """True in the driver, and in the member that writes checkpoints now (see :meth:`_writes_checkpoints`)."""
+        return self._writes_checkpoints()
+
+    def _writes_checkpoints(self) -> bool:
+        """Whether this process writes checkpoints: the driver, or the member the coordinator names for this epoch.
+
+        The writer of an epoch is the lowest-index member that trains in it, so the role moves to
+        the next member when member 0 stops early or is given up on (``Coordinator.is_writer``).
+        """
+        if self._member is None or self._member.index == 0:
+            return True
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if self._writer_epoch == epoch:
+            return True
+        import ray
+
+        if ray.get(self._member.coordinator.is_writer.remote(self._member.index, epoch)):
+            self._writer_epoch = epoch  # a member that became the writer stays it: lower ones have finished
+            return True
+        return False
 
     def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         # members are different models: their metrics are never averaged together
@@ -340,14 +366,19 @@ class HQDEStrategy(Strategy):
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Member 0 (or the driver) writes the checkpoint, with every member in ``checkpoint['hqde']``."""
-        if not self.is_global_zero:
+        """The driver, or the member writing checkpoints now, writes the checkpoint with every member in ``checkpoint['hqde']``.
+
+        The section also gets the SHA-256 checksums of the consensus and of every member's
+        weights, verified whenever the file is loaded.
+        """
+        if not self._writes_checkpoints():
             return
         checkpoint = dict(checkpoint)
         section, consensus = self._member_checkpoint_section(checkpoint) if self.is_member else self._driver_checkpoint_section()
-        checkpoint[HQDE_KEY] = section
         if consensus is not None:
             checkpoint["state_dict"] = consensus
+        section["checksums"] = member_checksums(checkpoint.get("state_dict"), section["members"])
+        checkpoint[HQDE_KEY] = section
         self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def _section(self, members: list[dict[str, Any]], weights: Any, active: Any) -> dict[str, Any]:
@@ -360,56 +391,86 @@ class HQDEStrategy(Strategy):
             "members": members,
             "weights": weights,
             "active": active,
-            "coordinator": self.coordinator_state,
+            # plain types only, so that the file loads with ``weights_only=True``
+            "coordinator": to_safe_types(self.coordinator_state),
         }
 
     def _member_checkpoint_section(self, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-        """Member 0's own state plus every other member's latest end-of-epoch snapshot."""
+        """The writing member's own state plus every other member's latest snapshot."""
         import ray
 
         assert self._member is not None and self._member_sync is not None and self.lightning_module is not None
         trainer = self.lightning_module.trainer
+        index = self._member.index
         epoch = trainer.current_epoch
         # the members' snapshots of round r are taken at the end of epoch r; a save before this
         # epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round r - 1
+        # (round -1: the snapshots every member posts when its training starts)
         round_id = epoch if self._member_sync.synced_epoch == epoch else epoch - 1
         own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
-        own[MEMBER_KEY] = {"index": 0, "round": round_id, "rng": capture_rng_states()}
+        own[MEMBER_KEY] = {"index": index, "round": round_id, "rng": capture_rng_states()}
         members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
-        members[0] = own
+        members[index] = own
         coordinator = self._member.coordinator
-        if round_id < 0:
-            rank_zero_warn("HQDEStrategy: a checkpoint written before the first epoch ended holds member 0 only; the others resume from the consensus.")
-        elif self.num_members > 1:
+        if self.num_members > 1:
             if round_id != epoch:
-                rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of the last epoch end.")
-            for index, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, 0)).items():
-                members[index] = snapshot
+                rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of their last epoch end (or their start).")
+            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
+                members[other] = snapshot
         self.coordinator_state = ray.get(coordinator.state_dict.remote())
         states = [m["state_dict"] for m in members if m]
         consensus = copy.deepcopy(self.aggregator)(states).state
         return self._section(members, None, None), consensus
 
     def _driver_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        """The driver's ensemble: every member's full Lightning state from the end of the fit, with its current weights.
+
+        Members that are not in :attr:`ensemble` (given up on during the fit) keep their last
+        snapshot and are marked inactive, so the file both resumes and loads as the ensemble.
+        """
         if self.ensemble is None:
             return self._section([], None, None), None
-        members = [{"state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}} for m in self.ensemble.members]
-        return self._section(members, self.ensemble.weights.cpu(), self.ensemble.active.cpu()), None
+        n = self.num_members
+        members = [dict(self._final_checkpoints.get(i, {})) for i in range(n)]
+        weights = torch.zeros(n, dtype=torch.float64)
+        active = torch.zeros(n, dtype=torch.bool)
+        for position, index in enumerate(self.ensemble.member_ids):
+            members[index]["state_dict"] = {k: v.detach().cpu() for k, v in self.ensemble.members[position].state_dict().items()}
+            weights[index] = self.ensemble.weights[position].cpu()
+            active[index] = self.ensemble.active[position].cpu()
+        return self._section(members, weights, active), None
+
+    def _keep_final_checkpoints(self, snapshots: Mapping[int, dict[str, Any]]) -> None:
+        """Driver: keeps each member's final snapshot for :meth:`_driver_checkpoint_section` (see ``_final_checkpoints``).
+
+        Called once :attr:`ensemble` is built: the weights of its members are read from it when saving.
+        """
+        in_ensemble = set(self.ensemble.member_ids) if self.ensemble is not None else set()
+        self._final_checkpoints = {
+            i: {k: v for k, v in snapshot.items() if not (k == "state_dict" and i in in_ensemble)} for i, snapshot in snapshots.items() if snapshot
+        }
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
-        if self.is_global_zero:
+        if self._writes_checkpoints():
             self.checkpoint_io.remove_checkpoint(filepath)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Loads a checkpoint; from an HQDE checkpoint each member resumes its own full state.
 
+        The file is read with ``torch.load(weights_only=True)`` unless you pass
+        ``weights_only=False`` (``trainer.fit(..., weights_only=False)``; only for files you
+        trust). A damaged file, or weights that do not match the checksums written with them,
+        raise an error naming the file (and the member).
+
         Inside member ``i`` the whole checkpoint is replaced by member ``i``'s entry (weights,
         optimizer, loops, callback states, RNG); a member without an entry starts from the
-        consensus. In the driver (``validate``/``test``/``predict`` with ``ckpt_path``) the
-        ensemble is rebuilt from the entries, without members whose weights hold NaN or Inf
-        (listed in :attr:`excluded_members`).
+        consensus, and an entry holding weights only (files of older versions) is completed
+        from the checkpoint's top level with a fresh optimizer state. In the driver
+        (``validate``/``test``/``predict`` with ``ckpt_path``) the ensemble is rebuilt from the
+        entries, without members whose weights hold NaN or Inf (listed in :attr:`excluded_members`).
         """
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
+        load = super().load_checkpoint
+        checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
         if self.is_member:
             assert self._member is not None and self._member_sync is not None
@@ -420,9 +481,7 @@ class HQDEStrategy(Strategy):
                         f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
                         f" resume with `num_members={saved}`."
                     )
-                entry = section["members"][self._member.index]
-                if entry:
-                    checkpoint = entry
+                checkpoint = _member_resume_checkpoint(checkpoint, section["members"][self._member.index], self._member.index)
                 if self._member.index == 0 and section.get("coordinator"):
                     self._member.coordinator.load_state_dict.remote(section["coordinator"])
             if MEMBER_KEY in checkpoint:
@@ -431,14 +490,12 @@ class HQDEStrategy(Strategy):
             self.coordinator_state = dict(section.get("coordinator") or {})
             # the combiner of an ensemble already evaluated keeps what it learnt (which output holds class logits)
             combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
+            states, active = ensemble_entries(checkpoint)
             self.ensemble = Ensemble.from_states(
-                self.lightning_module,
-                [m["state_dict"] if m else checkpoint["state_dict"] for m in section["members"]],
-                weights=section.get("weights"),
-                active=section.get("active"),
-                combine=combiner,
+                self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner
             ).eval()
             self.excluded_members = list(self.ensemble.excluded_members)
+            self._keep_final_checkpoints(dict(enumerate(section["members"])))
         return checkpoint
 
     def __getstate__(self) -> dict[str, Any]:
@@ -447,6 +504,7 @@ class HQDEStrategy(Strategy):
         state["_launcher"] = None
         state["ensemble"] = None
         state["sync_history"] = []
+        state["_final_checkpoints"] = {}
         return state
 
     def __repr__(self) -> str:
@@ -455,6 +513,23 @@ class HQDEStrategy(Strategy):
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
             f" seed={self.seed})"
         )
+
+
+def _member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
+    """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
+
+    An empty entry (a member that never reported a state) resumes from the checkpoint's top
+    level (the consensus). An entry holding weights only (written by older versions) is
+    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
+    since the top level's optimizer state is not this member's.
+    """
+    if not entry:
+        return checkpoint
+    if "pytorch-lightning_version" in entry:
+        return entry
+    rank_zero_warn(f"HQDEStrategy: member {index}'s checkpoint entry holds its weights only; it resumes with them, the run's progress and a fresh optimizer state.")
+    top = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
+    return {**top, **entry, "optimizer_states": [], "lr_schedulers": []}
 
 
 def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
