@@ -31,6 +31,7 @@ import ray
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -108,6 +109,9 @@ class RayEnsembleLauncher(_Launcher):
         assert trainer is not None
         if trainer.state.fn != TrainerFn.FITTING:
             return self._evaluate(function, args, kwargs, trainer)
+        if _tuning(trainer):
+            # `Tuner.lr_find` / `Tuner.scale_batch_size`: tune one member, your module, here in the driver
+            return function(*args, **kwargs)
         return self._fit(function, args, kwargs, trainer)
 
     def kill(self, signum: Any = None) -> None:
@@ -135,15 +139,24 @@ class RayEnsembleLauncher(_Launcher):
         bound = inspect.signature(function).bind(*args, **kwargs)
         model: LightningModule = bound.arguments["model"]
         ckpt_path = bound.arguments.get("ckpt_path")
+        _check_ckpt_path_exists(ckpt_path)
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"])
+        _prepare_data(model, bound)
         payload = self._pickle(trainer, function, bound, model)
         self._start_ray()
         try:
-            coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology)
+            # where a sync sets every member to the consensus, equal weights are intended
+            check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+            coordinator = (
+                ray.remote(Coordinator)
+                .options(num_cpus=0)
+                .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
+            )
             self._actors = [coordinator]
             results = self._run_members(trainer, payload, coordinator)
+            _check_score_metric(strategy.score_metric, results)
             strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
             self._recover(trainer, model, results)
             self._call_ensemble_hooks(trainer, bound)
@@ -362,6 +375,54 @@ class RayEnsembleLauncher(_Launcher):
             logger.finalize("success")
 
 
+def _tuning(trainer: Trainer) -> bool:
+    """True while ``Tuner.lr_find``/``Tuner.scale_batch_size`` runs ``fit``: they mark their finder callback ``_early_exit``."""
+    return any(isinstance(cb, (LearningRateFinder, BatchSizeFinder)) and getattr(cb, "_early_exit", False) for cb in trainer.callbacks)
+
+
+def _check_ckpt_path_exists(ckpt_path: Any) -> None:
+    """Refuses a local ``fit(ckpt_path=...)`` that does not exist, before Ray or any actor starts.
+
+    Lightning's own names (``"last"``, ``"hpc"``, ``"registry..."``) and remote URLs (``s3://...``)
+    are left to Lightning.
+    """
+    if ckpt_path is None:
+        return
+    path = str(ckpt_path)
+    if path in ("last", "hpc", "best") or path.startswith("registry") or "://" in path:
+        return
+    if not os.path.exists(path):
+        raise MisconfigurationException(
+            f"`trainer.fit(ckpt_path={path!r})`: no such file ({os.path.abspath(path)}). Pass the path of a checkpoint"
+            " to resume from, or leave `ckpt_path` out to start a new fit."
+        )
+
+
+def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None:
+    """Runs ``prepare_data`` of the datamodule and the module once, in the driver, as Lightning runs it on rank 0.
+
+    Members skip it (see :class:`~hqde_lightning.actors.MemberActor`): N members would otherwise
+    download into the same folder at the same time.
+    """
+    datamodule = bound.arguments.get("datamodule")
+    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
+        datamodule = bound.arguments["train_dataloaders"]
+    if datamodule is not None:
+        datamodule.prepare_data()
+    model.prepare_data()
+
+
+def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -> None:
+    """Warns when ``score_metric`` was never logged: every aggregation then fell back to equal weights."""
+    if score_metric is None or not results or any(r.score is not None for r in results):
+        return
+    logged = sorted({k for r in results for k in r.callback_metrics})
+    rank_zero_warn(
+        f"HQDEStrategy: `score_metric={score_metric!r}` was never logged by the members, so members were weighted"
+        f" equally in every aggregation and in the ensemble. The members logged: {logged}."
+    )
+
+
 class _EventForwarder:
     """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
 
@@ -373,6 +434,7 @@ class _EventForwarder:
         #: each member's measured training speed, fed to placement when the member finishes
         self.batches_per_second: dict[int, float] = {}
         self._first_report: dict[int, tuple[float, int]] = {}
+        self._notices: set[str] = set()
 
     def forget(self, member: int) -> None:
         """A restarted member counts its speed afresh."""
@@ -396,6 +458,12 @@ class _EventForwarder:
             elif kind == "hparams":
                 logger_index, params = data
                 loggers[logger_index].log_hyperparams(params)
+            elif kind in ("warning", "info"):
+                if data not in self._notices:  # every member sends the same notice; show it once
+                    self._notices.add(data)
+                    (rank_zero_warn if kind == "warning" else rank_zero_info)(data)
+            elif kind == "clones":
+                self._warn_clones(*data)
             elif kind == "progress":
                 self.progress.update(member, *data)
                 self._measure(member, *data[:3])
@@ -416,6 +484,25 @@ class _EventForwarder:
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
                 for logger in loggers:
                     logger.log_metrics(summary, self.last_step)
+
+
+    def _warn_clones(self, members: list[int], round_id: int) -> None:
+        if self.strategy.member_init == "shared":
+            cause = (
+                "they started from the same weights (`member_init='shared'`) and read the same data order"
+                " (`shuffle=False`, an iterable dataset or a sampler HQDEStrategy cannot re-seed: see the warnings above)."
+                " Use `member_init='independent'`, `bagging=True` or a shuffling sampler"
+            )
+        else:
+            cause = (
+                "re-initialisation gave them the same weights (e.g. `__init__` loads fixed weights) and they read the same"
+                " data order (`shuffle=False`, an iterable dataset or a sampler HQDEStrategy cannot re-seed: see the warnings"
+                " above). Use `bagging=True` or a shuffling sampler"
+            )
+        rank_zero_warn(
+            f"HQDEStrategy: members {members} hold identical weights after epoch {round_id}: they train as copies of one"
+            f" model and the ensemble is no better than one member. Probable cause: {cause}."
+        )
 
 
 def _mirror(logger: Any) -> dict[str, Any]:
