@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray import cloudpickle
 from ray.exceptions import RayActorError, RayTaskError
@@ -147,6 +148,7 @@ class RayEnsembleLauncher(_Launcher):
         payload = self._pickle(trainer, function, bound, model)
         self._start_ray()
         try:
+            self._prepare_data_on_other_nodes(model, bound)
             # where a sync sets every member to the consensus, equal weights are intended
             check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
             coordinator = (
@@ -198,6 +200,24 @@ class RayEnsembleLauncher(_Launcher):
                 f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
                 f" resume with `num_members={section['num_members']}`."
             )
+
+    def _prepare_data_on_other_nodes(self, model: LightningModule, bound: inspect.BoundArguments) -> None:
+        """On a cluster: runs the ``prepare_data`` hooks with ``prepare_data_per_node=True`` once on every other alive node.
+
+        As Lightning runs them once per node; hooks with ``prepare_data_per_node=False`` ran in the driver only.
+        """
+        hooks = [obj for obj in _data_hooks(model, bound) if obj.prepare_data_per_node and is_overridden("prepare_data", obj)]
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
+        if not hooks or not nodes:
+            return
+        options: dict[str, Any] = {"num_cpus": 0}
+        if self._strategy.ray_address is None:
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
+        task = ray.remote(_run_prepare_data)
+        hooks_ref = ray.put(cloudpickle.dumps(hooks))
+        affinity = [NodeAffinitySchedulingStrategy(node_id=node, soft=False) for node in nodes]
+        ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
 
     def _start_ray(self) -> None:
         strategy = self._strategy
@@ -398,18 +418,31 @@ def _check_ckpt_path_exists(ckpt_path: Any) -> None:
         )
 
 
+def _data_hooks(model: LightningModule, bound: inspect.BoundArguments) -> list[Any]:
+    """The fit's datamodule (if any) and module: the objects whose ``prepare_data`` a fit runs."""
+    datamodule = bound.arguments.get("datamodule")
+    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
+        datamodule = bound.arguments["train_dataloaders"]
+    return [obj for obj in (datamodule, model) if obj is not None]
+
+
 def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None:
     """Runs ``prepare_data`` of the datamodule and the module once, in the driver, as Lightning runs it on rank 0.
 
     Members skip it (see :class:`~hqde_lightning.actors.MemberActor`): N members would otherwise
-    download into the same folder at the same time.
+    download into the same folder at the same time. Other nodes of a cluster get their own run
+    (:meth:`RayEnsembleLauncher._prepare_data_on_other_nodes`).
     """
-    datamodule = bound.arguments.get("datamodule")
-    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
-        datamodule = bound.arguments["train_dataloaders"]
-    if datamodule is not None:
-        datamodule.prepare_data()
-    model.prepare_data()
+    for obj in _data_hooks(model, bound):
+        obj.prepare_data()
+
+
+def _run_prepare_data(hooks: bytes, cwd: str) -> None:
+    """A Ray task on one node: runs ``prepare_data`` of the pickled objects there, in the driver's directory if it exists."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    for obj in cloudpickle.loads(hooks):
+        obj.prepare_data()
 
 
 def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -> None:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -15,6 +18,7 @@ from models import DigitsDataModule, DigitsModule
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, WeightedRandomSampler
 
+import hqde_lightning
 from hqde_lightning import Ensemble, HQDEStrategy
 
 
@@ -152,6 +156,43 @@ def test_prepare_data_runs_once_in_the_driver(ray_session, tmp_path):
     strategy = HQDEStrategy(num_members=3, sync="elastic", seed=5)
     _trainer(strategy, tmp_path, limit_train_batches=2, limit_val_batches=1).fit(DigitsModule(), datamodule=_CountingDataModule(str(log)))
     assert log.read_text().splitlines() == ["prepare_data"]
+
+
+_MULTI_NODE_FIT = """
+import lightning.pytorch as pl
+from ray.cluster_utils import Cluster
+from models import DigitsDataModule, DigitsModule
+from hqde_lightning import HQDEStrategy
+
+class Counting(DigitsDataModule):
+    def prepare_data(self):
+        with open({log!r}, "a") as f:
+            f.write("prepare_data\\n")
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster.add_node(num_cpus=1)
+try:
+    strategy = HQDEStrategy(num_members=3, ray_address=cluster.address, resources_per_member={{"num_cpus": 0.5}}, seed=5)
+    trainer = pl.Trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(DigitsModule(), datamodule=Counting())
+    print("members", len(strategy.ensemble.members))
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_prepare_data_runs_once_per_node_of_a_cluster(tmp_path):
+    """Ray's multi-node test cluster (two raylets on this machine), 3 members: once on the driver's node and once on the other."""
+    log = tmp_path / "calls.txt"
+    package_root = os.path.dirname(os.path.dirname(hqde_lightning.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    script = _MULTI_NODE_FIT.format(log=str(log))
+    done = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert "members 3" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    assert log.read_text().splitlines() == ["prepare_data", "prepare_data"]
 
 
 def test_lr_find_tunes_in_the_driver(ray_session, tmp_path):
