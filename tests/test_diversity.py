@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -95,6 +96,43 @@ def test_bagging_still_draws_bootstrap_samples_with_a_seeded_loader(ray_session,
     trainer.fit(DigitsModule(), train_dataloaders=loader)
     assert _min_member_distance(strategy.ensemble) > 0.1
     assert trainer.global_step == 19
+
+
+class _FixedOrder(torch.utils.data.Sampler):
+    """A custom sampler without a ``generator`` attribute: HQDE cannot re-seed it."""
+
+    def __init__(self, n: int) -> None:
+        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+@pytest.mark.parametrize(
+    ("make_loader", "message"),
+    [
+        (lambda ds: DataLoader(ds, batch_size=64, sampler=_FixedOrder(len(ds))), "sampler _FixedOrder has no `generator` attribute"),
+        (lambda ds: DataLoader(_Stream(ds), batch_size=64), "the training dataset is iterable \\(_Stream\\)"),
+    ],
+    ids=["custom-sampler", "iterable-dataset"],
+)
+def test_orders_hqde_cannot_reseed_are_named_once(ray_session, tmp_path, make_loader, message):
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(strategy, tmp_path, limit_train_batches=4).fit(DigitsModule(), train_dataloaders=make_loader(_digits().train))
+    assert len([w for w in caught if re.search(message, str(w.message))]) == 1
 
 
 def test_identical_members_are_reported_after_the_first_epoch(ray_session, tmp_path):
