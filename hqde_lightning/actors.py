@@ -150,7 +150,7 @@ class Coordinator:
             self.snapshots[member] = (round_id, tree_to_cpu(snapshot))
         self._notify_snapshot()
         if self.check_clones and member not in self.first_fingerprints:
-            self.first_fingerprints[member] = (round_id, weights_fingerprint(snapshot.get("state_dict", {})))
+            self.first_fingerprints[member] = (round_id, _weights_fingerprint(snapshot.get("state_dict", {})))
             self._report_clones()
 
     def _report_clones(self) -> None:
@@ -281,13 +281,18 @@ class MemberActor:
         )
 
 
-def weights_fingerprint(state: Mapping[str, Any]) -> str:
+def _weights_fingerprint(state: Mapping[str, Any]) -> str:
     """A digest of a state dict's tensors (names, dtypes, shapes and bytes): equal digests mean identical weights."""
     digest = hashlib.blake2b(digest_size=16)
     for key in sorted(state):
         value = state[key]
         if isinstance(value, torch.Tensor):
-            flat = value.detach().cpu().contiguous().reshape(-1)
+            value = value.detach().cpu()
+            if value.is_quantized:
+                value = value.int_repr()
+            if value.layout != torch.strided:
+                value = value.to_dense()
+            flat = value.contiguous().reshape(-1)
             digest.update(f"{key}:{flat.dtype}:{tuple(value.shape)};".encode())
             digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()

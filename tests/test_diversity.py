@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.tuner import Tuner
-from models import DigitsDataModule, DigitsModule
+from models import DigitsDataModule, DigitsModule, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, WeightedRandomSampler
 
@@ -24,17 +24,7 @@ from hqde_lightning import Ensemble, HQDEStrategy
 
 
 def _trainer(strategy: HQDEStrategy, tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        strategy=strategy,
-        max_epochs=1,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return quiet_trainer(strategy=strategy, default_root_dir=str(tmp_path), **kwargs)
 
 
 def _digits() -> DigitsDataModule:
@@ -199,7 +189,7 @@ def test_prepare_data_runs_once_in_the_driver(ray_session, tmp_path):
 _MULTI_NODE_FIT = """
 import lightning.pytorch as pl
 from ray.cluster_utils import Cluster
-from models import DigitsDataModule, DigitsModule
+from models import DigitsDataModule, DigitsModule, quiet_trainer
 from hqde_lightning import HQDEStrategy
 
 class Counting(DigitsDataModule):
