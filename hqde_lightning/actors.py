@@ -17,6 +17,7 @@ Both are plain classes here; the launcher wraps them with ``ray.remote`` and the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import os
 import shutil
@@ -36,7 +37,7 @@ from ray import cloudpickle
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
-from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, state_to_numpy, tree_to_cpu
+from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
 
 __all__ = ["Coordinator", "MemberActor", "MemberResult"]
 
@@ -57,9 +58,13 @@ class Coordinator:
         aggregator: the rule that combines member weights.
         topology: the path the weights take (flat, tree, map-reduce).
         state: a previous run's :meth:`state_dict` when resuming.
+        check_clones: compare the members' first end-of-epoch snapshots and report members with
+            identical weights to the driver (off where a sync makes members equal on purpose).
     """
 
-    def __init__(self, num_members: int, aggregator: Aggregator, topology: Topology, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, num_members: int, aggregator: Aggregator, topology: Topology, state: Mapping[str, Any] | None = None, check_clones: bool = True
+    ) -> None:
         self.num_members = num_members
         self.aggregator = aggregator
         self.topology = topology
@@ -75,6 +80,9 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
         self._executor: Executor | None = None
+        self.check_clones = check_clones
+        #: per member, the round and weight digest of the first snapshot it posted
+        self.first_fingerprints: dict[int, tuple[int, str]] = {}
         if state is not None:
             self.load_state_dict(state)
 
@@ -151,6 +159,7 @@ class Coordinator:
             self.rounds[round_id].payloads.pop(member, None)  # only a dropped member can have a payload waiting
             self._maybe_complete(round_id)
         self._notify_snapshot()
+        self._report_clones()
 
     # -------------------------------------------------------------- snapshots
     def post_snapshot(self, member: int, round_id: int, snapshot: dict[str, Any], final: bool = False) -> None:
@@ -165,6 +174,21 @@ class Coordinator:
         if final:
             self.done.add(member)
         self._notify_snapshot()
+        if self.check_clones and round_id >= 0 and member not in self.first_fingerprints:  # after its first epoch, not its start
+            self.first_fingerprints[member] = (round_id, _weights_fingerprint(snapshot.get("state_dict", {})))
+            self._report_clones()
+
+    def _report_clones(self) -> None:
+        """Once every active member posted its first snapshot: emits ``("clones", -1, (groups, round))`` for identical members."""
+        if not self.check_clones or len(self.first_fingerprints) < 2 or not self.active <= set(self.first_fingerprints):
+            return
+        self.check_clones = False
+        groups: dict[tuple[int, str], list[int]] = {}
+        for member, key in sorted(self.first_fingerprints.items()):
+            groups.setdefault(key, []).append(member)
+        for (round_id, _), members in groups.items():
+            if len(members) > 1:
+                self.events.append(("clones", -1, (members, round_id)))
 
     def _notify_snapshot(self) -> None:
         waiters, self._snapshot_waiters = self._snapshot_waiters, []
@@ -269,6 +293,15 @@ class MemberActor:
         AtomicCheckpointIO().save_checkpoint(snapshot, path)
         return path
 
+    @staticmethod
+    def _independent_init(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: MemberContext) -> None:
+        """Re-initialises the member's module under its seed, unless the fit resumes from a checkpoint or snapshot."""
+        bound = inspect.signature(function).bind(*args, **kwargs)
+        if bound.arguments.get("ckpt_path") is not None:
+            return
+        notice, fallback = reinitialise(bound.arguments["model"])
+        context.coordinator.emit.remote(("warning" if fallback else "info", context.index, f"HQDEStrategy: {notice}"))
+
     def run(self, payload: bytes, context: MemberContext) -> MemberResult:
         """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.
 
@@ -288,12 +321,16 @@ class MemberActor:
                 args, kwargs = bound.args, bound.kwargs
         strategy = trainer.strategy
         strategy._enter_member_mode(context)
+        # the driver ran `prepare_data` once before the members started (see the launcher)
+        trainer._data_connector.prepare_data = _prepared_in_driver
         trainer._loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
         unwanted: tuple[type, ...] = (ProgressBar,) if context.index == 0 else (ProgressBar, ModelSummary)
         sync = MemberSync(context)
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         strategy._member_sync = sync
         seed_everything(context.seed, workers=True, verbose=False)
+        if strategy.member_init == "independent":
+            self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         try:
             getattr(trainer, function_name)(*args, **kwargs)
         finally:
@@ -310,6 +347,27 @@ class MemberActor:
             trainer_state=trainer.state,
             score=sync.score(trainer),
         )
+
+
+def _weights_fingerprint(state: Mapping[str, Any]) -> str:
+    """A digest of a state dict's tensors (names, dtypes, shapes and bytes): equal digests mean identical weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        value = state[key]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            if value.is_quantized:
+                value = value.int_repr()
+            if value.layout != torch.strided:
+                value = value.to_dense()
+            flat = value.contiguous().reshape(-1)
+            digest.update(f"{key}:{flat.dtype}:{tuple(value.shape)};".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _prepared_in_driver() -> None:
+    """Stands in for Lightning's ``prepare_data`` step inside a member: it ran once in the driver."""
 
 
 def _is_scalar(value: Any) -> bool:

@@ -32,9 +32,11 @@ import ray
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray import cloudpickle
 from ray.exceptions import RayActorError, RayTaskError
@@ -111,6 +113,9 @@ class RayEnsembleLauncher(_Launcher):
         assert trainer is not None
         if trainer.state.fn != TrainerFn.FITTING:
             return self._evaluate(function, args, kwargs, trainer)
+        if _tuning(trainer):
+            # `Tuner.lr_find` / `Tuner.scale_batch_size`: tune one member, your module, here in the driver
+            return function(*args, **kwargs)
         return self._fit(function, args, kwargs, trainer)
 
     def kill(self, signum: Any = None) -> None:
@@ -138,15 +143,25 @@ class RayEnsembleLauncher(_Launcher):
         bound = inspect.signature(function).bind(*args, **kwargs)
         model: LightningModule = bound.arguments["model"]
         ckpt_path = bound.arguments.get("ckpt_path")
+        _check_ckpt_path_exists(ckpt_path)
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
+        _prepare_data(model, bound)
         payload = self._pickle(trainer, function, bound, model)
         self._start_ray()
         try:
-            coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology)
+            self._prepare_data_on_other_nodes(model, bound)
+            # where a sync sets every member to the consensus, equal weights are intended
+            check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+            coordinator = (
+                ray.remote(Coordinator)
+                .options(num_cpus=0)
+                .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
+            )
             self._actors = [coordinator]
             results = self._run_members(trainer, payload, coordinator)
+            _check_score_metric(strategy.score_metric, results)
             strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
             self._recover(trainer, model, results)
             # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
@@ -192,6 +207,24 @@ class RayEnsembleLauncher(_Launcher):
                 f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
                 f" resume with `num_members={section['num_members']}`."
             )
+
+    def _prepare_data_on_other_nodes(self, model: LightningModule, bound: inspect.BoundArguments) -> None:
+        """On a cluster: runs the ``prepare_data`` hooks with ``prepare_data_per_node=True`` once on every other alive node.
+
+        As Lightning runs them once per node; hooks with ``prepare_data_per_node=False`` ran in the driver only.
+        """
+        hooks = [obj for obj in _data_hooks(model, bound) if obj.prepare_data_per_node and is_overridden("prepare_data", obj)]
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
+        if not hooks or not nodes:
+            return
+        options: dict[str, Any] = {"num_cpus": 0}
+        if self._strategy.ray_address is None:
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
+        task = ray.remote(_run_prepare_data)
+        hooks_ref = ray.put(cloudpickle.dumps(hooks))
+        affinity = [NodeAffinitySchedulingStrategy(node_id=node, soft=False) for node in nodes]
+        ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
 
     def _start_ray(self) -> None:
         strategy = self._strategy
@@ -479,6 +512,67 @@ class RayEnsembleLauncher(_Launcher):
             logger.finalize("success")
 
 
+def _tuning(trainer: Trainer) -> bool:
+    """True while ``Tuner.lr_find``/``Tuner.scale_batch_size`` runs ``fit``: they mark their finder callback ``_early_exit``."""
+    return any(isinstance(cb, (LearningRateFinder, BatchSizeFinder)) and getattr(cb, "_early_exit", False) for cb in trainer.callbacks)
+
+
+def _check_ckpt_path_exists(ckpt_path: Any) -> None:
+    """Refuses a local ``fit(ckpt_path=...)`` that does not exist, before Ray or any actor starts.
+
+    Lightning's own names (``"last"``, ``"hpc"``, ``"registry..."``) and remote URLs (``s3://...``)
+    are left to Lightning.
+    """
+    if ckpt_path is None:
+        return
+    path = str(ckpt_path)
+    if path in ("last", "hpc", "best") or path.startswith("registry") or "://" in path:
+        return
+    if not os.path.exists(path):
+        raise MisconfigurationException(
+            f"`trainer.fit(ckpt_path={path!r})`: no such file ({os.path.abspath(path)}). Pass the path of a checkpoint"
+            " to resume from, or leave `ckpt_path` out to start a new fit."
+        )
+
+
+def _data_hooks(model: LightningModule, bound: inspect.BoundArguments) -> list[Any]:
+    """The fit's datamodule (if any) and module: the objects whose ``prepare_data`` a fit runs."""
+    datamodule = bound.arguments.get("datamodule")
+    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
+        datamodule = bound.arguments["train_dataloaders"]
+    return [obj for obj in (datamodule, model) if obj is not None]
+
+
+def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None:
+    """Runs ``prepare_data`` of the datamodule and the module once, in the driver, as Lightning runs it on rank 0.
+
+    Members skip it (see :class:`~hqde_lightning.actors.MemberActor`): N members would otherwise
+    download into the same folder at the same time. Other nodes of a cluster get their own run
+    (:meth:`RayEnsembleLauncher._prepare_data_on_other_nodes`).
+    """
+    for obj in _data_hooks(model, bound):
+        obj.prepare_data()
+
+
+def _run_prepare_data(hooks: bytes, cwd: str) -> None:
+    """A Ray task on one node: runs ``prepare_data`` of the pickled objects there, in the driver's directory if it exists."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    for obj in cloudpickle.loads(hooks):
+        obj.prepare_data()
+
+
+def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -> None:
+    """Warns when ``score_metric`` was never logged: every aggregation then fell back to equal weights."""
+    if score_metric is None or not results or any(r.score is not None for r in results):
+        return
+    logged = sorted({k for r in results for k in r.callback_metrics})
+    rank_zero_warn(
+        f"HQDEStrategy: `score_metric={score_metric!r}` was never logged by the members, so members were weighted"
+        f" equally in every aggregation and in the ensemble. The members logged: {logged}."
+    )
+
+
 class _EventForwarder:
     """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
 
@@ -490,6 +584,7 @@ class _EventForwarder:
         #: each member's measured training speed, fed to placement when the member finishes
         self.batches_per_second: dict[int, float] = {}
         self._first_report: dict[int, tuple[float, int]] = {}
+        self._notices: set[str] = set()
 
     def forget(self, member: int) -> None:
         """A restarted member counts its speed afresh."""
@@ -513,6 +608,12 @@ class _EventForwarder:
             elif kind == "hparams":
                 logger_index, params = data
                 loggers[logger_index].log_hyperparams(params)
+            elif kind in ("warning", "info"):
+                if data not in self._notices:  # every member sends the same notice; show it once
+                    self._notices.add(data)
+                    (rank_zero_warn if kind == "warning" else rank_zero_info)(data)
+            elif kind == "clones":
+                self._warn_clones(*data)
             elif kind == "progress":
                 self.progress.update(member, *data)
                 self._measure(member, *data[:3])
@@ -533,6 +634,24 @@ class _EventForwarder:
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
                 for logger in loggers:
                     logger.log_metrics(summary, self.last_step)
+
+    def _warn_clones(self, members: list[int], round_id: int) -> None:
+        if self.strategy.member_init == "shared":
+            cause = (
+                "they started from the same weights (`member_init='shared'`) and read the same data order"
+                " (`shuffle=False`, an iterable dataset or a sampler HQDEStrategy cannot re-seed: see the warnings above)."
+                " Use `member_init='independent'`, `bagging=True` or a shuffling sampler"
+            )
+        else:
+            cause = (
+                "re-initialisation gave them the same weights (e.g. `__init__` loads fixed weights) and they read the same"
+                " data order (`shuffle=False`, an iterable dataset or a sampler HQDEStrategy cannot re-seed: see the warnings"
+                " above). Use `bagging=True` or a shuffling sampler"
+            )
+        rank_zero_warn(
+            f"HQDEStrategy: members {members} hold identical weights after epoch {round_id}: they train as copies of one"
+            f" model and the ensemble is no better than one member. Probable cause: {cause}."
+        )
 
 
 @contextlib.contextmanager

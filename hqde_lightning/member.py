@@ -271,3 +271,43 @@ class MemberSync(Callback):
         posted = self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot), final)
         if final:
             ray.get(posted)
+
+
+def reinitialise(module: LightningModule) -> tuple[str, bool]:
+    """Gives ``module`` fresh initial weights drawn from torch's global RNG (seeded per member).
+
+    Preferred: build a new instance from ``module``'s class and its saved hyperparameters
+    (``save_hyperparameters()``), which runs your own init code, and load its state dict into
+    ``module``. When that is not possible (no saved hyperparameters, the constructor fails, or
+    the new state dict does not fit), calls ``reset_parameters()`` of every submodule that has
+    it; parameters owned by modules without it keep their values.
+
+    Returns:
+        a notice for the driver saying which way was used, and whether it was the fallback.
+    """
+    name = type(module).__name__
+    reason = f"{name} did not call `save_hyperparameters()`"
+    if hasattr(module, "_hparams_initial"):
+        hparams = dict(module.hparams)
+        hparams_name = getattr(module, "_hparams_name", None)
+        kwargs = {hparams_name: module.hparams} if hparams_name not in (None, "kwargs") else hparams
+        try:
+            fresh = type(module)(**kwargs)
+            module.load_state_dict(fresh.state_dict())
+            return f"member_init='independent': each member rebuilt {name} from its saved hyperparameters under its own seed.", False
+        except Exception as err:  # any failure of the user's constructor or a mismatched state leads to the fallback
+            reason = f"rebuilding {name}(**hparams) failed ({type(err).__name__}: {err})"
+    kept = []
+    for path, sub in module.named_modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        elif any(True for _ in sub.parameters(recurse=False)):
+            kept.append(path or name)
+    notice = (
+        f"member_init='independent': {reason}, so each member called `reset_parameters()` of every submodule that has it"
+        " under its own seed; custom initialisation done in `__init__` is lost."
+    )
+    if kept:
+        notice += f" Parameters of {kept} (modules without `reset_parameters()`) keep the driver's initial values."
+    return notice, True

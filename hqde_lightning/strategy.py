@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, SubsetRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
@@ -37,6 +37,7 @@ from hqde_lightning.topology import Flat, Topology, resolve_topology
 __all__ = ["HQDEStrategy"]
 
 _RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
+MEMBER_INITS = ("independent", "shared")
 
 
 class HQDEStrategy(Strategy):
@@ -66,6 +67,12 @@ class HQDEStrategy(Strategy):
         sync_every_n_epochs: sync at the end of every n-th training epoch (>= 1).
         bagging: each member trains on its own bootstrap sample of the training set
             (map-style datasets only) instead of the whole set in its own order.
+        member_init: ``"independent"``: before its fit starts, each member draws fresh initial
+            weights under its own seed (rebuilt from the module's class and saved
+            hyperparameters, else ``reset_parameters()`` of every submodule); ``"shared"``: every
+            member starts from the weights your module holds. ``None`` (default):
+            ``"independent"`` for ``sync="none"``, ``"shared"`` for ``"elastic"``/``"replace"``
+            (averaging needs a common start). Resuming from a checkpoint keeps its weights.
         combine: how member outputs are combined in ``validate``/``test``/``predict``:
             ``"auto"`` (class logits as probabilities once evaluation batches with integer class
             targets showed which output holds them, everything else averaged), ``"probability"``,
@@ -108,6 +115,7 @@ class HQDEStrategy(Strategy):
         sync_strength: float = 0.5,
         sync_every_n_epochs: int = 1,
         bagging: bool = False,
+        member_init: str | None = None,
         combine: str | Combiner = "auto",
         score_metric: str | None = None,
         score_mode: str = "max",
@@ -163,13 +171,24 @@ class HQDEStrategy(Strategy):
             or member_start_timeout_s <= 0
         ):
             raise MisconfigurationException(f"`HQDEStrategy(member_start_timeout_s={member_start_timeout_s!r})`: must be a finite number of seconds > 0.")
+        if not isinstance(bagging, bool):
+            raise MisconfigurationException(f"`HQDEStrategy(bagging={bagging!r})`: `bagging` must be True or False.")
+        if member_init is not None and member_init not in MEMBER_INITS:
+            raise MisconfigurationException(f"`HQDEStrategy(member_init={member_init!r})` is not known; choose one of {list(MEMBER_INITS)} or None.")
+        if score_metric is not None and not isinstance(score_metric, str):
+            raise MisconfigurationException(
+                f"`HQDEStrategy(score_metric={score_metric!r})`: pass the name of a metric your module logs (e.g. 'val_acc'), or None."
+            )
+        _check_ray_init_kwargs(ray_init_kwargs)
         self.num_members = num_members
         self.max_member_restarts = max_member_restarts
         self.on_member_failure = on_member_failure
         self.sync = sync
         self.sync_strength = float(sync_strength)
         self.sync_every_n_epochs = sync_every_n_epochs
-        self.bagging = bool(bagging)
+        self.bagging = bagging
+        #: ``"independent"`` or ``"shared"`` (the ``None`` default resolved from ``sync``)
+        self.member_init = member_init if member_init is not None else ("independent" if sync == "none" else "shared")
         self.score_metric = score_metric
         self.score_mode = score_mode
         self.ray_address = ray_address
@@ -346,14 +365,38 @@ class HQDEStrategy(Strategy):
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:
-        """Inside a member with ``bagging=True``: the training loader draws the member's bootstrap sample."""
-        if not (self.is_member and self.bagging and self.lightning_module is not None):
+        """Inside a member: gives the training loader the member's own data order.
+
+        With ``bagging=True`` the loader draws the member's bootstrap sample. Otherwise every
+        ``torch.Generator`` the loader carries (its sampler's or batch sampler's ``generator``
+        attribute, and the loader's own ``generator``, from which worker seeds are drawn) is
+        replaced by one seeded from ``(seed, member index, epoch)``, so a loader built with
+        ``shuffle=True, generator=torch.Generator().manual_seed(0)`` no longer gives every member
+        the same order. Samplers without a generator draw from torch's global RNG, which each
+        member seeds with its own seed. Left as they are, with one warning in the driver: a
+        ``SequentialSampler`` (``shuffle=False``: the order you asked for; no warning), custom
+        samplers without a ``generator`` attribute and iterable datasets.
+        """
+        if not (self.is_member and self.lightning_module is not None):
             return dataloader
         trainer = self.lightning_module.trainer
         if not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
+        assert self._member is not None
+        seeds = np.random.SeedSequence([self.seed, self._member.index, trainer.current_epoch]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(seeds[0]))
+        if self.bagging:
+            dataloader = self._bootstrap_loader(dataloader)
+        else:
+            self._reseed_sampler(dataloader, generator)
+        if isinstance(dataloader.generator, torch.Generator):
+            dataloader.generator = generator
+        return dataloader
+
+    def _bootstrap_loader(self, dataloader: DataLoader) -> DataLoader:
+        """The loader re-built around a ``SubsetRandomSampler`` over the member's bootstrap sample."""
         dataset = dataloader.dataset
-        if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
             raise MisconfigurationException(
                 "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
                 f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
@@ -363,6 +406,35 @@ class HQDEStrategy(Strategy):
         indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         return _update_dataloader(dataloader, SubsetRandomSampler(indices, generator=generator))
+
+    def _reseed_sampler(self, dataloader: DataLoader, generator: torch.Generator) -> None:
+        """Puts ``generator`` into the sampler that orders ``dataloader``'s batches, when it has one."""
+        if isinstance(dataloader.dataset, IterableDataset):
+            self._warn_driver(
+                f"the training dataset is iterable ({type(dataloader.dataset).__name__}): HQDEStrategy cannot give each member"
+                " its own order, so members read the same stream unless the dataset draws from torch's, numpy's or"
+                " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
+            )
+            return
+        batch_sampler = dataloader.batch_sampler
+        custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
+        sampler = batch_sampler if custom_batches else dataloader.sampler
+        if isinstance(sampler, SequentialSampler):
+            return
+        if isinstance(getattr(sampler, "generator", None), torch.Generator):
+            sampler.generator = generator
+        elif not hasattr(sampler, "generator"):
+            self._warn_driver(
+                f"the training loader's {'batch sampler' if custom_batches else 'sampler'} {type(sampler).__name__} has no"
+                " `generator` attribute, so HQDEStrategy cannot give each member its own order: members share it unless the"
+                " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
+                " attribute (a torch.Generator) to have it re-seeded per member."
+            )
+
+    def _warn_driver(self, message: str) -> None:
+        """Inside a member: has the driver show ``message`` as a warning (once, however many members send it)."""
+        assert self._member is not None
+        self._member.coordinator.emit.remote(("warning", self._member.index, f"HQDEStrategy: {message}"))
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
@@ -511,7 +583,7 @@ class HQDEStrategy(Strategy):
         return (
             f"HQDEStrategy(num_members={self.num_members}, aggregator={self.aggregator!r}, topology={self.topology!r}, sync={self.sync!r},"
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
-            f" seed={self.seed})"
+            f" member_init={self.member_init!r}, seed={self.seed})"
         )
 
 
@@ -542,6 +614,22 @@ def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
         )
     if isinstance(rule, TrimmedMean) and int(rule.beta * num_members) == 0:
         rank_zero_warn(f"TrimmedMean(beta={rule.beta}) trims no member out of {num_members}: it is the plain mean. Raise `beta` to at least {1 / num_members:.3f}.")
+
+
+def _check_ray_init_kwargs(kwargs: Any) -> None:
+    """Refuses ``ray_init_kwargs`` that are not a mapping of ``ray.init`` keywords, or that carry the address."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, Mapping):
+        raise MisconfigurationException(
+            f"`HQDEStrategy(ray_init_kwargs={kwargs!r})` must be a dict of keyword arguments for `ray.init`"
+            " (e.g. {'runtime_env': {...}}), or None."
+        )
+    if "address" in kwargs:
+        raise MisconfigurationException(
+            f"`HQDEStrategy(ray_init_kwargs={{'address': {kwargs['address']!r}, ...}})`: pass the cluster address as"
+            f" `HQDEStrategy(ray_address={kwargs['address']!r})` instead; `ray_init_kwargs` holds the other `ray.init` arguments."
+        )
 
 
 def _check_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -11,6 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A one-epoch ``Trainer`` without logger, checkpoints, progress bar or model summary; ``kwargs`` override."""
+    options = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """1,797 8×8 digits, split 1,200 train / 297 val / 300 test with a fixed permutation."""
 

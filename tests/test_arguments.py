@@ -32,6 +32,12 @@ from hqde_lightning import HQDEStrategy
         ({"resources_per_member": {"num_cpus": -1}}, "num_cpus"),
         ({"resources_per_member": {"num_gpus": 2}}, "a member trains on one device"),
         ({"ray_address": 6379}, "ray_address"),
+        ({"bagging": "no"}, "`bagging` must be True or False"),
+        ({"bagging": 1}, "`bagging` must be True or False"),
+        ({"member_init": "random"}, "member_init='random'.*\\['independent', 'shared'\\]"),
+        ({"score_metric": 5}, "score_metric=5"),
+        ({"ray_init_kwargs": "x"}, "ray_init_kwargs='x'.*must be a dict"),
+        ({"ray_init_kwargs": {"address": "auto"}}, "ray_address='auto'"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, message):
@@ -83,3 +89,31 @@ def test_unpicklable_module_named_before_actors_start(tmp_path):
     with pytest.raises(MisconfigurationException, match="`model.lock` \\(lock\\)"):
         trainer.fit(_Unpicklable(), datamodule=DigitsDataModule())
     assert ray.is_initialized() == started_before, "no Ray instance or actor may start for a module that cannot be shipped"
+
+
+def test_member_init_default_follows_sync():
+    assert HQDEStrategy(sync="none").member_init == "independent"
+    assert HQDEStrategy(sync="elastic").member_init == "shared"
+    assert HQDEStrategy(sync="replace").member_init == "shared"
+    assert HQDEStrategy(sync="elastic", member_init="independent").member_init == "independent"
+
+
+def test_missing_ckpt_path_rejected_before_ray_starts(tmp_path):
+    import ray
+
+    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2), max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    started_before = ray.is_initialized()
+    missing = str(tmp_path / "nope.ckpt")
+    with pytest.raises(MisconfigurationException, match="ckpt_path=.*nope.ckpt.*no such file"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=missing)
+    assert ray.is_initialized() == started_before, "no Ray instance or actor may start for a checkpoint that does not exist"
+
+
+def test_score_metric_never_logged_warns_naming_what_was_logged(ray_session, tmp_path):
+    strategy = HQDEStrategy(num_members=2, sync="elastic", aggregator="superposition", score_metric="val_accuracy", seed=1)
+    trainer = pl.Trainer(
+        strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=1, default_root_dir=str(tmp_path),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="`score_metric='val_accuracy'` was never logged.*'val_acc'"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())

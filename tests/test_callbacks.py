@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from models import DigitsDataModule, DigitsModule
+from models import DigitsDataModule, DigitsModule, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from hqde_lightning import Ensemble, HQDEStrategy
@@ -33,18 +33,7 @@ class OrderedDigits(DigitsDataModule):
 
 
 def _plain_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=1,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        callbacks=list(callbacks),
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(default_root_dir=str(tmp_path), deterministic=True, callbacks=list(callbacks), **kwargs)
 
 
 def _plain_fit(tmp_path, callbacks=(), make_model: Callable[[], DigitsModule] = DigitsModule, **kwargs) -> tuple[pl.Trainer, DigitsModule]:
@@ -56,18 +45,9 @@ def _plain_fit(tmp_path, callbacks=(), make_model: Callable[[], DigitsModule] = 
     return trainer, model
 
 
-def _hqde_fit(tmp_path, num_members: int, sync: str, callbacks=(), hidden: int = 32, max_epochs: int = 2, datamodule=None):
-    strategy = HQDEStrategy(num_members=num_members, sync=sync, seed=7)
-    trainer = pl.Trainer(
-        strategy=strategy,
-        max_epochs=max_epochs,
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+def _hqde_fit(tmp_path, num_members: int, sync: str, callbacks=(), hidden: int = 32, max_epochs: int = 2, datamodule=None, **strategy_kwargs):
+    strategy = HQDEStrategy(num_members=num_members, sync=sync, seed=7, **strategy_kwargs)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=max_epochs, default_root_dir=str(tmp_path), callbacks=list(callbacks))
     model = DigitsModule(hidden=hidden)
     dm = datamodule or DigitsDataModule()
     trainer.fit(model, datamodule=dm)
@@ -265,10 +245,10 @@ def test_monitor_falls_back_to_getrusage_without_psutil(tmp_path, monkeypatch):
 # ------------------------------------------------------------- HQDE ensembles
 @pytest.fixture(scope="module")
 def noise_fits(ray_session, tmp_path_factory):
-    """Two 2-member independent fits on identically ordered data: without and with noise."""
+    """Two 2-member independent fits from one shared start on identically ordered data: without and with noise."""
     out = {}
     for name, callbacks in (("plain", []), ("noise", [QuantumNoise(scale=0.01, seed=0)])):
-        out[name] = _hqde_fit(tmp_path_factory.mktemp(name), 2, "none", callbacks, max_epochs=1, datamodule=OrderedDigits())
+        out[name] = _hqde_fit(tmp_path_factory.mktemp(name), 2, "none", callbacks, max_epochs=1, datamodule=OrderedDigits(), member_init="shared")
     return out
 
 
