@@ -106,6 +106,9 @@ class Aggregator(ABC):
 
     #: the name accepted by ``HQDEStrategy(aggregator=...)``
     name: str = ""
+    #: whether the rule has a breakdown guarantee (a minority of arbitrary members cannot move the
+    #: consensus arbitrarily far); topologies that would break the guarantee refuse such rules
+    robust: bool = False
     #: members the current call already left out as non-finite (known-bad) before :meth:`combine`
     num_excluded: int = 0
 

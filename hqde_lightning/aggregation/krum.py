@@ -106,6 +106,7 @@ class Krum(Aggregator):
     """
 
     name = "krum"
+    robust = True
 
     def __init__(self, num_byzantine: int = 1) -> None:
         self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
@@ -129,6 +130,7 @@ class MultiKrum(Aggregator):
     """
 
     name = "multi_krum"
+    robust = True
 
     def __init__(self, num_byzantine: int = 1, num_selected: int | None = None) -> None:
         self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)

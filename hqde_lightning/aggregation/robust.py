@@ -191,6 +191,7 @@ class RobustAggregator(Aggregator):
     """
 
     name = "robust"
+    robust = True
 
     def __init__(self, inner: Aggregator | str, threshold: float = 3.5, reputation: bool = True) -> None:
         from hqde_lightning.aggregation import resolve_aggregator
