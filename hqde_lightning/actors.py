@@ -96,7 +96,7 @@ class Coordinator:
             sizes = [e[3] for e in entries]
             if isinstance(self.topology, Flat):
                 states = [decode_payload(ray.get(e[0])) for e in entries]
-                result = self.aggregator(states, scores=scores, sample_counts=counts)
+                result = self.aggregator(states, scores=scores, sample_counts=counts, members=members)
                 consensus = state_to_numpy(result.state)
                 comm = CommStats(1, sum(sizes) + sum(v.nbytes for v in consensus.values()), 0)
             else:

@@ -337,7 +337,7 @@ class RayEnsembleLauncher(_Launcher):
             rank_zero_warn(f"HQDEStrategy: the ensemble holds {len(results)} of {strategy.num_members} members; members {strategy.dropped_members} were dropped after failing.")
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
         scores = [r.score for r in results]
-        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
+        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores, members=[r.index for r in results])
         model.load_state_dict(final.state)
         strategy.ensemble = Ensemble.from_states(model, states, weights=self._prediction_weights(scores), combine=strategy.combiner).eval()
 

@@ -48,11 +48,25 @@ def _is_aggregatable(tensor: Tensor) -> bool:
     return torch.is_floating_point(tensor) or torch.is_complex(tensor)
 
 
-def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
-    """Stacks the floating-point entries of ``states`` into a ``(num_members, P)`` float32 matrix.
+def _matrix_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any entry is float64 or complex128, float32 otherwise (half types widen to it)."""
+    wide = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
+    return torch.float64 if wide else torch.float32
 
-    Returns the matrix and the keys it holds, in order. Every state must have the same keys
-    and shapes; a clear ``ValueError`` names the first mismatch.
+
+def _as_real(tensor: Tensor) -> Tensor:
+    """A complex tensor as (..., 2) real and imaginary parts; a real one unchanged."""
+    return torch.view_as_real(tensor.resolve_conj()) if torch.is_complex(tensor) else tensor
+
+
+def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
+    """Stacks the floating-point and complex entries of ``states`` into a ``(num_members, P)`` real matrix.
+
+    The matrix is float64 when any entry is float64 or complex128 and float32 otherwise, so no
+    value is rounded; a complex entry contributes its real and imaginary parts as two columns
+    per value (distances and norms are then those of the complex numbers). Returns the matrix
+    and the keys it holds, in order. Every state must have the same keys and shapes; a clear
+    ``ValueError`` names the first mismatch.
     """
     reference = states[0]
     keys = [k for k, v in reference.items() if _is_aggregatable(v)]
@@ -68,24 +82,28 @@ def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
                 )
     if not keys:
         return torch.zeros(len(states), 0), keys
-    rows = [torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]) for state in states]
+    dtype = _matrix_dtype([state[k] for state in states for k in keys])
+    rows = [torch.cat([_as_real(state[k].detach()).reshape(-1).to(dtype) for k in keys]) for state in states]
     return torch.stack(rows), keys
 
 
 def unflatten(vector: Tensor, keys: Sequence[str], template: StateDict) -> dict[str, Tensor]:
-    """Inverse of :func:`flatten_states` for one row; non-float entries are copied from ``template``."""
+    """Inverse of :func:`flatten_states` for one row, in ``template``'s dtypes; other entries are copied from ``template``."""
     out: dict[str, Tensor] = {}
     offset = 0
-    sizes = {k: template[k].numel() for k in keys}
     chunks: dict[str, Tensor] = {}
     for key in keys:
-        chunks[key] = vector[offset : offset + sizes[key]]
-        offset += sizes[key]
+        size = template[key].numel() * (2 if torch.is_complex(template[key]) else 1)
+        chunks[key] = vector[offset : offset + size]
+        offset += size
     for key, value in template.items():
-        if key in chunks:
-            out[key] = chunks[key].reshape(value.shape).to(value.dtype).clone()
-        else:
+        if key not in chunks:
             out[key] = value.detach().clone()
+        elif torch.is_complex(value):
+            real = chunks[key].to(value.real.dtype).reshape(*value.shape, 2)
+            out[key] = torch.view_as_complex(real.contiguous()).to(value.dtype).clone()
+        else:
+            out[key] = chunks[key].reshape(value.shape).to(value.dtype).clone()
     return out
 
 
@@ -93,7 +111,7 @@ class Aggregator(ABC):
     """Combines member state dicts into a consensus.
 
     Subclasses implement :meth:`combine` on the flattened matrix. Call the instance:
-    ``aggregator(states, scores=None, sample_counts=None, prior_weights=None)``.
+    ``aggregator(states, scores=None, sample_counts=None, prior_weights=None, members=None)``.
 
     Args of ``__call__``:
         states: one state dict per member (torch tensors; same keys and shapes).
@@ -102,6 +120,9 @@ class Aggregator(ABC):
         sample_counts: optional number of samples each member trained on since the last sync.
         prior_weights: optional non-negative per-member weights from outside the rule
             (e.g. reputation); multiplied into the rule's own weighting where it has one.
+        members: optional index of each state's member in the ensemble; rules that keep
+            per-member state across rounds (reputations) key it by these, so a round without
+            some members leaves the others' state in place. ``None``: the position in the call.
     """
 
     #: the name accepted by ``HQDEStrategy(aggregator=...)``
@@ -118,8 +139,9 @@ class Aggregator(ABC):
         scores: Sequence[float] | None = None,
         sample_counts: Sequence[float] | None = None,
         prior_weights: Sequence[float] | None = None,
+        members: Sequence[int] | None = None,
     ) -> AggregationResult:
-        n = self._check_call(states, scores, sample_counts, prior_weights)
+        n = self._check_call(states, scores, sample_counts, prior_weights, members)
         matrix, keys = flatten_states(states)
         finite = torch.isfinite(matrix).all(dim=1) if matrix.shape[1] else torch.ones(n, dtype=torch.bool)
         keep = [i for i in range(n) if bool(finite[i])]
@@ -141,14 +163,17 @@ class Aggregator(ABC):
         scores: Sequence[float] | None,
         sample_counts: Sequence[float] | None,
         prior_weights: Sequence[float] | None,
+        members: Sequence[int] | None = None,
     ) -> int:
-        """Checks that there are states and one score/count/weight per state; returns their number."""
+        """Checks that there are states and one score/count/weight/index per state; returns their number."""
         if len(states) == 0:
             raise ValueError("`states` must hold at least one member state dict")
         n = len(states)
-        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
+        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights), ("members", members)):
             if values is not None and len(values) != n:
                 raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        if members is not None and (len(set(members)) != n or min(int(m) for m in members) < 0):
+            raise ValueError(f"`members` must be distinct non-negative member indices, got {list(members)}")
         return n
 
     @staticmethod
