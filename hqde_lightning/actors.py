@@ -107,6 +107,7 @@ class Coordinator:
             rnd.result = ray.put(consensus)
             stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
             stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
+            stats["sample_counts"] = [e[2] for e in entries]
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
         except Exception as exc:  # every waiting member must hear of it, none may hang
