@@ -687,3 +687,14 @@ def test_non_finite_score_is_the_lowest_confidence() -> None:
     assert superposition_weights(torch.tensor([float("inf"), 0.0]), 1.0).tolist() == [0.0, 1.0]
     everything = Superposition()(states_of(rows), scores=[float("nan")] * 4)
     torch.testing.assert_close(everything.member_weights, torch.full((4,), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_values_all_members_share_come_back_bit_exact(name: str, n: int) -> None:
+    """Identical (e.g. frozen) weights: a weighted mean of equal floats is not always that float; the consensus is."""
+    shared = random_rows(21, 1, 400)[0]
+    states = [{"frozen": shared.clone(), "trained": row} for row in random_rows(22, n, 8)]
+    for rule in (make(name, n), RobustAggregator(make(name, n))):
+        result = rule(states, scores=list(range(n)), sample_counts=[1 + i for i in range(n)])
+        assert torch.equal(result.state["frozen"], shared)

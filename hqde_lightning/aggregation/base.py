@@ -5,7 +5,9 @@ one matrix ``X`` of shape ``(num_members, num_values)`` and returns one row: the
 Integer and boolean entries (``num_batches_tracked``, masks, step counters) are never
 combined; the consensus takes them from the first member. Members whose floats contain NaN
 or Inf are dropped before the rule runs, whatever the rule, so they never reach the
-consensus.
+consensus. A value on which every member taking part agrees exactly is that value in the
+consensus, to the bit (a weighted mean of identical floats can be one rounding off), so
+identical weights, frozen layers for instance, never drift.
 
 Plain torch only: no Ray, no Lightning.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "normalise", "unflatten"]
+__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "keep_unanimous", "normalise", "unflatten"]
 
 StateDict = Mapping[str, Tensor]
 
@@ -152,6 +154,7 @@ class Aggregator(ABC):
         self.num_excluded = len(excluded)
         sub_scores = None if scores is None else torch.tensor([float(scores[i]) for i in keep], dtype=torch.float64)
         consensus, sub_weights, info = self.combine(matrix[keep], sub_scores, prior[keep])
+        consensus = keep_unanimous(consensus, matrix[keep])
         weights = torch.zeros(n, dtype=torch.float64)
         weights[keep] = sub_weights.to(torch.float64)
         template = states[keep[0]]
@@ -212,6 +215,12 @@ class Aggregator(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def keep_unanimous(consensus: Tensor, rows: Tensor) -> Tensor:
+    """``consensus`` with every coordinate on which all ``rows`` agree exactly set to that value."""
+    agree = (rows == rows[0]).all(dim=0)
+    return torch.where(agree, rows[0], consensus)
 
 
 def normalise(weights: Tensor) -> Tensor:

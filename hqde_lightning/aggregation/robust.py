@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, unflatten
+from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, keep_unanimous, unflatten
 
 __all__ = ["RobustAggregator", "Reputation", "coordinate_median", "mad_outliers"]
 
@@ -259,6 +259,7 @@ class RobustAggregator(Aggregator):
         sub_scores = None if scores is None else torch.tensor([float(s) for s in scores], dtype=torch.float64)[use]
         self.inner.num_excluded = int((~use).sum())
         consensus, sub_weights, inner_info = self.inner.combine(matrix[use], sub_scores, prior[use])
+        consensus = keep_unanimous(consensus, matrix[use])
         weights = torch.zeros(n, dtype=torch.float64)
         weights[use] = sub_weights.to(torch.float64)
         if self._tracker is not None:
