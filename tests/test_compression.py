@@ -129,6 +129,7 @@ def test_passthrough_and_dtypes_exact() -> None:
         "half": torch.randn(300).half(),
         "brain": torch.randn(300).bfloat16(),
         "double": torch.randn(300, dtype=torch.float64),
+        "spectrum": torch.randn(300, dtype=torch.complex64),  # complex: always sent unquantized
     }
     planned = decode(encode(state, {"small": np.array([32]), "double": np.array([8, 8])}, block_size=256))
     assert torch.equal(planned["small"], state["small"]) and torch.equal(planned["half"], state["half"])
@@ -136,7 +137,7 @@ def test_passthrough_and_dtypes_exact() -> None:
         decoded = decode(encode(state, bits))
         for name, tensor in state.items():
             assert decoded[name].dtype == tensor.dtype and decoded[name].shape == tensor.shape
-            if bits == 32 or name in ("steps", "mask", "empty"):
+            if bits == 32 or name in ("steps", "mask", "empty", "spectrum"):
                 assert torch.equal(decoded[name], tensor)
             else:
                 assert (decoded[name].double() - tensor.double()).abs().max() < 0.02
