@@ -249,7 +249,7 @@ class Tree(Topology):
     name = "tree"
 
     def check(self, rule: Aggregator) -> None:
-        if getattr(rule, "robust", False):
+        if rule.robust:
             raise ValueError(
                 f"`topology='tree'` with `aggregator={rule!r}`: the tree combines members two at a time, and a pair holding"
                 " one bad member has no honest majority, so a robust rule loses its breakdown guarantee there. Use"
