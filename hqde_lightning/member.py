@@ -280,7 +280,7 @@ class MemberSync(Callback):
                 with warnings.catch_warnings():  # the shared, read-only consensus is only read here
                     warnings.simplefilter("ignore", UserWarning)
                     incoming = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
-                squared_distance += float((incoming - target).abs().double().pow(2).sum())
+                squared_distance += float(torch.linalg.vector_norm((incoming - target).to(torch.promote_types(target.dtype, torch.float32)))) ** 2
                 if alpha >= 1.0:
                     target.copy_(incoming)
                 else:
