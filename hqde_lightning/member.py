@@ -3,10 +3,10 @@
 * :class:`MemberContext`: everything a member needs besides the pickled ``Trainer``.
 * :class:`MemberSync`: a private callback. At the end of each epoch (``on_train_epoch_end``,
   after that epoch's validation, so a validation ``score_metric`` describes the weights being
-  sent and is never one epoch stale), it sends the
-  member's floating-point and complex weights (:func:`sync_state`) to the coordinator, waits
-  for the consensus and applies the sync mode; then it posts a snapshot (weights, optimizer
-  state, RNG) that member 0 uses to write whole-ensemble checkpoints. It also reports progress.
+  sent and is never one epoch stale), it sends the member's floating-point and complex
+  weights (:func:`sync_state`) to the coordinator, waits for the consensus and applies the
+  sync mode; then it posts a snapshot (weights, optimizer state, RNG) that member 0 uses to
+  write whole-ensemble checkpoints. It also reports progress.
 * :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
   the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
   HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
