@@ -120,7 +120,7 @@ class Coordinator:
             sizes = [e[3] for e in entries]
             if isinstance(self.topology, Flat):
                 states = [decode_payload(ray.get(e[0])) for e in entries]
-                result = self.aggregator(states, scores=scores, sample_counts=counts)
+                result = self.aggregator(states, scores=scores, sample_counts=counts, members=members)
                 consensus = state_to_numpy(result.state)
                 comm = CommStats(1, sum(sizes) + sum(v.nbytes for v in consensus.values()), 0)
             else:
@@ -132,6 +132,7 @@ class Coordinator:
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
             stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
+            stats["sample_counts"] = [e[2] for e in entries]
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
         except Exception as exc:  # every waiting member must hear of it, none may hang

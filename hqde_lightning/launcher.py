@@ -483,7 +483,7 @@ class RayEnsembleLauncher(_Launcher):
             ensemble.set_weights(weights)
         strategy.ensemble = ensemble.eval()
         strategy.excluded_members = list(ensemble.excluded_members)
-        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores)
+        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores, members=[r.index for r in results])
         model.load_state_dict(final.state)
 
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its

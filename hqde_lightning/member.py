@@ -1,11 +1,13 @@
 """What runs inside a member actor, around the user's own Lightning fit loop.
 
 * :class:`MemberContext`: everything a member needs besides the pickled ``Trainer``.
-* :class:`MemberSync`: a private callback. At the end of each epoch's training batches it
-  sends the member's floating-point weights to the coordinator, waits for the consensus and
-  applies the sync mode; then it posts a snapshot (its full Lightning checkpoint and RNG
-  states) that the member writing checkpoints puts into whole-ensemble checkpoints. It also
-  posts one when training starts and one when the fit ends, and reports progress.
+* :class:`MemberSync`: a private callback. At the end of each epoch (``on_train_epoch_end``,
+  after that epoch's validation, so a validation ``score_metric`` describes the weights being
+  sent and is never one epoch stale), it sends the member's floating-point and complex
+  weights (:func:`sync_state`) to the coordinator, waits for the consensus and applies the
+  sync mode; then it posts a snapshot (its full Lightning checkpoint and RNG states) that the
+  member writing checkpoints puts into whole-ensemble checkpoints. It also posts one when
+  training starts and one when the fit ends, and reports progress.
 * :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
   the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
   HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
@@ -31,7 +33,7 @@ from torch import Tensor
 from hqde_lightning.checkpoint import capture_rng_states
 from hqde_lightning.topology import payload_layout, payload_nbytes
 
-__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "tree_to_cpu"]
+__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "sync_state", "tree_to_cpu"]
 
 SYNC_MODES = ("none", "elastic", "replace")
 #: the entry of a member snapshot that holds its index, sync round and RNG states
@@ -39,16 +41,38 @@ MEMBER_KEY = "hqde_member"
 _PROGRESS_INTERVAL_S = 0.5
 
 
-def state_to_numpy(state: Mapping[str, Tensor], floats_only: bool = False) -> dict[str, np.ndarray]:
-    """CPU numpy copies of a state dict's tensors (bfloat16 widened to float32, which numpy lacks)."""
+def state_to_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy copies of a state dict's tensors, dtypes kept (bfloat16 widened to float32, which numpy lacks)."""
     out = {}
     for key, value in state.items():
-        if floats_only and not torch.is_floating_point(value):
-            continue
         tensor = value.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         out[key] = tensor.cpu().numpy().copy()
+    return out
+
+
+def sync_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The entries of ``module.state_dict()`` a sync sends and updates (tensors sharing ``module``'s storage).
+
+    * floating-point and complex tensors only (integer counters and masks stay as they are);
+    * each storage once: tied parameters (a decoder weight tied to an embedding: one storage
+      under two keys) are sent, counted and pulled under their first key only;
+    * no frozen parameters (``requires_grad=False``): the optimizer leaves them alone and so
+      does the sync, so they stay bit-exact (quantization would otherwise move them).
+    """
+    frozen = {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
+    seen: set[tuple[Any, ...]] = set()
+    out: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        if key in frozen or not (torch.is_floating_point(value) or torch.is_complex(value)):
+            continue
+        if value.numel():
+            view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+            if view in seen:
+                continue
+            seen.add(view)
+        out[key] = value
     return out
 
 
@@ -67,7 +91,8 @@ def tree_to_cpu(obj: Any) -> Any:
 class SyncCodec(Protocol):
     """A callback that encodes the weights a member sends at a sync point (e.g. quantization).
 
-    ``encode_for_sync`` gets the member's floating-point state and returns the payload that
+    ``encode_for_sync`` gets the member's :func:`sync_state` (floating-point and complex
+    tensors, each storage once, no frozen parameters) and returns the payload that
     crosses the wire: a ``dict`` of numpy arrays or an object with ``decode() -> dict[str, Tensor]``
     and ``nbytes``. At most one such callback is used (the first in ``trainer.callbacks``).
     """
@@ -155,6 +180,7 @@ class MemberSync(Callback):
         self.ctx = context
         self._loss_sum: Tensor | None = None
         self._num_batches = 0
+        #: samples trained on since the last sync (the aggregator's sample count)
         self._num_samples = 0
         self.synced_epoch = -1
         self._last_report = 0.0
@@ -166,6 +192,16 @@ class MemberSync(Callback):
             from hqde_lightning.checkpoint import restore_rng_states
 
             restore_rng_states(resume.get("rng", {}))
+        ctx, every = self.ctx, trainer.check_val_every_n_epoch
+        if ctx.index == 0 and ctx.score_metric is not None and ctx.sync != "none" and every and ctx.sync_every_n_epochs % every:
+            warnings.warn(
+                f"HQDEStrategy: validation runs every {every} epochs (`check_val_every_n_epoch`) but syncs every"
+                f" {ctx.sync_every_n_epochs}; if `score_metric={ctx.score_metric!r}` is a validation metric, a sync at an"
+                " epoch without validation uses its latest value, from an earlier epoch. Make `sync_every_n_epochs` a"
+                " multiple of `check_val_every_n_epoch` for fresh scores.",
+                UserWarning,
+                stacklevel=2,
+            )
         # the state this member starts (or resumes) from, for checkpoints written before its next epoch end
         self._post_snapshot(trainer, trainer.current_epoch - 1)
 
@@ -174,7 +210,7 @@ class MemberSync(Callback):
         self._post_snapshot(trainer, trainer.current_epoch - 1, final=True)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._loss_sum, self._num_batches, self._num_samples = None, 0, 0
+        self._loss_sum, self._num_batches = None, 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -191,11 +227,11 @@ class MemberSync(Callback):
         if now - self._last_report > _PROGRESS_INTERVAL_S:
             self._last_report = now
             self._report_progress(trainer, batch_idx + 1, total, loss)
-        if isinstance(total, int) and batch_idx + 1 >= total:
-            self._sync_point(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # epochs of unknown length (iterable datasets) reach their sync point here
+        # Lightning runs the epoch-end validation before this hook, so `score_metric` holds this
+        # epoch's value; this callback comes first, so checkpoints and early stopping taken at
+        # train-epoch end (Lightning's default when validation runs every epoch) see synced weights
         self._sync_point(trainer, pl_module)
         self._post_snapshot(trainer, trainer.current_epoch)
 
@@ -229,13 +265,12 @@ class MemberSync(Callback):
         self._report_progress(trainer, self._num_batches, trainer.num_training_batches, self._loss_sum / max(self._num_batches, 1) if self._loss_sum is not None else None)
 
     def _exchange(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        state = pl_module.state_dict()
+        state = sync_state(pl_module)
         codec = next((cb for cb in trainer.callbacks if isinstance(cb, SyncCodec)), None)
         if codec is None:
-            payload: Any = state_to_numpy(state, floats_only=True)
+            payload: Any = state_to_numpy(state)
         else:
-            floats = {k: v for k, v in state.items() if torch.is_floating_point(v)}
-            payload = codec.encode_for_sync(trainer, pl_module, floats)
+            payload = codec.encode_for_sync(trainer, pl_module, dict(state))
         score = self.score(trainer)
         # passed by value: the coordinator keeps its own copy, which outlives this member if it dies during the round
         sync_call = self.ctx.coordinator.sync.remote(
@@ -243,6 +278,7 @@ class MemberSync(Callback):
         )
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
+        self._num_samples = 0
         alpha = 1.0 if self.ctx.sync == "replace" else self.ctx.sync_strength
         squared_distance = 0.0
         with torch.no_grad():
@@ -251,7 +287,7 @@ class MemberSync(Callback):
                 with warnings.catch_warnings():  # the shared, read-only consensus is only read here
                     warnings.simplefilter("ignore", UserWarning)
                     incoming = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
-                squared_distance += float((incoming.float() - target.float()).pow(2).sum())
+                squared_distance += float(torch.linalg.vector_norm((incoming - target).to(torch.promote_types(target.dtype, torch.float32)))) ** 2
                 if alpha >= 1.0:
                     target.copy_(incoming)
                 else:

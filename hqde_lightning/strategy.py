@@ -79,6 +79,8 @@ class HQDEStrategy(Strategy):
             ``"mean"`` or a ``Combiner`` (see :mod:`hqde_lightning.ensemble`).
         score_metric: a metric your module logs (e.g. ``"val_acc"``) used as each member's
             confidence by confidence-weighted aggregators; ``None`` uses −mean training loss.
+            It is read at the sync point, after that epoch's validation, so each round uses the
+            value of the weights being sent; a non-finite value is the lowest confidence.
         score_mode: ``"max"`` if a larger ``score_metric`` is better, ``"min"`` otherwise.
         ray_address: ``None`` starts a private local Ray instance when needed (listening on
             127.0.0.1 only, shut down after ``fit``); ``"auto"`` or ``"host:6379"`` joins an existing cluster (``"ray://host:10001"`` needs ``pip install "ray[client]"``).

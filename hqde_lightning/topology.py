@@ -3,13 +3,20 @@
 * ``flat``: every member's weights go to one process, which runs the aggregator once.
 * ``tree``: pairwise reduction in ceil(log2 n) rounds; each round's pairs are combined in
   parallel tasks and only the partial results move on. Exact for mean-like rules (a pair's
-  result carries the pair's total weight, so the weighted mean of partial means is the mean);
-  for median-like rules it is an approximation (a median of pairwise medians), and rules that
-  cannot combine two members (Krum) are refused.
+  result carries the total weight of the pair's members that took part, so the weighted mean
+  of partial means is the mean). Robust rules (``Aggregator.robust``: geometric median,
+  trimmed mean, Krum, Multi-Krum, the outlier filter) are refused: a pair holding one bad
+  member has no honest majority, so a median of pairwise medians has no breakdown guarantee
+  (2 of 7 members sending -100x weights move it as far as the plain mean).
 * ``mapreduce``: parameters are sharded by name across R reducers (balanced by size); each
   reducer aggregates its shard of every member in parallel and the shards are gathered. Exact
   for coordinate-wise rules (mean, trimmed mean); whole-vector rules (geometric median, Krum,
-  entanglement) see one shard at a time, which is an approximation.
+  entanglement) see one shard at a time, which is a different estimator but keeps the rule's
+  breakdown guarantee in every shard (the bad members are a minority of every shard).
+
+"Excluded" means the same on every topology: a member with a NaN/Inf value anywhere is left
+out of the whole consensus (every shard of ``mapreduce``) and carries no weight, also in a
+``tree`` pair; a pair whose members are all excluded passes nothing on.
 
 Work runs through an :class:`Executor`: :class:`LocalExecutor` runs tasks in this process (unit
 tests, small models); the coordinator uses :class:`RayExecutor`, which runs them as Ray tasks that
@@ -20,6 +27,7 @@ rounds it took and the bytes it moved (payload bytes into each task plus the res
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hqde_lightning.aggregation import AggregationResult, Aggregator, Krum, MultiKrum
+from hqde_lightning.aggregation import AggregationResult, Aggregator
 
 __all__ = [
     "TOPOLOGIES",
@@ -89,21 +97,29 @@ def _numpy_state(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
+def _is_finite(state: Mapping[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_floating_point(v) or torch.is_complex(v))
+
+
 def combine_group(
     rule: Aggregator,
     payloads: Sequence[Any],
     scores: Sequence[float] | None,
     weights: Sequence[float],
     keys: Sequence[str] | None = None,
-) -> tuple[dict[str, np.ndarray], list[float], list[int], dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray] | None, list[float], list[int], dict[str, Any], list[int]]:
     """One reduction task: decodes ``payloads`` (their ``keys`` only) and applies ``rule``.
 
     Returns the consensus as numpy arrays, the weight each input received, the excluded
-    inputs and the rule's info.
+    inputs, the rule's info and the inputs holding NaN/Inf values. When every input holds
+    NaN/Inf the consensus is ``None`` and every weight is zero.
     """
     states = [decode_payload(_resolve(p), keys) for p in payloads]
+    non_finite = [i for i, state in enumerate(states) if not _is_finite(state)]
+    if len(non_finite) == len(states):
+        return None, [0.0] * len(states), non_finite, {}, non_finite
     result = copy.deepcopy(rule)(states, scores=scores, sample_counts=weights)
-    return _numpy_state(result.state), [float(w) for w in result.member_weights], result.excluded, result.info
+    return _numpy_state(result.state), [float(w) for w in result.member_weights], result.excluded, result.info, non_finite
 
 
 @dataclass
@@ -198,24 +214,53 @@ class Flat(Topology):
 
     def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
         (out,) = executor.gather([executor.submit(combine_group, rule, list(payloads), scores, list(weights))])
-        state, member_weights, excluded, info = out
+        state, member_weights, excluded, info, _ = out
+        if state is None:
+            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
         consensus_bytes = sum(v.nbytes for v in state.values())
         return _result(state, member_weights, excluded, info), CommStats(1, sum(sizes) + consensus_bytes, 1)
 
 
+@dataclass
+class _Node:
+    """A tree node: a member payload or a partial result, with what it stands for."""
+
+    payload: Any
+    weight: float  # total weight of the members that took part below this node
+    score: float | None
+    members: list[int]
+    nbytes: int
+
+
+def _combined_score(sides: Sequence[_Node]) -> float | None:
+    """Weight-averaged score of ``sides`` over those with a finite score (NaN when none has one)."""
+    if any(side.score is None for side in sides):
+        return None
+    usable = [side for side in sides if math.isfinite(side.score) and side.weight > 0]
+    total = sum(side.weight for side in usable)
+    if not usable or total <= 0:
+        return float("nan")
+    return sum(side.score * side.weight for side in usable) / total
+
+
 class Tree(Topology):
-    """Pairwise reduction in ceil(log2 n) parallel rounds."""
+    """Pairwise reduction in ceil(log2 n) parallel rounds (mean-like rules only, see the module docstring)."""
 
     name = "tree"
 
     def check(self, rule: Aggregator) -> None:
-        if isinstance(rule, (Krum, MultiKrum)):
-            raise ValueError(f"`topology='tree'` combines members two at a time; {type(rule).__name__} needs n > 2f + 2 members per call. Use 'flat' or 'mapreduce'.")
+        if rule.robust:
+            raise ValueError(
+                f"`topology='tree'` with `aggregator={rule!r}`: the tree combines members two at a time, and a pair holding"
+                " one bad member has no honest majority, so a robust rule loses its breakdown guarantee there. Use"
+                " `topology='flat'` or `topology='mapreduce'` with this aggregator, or a mean-like aggregator"
+                " ('mean', 'superposition', 'entanglement') on the tree."
+            )
 
     def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+        self.check(rule)
         n = len(payloads)
-        # each node: (handle or payload, total weight, score, members under it, size in bytes)
-        nodes = [(payloads[i], float(weights[i]), None if scores is None else float(scores[i]), [i], int(sizes[i])) for i in range(n)]
+        nodes = [_Node(payloads[i], float(weights[i]), None if scores is None else float(scores[i]), [i], int(sizes[i])) for i in range(n)]
         member_weight = {i: 1.0 for i in range(n)}
         excluded: set[int] = set()
         rounds = bytes_moved = tasks = 0
@@ -228,9 +273,9 @@ class Tree(Topology):
                 if len(pair) == 1:
                     handles.append(None)
                     continue
-                pair_scores = None if scores is None else [pair[0][2], pair[1][2]]
-                handles.append(executor.submit(combine_group, rule, [pair[0][0], pair[1][0]], pair_scores, [pair[0][1], pair[1][1]]))
-                bytes_moved += pair[0][4] + pair[1][4]
+                pair_scores = None if scores is None else [pair[0].score, pair[1].score]
+                handles.append(executor.submit(combine_group, rule, [pair[0].payload, pair[1].payload], pair_scores, [pair[0].weight, pair[1].weight]))
+                bytes_moved += pair[0].nbytes + pair[1].nbytes
                 tasks += 1
             resolved = executor.gather([h for h in handles if h is not None])
             next_nodes = []
@@ -238,19 +283,23 @@ class Tree(Topology):
                 if handle is None:
                     next_nodes.append(pair[0])
                     continue
-                state, pair_weights, pair_excluded, info = resolved.pop(0)
+                state, pair_weights, pair_excluded, pair_info, _ = resolved.pop(0)
                 for side, w in zip(pair, pair_weights):
-                    for member in side[3]:
+                    for member in side.members:
                         member_weight[member] *= w
                 for side_index in pair_excluded:
-                    excluded.update(pair[side_index][3])
-                total = pair[0][1] + pair[1][1]
-                score = None if scores is None else (pair[0][2] * pair[0][1] + pair[1][2] * pair[1][1]) / max(total, 1e-12)
+                    excluded.update(pair[side_index].members)
+                if state is None:  # both sides excluded: nothing moves on
+                    continue
+                info = pair_info
+                kept = [side for index, side in enumerate(pair) if index not in pair_excluded]
                 size = sum(v.nbytes for v in state.values())
                 bytes_moved += size
-                next_nodes.append(((state, pair_weights), total, score, pair[0][3] + pair[1][3], size))
+                next_nodes.append(_Node((state, pair_weights), sum(side.weight for side in kept), _combined_score(kept), pair[0].members + pair[1].members, size))
             nodes = next_nodes
-        root = nodes[0][0]
+        if not nodes:
+            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
+        root = nodes[0].payload
         state = root[0] if isinstance(root, tuple) else _numpy_state(decode_payload(_resolve(root)))
         weights_out = [member_weight[i] for i in range(n)]
         return _result(state, weights_out, excluded, info), CommStats(rounds, bytes_moved, tasks)
@@ -286,16 +335,32 @@ class MapReduce(Topology):
         shards = self.shards(keys_sizes)
         handles = [executor.submit(combine_group, rule, list(payloads), scores, list(weights), shard) for shard in shards]
         outputs = executor.gather(handles)
+        total = sum(keys_sizes.values()) or 1
+        rounds, tasks, bytes_in = 2, len(shards), sum(sizes)
+        non_finite = sorted({i for out in outputs for i in out[4]})
+        if len(non_finite) == len(payloads):
+            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
+        redo = [j for j, out in enumerate(outputs) if sorted(out[4]) != non_finite]
+        if redo:  # a member non-finite in some shard is left out of every shard
+            keep = [i for i in range(len(payloads)) if i not in non_finite]
+            sub_scores = None if scores is None else [scores[i] for i in keep]
+            sub_weights = [weights[i] for i in keep]
+            redone = executor.gather([executor.submit(combine_group, rule, [payloads[i] for i in keep], sub_scores, sub_weights, shards[j]) for j in redo])
+            for j, (shard_state, shard_weights, shard_excluded, shard_info, _) in zip(redo, redone):
+                full_weights = np.zeros(len(payloads))
+                full_weights[keep] = shard_weights
+                outputs[j] = (shard_state, full_weights.tolist(), [keep[e] for e in shard_excluded] + non_finite, shard_info, non_finite)
+            rounds, tasks = rounds + 1, tasks + len(redo)
+            bytes_in += sum(sizes[i] for i in keep) * sum(keys_sizes[k] for j in redo for k in shards[j]) // total
         state: dict[str, np.ndarray] = {}
         member_weights = np.zeros(len(payloads))
         excluded: set[int] = set()
-        total = sum(keys_sizes.values()) or 1
-        for shard, (shard_state, shard_weights, shard_excluded, _) in zip(shards, outputs):
+        for shard, (shard_state, shard_weights, shard_excluded, _, _) in zip(shards, outputs):
             state.update(shard_state)
             member_weights += np.asarray(shard_weights) * sum(keys_sizes[k] for k in shard) / total
             excluded.update(shard_excluded)
         consensus_bytes = sum(v.nbytes for v in state.values())
-        return _result(state, member_weights.tolist(), excluded, {"shards": len(shards)}), CommStats(2, sum(sizes) + consensus_bytes, len(shards))
+        return _result(state, member_weights.tolist(), excluded, {"shards": len(shards)}), CommStats(rounds, bytes_in + consensus_bytes, tasks)
 
     def __repr__(self) -> str:
         return f"MapReduce(num_reducers={self.num_reducers})"

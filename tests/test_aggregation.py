@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -42,8 +43,8 @@ def make(name: str, n: int) -> Aggregator | None:
     """A fresh instance of rule ``name`` that accepts ``n`` members, or ``None`` if none does.
 
     Krum-type rules tolerate one Byzantine member when ``n >= 5`` and none below that
-    (``n >= 3``); for ``n < 3`` they cannot run at all. The trimmed mean trims 20 % per side
-    so that it trims something from five members on.
+    (``n >= 3``); for ``n < 3`` they fall back to the geometric median (tested separately).
+    The trimmed mean trims 20 % per side so that it trims something from five members on.
     """
     if name in ("krum", "multi_krum"):
         byzantine = 1 if n > 4 else 0
@@ -89,8 +90,9 @@ def test_permutation_invariance(name: str, n: int, p: int, seed: int) -> None:
     permutation = torch.randperm(n, generator=generator)
     first, second = make(name, n), make(name, n)
     if first is None or second is None:
-        with pytest.raises(ValueError, match="Krum needs n > 2f"):
-            AGGREGATORS[name](num_byzantine=0)(states_of(rows))
+        with pytest.warns(RuntimeWarning, match="Krum.*needs n > 2f"):
+            result = AGGREGATORS[name](num_byzantine=0)(states_of(rows))
+        assert result.info["fallback"] == "geometric_median"
         return
     original = first(states_of(rows), scores.tolist(), counts.tolist())
     permuted = second(states_of(rows[permutation]), scores[permutation].tolist(), counts[permutation].tolist())
@@ -108,8 +110,9 @@ def test_identical_members_give_that_member(name: str, n: int) -> None:
     scores = torch.linspace(-1.0, 2.0, n).tolist()
     aggregator = make(name, n)
     if aggregator is None:
-        with pytest.raises(ValueError, match=rf"Krum needs n > 2f \+ 2 members: got n={n}, f=0"):
-            AGGREGATORS[name](num_byzantine=0)(states_of(rows), scores)
+        with pytest.warns(RuntimeWarning, match=rf"Krum\(num_byzantine=0\) needs n > 2f \+ 2 members but this round has n={n}"):
+            result = AGGREGATORS[name](num_byzantine=0)(states_of(rows), scores)
+        torch.testing.assert_close(consensus_of(result), row, atol=1e-6, rtol=1e-6)
         return
     for _ in range(2):  # the second round exercises state kept between rounds (entanglement's reference)
         result = aggregator(states_of(rows), scores)
@@ -188,7 +191,6 @@ def test_real_module_state_dicts(name: str) -> None:
     [
         (lambda: Superposition(temperature=0), "temperature"),
         (lambda: Superposition(temperature=float("inf")), "temperature"),
-        (lambda: superposition_weights(torch.tensor([0.0, float("nan")]), 1.0), "scores"),
         (lambda: superposition_weights(torch.zeros(2), 1.0, prior=torch.tensor([1.0, -1.0])), "prior"),
         (lambda: Entanglement(strength=-1.0), "strength"),
         (lambda: Entanglement(strength="1"), "strength"),
@@ -280,6 +282,27 @@ def test_robust_aggregator_resets_reputation_when_member_count_changes() -> None
         result = robust(states_of(rows[1:]))
     assert result.info["reputation"] == [1.0] * 5
     assert robust.tracker is not None and robust.tracker.num_members == 5
+
+
+def test_robust_aggregator_keeps_reputation_per_member_index() -> None:
+    """Member 5 stops: the others keep their reputations, member 0's low score follows member 0."""
+    rows = random_rows(5, 6, 10)
+    rows[0] *= 100
+    robust = RobustAggregator("mean")
+    first = robust(states_of(rows), members=list(range(6)))
+    assert first.info["reputation"] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = robust(states_of(rows[[0, 1, 2, 4]]), members=[0, 1, 2, 4])
+    assert second.info["reputation"] == [0.25, 1.0, 1.0, 1.0]
+    assert robust.tracker is not None and robust.tracker.weights.tolist() == [0.25, 1.0, 1.0, 1.0, 1.0, 1.0]
+    clean = robust(states_of(rows[[1, 3]]), members=[1, 3])  # member 0 absent: its score stays
+    assert clean.info["reputation"] == [1.0, 1.0] and robust.tracker.weights.tolist()[0] == 0.25
+    restored = RobustAggregator("mean")
+    restored.load_state_dict(robust.state_dict())
+    assert restored.tracker is not None and restored.tracker.weights.tolist() == robust.tracker.weights.tolist()
+    with pytest.raises(ValueError, match="members"):
+        robust(states_of(rows[:2]), members=[1, 1])
 
 
 def test_robust_aggregator_state_dict_round_trip() -> None:
@@ -596,9 +619,19 @@ def test_krum_breaks_closest_pair_tie_by_total_distance() -> None:
 
 
 @pytest.mark.parametrize("rule", [Krum, MultiKrum])
-def test_krum_precondition(rule: Callable[..., Aggregator]) -> None:
+def test_krum_too_few_members_falls_back_to_the_geometric_median_warning_once(rule: Callable[..., Aggregator]) -> None:
+    rows = random_rows(18, 4, 3)
+    aggregator = rule(num_byzantine=1)
+    with pytest.warns(RuntimeWarning, match=r"Krum\(num_byzantine=1\) needs n > 2f \+ 2 members but this round has n=4"):
+        result = aggregator(states_of(rows))
+    expected = GeometricMedian()(states_of(rows))
+    assert result.info["fallback"] == "geometric_median"
+    torch.testing.assert_close(consensus_of(result), consensus_of(expected))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert aggregator(states_of(rows[:3])).info["fallback"] == "geometric_median"  # no second warning
     with pytest.raises(ValueError, match=r"Krum needs n > 2f \+ 2 members: got n=4, f=1"):
-        rule(num_byzantine=1)(states_of(random_rows(18, 4, 3)))
+        krum_scores(rows, 1)
 
 
 def test_multi_krum_needs_num_selected_members() -> None:
@@ -617,5 +650,51 @@ def test_krum_counts_non_finite_members_against_f():
         result = rule(states)
         assert result.excluded == [0, 1]
         assert torch.isfinite(result.state["w"]).all()
-    with pytest.raises(ValueError, match="n > 2f"):
+    with pytest.warns(RuntimeWarning, match="n > 2f"):
         Krum(num_byzantine=2)(states[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases of the sync maths (issue 8, A7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_and_complex_entries_keep_dtype_and_precision(name: str) -> None:
+    """float64 values differing below float32's resolution and complex values come back exactly."""
+    n = 5
+    generator = torch.Generator().manual_seed(3)
+    base = 1.0 + 1e-10 * torch.arange(12, dtype=torch.float64)  # indistinguishable in float32
+    spectrum = torch.complex(torch.randn(4, generator=generator), torch.randn(4, generator=generator))
+    states = [{"w": base.clone(), "z": spectrum.clone(), "steps": torch.tensor(3)} for _ in range(n)]
+    result = make(name, n)(states)
+    assert result.state["w"].dtype == torch.float64 and result.state["z"].dtype == torch.complex64
+    torch.testing.assert_close(result.state["w"], base, atol=1e-14, rtol=0)
+    torch.testing.assert_close(result.state["z"], spectrum, atol=1e-6, rtol=1e-6)
+    assert float(result.state["z"].imag.abs().sum()) > 0
+    # two different complex members: the mean is the complex mean
+    pair = [{"z": spectrum}, {"z": spectrum * 1j}]
+    torch.testing.assert_close(Mean()(pair).state["z"], (spectrum + spectrum * 1j) / 2)
+
+
+def test_non_finite_score_is_the_lowest_confidence() -> None:
+    """A member whose mean loss is inf/NaN (finite weights) gets weight zero; no exception."""
+    rows = random_rows(4, 4, 6)
+    result = Superposition()(states_of(rows), scores=[0.5, float("nan"), float("-inf"), 1.0])
+    weights = result.member_weights
+    assert weights[1] == 0 and weights[2] == 0 and math.isclose(float(weights.sum()), 1.0)
+    expected = superposition_weights(torch.tensor([0.5, 1.0]), 1.0)
+    torch.testing.assert_close(weights[[0, 3]], expected)
+    assert superposition_weights(torch.tensor([float("inf"), 0.0]), 1.0).tolist() == [0.0, 1.0]
+    everything = Superposition()(states_of(rows), scores=[float("nan")] * 4)
+    torch.testing.assert_close(everything.member_weights, torch.full((4,), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_values_all_members_share_come_back_bit_exact(name: str, n: int) -> None:
+    """Identical (e.g. frozen) weights: a weighted mean of equal floats is not always that float; the consensus is."""
+    shared = random_rows(21, 1, 400)[0]
+    states = [{"frozen": shared.clone(), "trained": row} for row in random_rows(22, n, 8)]
+    for rule in (make(name, n), RobustAggregator(make(name, n))):
+        result = rule(states, scores=list(range(n)), sample_counts=[1 + i for i in range(n)])
+        assert torch.equal(result.state["frozen"], shared)

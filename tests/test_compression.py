@@ -129,6 +129,7 @@ def test_passthrough_and_dtypes_exact() -> None:
         "half": torch.randn(300).half(),
         "brain": torch.randn(300).bfloat16(),
         "double": torch.randn(300, dtype=torch.float64),
+        "spectrum": torch.randn(300, dtype=torch.complex64),  # complex: always sent unquantized
     }
     planned = decode(encode(state, {"small": np.array([32]), "double": np.array([8, 8])}, block_size=256))
     assert torch.equal(planned["small"], state["small"]) and torch.equal(planned["half"], state["half"])
@@ -136,7 +137,7 @@ def test_passthrough_and_dtypes_exact() -> None:
         decoded = decode(encode(state, bits))
         for name, tensor in state.items():
             assert decoded[name].dtype == tensor.dtype and decoded[name].shape == tensor.shape
-            if bits == 32 or name in ("steps", "mask", "empty"):
+            if bits == 32 or name in ("steps", "mask", "empty", "spectrum"):
                 assert torch.equal(decoded[name], tensor)
             else:
                 assert (decoded[name].double() - tensor.double()).abs().max() < 0.02
@@ -382,3 +383,19 @@ def test_validation(call, match: str) -> None:
     state = {"w": torch.randn(200)}
     with pytest.raises(ValueError, match=match):
         call(state)
+
+
+def test_quantization_stats_keep_complex_values_complex() -> None:
+    """The reconstruction error of a sync holding a complex tensor: exact (pass-through), no cast to real."""
+    import warnings
+
+    from hqde_lightning.callbacks.quantization import _stats
+
+    state = {"spectrum": torch.randn(300, dtype=torch.complex64) * 10, "weight": torch.randn(300)}
+    payload = encode(state, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "casting complex values to real discards the imaginary part"
+        stats = _stats(payload, state, decode(payload))
+    weight_error = float((decode(payload)["weight"] - state["weight"]).norm())
+    norm = math.sqrt(float(state["spectrum"].abs().pow(2).sum() + state["weight"].pow(2).sum()))
+    assert stats["reconstruction_error"] == pytest.approx(weight_error / norm, rel=1e-5)

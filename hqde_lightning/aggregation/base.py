@@ -5,7 +5,9 @@ one matrix ``X`` of shape ``(num_members, num_values)`` and returns one row: the
 Integer and boolean entries (``num_batches_tracked``, masks, step counters) are never
 combined; the consensus takes them from the first member. Members whose floats contain NaN
 or Inf are dropped before the rule runs, whatever the rule, so they never reach the
-consensus.
+consensus. A value on which every member taking part agrees exactly is that value in the
+consensus, to the bit (a weighted mean of identical floats can be one rounding off), so
+identical weights, frozen layers for instance, never drift.
 
 Plain torch only: no Ray, no Lightning.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "normalise", "unflatten"]
+__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "keep_unanimous", "normalise", "unflatten"]
 
 StateDict = Mapping[str, Tensor]
 
@@ -48,11 +50,25 @@ def _is_aggregatable(tensor: Tensor) -> bool:
     return torch.is_floating_point(tensor) or torch.is_complex(tensor)
 
 
-def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
-    """Stacks the floating-point entries of ``states`` into a ``(num_members, P)`` float32 matrix.
+def _matrix_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any entry is float64 or complex128, float32 otherwise (half types widen to it)."""
+    wide = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
+    return torch.float64 if wide else torch.float32
 
-    Returns the matrix and the keys it holds, in order. Every state must have the same keys
-    and shapes; a clear ``ValueError`` names the first mismatch.
+
+def _as_real(tensor: Tensor) -> Tensor:
+    """A complex tensor as (..., 2) real and imaginary parts; a real one unchanged."""
+    return torch.view_as_real(tensor.resolve_conj()) if torch.is_complex(tensor) else tensor
+
+
+def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
+    """Stacks the floating-point and complex entries of ``states`` into a ``(num_members, P)`` real matrix.
+
+    The matrix is float64 when any entry is float64 or complex128 and float32 otherwise, so no
+    value is rounded; a complex entry contributes its real and imaginary parts as two columns
+    per value (distances and norms are then those of the complex numbers). Returns the matrix
+    and the keys it holds, in order. Every state must have the same keys and shapes; a clear
+    ``ValueError`` names the first mismatch.
     """
     reference = states[0]
     keys = [k for k, v in reference.items() if _is_aggregatable(v)]
@@ -68,24 +84,28 @@ def flatten_states(states: Sequence[StateDict]) -> tuple[Tensor, list[str]]:
                 )
     if not keys:
         return torch.zeros(len(states), 0), keys
-    rows = [torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys]) for state in states]
+    dtype = _matrix_dtype([state[k] for state in states for k in keys])
+    rows = [torch.cat([_as_real(state[k].detach()).reshape(-1).to(dtype) for k in keys]) for state in states]
     return torch.stack(rows), keys
 
 
 def unflatten(vector: Tensor, keys: Sequence[str], template: StateDict) -> dict[str, Tensor]:
-    """Inverse of :func:`flatten_states` for one row; non-float entries are copied from ``template``."""
+    """Inverse of :func:`flatten_states` for one row, in ``template``'s dtypes; other entries are copied from ``template``."""
     out: dict[str, Tensor] = {}
     offset = 0
-    sizes = {k: template[k].numel() for k in keys}
     chunks: dict[str, Tensor] = {}
     for key in keys:
-        chunks[key] = vector[offset : offset + sizes[key]]
-        offset += sizes[key]
+        size = template[key].numel() * (2 if torch.is_complex(template[key]) else 1)
+        chunks[key] = vector[offset : offset + size]
+        offset += size
     for key, value in template.items():
-        if key in chunks:
-            out[key] = chunks[key].reshape(value.shape).to(value.dtype).clone()
-        else:
+        if key not in chunks:
             out[key] = value.detach().clone()
+        elif torch.is_complex(value):
+            real = chunks[key].to(value.real.dtype).reshape(*value.shape, 2)
+            out[key] = torch.view_as_complex(real.contiguous()).to(value.dtype).clone()
+        else:
+            out[key] = chunks[key].reshape(value.shape).to(value.dtype).clone()
     return out
 
 
@@ -93,7 +113,7 @@ class Aggregator(ABC):
     """Combines member state dicts into a consensus.
 
     Subclasses implement :meth:`combine` on the flattened matrix. Call the instance:
-    ``aggregator(states, scores=None, sample_counts=None, prior_weights=None)``.
+    ``aggregator(states, scores=None, sample_counts=None, prior_weights=None, members=None)``.
 
     Args of ``__call__``:
         states: one state dict per member (torch tensors; same keys and shapes).
@@ -102,10 +122,16 @@ class Aggregator(ABC):
         sample_counts: optional number of samples each member trained on since the last sync.
         prior_weights: optional non-negative per-member weights from outside the rule
             (e.g. reputation); multiplied into the rule's own weighting where it has one.
+        members: optional index of each state's member in the ensemble; rules that keep
+            per-member state across rounds (reputations) key it by these, so a round without
+            some members leaves the others' state in place. ``None``: the position in the call.
     """
 
     #: the name accepted by ``HQDEStrategy(aggregator=...)``
     name: str = ""
+    #: whether the rule has a breakdown guarantee (a minority of arbitrary members cannot move the
+    #: consensus arbitrarily far); topologies that would break the guarantee refuse such rules
+    robust: bool = False
     #: members the current call already left out as non-finite (known-bad) before :meth:`combine`
     num_excluded: int = 0
 
@@ -115,8 +141,9 @@ class Aggregator(ABC):
         scores: Sequence[float] | None = None,
         sample_counts: Sequence[float] | None = None,
         prior_weights: Sequence[float] | None = None,
+        members: Sequence[int] | None = None,
     ) -> AggregationResult:
-        n = self._check_call(states, scores, sample_counts, prior_weights)
+        n = self._check_call(states, scores, sample_counts, prior_weights, members)
         matrix, keys = flatten_states(states)
         finite = torch.isfinite(matrix).all(dim=1) if matrix.shape[1] else torch.ones(n, dtype=torch.bool)
         keep = [i for i in range(n) if bool(finite[i])]
@@ -127,6 +154,7 @@ class Aggregator(ABC):
         self.num_excluded = len(excluded)
         sub_scores = None if scores is None else torch.tensor([float(scores[i]) for i in keep], dtype=torch.float64)
         consensus, sub_weights, info = self.combine(matrix[keep], sub_scores, prior[keep])
+        consensus = keep_unanimous(consensus, matrix[keep])
         weights = torch.zeros(n, dtype=torch.float64)
         weights[keep] = sub_weights.to(torch.float64)
         template = states[keep[0]]
@@ -138,14 +166,17 @@ class Aggregator(ABC):
         scores: Sequence[float] | None,
         sample_counts: Sequence[float] | None,
         prior_weights: Sequence[float] | None,
+        members: Sequence[int] | None = None,
     ) -> int:
-        """Checks that there are states and one score/count/weight per state; returns their number."""
+        """Checks that there are states and one score/count/weight/index per state; returns their number."""
         if len(states) == 0:
             raise ValueError("`states` must hold at least one member state dict")
         n = len(states)
-        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights)):
+        for argname, values in (("scores", scores), ("sample_counts", sample_counts), ("prior_weights", prior_weights), ("members", members)):
             if values is not None and len(values) != n:
                 raise ValueError(f"`{argname}` has {len(values)} entries for {n} member states")
+        if members is not None and (len(set(members)) != n or min(int(m) for m in members) < 0):
+            raise ValueError(f"`members` must be distinct non-negative member indices, got {list(members)}")
         return n
 
     @staticmethod
@@ -184,6 +215,12 @@ class Aggregator(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def keep_unanimous(consensus: Tensor, rows: Tensor) -> Tensor:
+    """``consensus`` with every coordinate on which all ``rows`` agree exactly set to that value."""
+    agree = (rows == rows[0]).all(dim=0)
+    return torch.where(agree, rows[0], consensus)
 
 
 def normalise(weights: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ class Entanglement(Aggregator):
         return consensus, weights, {"reference": source, "agreement": agreement.tolist()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Returns ``{"reference": previous consensus (1-D float32 tensor) or None}``."""
+        """Returns ``{"reference": previous consensus (1-D tensor in the members' matrix dtype) or None}``."""
         return {"reference": None if self._reference is None else self._reference.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -93,4 +93,4 @@ class Entanglement(Aggregator):
             state: a mapping with key ``"reference"`` holding a tensor or ``None``.
         """
         reference = state["reference"]
-        self._reference = None if reference is None else torch.as_tensor(reference, dtype=torch.float32).reshape(-1).clone()
+        self._reference = None if reference is None else torch.as_tensor(reference).reshape(-1).clone()

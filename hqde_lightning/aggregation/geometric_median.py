@@ -51,6 +51,7 @@ class GeometricMedian(Aggregator):
     """
 
     name = "geometric_median"
+    robust = True
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100, eps: float = 1e-8) -> None:
         self.tol = _positive(tol, "tol")

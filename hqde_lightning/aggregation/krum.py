@@ -10,16 +10,23 @@ lowest-scored members (default ``m = n - f``), weighted by the prior (sample cou
 reputation). Both need ``n > 2f + 2``.
 
 Krum returns one member unchanged, so it does not use the prior; Multi-Krum's average does.
+
+A call with ``n <= 2f + 2`` members (members stopped early or were dropped during a fit) falls
+back to the prior-weighted geometric median, whose breakdown point (1/2) is the best any rule
+can offer on the members that are left, and warns once per aggregator; ``info`` then holds
+``{"fallback": "geometric_median"}``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator, normalise
+from hqde_lightning.aggregation.geometric_median import GeometricMedian
 
 __all__ = ["Krum", "MultiKrum", "krum_ranking", "krum_scores"]
 
@@ -88,6 +95,22 @@ def krum_ranking(matrix: Tensor, num_byzantine: int, rule: str = "Krum") -> tupl
     return scores, by_total[torch.argsort(scores[by_total], stable=True)]
 
 
+def _too_few(rule: Aggregator, f: int, n: int, matrix: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]] | None:
+    """The geometric-median fallback when ``n <= 2f + 2`` (warned once per ``rule``), else ``None``."""
+    if n > 2 * f + 2:
+        return None
+    if not getattr(rule, "_warned_too_few", False):
+        rule._warned_too_few = True
+        warnings.warn(
+            f"{type(rule).__name__}(num_byzantine={f}) needs n > 2f + 2 members but this round has n={n} (members stopped"
+            " or were dropped); rounds with too few members use the geometric median instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    consensus, weights, info = GeometricMedian().combine(matrix, None, prior)
+    return consensus, weights, {**info, "fallback": "geometric_median"}
+
+
 def _tolerated(num_byzantine: int, n: int, num_excluded: int) -> int:
     """``f``, or, when known-bad members were left out and ``n <= 2f + 2``, the largest ``f' < f`` with ``n > 2f' + 2``."""
     if num_excluded and n <= 2 * num_byzantine + 2:
@@ -100,18 +123,23 @@ class Krum(Aggregator):
 
     Args:
         num_byzantine: ``f >= 0``, the number of Byzantine members tolerated; a call needs
-            ``n > 2f + 2`` members. When members were already left out as NaN/Inf (known
+            ``n > 2f + 2`` members (fewer fall back to the geometric median, see the module docstring). When members were already left out as NaN/Inf (known
             Byzantine) and too few remain, ``f`` is lowered to the largest value the remaining
             members allow, which is never below ``f`` minus the number left out.
     """
 
     name = "krum"
+    robust = True
 
     def __init__(self, num_byzantine: int = 1) -> None:
         self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        krum, order = krum_ranking(matrix, _tolerated(self.num_byzantine, matrix.shape[0], self.num_excluded), "Krum")
+        f = _tolerated(self.num_byzantine, matrix.shape[0], self.num_excluded)
+        fallback = _too_few(self, f, matrix.shape[0], matrix, prior)
+        if fallback is not None:
+            return fallback
+        krum, order = krum_ranking(matrix, f, "Krum")
         chosen = int(order[0])
         weights = torch.zeros(matrix.shape[0], dtype=torch.float64)
         weights[chosen] = 1.0
@@ -129,6 +157,7 @@ class MultiKrum(Aggregator):
     """
 
     name = "multi_krum"
+    robust = True
 
     def __init__(self, num_byzantine: int = 1, num_selected: int | None = None) -> None:
         self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
@@ -137,6 +166,9 @@ class MultiKrum(Aggregator):
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         n = matrix.shape[0]
         f = _tolerated(self.num_byzantine, n, self.num_excluded)
+        fallback = _too_few(self, f, n, matrix, prior)
+        if fallback is not None:
+            return fallback
         krum, order = krum_ranking(matrix, f, "Multi-Krum")
         selected_count = n - f if self.num_selected is None else self.num_selected
         if selected_count > n:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, unflatten
+from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, keep_unanimous, unflatten
 
 __all__ = ["RobustAggregator", "Reputation", "coordinate_median", "mad_outliers"]
 
@@ -131,21 +131,34 @@ class Reputation:
         """The current scores (float64, shape ``(num_members,)``), used as prior weights."""
         return self._scores.clone()
 
-    def update(self, flagged: Sequence[bool]) -> None:
+    def update(self, flagged: Sequence[bool], members: Sequence[int] | None = None) -> None:
         """Applies one round: decay for flagged members, recovery for the others.
 
         Args:
-            flagged: one bool per member.
+            flagged: one bool per member that took part in the round.
+            members: the indices of those members; ``None`` means every member, in order.
+                Members not listed keep their scores.
 
         Raises:
-            ValueError: when ``flagged`` does not have ``num_members`` entries.
+            ValueError: when ``flagged`` and ``members`` (or ``num_members``) differ in length,
+                or a member index is out of range.
         """
+        index = torch.arange(self.num_members) if members is None else torch.as_tensor([int(m) for m in members], dtype=torch.long)
         mask = torch.as_tensor([bool(f) for f in flagged], dtype=torch.bool)
-        if mask.numel() != self.num_members:
-            raise ValueError(f"`flagged` has {mask.numel()} entries for {self.num_members} members")
-        decayed = (self._scores * self.decay).clamp_min(self.floor)
-        recovered = self._scores + self.recovery * (1.0 - self._scores)
-        self._scores = torch.where(mask, decayed, recovered)
+        if mask.numel() != index.numel():
+            raise ValueError(f"`flagged` has {mask.numel()} entries for {index.numel()} members")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_members):
+            raise ValueError(f"`members` {index.tolist()} must be indices in [0, {self.num_members})")
+        scores = self._scores[index]
+        decayed = (scores * self.decay).clamp_min(self.floor)
+        recovered = scores + self.recovery * (1.0 - scores)
+        self._scores[index] = torch.where(mask, decayed, recovered)
+
+    def grow(self, num_members: int) -> None:
+        """Tracks ``num_members`` members (at least as many as now); new members start at 1."""
+        if num_members > self.num_members:
+            self._scores = torch.cat([self._scores, torch.ones(num_members - self.num_members, dtype=torch.float64)])
+            self.num_members = num_members
 
     def state_dict(self) -> dict[str, Any]:
         """Returns ``{"scores": float64 tensor of shape (num_members,)}``."""
@@ -175,9 +188,12 @@ class Reputation:
 class RobustAggregator(Aggregator):
     """Runs a MAD outlier filter and reputation weighting in front of another rule.
 
-    Members are tracked by their index in the call, so the number of members must stay the
-    same across rounds; when it changes, the reputations are reset (with a warning).
-    Members with NaN/Inf values are excluded and, like flagged ones, lose reputation.
+    Reputations are kept per member index: pass ``members`` (the members' indices in the
+    ensemble) and a round without some members (stopped early, dropped) leaves their scores
+    as they are. Without ``members`` the position in the call is the index, and a call with a
+    different number of members resets the reputations (with a warning), since who is who is
+    then unknown. Members with NaN/Inf values are excluded and, like flagged ones, lose
+    reputation.
 
     Args:
         inner: the rule that combines the surviving members (an :class:`Aggregator` or a
@@ -187,10 +203,12 @@ class RobustAggregator(Aggregator):
 
     The result's ``excluded`` lists non-finite and flagged members; ``info`` holds the
     inner rule's info plus ``"flagged"`` (indices flagged by the MAD test) and
-    ``"reputation"`` (the scores after this round, or ``None`` when disabled).
+    ``"reputation"`` (the scores of this call's members after this round, or ``None`` when
+    disabled).
     """
 
     name = "robust"
+    robust = True
 
     def __init__(self, inner: Aggregator | str, threshold: float = 3.5, reputation: bool = True) -> None:
         from hqde_lightning.aggregation import resolve_aggregator
@@ -213,39 +231,43 @@ class RobustAggregator(Aggregator):
         scores: Sequence[float] | None = None,
         sample_counts: Sequence[float] | None = None,
         prior_weights: Sequence[float] | None = None,
+        members: Sequence[int] | None = None,
     ) -> AggregationResult:
-        n = self._check_call(states, scores, sample_counts, prior_weights)
+        n = self._check_call(states, scores, sample_counts, prior_weights, members)
         matrix, keys = flatten_states(states)
         finite = torch.isfinite(matrix).all(dim=1)
         if not bool(finite.any()):
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
         prior = self._prior(n, sample_counts, prior_weights)
+        ids = list(range(n)) if members is None else [int(m) for m in members]
         if self.reputation:
-            if self._tracker is not None and self._tracker.num_members != n:
+            if members is None and self._tracker is not None and self._tracker.num_members != n:
                 warnings.warn(
-                    f"RobustAggregator saw {n} members after tracking {self._tracker.num_members};"
-                    " resetting every member's reputation to 1",
+                    f"RobustAggregator saw {n} members after tracking {self._tracker.num_members} and was not told"
+                    " which (pass `members`); resetting every member's reputation to 1",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 self._tracker = None
             if self._tracker is None:
-                self._tracker = Reputation(n)
-            prior = prior * self._tracker.weights
+                self._tracker = Reputation(max(ids) + 1)
+            self._tracker.grow(max(ids) + 1)
+            prior = prior * self._tracker.weights[ids]
         flagged = torch.zeros(n, dtype=torch.bool)
         flagged[finite] = mad_outliers(matrix[finite], self.threshold)
         use = finite & ~flagged
         sub_scores = None if scores is None else torch.tensor([float(s) for s in scores], dtype=torch.float64)[use]
         self.inner.num_excluded = int((~use).sum())
         consensus, sub_weights, inner_info = self.inner.combine(matrix[use], sub_scores, prior[use])
+        consensus = keep_unanimous(consensus, matrix[use])
         weights = torch.zeros(n, dtype=torch.float64)
         weights[use] = sub_weights.to(torch.float64)
         if self._tracker is not None:
-            self._tracker.update((~use).tolist())
+            self._tracker.update((~use).tolist(), ids)
         info = {
             **inner_info,
             "flagged": torch.nonzero(flagged).flatten().tolist(),
-            "reputation": None if self._tracker is None else self._tracker.weights.tolist(),
+            "reputation": None if self._tracker is None else self._tracker.weights[ids].tolist(),
         }
         excluded = torch.nonzero(~use).flatten().tolist()
         template = states[int(torch.nonzero(use)[0])]

@@ -42,8 +42,11 @@ def _check_temperature(temperature: float) -> float:
 def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | None = None) -> Tensor:
     """Per-member weights ``a_i**2 * prior_i`` (renormalised) from confidence scores.
 
+    A non-finite score (a member whose mean loss is inf or NaN) is the lowest confidence there
+    is: that member gets weight zero. When no score is finite, the weights are the prior's.
+
     Args:
-        scores: shape ``(n,)``, one finite confidence per member, higher is better.
+        scores: shape ``(n,)``, one confidence per member, higher is better.
         temperature: softmax temperature ``T > 0``.
         prior: optional shape ``(n,)`` non-negative weights (sample counts × reputation);
             all ones when ``None``. An all-zero prior counts as uniform.
@@ -53,17 +56,22 @@ def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | No
         result is exactly ``prior / prior.sum()``.
 
     Raises:
-        ValueError: for a bad temperature, non-finite scores, or shapes that disagree.
+        ValueError: for a bad temperature, a bad prior, or shapes that disagree.
     """
     temperature = _check_temperature(temperature)
     scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"`scores` must be finite, got {scores.tolist()}")
     prior = torch.ones_like(scores) if prior is None else torch.as_tensor(prior, dtype=torch.float64).reshape(-1)
     if prior.shape != scores.shape:
         raise ValueError(f"`prior` has {prior.numel()} entries for {scores.numel()} scores")
     if bool((prior < 0).any()) or not bool(torch.isfinite(prior).all()):
         raise ValueError("`prior` must be finite and non-negative")
+    finite = torch.isfinite(scores)
+    if not bool(finite.any()):
+        return normalise(prior)
+    if not bool(finite.all()):
+        weights = torch.zeros_like(scores)
+        weights[finite] = superposition_weights(scores[finite], temperature, prior[finite])
+        return weights
     if not bool(prior.sum() > 0):
         prior = torch.ones_like(prior)
     if scores.numel() == 0 or bool((scores == scores[0]).all()):

@@ -32,6 +32,7 @@ class TrimmedMean(Aggregator):
     """
 
     name = "trimmed_mean"
+    robust = True
 
     def __init__(self, beta: float = 0.1) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):

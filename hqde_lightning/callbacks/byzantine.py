@@ -15,6 +15,8 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from hqde_lightning.member import state_to_numpy
+
 __all__ = ["ATTACKS", "ByzantineMembers"]
 
 #: attack name -> what the member sends instead of its weights w
@@ -54,7 +56,7 @@ class ByzantineMembers(Callback):
     def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> dict[str, np.ndarray]:
         """The member's weights as numpy arrays, corrupted when this member is Byzantine."""
         index = getattr(trainer.strategy, "member_index", None)
-        arrays = {k: v.detach().float().cpu().numpy().copy() for k, v in state.items()}
+        arrays = state_to_numpy(state)
         if index not in self.members:
             return arrays
         rng = np.random.default_rng([self.seed, index, trainer.current_epoch])

@@ -34,7 +34,10 @@ class AdaptiveQuantization(Callback):
     ``low_fraction`` with ``min_bits`` and the rest with ``base_bits``. 4- and 8-bit blocks use
     an affine code with one float32 scale and minimum per block (4-bit codes packed two per
     byte); 16-bit blocks are float16. Float tensors with fewer than 256 values (biases, small
-    norm layers) and every non-float tensor are sent unchanged at 32 bits. Setting
+    norm layers) and every non-float tensor (complex ones included) are sent unchanged. Decoded
+    tensors have their original dtype (a float64 weight is quantized like any other and comes
+    back as float64). Frozen parameters (``requires_grad=False``) are not part of a sync at
+    all, so they are never quantized and stay bit-exact. Setting
     ``min_bits = base_bits = max_bits = 8`` gives plain 8-bit sync.
 
     With ``error_feedback`` each member keeps what quantization lost and adds it to the weights
@@ -188,9 +191,10 @@ def _stats(payload: EncodedState, sent: dict[str, Tensor], decoded: dict[str, Te
     error_sq = 0.0
     norm_sq = 0.0
     for name, tensor in sent.items():
-        reference = tensor.detach().to(device="cpu", dtype=torch.float64)
-        error_sq += float((reference - decoded[name].to(torch.float64)).pow(2).sum())
-        norm_sq += float(reference.pow(2).sum())
+        wide = torch.promote_types(tensor.dtype, torch.float64)  # complex stays complex
+        reference = tensor.detach().to(device="cpu", dtype=wide)
+        error_sq += float((reference - decoded[name].to(wide)).abs().pow(2).sum())
+        norm_sq += float(reference.abs().pow(2).sum())
     stats = {
         "bytes": float(payload.nbytes),
         "fp32_bytes": float(payload.fp32_nbytes),
