@@ -154,9 +154,11 @@ class RayEnsembleLauncher(_Launcher):
             self._prepare_data_on_other_nodes(model, bound)
             # where a sync sets every member to the consensus, equal weights are intended
             check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+            # on the head node, whose loss ends the cluster anyway: never lost with a member's node
+            on_head = NodeAffinitySchedulingStrategy(node_id=_head_node_id(), soft=False)
             coordinator = (
                 ray.remote(Coordinator)
-                .options(num_cpus=0)
+                .options(num_cpus=0, scheduling_strategy=on_head)
                 .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
             )
             self._actors = [coordinator]
@@ -626,7 +628,7 @@ class _EventForwarder:
                     "ensemble/sync_seconds": float(data["aggregation_seconds"]),
                     "ensemble/sync_bytes": float(data["bytes_received"]),
                     "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),
-                    "ensemble/excluded_members": float(len(data["excluded"])),
+                    "ensemble/sync_excluded_members": float(len(data["excluded"])),
                 }
                 summary.update({f"ensemble/sync_{k}": float(v) for k, v in data["info"].items() if isinstance(v, (int, float))})
                 reputation = data["info"].get("reputation")
@@ -695,6 +697,14 @@ def _drain(coordinator: Any) -> list[tuple[Any, ...]]:
             f"HQDEStrategy: the coordinator actor can no longer be reached ({type(err).__name__}): {where}. On a single"
             " machine this means Ray itself stopped (its raylet died). Checkpoints written so far are intact."
         ) from err
+
+
+def _head_node_id() -> str:
+    """The Ray head node's id (the driver's node when no head is marked)."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
 
 
 def alive_nodes() -> list[NodeCapacity]:

@@ -19,7 +19,7 @@ from hqde_lightning import HQDEStrategy
 from hqde_lightning.actors import Coordinator
 from hqde_lightning.aggregation import resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
-from hqde_lightning.member import state_to_numpy
+from hqde_lightning.member import state_to_numpy, sync_state
 from hqde_lightning.placement import NodeRecord, PlacementScorer
 from hqde_lightning.topology import payload_layout, payload_nbytes, resolve_topology
 
@@ -128,7 +128,7 @@ def test_coordinator_memory_does_not_grow_with_rounds(ray_session):
             return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
 
     coordinator = ray.remote(CountingCoordinator).options(num_cpus=0).remote(2, resolve_aggregator("mean"), resolve_topology("flat"))
-    weights = state_to_numpy(DigitsModule(hidden=512).state_dict(), floats_only=True)  # > 100 kB: in the shared object store
+    weights = state_to_numpy(sync_state(DigitsModule(hidden=512)))  # > 100 kB: in the shared object store
     counts = []
     for round_id in range(8):
         calls = [coordinator.sync.remote(m, round_id, weights, payload_nbytes(weights), payload_layout(weights), None, 10) for m in range(2)]

@@ -104,7 +104,7 @@ def _node_removed_mid_fit(root: str, worker_cpus: list[int]) -> dict[str, Any]:
         marker = os.path.join(root, "member_1_waits")
         thread, outcome = _fit_in_thread(strategy, [BlockAfterMarker(marker)], root)
         launcher = strategy._launcher
-        _wait_for(lambda: os.path.exists(marker) and 1 in launcher.member_nodes, "member 1 to reach epoch 1")
+        _wait_for(lambda: os.path.exists(marker) and {0, 1} <= set(launcher.member_nodes), "member 1 to reach epoch 1")
         first_nodes = dict(launcher.member_nodes)
         cluster.remove_node(nodes[first_nodes[1]])
         thread.join(SCENARIO_TIMEOUT_S)
