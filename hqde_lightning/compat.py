@@ -441,7 +441,7 @@ class HQDESystem:
             raise ValueError("HQDESystem.evaluate got an empty loader.")
         names = {"acc": "accuracy", "nll": "nll", "ece": "ece", "brier": "brier", "disagreement": "disagreement"}
         out: dict[str, float] = {}
-        for key, value in metrics.compute("eval", ensemble.active_indices(), "").items():
+        for key, value in metrics.compute("eval", ensemble.active_member_ids(), "").items():
             scope, _, metric = key.partition("/")
             name = names[metric.removeprefix("eval_")]
             out[name if scope == "ensemble" else f"{scope}/{name}"] = float(value)
