@@ -189,9 +189,7 @@ class RayEnsembleLauncher(_Launcher):
 
         def val_dataloaders() -> Any:
             loaders = bound.arguments.get("val_dataloaders")
-            datamodule = bound.arguments.get("datamodule")
-            if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
-                datamodule = bound.arguments["train_dataloaders"]
+            datamodule = _fit_datamodule(bound)
             if loaders is None and datamodule is not None:
                 datamodule.setup("validate")
                 loaders = datamodule.val_dataloader()
@@ -537,12 +535,16 @@ def _check_ckpt_path_exists(ckpt_path: Any) -> None:
         )
 
 
+def _fit_datamodule(bound: inspect.BoundArguments) -> LightningDataModule | None:
+    """The fit's datamodule: ``datamodule=...``, or one passed positionally as ``train_dataloaders``."""
+    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
+        return bound.arguments["train_dataloaders"]
+    return bound.arguments.get("datamodule")
+
+
 def _data_hooks(model: LightningModule, bound: inspect.BoundArguments) -> list[Any]:
     """The fit's datamodule (if any) and module: the objects whose ``prepare_data`` a fit runs."""
-    datamodule = bound.arguments.get("datamodule")
-    if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
-        datamodule = bound.arguments["train_dataloaders"]
-    return [obj for obj in (datamodule, model) if obj is not None]
+    return [obj for obj in (_fit_datamodule(bound), model) if obj is not None]
 
 
 def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None:
