@@ -17,7 +17,6 @@ Both are plain classes here; the launcher wraps them with ``ray.remote`` and the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import os
 import shutil
@@ -35,7 +34,7 @@ from lightning.pytorch.trainer.states import TrainerState
 from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
-from hqde_lightning.checkpoint import AtomicCheckpointIO
+from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
 
@@ -176,7 +175,7 @@ class Coordinator:
             self.done.add(member)
         self._notify_snapshot()
         if self.check_clones and round_id >= 0 and member not in self.first_fingerprints:  # after its first epoch, not its start
-            self.first_fingerprints[member] = (round_id, _weights_fingerprint(snapshot.get("state_dict", {})))
+            self.first_fingerprints[member] = (round_id, state_digest(snapshot.get("state_dict", {})))
             self._report_clones()
 
     def _report_clones(self) -> None:
@@ -348,23 +347,6 @@ class MemberActor:
             trainer_state=trainer.state,
             score=sync.score(trainer),
         )
-
-
-def _weights_fingerprint(state: Mapping[str, Any]) -> str:
-    """A digest of a state dict's tensors (names, dtypes, shapes and bytes): equal digests mean identical weights."""
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(state):
-        value = state[key]
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            if value.is_quantized:
-                value = value.int_repr()
-            if value.layout != torch.strided:
-                value = value.to_dense()
-            flat = value.contiguous().reshape(-1)
-            digest.update(f"{key}:{flat.dtype}:{tuple(value.shape)};".encode())
-            digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _prepared_in_driver() -> None:
