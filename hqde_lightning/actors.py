@@ -8,8 +8,9 @@ round waits) and keeps only the latest round's consensus. It also keeps the memb
 snapshots (for whole-ensemble checkpoints and restarts) and queues metrics and progress for
 the driver.
 
-:class:`MemberActor` (one per member) unpickles the user's ``Trainer``, switches its strategy
-into member mode and runs the user's own Lightning fit loop.
+:class:`MemberActor` (one per member) unpickles the user's ``Trainer``, swaps in the member's
+strategy (:class:`~hqde_lightning.member_strategy.MemberStrategy`) and runs the user's own
+Lightning fit loop.
 
 Both are plain classes here; the launcher wraps them with ``ray.remote`` and their resources.
 """
@@ -37,6 +38,7 @@ from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
+from hqde_lightning.member_strategy import MemberStrategy
 
 __all__ = ["Coordinator", "MemberActor", "MemberResult"]
 
@@ -319,17 +321,16 @@ class MemberActor:
                 bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs)
                 bound.arguments["ckpt_path"] = self._write_snapshot(snapshot, context.index, restart_dir)
                 args, kwargs = bound.args, bound.kwargs
-        strategy = trainer.strategy
-        strategy._enter_member_mode(context)
+        hqde = trainer.strategy
+        sync = MemberSync(context)
+        MemberStrategy(hqde, context, sync).install(trainer)
         # the driver ran `prepare_data` once before the members started (see the launcher)
         trainer._data_connector.prepare_data = _prepared_in_driver
-        trainer._loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
+        trainer.loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
         unwanted: tuple[type, ...] = (ProgressBar,) if context.index == 0 else (ProgressBar, ModelSummary)
-        sync = MemberSync(context)
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
-        strategy._member_sync = sync
         seed_everything(context.seed, workers=True, verbose=False)
-        if strategy.member_init == "independent":
+        if hqde.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         try:
             getattr(trainer, function_name)(*args, **kwargs)

@@ -87,7 +87,7 @@ from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleMetrics, classification_batch
-from hqde_lightning.launcher import connect_ray
+from hqde_lightning.ray_runtime import connect_ray
 from hqde_lightning.member import SyncCodec
 from hqde_lightning.strategy import HQDEStrategy
 

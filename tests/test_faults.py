@@ -205,10 +205,10 @@ def test_member_speed_is_measured_from_progress_reports():
     import time
     from types import SimpleNamespace
 
-    from hqde_lightning.launcher import _EventForwarder
+    from hqde_lightning.forwarder import EventForwarder
     from hqde_lightning.progress import EnsembleProgress
 
-    forwarder = _EventForwarder(trainer=SimpleNamespace(loggers=[]), strategy=None, progress=EnsembleProgress(1, enabled=False))
+    forwarder = EventForwarder(trainer=SimpleNamespace(loggers=[]), strategy=None, progress=EnsembleProgress(1, enabled=False))
     forwarder.handle([("progress", 0, (0, 2, 10, 0.5))])
     time.sleep(0.05)
     forwarder.handle([("progress", 0, (1, 2, 10, 0.4))])  # 10 more batches
