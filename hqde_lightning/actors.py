@@ -36,6 +36,7 @@ from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
+from hqde_lightning.events import ClonesEvent, Event, Notice, SyncRecord
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
@@ -77,7 +78,7 @@ class Coordinator:
         self.snapshots: dict[int, tuple[int, Any]] = {}
         #: members whose final snapshot (the end of their fit) has arrived
         self.done: set[int] = set()
-        self.events: list[tuple[Any, ...]] = []
+        self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
         self._executor: Executor | None = None
@@ -131,28 +132,32 @@ class Coordinator:
                 consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
-            stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
-            stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
-            stats["sample_counts"] = [e[2] for e in entries]
-            self.history.append(stats)
-            self.events.append(("sync", -1, stats))
+            record = self._sync_record(round_id, members, result, time.perf_counter() - started, entries, comm)
+            self.history.append(record.as_dict())
+            self.events.append(record)
         except Exception as exc:  # every waiting member must hear of it, none may hang
             rnd.error = f"{type(exc).__name__}: {exc}"
         rnd.payloads.clear()
         rnd.event.set()
         del self.rounds[round_id]  # the waiting members hold the round itself
 
-    def _round_stats(self, round_id: int, members: list[int], result: Any, seconds: float, scores: list[float | None]) -> dict[str, Any]:
-        return {
-            "round": round_id,
-            "members": members,
-            "excluded": [members[i] for i in result.excluded],
-            "member_weights": [float(w) for w in result.member_weights],
-            "scores": scores,
-            "aggregation_seconds": seconds,
-            "topology": self.topology.name,
-            "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
-        }
+    def _sync_record(self, round_id: int, members: list[int], result: Any, seconds: float, entries: list[Any], comm: CommStats) -> SyncRecord:
+        """What round ``round_id`` did: who took part with which weight, the aggregator's diagnostics, bytes and time."""
+        return SyncRecord(
+            round=round_id,
+            members=members,
+            excluded=[members[i] for i in result.excluded],
+            member_weights=[float(w) for w in result.member_weights],
+            scores=[e[1] for e in entries],
+            aggregation_seconds=seconds,
+            topology=self.topology.name,
+            info={k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
+            bytes_received=sum(e[3] for e in entries),
+            fp32_bytes=4 * sum(entries[0][4].values()) * len(entries),
+            comm_rounds=comm.rounds,
+            bytes_moved=comm.bytes_moved,
+            sample_counts=[e[2] for e in entries],
+        )
 
     def finish(self, member: int) -> None:
         """``member``'s fit ended (or it was dropped): open rounds no longer wait for it or count it."""
@@ -181,7 +186,7 @@ class Coordinator:
             self._report_clones()
 
     def _report_clones(self) -> None:
-        """Once every active member posted its first snapshot: emits ``("clones", -1, (groups, round))`` for identical members."""
+        """Once every active member posted its first snapshot: emits a :class:`ClonesEvent` for each group of identical members."""
         if not self.check_clones or len(self.first_fingerprints) < 2 or not self.active <= set(self.first_fingerprints):
             return
         self.check_clones = False
@@ -190,7 +195,7 @@ class Coordinator:
             groups.setdefault(key, []).append(member)
         for (round_id, _), members in groups.items():
             if len(members) > 1:
-                self.events.append(("clones", -1, (members, round_id)))
+                self.events.append(ClonesEvent(members, round_id))
 
     def _notify_snapshot(self) -> None:
         waiters, self._snapshot_waiters = self._snapshot_waiters, []
@@ -243,10 +248,10 @@ class Coordinator:
         return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items())}
 
     # --------------------------------------------------------- driver channel
-    def emit(self, event: tuple[Any, ...]) -> None:
+    def emit(self, event: Event) -> None:
         self.events.append(event)
 
-    def drain(self) -> list[tuple[Any, ...]]:
+    def drain(self) -> list[Event]:
         events, self.events = self.events, []
         return events
 
@@ -302,7 +307,7 @@ class MemberActor:
         if bound.arguments.get("ckpt_path") is not None:
             return
         notice, fallback = reinitialise(bound.arguments["model"])
-        context.coordinator.emit.remote(("warning" if fallback else "info", context.index, f"HQDEStrategy: {notice}"))
+        context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 
     def run(self, payload: bytes, context: MemberContext) -> MemberResult:
         """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.

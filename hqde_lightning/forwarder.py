@@ -12,6 +12,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from hqde_lightning.events import ClonesEvent, Event, HparamsEvent, MetricsEvent, Notice, ProgressEvent, SyncRecord
 from hqde_lightning.progress import EnsembleProgress
 
 __all__ = ["EventForwarder"]
@@ -42,42 +43,30 @@ class EventForwarder:
         if now > started and done > done_then:
             self.batches_per_second[member] = (done - done_then) / (now - started)
 
-    def handle(self, events: list[tuple[Any, ...]]) -> None:
+    def handle(self, events: list[Event]) -> None:
+        """Passes each of ``events`` (in the order they were queued) on to where it belongs in the driver."""
         loggers = self.trainer.loggers
-        for kind, member, data in events:
-            if kind == "metrics":
-                logger_index, values, step = data
-                self.last_step = max(self.last_step, step or 0)
-                loggers[logger_index].log_metrics({f"member_{member}/{k}": v for k, v in values.items()}, step)
-            elif kind == "hparams":
-                logger_index, params = data
-                loggers[logger_index].log_hyperparams(params)
-            elif kind in ("warning", "info"):
-                if data not in self._notices:  # every member sends the same notice; show it once
-                    self._notices.add(data)
-                    (rank_zero_warn if kind == "warning" else rank_zero_info)(data)
-            elif kind == "clones":
-                self._warn_clones(*data)
-            elif kind == "progress":
-                self.progress.update(member, *data)
-                self._measure(member, *data[:3])
-            elif kind == "sync":
-                self.strategy.sync_history.append(data)
-                summary = {
-                    "ensemble/sync_round": float(data["round"]),
-                    "ensemble/sync_comm_rounds": float(data["comm_rounds"]),
-                    "ensemble/sync_bytes_moved": float(data["bytes_moved"]),
-                    "ensemble/sync_seconds": float(data["aggregation_seconds"]),
-                    "ensemble/sync_bytes": float(data["bytes_received"]),
-                    "ensemble/sync_fp32_bytes": float(data["fp32_bytes"]),
-                    "ensemble/sync_excluded_members": float(len(data["excluded"])),
-                }
-                summary.update({f"ensemble/sync_{k}": float(v) for k, v in data["info"].items() if isinstance(v, (int, float))})
-                reputation = data["info"].get("reputation")
-                if isinstance(reputation, list):
-                    summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
+        for event in events:
+            if isinstance(event, MetricsEvent):
+                self.last_step = max(self.last_step, event.step or 0)
+                loggers[event.logger_index].log_metrics({f"member_{event.member}/{k}": v for k, v in event.metrics.items()}, event.step)
+            elif isinstance(event, HparamsEvent):
+                loggers[event.logger_index].log_hyperparams(event.params)
+            elif isinstance(event, Notice):
+                if event.message not in self._notices:  # every member sends the same notice; show it once
+                    self._notices.add(event.message)
+                    (rank_zero_warn if event.warning else rank_zero_info)(event.message)
+            elif isinstance(event, ClonesEvent):
+                self._warn_clones(event.members, event.round)
+            elif isinstance(event, ProgressEvent):
+                self.progress.update(event.member, event.epoch, event.batch, event.total, event.loss)
+                self._measure(event.member, event.epoch, event.batch, event.total)
+            elif isinstance(event, SyncRecord):
+                self.strategy.sync_history.append(event)
                 for logger in loggers:
-                    logger.log_metrics(summary, self.last_step)
+                    logger.log_metrics(_sync_summary(event), self.last_step)
+            else:
+                raise TypeError(f"HQDEStrategy: unknown event {event!r} from the members")
 
     def _warn_clones(self, members: list[int], round_id: int) -> None:
         if self.strategy.member_init == "shared":
@@ -96,3 +85,21 @@ class EventForwarder:
             f"HQDEStrategy: members {members} hold identical weights after epoch {round_id}: they train as copies of one"
             f" model and the ensemble is no better than one member. Probable cause: {cause}."
         )
+
+
+def _sync_summary(record: SyncRecord) -> dict[str, float]:
+    """What the loggers get for one sync round: ``ensemble/sync_*`` and, with reputations, ``ensemble/reputation_{i}``."""
+    summary = {
+        "ensemble/sync_round": float(record.round),
+        "ensemble/sync_comm_rounds": float(record.comm_rounds),
+        "ensemble/sync_bytes_moved": float(record.bytes_moved),
+        "ensemble/sync_seconds": float(record.aggregation_seconds),
+        "ensemble/sync_bytes": float(record.bytes_received),
+        "ensemble/sync_fp32_bytes": float(record.fp32_bytes),
+        "ensemble/sync_excluded_members": float(len(record.excluded)),
+    }
+    summary.update({f"ensemble/sync_{k}": float(v) for k, v in record.info.items() if isinstance(v, (int, float))})
+    reputation = record.info.get("reputation")
+    if isinstance(reputation, list):
+        summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(record.members, reputation)})
+    return summary

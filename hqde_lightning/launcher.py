@@ -2,11 +2,15 @@
 
 ``launch(fit)`` in the driver:
 
-1. starts Ray locally if it is not running (or joins ``ray_address``),
-2. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled,
-3. starts a coordinator actor and ``num_members`` member actors with their resources,
+1. starts Ray locally if it is not running (or joins ``ray_address``; see
+   :mod:`hqde_lightning.ray_runtime`),
+2. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled
+   (:mod:`hqde_lightning.pickling`),
+3. starts a coordinator actor and hands the members to a
+   :class:`~hqde_lightning.member_pool.MemberPool`, which starts ``num_members`` member actors
+   with their resources (:mod:`hqde_lightning.resources`) and restarts dead ones,
 4. while they train, forwards their metrics to your loggers (``member_{i}/...``,
-   ``ensemble/...``) and shows their progress,
+   ``ensemble/...``) and shows their progress (:mod:`hqde_lightning.forwarder`),
 5. when they finish, puts the consensus weights into your module, builds
    ``strategy.ensemble`` and restores the trainer's epoch, step, metrics, callback states and
    status as a normal ``fit`` leaves them.

@@ -32,9 +32,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
 
-from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, read_checkpoint
+from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, read_checkpoint, seal_checkpoint
+from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
-from hqde_lightning.strategy import HQDEStrategy, seal_checkpoint
+from hqde_lightning.strategy import HQDEStrategy
 
 __all__ = ["MemberStrategy"]
 
@@ -173,7 +174,7 @@ class MemberStrategy(SingleDeviceStrategy):
 
     def _warn_driver(self, message: str) -> None:
         """Has the driver show ``message`` as a warning (once, however many members send it)."""
-        self.context.coordinator.emit.remote(("warning", self.context.index, f"HQDEStrategy: {message}"))
+        self.context.coordinator.emit.remote(Notice(self.context.index, f"HQDEStrategy: {message}", warning=True))
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
@@ -210,7 +211,7 @@ class MemberStrategy(SingleDeviceStrategy):
         coordinator_state = ray.get(coordinator.state_dict.remote())
         states = [m["state_dict"] for m in members if m]
         consensus = copy.deepcopy(self.hqde.aggregator)(states).state
-        return self.hqde.checkpoint_section(members, None, None, coordinator_state), consensus
+        return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:

@@ -20,14 +20,14 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_section, read_checkpoint, seal_checkpoint
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
+from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.topology import Flat, Topology, resolve_topology
 
@@ -197,8 +197,8 @@ class HQDEStrategy(SingleDeviceStrategy):
         self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
         #: every member after ``fit`` (or after loading an HQDE checkpoint), as one ``nn.Module``
         self.ensemble: Ensemble | None = None
-        #: per-sync statistics of the last fit (members, weights, distances, bytes, seconds)
-        self.sync_history: list[dict[str, Any]] = []
+        #: one :class:`~hqde_lightning.events.SyncRecord` per sync of the last fit (members, weights, bytes, seconds)
+        self.sync_history: list[SyncRecord] = []
         self.coordinator_state: dict[str, Any] = {}
         #: members given up on during the last fit (``on_member_failure="continue"``)
         self.dropped_members: list[int] = []
@@ -242,10 +242,6 @@ class HQDEStrategy(SingleDeviceStrategy):
         return math.floor(1e4 / math.ceil(self.num_members / num_gpus)) / 1e4
 
     @property
-    def launcher(self) -> _Launcher | None:
-        return self._launcher
-
-    @property
     def root_device(self) -> torch.device:
         """The driver's device (where ``validate``/``test``/``predict`` run the ensemble): the Trainer's first GPU, or the CPU."""
         if isinstance(self.accelerator, CUDAAccelerator):
@@ -259,24 +255,8 @@ class HQDEStrategy(SingleDeviceStrategy):
         The section also gets the SHA-256 checksums of the consensus and of every member's
         weights, verified whenever the file is loaded.
         """
-        members, weights, active = self._driver_checkpoint_section()
-        section = self.checkpoint_section(members, weights, active, self.coordinator_state)
+        section = ensemble_section(self, *self._driver_checkpoint_section(), coordinator_state=self.coordinator_state)
         self.checkpoint_io.save_checkpoint(seal_checkpoint(checkpoint, section), filepath, storage_options=storage_options)
-
-    def checkpoint_section(self, members: list[dict[str, Any]], weights: Any, active: Any, coordinator_state: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``checkpoint['hqde']`` section of this run, holding ``members`` (one entry per member index)."""
-        return {
-            "num_members": self.num_members,
-            "seed": self.seed,
-            "sync": self.sync,
-            "aggregator": getattr(self.aggregator, "name", type(self.aggregator).__name__),
-            "combine": self.combiner.name or "auto",
-            "members": members,
-            "weights": weights,
-            "active": active,
-            # plain types only, so that the file loads with ``weights_only=True``
-            "coordinator": to_safe_types(coordinator_state),
-        }
 
     def _driver_checkpoint_section(self) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:
         """The driver's ensemble: every member's full Lightning state from the end of the fit, with its current weights.
@@ -348,12 +328,6 @@ class HQDEStrategy(SingleDeviceStrategy):
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
             f" member_init={self.member_init!r}, seed={self.seed})"
         )
-
-
-def seal_checkpoint(checkpoint: Mapping[str, Any], section: dict[str, Any]) -> dict[str, Any]:
-    """``checkpoint`` with the ensemble ``section`` as ``checkpoint['hqde']``, its checksums added to the section."""
-    section["checksums"] = member_checksums(checkpoint.get("state_dict"), section["members"])
-    return {**checkpoint, HQDE_KEY: section}
 
 
 def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
