@@ -22,8 +22,10 @@ import copy
 import inspect
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -149,8 +151,8 @@ class RayEnsembleLauncher(_Launcher):
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
         payload = self._pickle(trainer, function, bound, model)
-        self._start_ray()
         try:
+            self._start_ray()
             self._prepare_data_on_other_nodes(model, bound)
             # where a sync sets every member to the consensus, equal weights are intended
             check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
@@ -170,10 +172,11 @@ class RayEnsembleLauncher(_Launcher):
             strategy._keep_final_checkpoints(ray.get(coordinator.latest_snapshots.remote()))
             self._call_ensemble_hooks(trainer, bound)
         finally:
-            self.kill()
-            if self._started_ray:
-                ray.shutdown()
-                self._started_ray = False
+            with _sigint_deferred():  # a second Ctrl-C must not stop the clean-up halfway
+                self.kill()
+                if self._started_ray:
+                    ray.shutdown()
+                    self._started_ray = False
         return None
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
@@ -227,6 +230,12 @@ class RayEnsembleLauncher(_Launcher):
         ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
 
     def _start_ray(self) -> None:
+        """Starts a local Ray instance, or joins ``ray_address``, unless Ray is already initialised.
+
+        Ctrl-C while the local instance starts is held back until ``ray.init`` returned (and then
+        raised), so that the ``finally`` of the fit shuts down every process ``ray.init`` started:
+        an interrupt inside ``ray.init`` would leave some of them running.
+        """
         strategy = self._strategy
         if ray.is_initialized():
             return
@@ -235,9 +244,9 @@ class RayEnsembleLauncher(_Launcher):
             return
         init_kwargs = {"include_dashboard": False, "configure_logging": False, **strategy.ray_init_kwargs}
         rank_zero_info("HQDEStrategy: starting a local Ray instance (listening on 127.0.0.1 only)")
-        with _loopback_only(enabled="_node_ip_address" not in init_kwargs):
+        with _sigint_deferred(), _loopback_only(enabled="_node_ip_address" not in init_kwargs):
+            self._started_ray = True  # from here on, whatever ray.init started is shut down at the end
             ray.init(address="local", **init_kwargs)
-        self._started_ray = True
 
     def _pickle(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes:
         """Pickles ``(trainer, function name, args, kwargs)``; unpicklable attributes get a clear error."""
@@ -656,6 +665,25 @@ class _EventForwarder:
             f"HQDEStrategy: members {members} hold identical weights after epoch {round_id}: they train as copies of one"
             f" model and the ensemble is no better than one member. Probable cause: {cause}."
         )
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Holds back SIGINT (Ctrl-C) inside the block and delivers it, to the handler there was before, when the block ends.
+
+    Only the main thread receives signals in Python; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextlib.contextmanager
