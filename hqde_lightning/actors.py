@@ -47,6 +47,8 @@ class _Round:
     payloads: dict[int, tuple[Any, float | None, int, int, dict[str, int]]] = field(default_factory=dict)
     result: Any = None
     error: str | None = None
+    #: the members' logging step at this sync (the step of their end-of-epoch rows)
+    step: int | None = None
 
 
 class Coordinator:
@@ -86,12 +88,16 @@ class Coordinator:
             self.load_state_dict(state)
 
     # ---------------------------------------------------------------- syncing
-    async def sync(self, member: int, round_id: int, payload: Any, nbytes: int, layout: dict[str, int], score: float | None, num_samples: int) -> list[Any]:
+    async def sync(
+        self, member: int, round_id: int, payload: Any, nbytes: int, layout: dict[str, int], score: float | None, num_samples: int, step: int | None = None
+    ) -> list[Any]:
         """Adds ``member``'s payload to round ``round_id``; returns ``[consensus_ref]`` once the round completes.
 
         ``payload`` arrives by value and is put into an object the coordinator owns (an object
         the member put would die with the member). A member arriving at a round that already
         completed (a restarted member redoing the round it died in) gets the latest consensus.
+        ``step`` is the member's logging step at the sync; the round's statistics carry the largest
+        as ``"step"``, where the driver logs them.
         """
         if self.last_result is not None and round_id <= self.last_result[0]:
             return [self.last_result[1]]
@@ -99,6 +105,8 @@ class Coordinator:
         if rnd is None:
             rnd = self.rounds[round_id] = _Round(asyncio.Event())
         rnd.payloads[member] = (ray.put(payload), score, num_samples, nbytes, layout)
+        if step is not None:
+            rnd.step = step if rnd.step is None else max(rnd.step, step)
         self._maybe_complete(round_id)
         await rnd.event.wait()
         if rnd.error is not None:
@@ -131,6 +139,7 @@ class Coordinator:
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
             stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
+            stats["step"] = rnd.step
             stats["sample_counts"] = [e[2] for e in entries]
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
@@ -336,6 +345,7 @@ class MemberActor:
         finally:
             if restart_dir is not None:
                 shutil.rmtree(restart_dir, ignore_errors=True)
+        context.coordinator.emit.remote(("finished", context.index, None))
         context.coordinator.finish.remote(context.index)
         callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
         return MemberResult(

@@ -587,7 +587,14 @@ def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -
 
 
 class _EventForwarder:
-    """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
+    """Hands the members' metrics to the driver's loggers and their progress to the progress bars.
+
+    Member metrics are logged under ``member_{i}/`` at the member's own step; the rows of the
+    writer (the lowest-index member still training, member 0 unless it finished early) also
+    carry Lightning's plain ``epoch``, as a run without the strategy logs it. Each sync round's
+    ``ensemble/...`` row and the members' ``member_{i}/hqde/distance_to_consensus`` are logged at
+    the step of that epoch's end-of-epoch rows (the members report it with the sync).
+    """
 
     def __init__(self, trainer: Trainer, strategy: Any, progress: EnsembleProgress) -> None:
         self.trainer = trainer
@@ -598,6 +605,13 @@ class _EventForwarder:
         self.batches_per_second: dict[int, float] = {}
         self._first_report: dict[int, tuple[float, int]] = {}
         self._notices: set[str] = set()
+        #: members whose fit ended (they sent ``finished``)
+        self._finished: set[int] = set()
+
+    def _writer(self) -> int | None:
+        """The lowest-index member still training: the one whose rows carry the plain ``epoch``."""
+        gone = self._finished | set(self.strategy.dropped_members)
+        return next((m for m in range(self.strategy.num_members) if m not in gone), None)
 
     def forget(self, member: int) -> None:
         """A restarted member counts its speed afresh."""
@@ -617,7 +631,18 @@ class _EventForwarder:
             if kind == "metrics":
                 logger_index, values, step = data
                 self.last_step = max(self.last_step, step or 0)
-                loggers[logger_index].log_metrics({f"member_{member}/{k}": v for k, v in values.items()}, step)
+                row = {f"member_{member}/{k}": v for k, v in values.items()}
+                if "epoch" in values and member == self._writer():
+                    row["epoch"] = values["epoch"]
+                loggers[logger_index].log_metrics(row, step)
+            elif kind == "finished":
+                self._finished.add(member)
+            elif kind == "distance":
+                step, distance = data
+                name = f"member_{member}/hqde/distance_to_consensus"
+                self.trainer.callback_metrics[name] = torch.tensor(distance)
+                for logger in loggers:
+                    logger.log_metrics({name: distance}, step)
             elif kind == "hparams":
                 logger_index, params = data
                 loggers[logger_index].log_hyperparams(params)
@@ -645,8 +670,9 @@ class _EventForwarder:
                 reputation = data["info"].get("reputation")
                 if isinstance(reputation, list):
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
+                step = data.get("step")
                 for logger in loggers:
-                    logger.log_metrics(summary, self.last_step)
+                    logger.log_metrics(summary, self.last_step if step is None else step)
 
     def _warn_clones(self, members: list[int], round_id: int) -> None:
         if self.strategy.member_init == "shared":
