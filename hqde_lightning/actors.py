@@ -30,6 +30,7 @@ import numpy as np
 import ray
 import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
 from ray import cloudpickle
 
@@ -38,7 +39,15 @@ from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
 
-__all__ = ["Coordinator", "MemberActor", "MemberResult"]
+__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult"]
+
+
+class MemberInterrupted(Exception):
+    """A member's fit stopped on ``KeyboardInterrupt`` (Lightning's graceful shutdown ran in the member).
+
+    The driver raises ``KeyboardInterrupt`` in its turn, so that its own ``fit`` ends as an
+    interrupted plain ``fit`` does.
+    """
 
 
 @dataclass
@@ -316,6 +325,11 @@ class MemberActor:
 
         A restarted member (``context.restart_from`` holds its last snapshot) resumes from it,
         through a temporary ``hqde-restart-*`` directory removed when its fit ends.
+
+        The fit runs through Lightning's own entry point for ``fit`` (``_call_and_handle_interrupt``),
+        so callbacks' ``on_exception`` run here and Lightning handles its control-flow exceptions
+        (the Tuner's exit, ``KeyboardInterrupt``) as in a plain fit; a ``KeyboardInterrupt``
+        reaches the driver as :class:`MemberInterrupted`.
         """
         from lightning.pytorch import seed_everything
 
@@ -341,7 +355,11 @@ class MemberActor:
         if strategy.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         try:
-            getattr(trainer, function_name)(*args, **kwargs)
+            _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
+        except SystemExit:  # Lightning's answer to KeyboardInterrupt, after its graceful shutdown
+            if not trainer.interrupted:
+                raise
+            raise MemberInterrupted(f"member {context.index}'s fit was interrupted (KeyboardInterrupt)") from None
         finally:
             if restart_dir is not None:
                 shutil.rmtree(restart_dir, ignore_errors=True)

@@ -44,7 +44,7 @@ from ray import cloudpickle
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import Coordinator, MemberActor, MemberResult
+from hqde_lightning.actors import Coordinator, MemberActor, MemberInterrupted, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
@@ -795,6 +795,8 @@ def _describe(options: Mapping[str, Any]) -> str:
 
 
 def _member_error(index: int, err: Exception) -> BaseException:
+    if isinstance(err, RayTaskError) and isinstance(err.cause, MemberInterrupted):
+        return KeyboardInterrupt(str(err.cause))  # the driver's fit ends as an interrupted plain fit does
     if isinstance(err, RayTaskError):
         cause = err.as_instanceof_cause()
         cause.args = (f"member {index} failed: {cause.args[0] if cause.args else err}",) + tuple(cause.args[1:])
