@@ -448,8 +448,8 @@ class HQDESystem:
         if ray.is_initialized():
             return
         options = self.config.strategy_kwargs
+        self._owns_ray = True  # set first: whatever `ray.init` starts is shut down by cleanup(), even after Ctrl-C
         start_ray(options.get("ray_address"), dict(options.get("ray_init_kwargs") or {}))
-        self._owns_ray = True
 
     # ----------------------------------------------------------- inference
     def _trained(self) -> Ensemble:

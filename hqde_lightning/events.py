@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
-__all__ = ["ClonesEvent", "Event", "HparamsEvent", "MetricsEvent", "Notice", "ProgressEvent", "SyncRecord"]
+__all__ = ["ClonesEvent", "DistanceEvent", "Event", "FinishedEvent", "HparamsEvent", "MetricsEvent", "Notice", "ProgressEvent", "SyncRecord"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class MetricsEvent:
 
     member: int
     logger_index: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | int]
     step: int | None
 
 
@@ -56,6 +56,22 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class DistanceEvent:
+    """Member ``member``'s distance to the consensus it just applied, for the rows of logging step ``step``."""
+
+    member: int
+    step: int
+    distance: float
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    """Member ``member``'s fit ended."""
+
+    member: int
+
+
+@dataclass(frozen=True)
 class ClonesEvent:
     """Members ``members`` held identical weights after epoch ``round``."""
 
@@ -81,6 +97,8 @@ class SyncRecord:
         comm_rounds: communication rounds the topology needed.
         bytes_moved: bytes moved between reducers, consensus included.
         sample_counts: samples each member trained on since its previous sync.
+        step: the members' logging step at the sync (their end-of-epoch rows), where the driver
+            logs the round; ``None`` when no member reported one.
     """
 
     round: int
@@ -96,6 +114,7 @@ class SyncRecord:
     comm_rounds: int = 0
     bytes_moved: int = 0
     sample_counts: list[int] = field(default_factory=list)
+    step: int | None = None
 
     def __getitem__(self, name: str) -> Any:
         """``record["bytes_received"]`` reads the field of that name, as the dictionaries of earlier versions did."""
@@ -109,4 +128,4 @@ class SyncRecord:
 
 
 #: everything that travels from the members and the coordinator to the driver
-Event = Union[MetricsEvent, HparamsEvent, ProgressEvent, Notice, ClonesEvent, SyncRecord]
+Event = Union[MetricsEvent, HparamsEvent, ProgressEvent, DistanceEvent, FinishedEvent, Notice, ClonesEvent, SyncRecord]

@@ -9,17 +9,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from hqde_lightning.events import ClonesEvent, Event, HparamsEvent, MetricsEvent, Notice, ProgressEvent, SyncRecord
+from hqde_lightning.events import ClonesEvent, DistanceEvent, Event, FinishedEvent, HparamsEvent, MetricsEvent, Notice, ProgressEvent, SyncRecord
 from hqde_lightning.progress import EnsembleProgress
 
 __all__ = ["EventForwarder"]
 
 
 class EventForwarder:
-    """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
+    """Hands the members' metrics to the driver's loggers and their progress to the progress bars.
+
+    Member metrics are logged under ``member_{i}/`` at the member's own step; the rows of the
+    writer (the lowest-index member still training, member 0 unless it finished early) also
+    carry Lightning's plain ``epoch``, as a run without the strategy logs it. Each sync round's
+    ``ensemble/...`` row and the members' ``member_{i}/hqde/distance_to_consensus`` are logged at
+    the step of that epoch's end-of-epoch rows (the members report it with the sync).
+    """
 
     def __init__(self, trainer: Trainer, strategy: Any, progress: EnsembleProgress) -> None:
         self.trainer = trainer
@@ -30,6 +38,13 @@ class EventForwarder:
         self.batches_per_second: dict[int, float] = {}
         self._first_report: dict[int, tuple[float, int]] = {}
         self._notices: set[str] = set()
+        #: members whose fit ended (they sent a :class:`FinishedEvent`)
+        self._finished: set[int] = set()
+
+    def _writer(self) -> int | None:
+        """The lowest-index member still training: the one whose rows carry the plain ``epoch``."""
+        gone = self._finished | set(self.strategy.dropped_members)
+        return next((m for m in range(self.strategy.num_members) if m not in gone), None)
 
     def forget(self, member: int) -> None:
         """A restarted member counts its speed afresh."""
@@ -49,7 +64,17 @@ class EventForwarder:
         for event in events:
             if isinstance(event, MetricsEvent):
                 self.last_step = max(self.last_step, event.step or 0)
-                loggers[event.logger_index].log_metrics({f"member_{event.member}/{k}": v for k, v in event.metrics.items()}, event.step)
+                row = {f"member_{event.member}/{k}": v for k, v in event.metrics.items()}
+                if "epoch" in event.metrics and event.member == self._writer():
+                    row["epoch"] = event.metrics["epoch"]
+                loggers[event.logger_index].log_metrics(row, event.step)
+            elif isinstance(event, FinishedEvent):
+                self._finished.add(event.member)
+            elif isinstance(event, DistanceEvent):
+                name = f"member_{event.member}/hqde/distance_to_consensus"
+                self.trainer.callback_metrics[name] = torch.tensor(event.distance)
+                for logger in loggers:
+                    logger.log_metrics({name: event.distance}, event.step)
             elif isinstance(event, HparamsEvent):
                 loggers[event.logger_index].log_hyperparams(event.params)
             elif isinstance(event, Notice):
@@ -64,7 +89,7 @@ class EventForwarder:
             elif isinstance(event, SyncRecord):
                 self.strategy.sync_history.append(event)
                 for logger in loggers:
-                    logger.log_metrics(_sync_summary(event), self.last_step)
+                    logger.log_metrics(_sync_summary(event), self.last_step if event.step is None else event.step)
             else:
                 raise TypeError(f"HQDEStrategy: unknown event {event!r} from the members")
 

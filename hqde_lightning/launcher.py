@@ -48,7 +48,7 @@ from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.member_pool import MemberPool
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
-from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, start_ray
+from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, sigint_deferred, start_ray
 from hqde_lightning.resources import member_options
 
 __all__ = ["RayEnsembleLauncher"]
@@ -114,8 +114,8 @@ class RayEnsembleLauncher(_Launcher):
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
         payload = pickle_fit(trainer, function, bound, model)
-        self._start_ray()
         try:
+            self._start_ray()
             self._prepare_data_on_other_nodes(model, bound)
             # where a sync sets every member to the consensus, equal weights are intended
             check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
@@ -135,10 +135,11 @@ class RayEnsembleLauncher(_Launcher):
             strategy.keep_final_checkpoints(ray.get(coordinator.latest_snapshots.remote()))
             self._call_ensemble_hooks(trainer, bound)
         finally:
-            self.kill()
-            if self._started_ray:
-                ray.shutdown()
-                self._started_ray = False
+            with sigint_deferred():  # a second Ctrl-C must not stop the clean-up halfway
+                self.kill()
+                if self._started_ray:
+                    ray.shutdown()
+                    self._started_ray = False
         return None
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
@@ -192,8 +193,15 @@ class RayEnsembleLauncher(_Launcher):
         ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
 
     def _start_ray(self) -> None:
-        if start_ray(self._strategy.ray_address, self._strategy.ray_init_kwargs):
+        """Starts a local Ray instance, or joins ``ray_address``, unless Ray is already initialised.
+
+        Whether this fit started Ray is decided before ``ray.init`` runs, so that the ``finally``
+        of the fit shuts down every process ``ray.init`` started, also when Ctrl-C (held back
+        until ``ray.init`` returned) ends the fit right after it.
+        """
+        if not ray.is_initialized() and self._strategy.ray_address is None:
             self._started_ray = True
+        start_ray(self._strategy.ray_address, self._strategy.ray_init_kwargs)
 
     def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any) -> list[MemberResult]:
         """Runs the members in a :class:`~hqde_lightning.member_pool.MemberPool` until every one finished or was given up on."""

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import MemberActor, MemberResult
+from hqde_lightning.actors import MemberActor, MemberInterrupted, MemberResult
 from hqde_lightning.member import MemberContext
 from hqde_lightning.placement import PlacementScorer, describe_resources, fits_node, ray_resources
 from hqde_lightning.ray_runtime import alive_nodes
@@ -229,6 +229,8 @@ def _describe(options: Mapping[str, Any]) -> str:
 
 
 def _member_error(index: int, err: Exception) -> BaseException:
+    if isinstance(err, RayTaskError) and isinstance(err.cause, MemberInterrupted):
+        return KeyboardInterrupt(str(err.cause))  # the driver's fit ends as an interrupted plain fit does
     if isinstance(err, RayTaskError):
         cause = err.as_instanceof_cause()
         cause.args = (f"member {index} failed: {cause.args[0] if cause.args else err}",) + tuple(cause.args[1:])

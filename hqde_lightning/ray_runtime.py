@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from hqde_lightning.placement import NodeCapacity
 
-__all__ = ["alive_nodes", "connect_ray", "driver_pythonpath", "head_node_id", "start_ray"]
+__all__ = ["alive_nodes", "connect_ray", "driver_pythonpath", "head_node_id", "sigint_deferred", "start_ray"]
 
 _AUTH_HINT = (
     " Ray >= 2.60 enables token authentication by default: set `RAY_AUTH_MODE=token` (and the cluster's token)"
@@ -27,23 +29,45 @@ _AUTH_HINT = (
 )
 
 
-def start_ray(address: str | None, init_kwargs: Mapping[str, Any]) -> bool:
-    """Connects this process to Ray, unless it already is; returns whether it started a Ray instance.
+def start_ray(address: str | None, init_kwargs: Mapping[str, Any]) -> None:
+    """Connects this process to Ray, unless it already is.
 
     ``address=None`` starts a private local instance listening on 127.0.0.1 only (unless
     ``init_kwargs`` names ``_node_ip_address``); any other address joins that cluster
-    (:func:`connect_ray`). ``init_kwargs`` are further ``ray.init`` arguments.
+    (:func:`connect_ray`). ``init_kwargs`` are further ``ray.init`` arguments. Ctrl-C while the
+    local instance starts is held back until ``ray.init`` returned (and then raised), so that the
+    caller's clean-up shuts down every process ``ray.init`` started: an interrupt inside
+    ``ray.init`` would leave some of them running. Callers that shut Ray down afterwards decide
+    so before calling (``address is None and not ray.is_initialized()``).
     """
     if ray.is_initialized():
-        return False
+        return
     if address is not None:
         connect_ray(address, init_kwargs)
-        return False
+        return
     kwargs = {"include_dashboard": False, "configure_logging": False, **init_kwargs}
     rank_zero_info("HQDEStrategy: starting a local Ray instance (listening on 127.0.0.1 only)")
-    with _loopback_only(enabled="_node_ip_address" not in kwargs):
+    with sigint_deferred(), _loopback_only(enabled="_node_ip_address" not in kwargs):
         ray.init(address="local", **kwargs)
-    return True
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Holds back SIGINT (Ctrl-C) inside the block and delivers it, to the handler there was before, when the block ends.
+
+    Only the main thread receives signals in Python; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def connect_ray(address: str, init_kwargs: Mapping[str, Any]) -> None:
