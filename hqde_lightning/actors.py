@@ -8,8 +8,9 @@ round waits) and keeps only the latest round's consensus. It also keeps the memb
 snapshots (for whole-ensemble checkpoints and restarts) and queues metrics and progress for
 the driver.
 
-:class:`MemberActor` (one per member) unpickles the user's ``Trainer``, switches its strategy
-into member mode and runs the user's own Lightning fit loop.
+:class:`MemberActor` (one per member) unpickles the user's ``Trainer``, swaps in the member's
+strategy (:class:`~hqde_lightning.member_strategy.MemberStrategy`) and runs the user's own
+Lightning fit loop.
 
 Both are plain classes here; the launcher wraps them with ``ray.remote`` and their resources.
 """
@@ -36,8 +37,10 @@ from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
+from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, SyncRecord
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
+from hqde_lightning.member_strategy import MemberStrategy
 
 __all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult"]
 
@@ -86,7 +89,7 @@ class Coordinator:
         self.snapshots: dict[int, tuple[int, Any]] = {}
         #: members whose final snapshot (the end of their fit) has arrived
         self.done: set[int] = set()
-        self.events: list[tuple[Any, ...]] = []
+        self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
         self._executor: Executor | None = None
@@ -146,29 +149,35 @@ class Coordinator:
                 consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
-            stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
-            stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
-            stats["step"] = rnd.step
-            stats["sample_counts"] = [e[2] for e in entries]
-            self.history.append(stats)
-            self.events.append(("sync", -1, stats))
+            record = self._sync_record(round_id, members, result, time.perf_counter() - started, entries, comm, rnd.step)
+            self.history.append(record.as_dict())
+            self.events.append(record)
         except Exception as exc:  # every waiting member must hear of it, none may hang
             rnd.error = f"{type(exc).__name__}: {exc}"
         rnd.payloads.clear()
         rnd.event.set()
         del self.rounds[round_id]  # the waiting members hold the round itself
 
-    def _round_stats(self, round_id: int, members: list[int], result: Any, seconds: float, scores: list[float | None]) -> dict[str, Any]:
-        return {
-            "round": round_id,
-            "members": members,
-            "excluded": [members[i] for i in result.excluded],
-            "member_weights": [float(w) for w in result.member_weights],
-            "scores": scores,
-            "aggregation_seconds": seconds,
-            "topology": self.topology.name,
-            "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
-        }
+    def _sync_record(
+        self, round_id: int, members: list[int], result: Any, seconds: float, entries: list[Any], comm: CommStats, step: int | None
+    ) -> SyncRecord:
+        """What round ``round_id`` did: who took part with which weight, the aggregator's diagnostics, bytes and time."""
+        return SyncRecord(
+            round=round_id,
+            members=members,
+            excluded=[members[i] for i in result.excluded],
+            member_weights=[float(w) for w in result.member_weights],
+            scores=[e[1] for e in entries],
+            aggregation_seconds=seconds,
+            topology=self.topology.name,
+            info={k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
+            bytes_received=sum(e[3] for e in entries),
+            fp32_bytes=4 * sum(entries[0][4].values()) * len(entries),
+            comm_rounds=comm.rounds,
+            bytes_moved=comm.bytes_moved,
+            sample_counts=[e[2] for e in entries],
+            step=step,
+        )
 
     def finish(self, member: int) -> None:
         """``member``'s fit ended (or it was dropped): open rounds no longer wait for it or count it."""
@@ -197,7 +206,7 @@ class Coordinator:
             self._report_clones()
 
     def _report_clones(self) -> None:
-        """Once every active member posted its first snapshot: emits ``("clones", -1, (groups, round))`` for identical members."""
+        """Once every active member posted its first snapshot: emits a :class:`ClonesEvent` for each group of identical members."""
         if not self.check_clones or len(self.first_fingerprints) < 2 or not self.active <= set(self.first_fingerprints):
             return
         self.check_clones = False
@@ -206,7 +215,7 @@ class Coordinator:
             groups.setdefault(key, []).append(member)
         for (round_id, _), members in groups.items():
             if len(members) > 1:
-                self.events.append(("clones", -1, (members, round_id)))
+                self.events.append(ClonesEvent(members, round_id))
 
     def _notify_snapshot(self) -> None:
         waiters, self._snapshot_waiters = self._snapshot_waiters, []
@@ -259,10 +268,10 @@ class Coordinator:
         return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items())}
 
     # --------------------------------------------------------- driver channel
-    def emit(self, event: tuple[Any, ...]) -> None:
+    def emit(self, event: Event) -> None:
         self.events.append(event)
 
-    def drain(self) -> list[tuple[Any, ...]]:
+    def drain(self) -> list[Event]:
         events, self.events = self.events, []
         return events
 
@@ -318,7 +327,7 @@ class MemberActor:
         if bound.arguments.get("ckpt_path") is not None:
             return
         notice, fallback = reinitialise(bound.arguments["model"])
-        context.coordinator.emit.remote(("warning" if fallback else "info", context.index, f"HQDEStrategy: {notice}"))
+        context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 
     def run(self, payload: bytes, context: MemberContext) -> MemberResult:
         """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.
@@ -342,17 +351,16 @@ class MemberActor:
                 bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs)
                 bound.arguments["ckpt_path"] = self._write_snapshot(snapshot, context.index, restart_dir)
                 args, kwargs = bound.args, bound.kwargs
-        strategy = trainer.strategy
-        strategy._enter_member_mode(context)
+        hqde = trainer.strategy
+        sync = MemberSync(context)
+        MemberStrategy(hqde, context, sync).install(trainer)
         # the driver ran `prepare_data` once before the members started (see the launcher)
         trainer._data_connector.prepare_data = _prepared_in_driver
-        trainer._loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
+        trainer.loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
         unwanted: tuple[type, ...] = (ProgressBar,) if context.index == 0 else (ProgressBar, ModelSummary)
-        sync = MemberSync(context)
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
-        strategy._member_sync = sync
         seed_everything(context.seed, workers=True, verbose=False)
-        if strategy.member_init == "independent":
+        if hqde.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         try:
             _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
@@ -363,7 +371,7 @@ class MemberActor:
         finally:
             if restart_dir is not None:
                 shutil.rmtree(restart_dir, ignore_errors=True)
-        context.coordinator.emit.remote(("finished", context.index, None))
+        context.coordinator.emit.remote(FinishedEvent(context.index))
         context.coordinator.finish.remote(context.index)
         callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
         return MemberResult(

@@ -53,10 +53,12 @@ __all__ = [
     "AtomicCheckpointIO",
     "capture_rng_states",
     "ensemble_entries",
+    "ensemble_section",
     "load_checkpoint_file",
     "member_checksums",
     "read_checkpoint",
     "restore_rng_states",
+    "seal_checkpoint",
     "state_digest",
     "to_safe_types",
     "verify_checksums",
@@ -209,6 +211,32 @@ def member_checksums(consensus: Mapping[str, Any] | None, members: Iterable[Mapp
         "consensus": None if consensus is None else state_digest(consensus),
         "members": [state_digest(m["state_dict"]) if m.get("state_dict") is not None else None for m in members],
     }
+
+
+def ensemble_section(run: Any, members: list[dict[str, Any]], weights: Any, active: Any, coordinator_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``checkpoint['hqde']`` section of the run ``run`` (an ``HQDEStrategy``) holding ``members``, one entry per member index.
+
+    ``weights``/``active`` are the ensemble's member weights and mask (``None`` while the
+    members train), ``coordinator_state`` the coordinator's state (kept as plain types only, so
+    that the file loads with ``weights_only=True``). :func:`seal_checkpoint` adds the checksums.
+    """
+    return {
+        "num_members": run.num_members,
+        "seed": run.seed,
+        "sync": run.sync,
+        "aggregator": getattr(run.aggregator, "name", type(run.aggregator).__name__),
+        "combine": run.combiner.name or "auto",
+        "members": members,
+        "weights": weights,
+        "active": active,
+        "coordinator": to_safe_types(coordinator_state),
+    }
+
+
+def seal_checkpoint(checkpoint: Mapping[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with the ensemble ``section`` as ``checkpoint['hqde']``, its checksums added to the section."""
+    section["checksums"] = member_checksums(checkpoint.get("state_dict"), section["members"])
+    return {**checkpoint, HQDE_KEY: section}
 
 
 def verify_checksums(checkpoint: Mapping[str, Any], path: _PATH) -> None:

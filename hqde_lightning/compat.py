@@ -70,6 +70,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any
 
@@ -87,11 +88,11 @@ from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleMetrics, classification_batch
-from hqde_lightning.launcher import connect_ray
+from hqde_lightning.ray_runtime import start_ray
 from hqde_lightning.member import SyncCodec
 from hqde_lightning.strategy import HQDEStrategy
 
-__all__ = ["AGGREGATION_KEYS", "HQDESystem", "QUANTIZATION_KEYS", "create_hqde_system"]
+__all__ = ["AGGREGATION_KEYS", "HQDESystem", "QUANTIZATION_KEYS", "SystemConfig", "create_hqde_system"]
 
 #: keys accepted in ``quantization_config``
 QUANTIZATION_KEYS = ("base_bits", "min_bits", "max_bits")
@@ -171,6 +172,140 @@ def _check_config(name: str, config: Mapping[str, Any] | None, allowed: tuple[st
     return dict(config)
 
 
+@dataclass(frozen=True)
+class SystemConfig:
+    """Everything an :class:`HQDESystem` was created with (see there for each field), checked.
+
+    Built with the arguments as given (``None`` for the optional mappings); the mappings are
+    stored as fresh dicts (``optimizer_kwargs=None`` becomes ``{"lr": 1e-3}``). It is what
+    :meth:`HQDESystem.save` stores and :meth:`HQDESystem.load` rebuilds the system from; each
+    fit's strategy, callbacks and ``Trainer`` arguments are derived from it.
+
+    Raises:
+        ValueError: for an unknown configuration key or a value outside its range.
+        TypeError: for a ``model_class`` that is not an ``nn.Module`` class.
+    """
+
+    model_class: type[nn.Module]
+    model_kwargs: dict[str, Any]
+    num_workers: int
+    quantization_config: dict[str, Any]
+    aggregation_config: dict[str, Any]
+    loss_fn: LossFn | None
+    optimizer: type[Optimizer]
+    optimizer_kwargs: dict[str, Any]
+    strategy_kwargs: dict[str, Any]
+    trainer_kwargs: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        model_class, optimizer, loss_fn, num_workers = self.model_class, self.optimizer, self.loss_fn, self.num_workers
+        if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
+            raise TypeError(f"`model_class` must be an `nn.Module` subclass, got {model_class!r}.")
+        for name in ("model_kwargs", "optimizer_kwargs", "strategy_kwargs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"`{name}` must be a dict or None, got {type(value).__name__}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"`num_workers={num_workers!r}`: the number of ensemble members must be an integer >= 1.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as `loss_fn(outputs, targets)`, got {loss_fn!r}.")
+        if not (inspect.isclass(optimizer) and issubclass(optimizer, Optimizer)):
+            raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer` subclass, got {optimizer!r}.")
+        normalised = {
+            "model_kwargs": dict(self.model_kwargs or {}),
+            "quantization_config": _check_config("quantization_config", self.quantization_config, QUANTIZATION_KEYS),
+            "aggregation_config": _check_config("aggregation_config", self.aggregation_config, AGGREGATION_KEYS),
+            "optimizer_kwargs": {"lr": 1e-3} if self.optimizer_kwargs is None else dict(self.optimizer_kwargs),
+            "strategy_kwargs": dict(self.strategy_kwargs or {}),
+            "trainer_kwargs": dict(self.trainer_kwargs or {}),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)  # a frozen dataclass sets its own fields this way
+        self.trainer_options()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration by field name (not copied): ``SystemConfig(**config.as_dict())`` rebuilds it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def trainer_options(self) -> dict[str, Any]:
+        """``Trainer`` keyword arguments for one fit: the facade's defaults, your ``trainer_kwargs`` and a fresh callbacks list.
+
+        Raises:
+            ValueError: for arguments the facade sets itself or that ``Trainer`` does not take, and for
+                a sync codec among ``callbacks`` when ``quantization_config`` adds one.
+        """
+        trainer_kwargs = self.trainer_kwargs
+        accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+        for name in trainer_kwargs:
+            if name in _RESERVED_TRAINER_KWARGS:
+                raise ValueError(f"`{name}` is set by HQDESystem: {_RESERVED_TRAINER_KWARGS[name]}.")
+            if name not in accepted:
+                raise ValueError(f"`{name}` is neither an HQDESystem nor a `lightning.pytorch.Trainer` argument.")
+        user_callbacks = trainer_kwargs.get("callbacks") or []
+        if isinstance(user_callbacks, Callback):
+            user_callbacks = [user_callbacks]
+        if self.quantization_config and any(isinstance(cb, SyncCodec) for cb in user_callbacks):
+            raise ValueError(
+                "`quantization_config` adds an AdaptiveQuantization sync codec, but `callbacks` already holds one"
+                " (a member uses only one): drop one of them."
+            )
+        return {**_TRAINER_DEFAULTS, **trainer_kwargs, "callbacks": list(user_callbacks)}
+
+    def fit_parts(self) -> tuple[HQDEStrategy, list[Callback]]:
+        """A fresh strategy (with a fresh aggregator) and fresh callbacks for one fit.
+
+        Raises:
+            ValueError: for configuration values the callbacks or ``HQDEStrategy`` refuse as such.
+            MisconfigurationException: for ``strategy_kwargs`` values that ``HQDEStrategy`` refuses.
+        """
+        callbacks = self.callbacks()
+        try:
+            strategy = HQDEStrategy(**self.strategy_options())
+        except TypeError as err:
+            raise ValueError(f"`strategy_kwargs`: {err}") from err
+        return strategy, callbacks
+
+    def callbacks(self) -> list[Callback]:
+        """Fresh callbacks for one fit, from ``quantization_config`` and ``noise_scale``."""
+        callbacks: list[Callback] = []
+        quantization = self.quantization_config
+        if quantization:
+            try:
+                callbacks.append(AdaptiveQuantization(**quantization))
+            except ValueError as err:
+                raise ValueError(f"`quantization_config={quantization}`: {err}") from err
+        noise_scale = self.aggregation_config.get("noise_scale")
+        if noise_scale is not None:
+            try:
+                callbacks.append(QuantumNoise(scale=noise_scale))
+            except ValueError as err:
+                raise ValueError(f"`aggregation_config['noise_scale']={noise_scale!r}`: must be a finite number >= 0.") from err
+        return callbacks
+
+    def strategy_options(self) -> dict[str, Any]:
+        """``HQDEStrategy`` keyword arguments for one fit (a fresh aggregator each time)."""
+        options = dict(self.strategy_kwargs)
+        aggregation = self.aggregation_config
+        if "num_members" in options:
+            raise ValueError("`strategy_kwargs['num_members']`: the ensemble size is `num_workers`.")
+        strength = aggregation.get("entanglement_strength")
+        if strength is not None:
+            if "aggregator" in options:
+                raise ValueError("`aggregation_config['entanglement_strength']` chooses the Entanglement aggregator; drop `strategy_kwargs['aggregator']`.")
+            try:
+                options["aggregator"] = Entanglement(strength=strength)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"`aggregation_config['entanglement_strength']={strength!r}`: {err}.") from err
+        factor = aggregation.get("exploration_factor")
+        if factor is not None:
+            if "sync" in options or "sync_strength" in options:
+                raise ValueError("`aggregation_config['exploration_factor']` sets elastic sync; drop `strategy_kwargs['sync']`/`['sync_strength']`.")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or not 0.0 <= factor <= 1.0:
+                raise ValueError(f"`aggregation_config['exploration_factor']={factor!r}` must be a number in [0, 1].")
+            options.update(sync="elastic", sync_strength=1.0 - float(factor))
+        return {"num_members": self.num_workers, **options}
+
+
 class HQDESystem:
     """An HQDE ensemble of a plain ``nn.Module`` class, trained with :class:`~hqde_lightning.HQDEStrategy`.
 
@@ -199,6 +334,7 @@ class HQDESystem:
             ``max_epochs``.
 
     Attributes:
+        config: the checked :class:`SystemConfig` (what :meth:`save` stores).
         module: the LightningModule wrapping the network; after :meth:`train` it holds the
             consensus weights.
         ensemble: every member as an :class:`~hqde_lightning.Ensemble` (``None`` before training).
@@ -228,43 +364,30 @@ class HQDESystem:
         strategy_kwargs: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
-            raise TypeError(f"`model_class` must be an `nn.Module` subclass, got {model_class!r}.")
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-            raise ValueError(f"`model_kwargs` must be a dict or None, got {type(model_kwargs).__name__}.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"`num_workers={num_workers!r}`: the number of ensemble members must be an integer >= 1.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"`loss_fn` must be callable as `loss_fn(outputs, targets)`, got {loss_fn!r}.")
-        if not (inspect.isclass(optimizer) and issubclass(optimizer, Optimizer)):
-            raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer` subclass, got {optimizer!r}.")
-        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
-            raise ValueError(f"`optimizer_kwargs` must be a dict or None, got {type(optimizer_kwargs).__name__}.")
-        if strategy_kwargs is not None and not isinstance(strategy_kwargs, Mapping):
-            raise ValueError(f"`strategy_kwargs` must be a dict or None, got {type(strategy_kwargs).__name__}.")
-        self._config: dict[str, Any] = {
-            "model_class": model_class,
-            "model_kwargs": dict(model_kwargs or {}),
-            "num_workers": num_workers,
-            "quantization_config": _check_config("quantization_config", quantization_config, QUANTIZATION_KEYS),
-            "aggregation_config": _check_config("aggregation_config", aggregation_config, AGGREGATION_KEYS),
-            "loss_fn": loss_fn,
-            "optimizer": optimizer,
-            "optimizer_kwargs": {"lr": 1e-3} if optimizer_kwargs is None else dict(optimizer_kwargs),
-            "strategy_kwargs": dict(strategy_kwargs or {}),
-            "trainer_kwargs": dict(trainer_kwargs),
-        }
-        self._trainer_kwargs = self._check_trainer_kwargs(trainer_kwargs)
-        self._callbacks()  # built once here so that bad values fail now, not at train()
+        config = SystemConfig(
+            model_class=model_class, model_kwargs=model_kwargs, num_workers=num_workers, quantization_config=quantization_config,
+            aggregation_config=aggregation_config, loss_fn=loss_fn, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
+            strategy_kwargs=strategy_kwargs, trainer_kwargs=trainer_kwargs,
+        )
+        self._setup(config)
+
+    @classmethod
+    def from_config(cls, config: SystemConfig) -> HQDESystem:
+        """A system, untrained, for a checked configuration (what :meth:`load` rebuilds from)."""
+        system = cls.__new__(cls)
+        system._setup(config)
+        return system
+
+    def _setup(self, config: SystemConfig) -> None:
+        #: the system's checked configuration (what :meth:`save` stores)
+        self.config = config
+        # the first fit's strategy and callbacks: built now, so that their arguments fail here, not at train()
+        self._next_fit: tuple[HQDEStrategy, list[Callback]] | None = config.fit_parts()
         try:
-            HQDEStrategy(**self._strategy_options())  # likewise for the strategy's arguments
+            network = config.model_class(**config.model_kwargs)
         except TypeError as err:
-            raise ValueError(f"`strategy_kwargs`: {err}") from err
-        try:
-            network = model_class(**self._config["model_kwargs"])
-        except TypeError as err:
-            raise TypeError(f"`{model_class.__name__}(**model_kwargs)` failed: {err}") from err
-        self.module = _WrappedModule(network, loss_fn or F.cross_entropy, optimizer, self._config["optimizer_kwargs"])
+            raise TypeError(f"`{config.model_class.__name__}(**model_kwargs)` failed: {err}") from err
+        self.module = _WrappedModule(network, config.loss_fn or F.cross_entropy, config.optimizer, config.optimizer_kwargs)
         self.ensemble: Ensemble | None = None
         self.strategy: HQDEStrategy | None = None
         self.trainer: Trainer | None = None
@@ -274,64 +397,7 @@ class HQDESystem:
     @property
     def num_workers(self) -> int:
         """Number of ensemble members."""
-        return self._config["num_workers"]
-
-    def _check_trainer_kwargs(self, trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
-        for name in trainer_kwargs:
-            if name in _RESERVED_TRAINER_KWARGS:
-                raise ValueError(f"`{name}` is set by HQDESystem: {_RESERVED_TRAINER_KWARGS[name]}.")
-            if name not in accepted:
-                raise ValueError(f"`{name}` is neither an HQDESystem nor a `lightning.pytorch.Trainer` argument.")
-        user_callbacks = trainer_kwargs.get("callbacks") or []
-        if isinstance(user_callbacks, Callback):
-            user_callbacks = [user_callbacks]
-        if self._config["quantization_config"] and any(isinstance(cb, SyncCodec) for cb in user_callbacks):
-            raise ValueError(
-                "`quantization_config` adds an AdaptiveQuantization sync codec, but `callbacks` already holds one"
-                " (a member uses only one): drop one of them."
-            )
-        return {**_TRAINER_DEFAULTS, **trainer_kwargs, "callbacks": list(user_callbacks)}
-
-    def _callbacks(self) -> list[Callback]:
-        """Fresh callbacks for one fit, from ``quantization_config`` and ``noise_scale``."""
-        callbacks: list[Callback] = []
-        quantization = self._config["quantization_config"]
-        if quantization:
-            try:
-                callbacks.append(AdaptiveQuantization(**quantization))
-            except ValueError as err:
-                raise ValueError(f"`quantization_config={quantization}`: {err}") from err
-        noise_scale = self._config["aggregation_config"].get("noise_scale")
-        if noise_scale is not None:
-            try:
-                callbacks.append(QuantumNoise(scale=noise_scale))
-            except ValueError as err:
-                raise ValueError(f"`aggregation_config['noise_scale']={noise_scale!r}`: must be a finite number >= 0.") from err
-        return callbacks
-
-    def _strategy_options(self) -> dict[str, Any]:
-        """``HQDEStrategy`` keyword arguments for one fit (a fresh aggregator each time)."""
-        options = dict(self._config["strategy_kwargs"])
-        aggregation = self._config["aggregation_config"]
-        if "num_members" in options:
-            raise ValueError("`strategy_kwargs['num_members']`: the ensemble size is `num_workers`.")
-        strength = aggregation.get("entanglement_strength")
-        if strength is not None:
-            if "aggregator" in options:
-                raise ValueError("`aggregation_config['entanglement_strength']` chooses the Entanglement aggregator; drop `strategy_kwargs['aggregator']`.")
-            try:
-                options["aggregator"] = Entanglement(strength=strength)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"`aggregation_config['entanglement_strength']={strength!r}`: {err}.") from err
-        factor = aggregation.get("exploration_factor")
-        if factor is not None:
-            if "sync" in options or "sync_strength" in options:
-                raise ValueError("`aggregation_config['exploration_factor']` sets elastic sync; drop `strategy_kwargs['sync']`/`['sync_strength']`.")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or not 0.0 <= factor <= 1.0:
-                raise ValueError(f"`aggregation_config['exploration_factor']={factor!r}` must be a number in [0, 1].")
-            options.update(sync="elastic", sync_strength=1.0 - float(factor))
-        return {"num_members": self.num_workers, **options}
+        return self.config.num_workers
 
     # ------------------------------------------------------------- training
     def train(self, train_loader: Iterable[Any], num_epochs: int = 10, val_loader: Iterable[Any] | None = None) -> dict[str, float]:
@@ -359,17 +425,18 @@ class HQDESystem:
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"`num_epochs={num_epochs!r}` must be an integer >= 1.")
         self._ensure_ray()
-        trainer_kwargs = dict(self._trainer_kwargs)
-        trainer_kwargs["callbacks"] = trainer_kwargs["callbacks"] + self._callbacks()
-        strategy = HQDEStrategy(**self._strategy_options())
+        strategy, callbacks = self._next_fit or self.config.fit_parts()
+        self._next_fit = None
+        trainer_kwargs = self.config.trainer_options()
+        trainer_kwargs["callbacks"] = trainer_kwargs["callbacks"] + callbacks
         trainer = Trainer(strategy=strategy, max_epochs=num_epochs, **trainer_kwargs)
         started = time.perf_counter()
         trainer.fit(self.module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         elapsed = time.perf_counter() - started
         self.strategy, self.trainer, self.ensemble = strategy, trainer, strategy.ensemble
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        sent = sum(int(record["bytes_received"]) for record in strategy.sync_history)
-        fp32 = sum(int(record["fp32_bytes"]) for record in strategy.sync_history)
+        sent = sum(int(record.bytes_received) for record in strategy.sync_history)
+        fp32 = sum(int(record.fp32_bytes) for record in strategy.sync_history)
         metrics.update(training_time=elapsed, sync_bytes=float(sent), sync_fp32_bytes=float(fp32), compression_ratio=fp32 / sent if sent else 1.0)
         if val_loader is not None:
             for results in trainer.validate(self.module, dataloaders=val_loader, verbose=False):
@@ -377,16 +444,12 @@ class HQDESystem:
         return metrics
 
     def _ensure_ray(self) -> None:
+        """Starts a private local Ray instance (or joins ``strategy_kwargs['ray_address']``) unless Ray is running."""
         if ray.is_initialized():
             return
-        options = self._config["strategy_kwargs"]
-        init_kwargs = dict(options.get("ray_init_kwargs") or {})
-        address = options.get("ray_address")
-        if address is None:
-            ray.init(address="local", **{"include_dashboard": False, "configure_logging": False, **init_kwargs})
-        else:
-            connect_ray(address, init_kwargs)
-        self._owns_ray = True
+        options = self.config.strategy_kwargs
+        self._owns_ray = True  # set first: whatever `ray.init` starts is shut down by cleanup(), even after Ctrl-C
+        start_ray(options.get("ray_address"), dict(options.get("ray_init_kwargs") or {}))
 
     # ----------------------------------------------------------- inference
     def _trained(self) -> Ensemble:
@@ -426,26 +489,7 @@ class HQDESystem:
             pairwise fraction of samples on which two members predict different classes), and
             ``member_{i}/accuracy`` and ``member_{i}/nll`` for every active member ``i``.
         """
-        ensemble = self._trained()
-        device = ensemble.active.device
-        metrics: EnsembleMetrics | None = None
-        for batch in loader:
-            pair = classification_batch(batch)
-            if pair is None:
-                raise ValueError("HQDESystem.evaluate needs `(inputs, targets)` batches with integer class targets of shape (batch,).")
-            logits = ensemble.member_outputs(pair[0].to(device))
-            if metrics is None:
-                metrics = EnsembleMetrics(logits.shape[0], logits.shape[-1], device)
-            metrics.update(logits, ensemble.active_weights(), pair[1].to(device))
-        if metrics is None:
-            raise ValueError("HQDESystem.evaluate got an empty loader.")
-        names = {"acc": "accuracy", "nll": "nll", "ece": "ece", "brier": "brier", "disagreement": "disagreement"}
-        out: dict[str, float] = {}
-        for key, value in metrics.compute("eval", ensemble.active_member_ids(), "").items():
-            scope, _, metric = key.partition("/")
-            name = names[metric.removeprefix("eval_")]
-            out[name if scope == "ensemble" else f"{scope}/{name}"] = float(value)
-        return out
+        return _classification_scores(self._trained(), loader)
 
     # ----------------------------------------------------------- save/load
     def save(self, path: str) -> None:
@@ -461,7 +505,8 @@ class HQDESystem:
             ValueError: when a configuration value cannot be pickled (the message names it).
         """
         ensemble = self._trained()
-        for name, value in self._config.items():
+        config = self.config.as_dict()
+        for name, value in config.items():
             try:
                 cloudpickle.dumps(value)
             except Exception as err:
@@ -469,7 +514,7 @@ class HQDESystem:
         payload = {
             "format": _FILE_FORMAT,
             "version": _FILE_VERSION,
-            "config": cloudpickle.dumps(self._config),
+            "config": cloudpickle.dumps(config),
             "module_state": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in ensemble.members],
             "weights": ensemble.weights.cpu(),
@@ -493,9 +538,7 @@ class HQDESystem:
             raise ValueError(f"{path!r} was not written by `HQDESystem.save`.")
         if payload["version"] != _FILE_VERSION:
             raise ValueError(f"{path!r} has format version {payload['version']}; this package reads version {_FILE_VERSION}.")
-        config = dict(cloudpickle.loads(payload["config"]))
-        positional = [config.pop(name) for name in ("model_class", "model_kwargs", "num_workers", "quantization_config", "aggregation_config")]
-        system = cls(*positional, **config.pop("trainer_kwargs"), **config)
+        system = cls.from_config(SystemConfig(**cloudpickle.loads(payload["config"])))
         system.module.load_state_dict(payload["module_state"])
         system.ensemble = Ensemble.from_states(
             system.module, payload["members"], weights=payload["weights"], active=payload["active"], combine=payload["combine"]
@@ -520,12 +563,35 @@ class HQDESystem:
         self.cleanup()
 
     def __repr__(self) -> str:
-        config = self._config
+        config = self.config
         return (
-            f"HQDESystem(model_class={config['model_class'].__name__}, num_workers={self.num_workers},"
-            f" quantization_config={config['quantization_config']}, aggregation_config={config['aggregation_config']},"
+            f"HQDESystem(model_class={config.model_class.__name__}, num_workers={self.num_workers},"
+            f" quantization_config={config.quantization_config}, aggregation_config={config.aggregation_config},"
             f" trained={self.ensemble is not None})"
         )
+
+
+def _classification_scores(ensemble: Ensemble, loader: Iterable[Any]) -> dict[str, float]:
+    """:meth:`HQDESystem.evaluate`'s metrics of ``ensemble`` on ``loader``, accumulated by :class:`EnsembleMetrics`."""
+    device = ensemble.active.device
+    metrics: EnsembleMetrics | None = None
+    for batch in loader:
+        pair = classification_batch(batch)
+        if pair is None:
+            raise ValueError("HQDESystem.evaluate needs `(inputs, targets)` batches with integer class targets of shape (batch,).")
+        logits = ensemble.member_outputs(pair[0].to(device))
+        if metrics is None:
+            metrics = EnsembleMetrics(logits.shape[0], logits.shape[-1], device)
+        metrics.update(logits, ensemble.active_weights(), pair[1].to(device))
+    if metrics is None:
+        raise ValueError("HQDESystem.evaluate got an empty loader.")
+    names = {"acc": "accuracy", "nll": "nll", "ece": "ece", "brier": "brier", "disagreement": "disagreement"}
+    out: dict[str, float] = {}
+    for key, value in metrics.compute("eval", ensemble.active_member_ids(), "").items():
+        scope, _, metric = key.partition("/")
+        name = names[metric.removeprefix("eval_")]
+        out[name if scope == "ensemble" else f"{scope}/{name}"] = float(value)
+    return out
 
 
 def create_hqde_system(

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
+from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 from hqde_lightning.topology import payload_layout, payload_nbytes
 
 __all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "sync_state", "tree_to_cpu"]
@@ -167,12 +168,12 @@ class MirrorLogger(Logger):
         # numbers as Lightning hands them to a logger: integers (``epoch``) stay integers
         values = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
         values = {k: v if isinstance(v, int) else float(v) for k, v in values.items()}
-        self._coordinator.emit.remote(("metrics", self._member_index, (self._logger_index, values, step)))
+        self._coordinator.emit.remote(MetricsEvent(self._member_index, self._logger_index, values, step))
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         if self._member_index == 0:
             params = vars(params) if isinstance(params, Namespace) else dict(params)
-            self._coordinator.emit.remote(("hparams", 0, (self._logger_index, params)))
+            self._coordinator.emit.remote(HparamsEvent(self._logger_index, params))
 
 
 class MemberSync(Callback):
@@ -241,8 +242,7 @@ class MemberSync(Callback):
     def _report_progress(self, trainer: Trainer, batch: int, total: Any, loss: Any) -> None:
         loss_value = float(loss.item()) if isinstance(loss, Tensor) else None
         total_value = total if isinstance(total, int) else None
-        event = ("progress", self.ctx.index, (trainer.current_epoch, batch, total_value, loss_value))
-        self.ctx.coordinator.emit.remote(event)
+        self.ctx.coordinator.emit.remote(ProgressEvent(self.ctx.index, trainer.current_epoch, batch, total_value, loss_value))
 
     def score(self, trainer: Trainer) -> float | None:
         """This member's confidence for the aggregator: the monitored metric, or −mean train loss."""
@@ -298,7 +298,7 @@ class MemberSync(Callback):
                     target.add_(incoming - target, alpha=alpha)
         # sent to the driver's loggers (as ``member_{i}/hqde/distance_to_consensus``), not logged in the
         # member: the user's callbacks and ``trainer.callback_metrics`` see the user's metrics only
-        self.ctx.coordinator.emit.remote(("distance", self.ctx.index, (step, squared_distance**0.5)))
+        self.ctx.coordinator.emit.remote(DistanceEvent(self.ctx.index, step, squared_distance**0.5))
 
     def _post_snapshot(self, trainer: Trainer, epoch: int, final: bool = False) -> None:
         """Sends the coordinator this member's full Lightning checkpoint as of now, after epoch ``epoch``.

@@ -1,15 +1,14 @@
 """``HQDEStrategy``: train an ensemble of copies of a LightningModule as parallel Ray actors.
 
-The strategy has two faces. In the driver (your script) it validates its arguments, hands
-``fit`` to :class:`~hqde_lightning.launcher.RayEnsembleLauncher` and evaluates the trained
-ensemble in ``validate``/``test``/``predict``. Inside each member actor it behaves like a
-single-device strategy on that member's device, and makes one member at a time (the
-lowest-index one still training) write checkpoints that hold the whole ensemble.
+This is the driver's (your script's) strategy: it validates its arguments, hands ``fit`` to
+:class:`~hqde_lightning.launcher.RayEnsembleLauncher`, evaluates the trained ensemble in
+``validate``/``test``/``predict`` and writes/reads whole-ensemble checkpoints in the driver.
+Inside each member actor the trainer runs with
+:class:`~hqde_lightning.member_strategy.MemberStrategy` instead, configured by this one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -18,20 +17,18 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.strategies.launchers.launcher import _Launcher
-from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_section, read_checkpoint, seal_checkpoint
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
-from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
+from hqde_lightning.events import SyncRecord
+from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.topology import Flat, Topology, resolve_topology
 
 __all__ = ["HQDEStrategy"]
@@ -40,7 +37,7 @@ _RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
 MEMBER_INITS = ("independent", "shared")
 
 
-class HQDEStrategy(Strategy):
+class HQDEStrategy(SingleDeviceStrategy):
     """Trains ``num_members`` copies of your LightningModule in parallel Ray actors.
 
     Every member runs your unmodified Lightning fit loop with its own seed and data order
@@ -200,8 +197,8 @@ class HQDEStrategy(Strategy):
         self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
         #: every member after ``fit`` (or after loading an HQDE checkpoint), as one ``nn.Module``
         self.ensemble: Ensemble | None = None
-        #: per-sync statistics of the last fit (members, weights, distances, bytes, seconds)
-        self.sync_history: list[dict[str, Any]] = []
+        #: one :class:`~hqde_lightning.events.SyncRecord` per sync of the last fit (members, weights, bytes, seconds)
+        self.sync_history: list[SyncRecord] = []
         self.coordinator_state: dict[str, Any] = {}
         #: members given up on during the last fit (``on_member_failure="continue"``)
         self.dropped_members: list[int] = []
@@ -210,32 +207,9 @@ class HQDEStrategy(Strategy):
         self.excluded_members: list[int] = []
         self.parallel_devices: list[torch.device] | None = None
         self._num_nodes = 1
-        self._member: MemberContext | None = None
-        self._member_sync: MemberSync | None = None
-        # the epoch this member was last confirmed as the checkpoint writer for
-        self._writer_epoch: int | None = None
         # driver: each member's full Lightning checkpoint from the end of the last fit (weights of
         # ensemble members left out: they are read from ``ensemble`` when saving)
         self._final_checkpoints: dict[int, dict[str, Any]] = {}
-
-    # --------------------------------------------------------------- identity
-    @property
-    def is_member(self) -> bool:
-        """True inside a member actor, False in the driver."""
-        return self._member is not None
-
-    @property
-    def member_index(self) -> int | None:
-        return None if self._member is None else self._member.index
-
-    def _enter_member_mode(self, context: MemberContext) -> None:
-        self._member = context
-
-    # every member is a world of its own: Lightning's rank-0 code paths run in each of them
-    global_rank = 0
-    local_rank = 0
-    node_rank = 0
-    world_size = 1
 
     @property
     def num_nodes(self) -> int:
@@ -247,60 +221,16 @@ class HQDEStrategy(Strategy):
 
     # --------------------------------------------------- Trainer-time checks
     def _configure_launcher(self) -> None:
-        """Called by ``Trainer(...)``: validates the accelerator/devices and, for a cluster, Ray's address."""
-        accelerator = self.accelerator
-        if not isinstance(accelerator, (CPUAccelerator, CUDAAccelerator)):
-            raise MisconfigurationException(
-                f"HQDEStrategy runs members on CPU or CUDA devices, not on `{type(accelerator).__name__}`:"
-                " use `Trainer(accelerator='cpu')` or `Trainer(accelerator='gpu')`."
-            )
-        if self._num_nodes != 1:
-            raise MisconfigurationException(
-                f"`Trainer(num_nodes={self._num_nodes})` does not apply to HQDEStrategy: Ray places members on the"
-                " nodes of its cluster. Leave `num_nodes=1` and pass `HQDEStrategy(ray_address=...)`."
-            )
-        devices = self.parallel_devices or []
-        if isinstance(accelerator, CPUAccelerator) and len(devices) > 1:
-            raise MisconfigurationException(
-                f"`Trainer(accelerator='cpu', devices={len(devices)})` asks for {len(devices)} CPU processes; HQDEStrategy"
-                " runs one process per member instead. Leave `devices` at 1 or 'auto' and set `num_members`"
-                " (and `resources_per_member={'num_cpus': ...}`)."
-            )
-        requested_gpus = float(self.resources_per_member.get("num_gpus", 0))
-        if isinstance(accelerator, CPUAccelerator) and requested_gpus > 0:
-            raise MisconfigurationException(
-                f"`resources_per_member={{'num_gpus': {requested_gpus}}}` asks for GPUs but the Trainer's accelerator is the CPU:"
-                " use `Trainer(accelerator='gpu')` or drop `num_gpus`."
-            )
-        if self.ray_address is not None:
-            from hqde_lightning.launcher import connect_ray
-
-            connect_ray(self.ray_address, self.ray_init_kwargs)
-        if isinstance(accelerator, CUDAAccelerator):
-            available = self._available_gpus(len(devices))
-            per_member = requested_gpus if requested_gpus > 0 else self.default_gpus_per_member(len(devices))
-            per_gpu = math.floor(1.0 / per_member + 1e-9) if per_member > 0 else self.num_members
-            if per_gpu * available < self.num_members:
-                raise MisconfigurationException(
-                    f"HQDEStrategy(num_members={self.num_members}) with {per_member:g} GPU per member needs"
-                    f" {math.ceil(self.num_members / max(per_gpu, 1))} GPUs, but only {available} exist ({per_gpu} member(s)"
-                    " fit on one GPU: a member's share must fit within one GPU). Lower `num_members` or"
-                    " `resources_per_member['num_gpus']`."
-                )
+        """Called by ``Trainer(...)``: checks the accelerator, devices and (when Ray is connected) the members' resources."""
         from hqde_lightning.launcher import RayEnsembleLauncher
+        from hqde_lightning.resources import check_devices, check_resources
 
+        check_devices(self)
         self._launcher = RayEnsembleLauncher(self)
         import ray
 
         if ray.is_initialized():  # the cluster the fit will use is known: check that the members fit it now
-            self._launcher.check_resources()
-
-    def _available_gpus(self, trainer_devices: int) -> int:
-        if self.ray_address is not None:
-            import ray
-
-            return int(ray.cluster_resources().get("GPU", 0))
-        return trainer_devices
+            check_resources(self)
 
     def default_gpus_per_member(self, num_gpus: int) -> float:
         """Each member's share of ``num_gpus`` GPUs: one each when there are enough, else 1/k with
@@ -312,198 +242,31 @@ class HQDEStrategy(Strategy):
         return math.floor(1e4 / math.ceil(self.num_members / num_gpus)) / 1e4
 
     @property
-    def launcher(self) -> _Launcher | None:
-        return None if self.is_member else self._launcher
-
-    # ------------------------------------------------------ single-device face
-    @property
     def root_device(self) -> torch.device:
+        """The driver's device (where ``validate``/``test``/``predict`` run the ensemble): the Trainer's first GPU, or the CPU."""
         if isinstance(self.accelerator, CUDAAccelerator):
-            # inside a member, Ray's CUDA_VISIBLE_DEVICES shows the member's own GPU as device 0
-            return torch.device("cuda", 0) if self.is_member else (self.parallel_devices or [torch.device("cuda", 0)])[0]
+            return (self.parallel_devices or [torch.device("cuda", 0)])[0]
         return torch.device("cpu")
-
-    def model_to_device(self) -> None:
-        assert self.model is not None, "self.model must be set before self.model.to()"
-        self.model.to(self.root_device)
-
-    @property
-    def is_global_zero(self) -> bool:
-        """True in the driver, and in the member that writes checkpoints now (see :meth:`_writes_checkpoints`)."""
-        return self._writes_checkpoints()
-
-    def _writes_checkpoints(self) -> bool:
-        """Whether this process writes checkpoints: the driver, or the member the coordinator names for this epoch.
-
-        The writer of an epoch is the lowest-index member that trains in it, so the role moves to
-        the next member when member 0 stops early or is given up on (``Coordinator.is_writer``).
-        """
-        if self._member is None or self._member.index == 0:
-            return True
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        epoch = trainer.current_epoch if trainer is not None else 0
-        if self._writer_epoch == epoch:
-            return True
-        import ray
-
-        if ray.get(self._member.coordinator.is_writer.remote(self._member.index, epoch)):
-            self._writer_epoch = epoch  # a member that became the writer stays it: lower ones have finished
-            return True
-        return False
-
-    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        # members are different models: their metrics are never averaged together
-        return tensor
-
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        return tensor
-
-    def barrier(self, name: str | None = None) -> None:
-        pass
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    # ------------------------------------------------------------------ data
-    def process_dataloader(self, dataloader: object) -> object:
-        """Inside a member: gives the training loader the member's own data order.
-
-        With ``bagging=True`` the loader draws the member's bootstrap sample. Otherwise every
-        ``torch.Generator`` the loader carries (its sampler's or batch sampler's ``generator``
-        attribute, and the loader's own ``generator``, from which worker seeds are drawn) is
-        replaced by one seeded from ``(seed, member index, epoch)``, so a loader built with
-        ``shuffle=True, generator=torch.Generator().manual_seed(0)`` no longer gives every member
-        the same order. Samplers without a generator draw from torch's global RNG, which each
-        member seeds with its own seed. Left as they are, with one warning in the driver: a
-        ``SequentialSampler`` (``shuffle=False``: the order you asked for; no warning), custom
-        samplers without a ``generator`` attribute and iterable datasets.
-        """
-        if not (self.is_member and self.lightning_module is not None):
-            return dataloader
-        trainer = self.lightning_module.trainer
-        if not trainer.training or not isinstance(dataloader, DataLoader):
-            return dataloader
-        assert self._member is not None
-        seeds = np.random.SeedSequence([self.seed, self._member.index, trainer.current_epoch]).generate_state(1)
-        generator = torch.Generator().manual_seed(int(seeds[0]))
-        if self.bagging:
-            dataloader = self._bootstrap_loader(dataloader)
-        else:
-            self._reseed_sampler(dataloader, generator)
-        if isinstance(dataloader.generator, torch.Generator):
-            dataloader.generator = generator
-        return dataloader
-
-    def _bootstrap_loader(self, dataloader: DataLoader) -> DataLoader:
-        """The loader re-built around a ``SubsetRandomSampler`` over the member's bootstrap sample."""
-        dataset = dataloader.dataset
-        if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
-            raise MisconfigurationException(
-                "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
-                f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
-            )
-        assert self._member is not None
-        rng = np.random.default_rng([self.seed, self._member.index])
-        indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        return _update_dataloader(dataloader, SubsetRandomSampler(indices, generator=generator))
-
-    def _reseed_sampler(self, dataloader: DataLoader, generator: torch.Generator) -> None:
-        """Puts ``generator`` into the sampler that orders ``dataloader``'s batches, when it has one."""
-        if isinstance(dataloader.dataset, IterableDataset):
-            self._warn_driver(
-                f"the training dataset is iterable ({type(dataloader.dataset).__name__}): HQDEStrategy cannot give each member"
-                " its own order, so members read the same stream unless the dataset draws from torch's, numpy's or"
-                " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
-            )
-            return
-        batch_sampler = dataloader.batch_sampler
-        custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
-        sampler = batch_sampler if custom_batches else dataloader.sampler
-        if isinstance(sampler, SequentialSampler):
-            return
-        if isinstance(getattr(sampler, "generator", None), torch.Generator):
-            sampler.generator = generator
-        elif not hasattr(sampler, "generator"):
-            self._warn_driver(
-                f"the training loader's {'batch sampler' if custom_batches else 'sampler'} {type(sampler).__name__} has no"
-                " `generator` attribute, so HQDEStrategy cannot give each member its own order: members share it unless the"
-                " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
-                " attribute (a torch.Generator) to have it re-seeded per member."
-            )
-
-    def _warn_driver(self, message: str) -> None:
-        """Inside a member: has the driver show ``message`` as a warning (once, however many members send it)."""
-        assert self._member is not None
-        self._member.coordinator.emit.remote(("warning", self._member.index, f"HQDEStrategy: {message}"))
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """The driver, or the member writing checkpoints now, writes the checkpoint with every member in ``checkpoint['hqde']``.
+        """Writes ``checkpoint`` with the driver's ensemble (every member) in ``checkpoint['hqde']``.
 
         The section also gets the SHA-256 checksums of the consensus and of every member's
         weights, verified whenever the file is loaded.
         """
-        if not self._writes_checkpoints():
-            return
-        checkpoint = dict(checkpoint)
-        section, consensus = self._member_checkpoint_section(checkpoint) if self.is_member else self._driver_checkpoint_section()
-        if consensus is not None:
-            checkpoint["state_dict"] = consensus
-        section["checksums"] = member_checksums(checkpoint.get("state_dict"), section["members"])
-        checkpoint[HQDE_KEY] = section
-        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        section = ensemble_section(self, *self._driver_checkpoint_section(), coordinator_state=self.coordinator_state)
+        self.checkpoint_io.save_checkpoint(seal_checkpoint(checkpoint, section), filepath, storage_options=storage_options)
 
-    def _section(self, members: list[dict[str, Any]], weights: Any, active: Any) -> dict[str, Any]:
-        return {
-            "num_members": self.num_members,
-            "seed": self.seed,
-            "sync": self.sync,
-            "aggregator": getattr(self.aggregator, "name", type(self.aggregator).__name__),
-            "combine": self.combiner.name or "auto",
-            "members": members,
-            "weights": weights,
-            "active": active,
-            # plain types only, so that the file loads with ``weights_only=True``
-            "coordinator": to_safe_types(self.coordinator_state),
-        }
-
-    def _member_checkpoint_section(self, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-        """The writing member's own state plus every other member's latest snapshot."""
-        import ray
-
-        assert self._member is not None and self._member_sync is not None and self.lightning_module is not None
-        trainer = self.lightning_module.trainer
-        index = self._member.index
-        epoch = trainer.current_epoch
-        # the members' snapshots of round r are taken at the end of epoch r; a save before this
-        # epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round r - 1
-        # (round -1: the snapshots every member posts when its training starts)
-        round_id = epoch if self._member_sync.synced_epoch == epoch else epoch - 1
-        own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
-        own[MEMBER_KEY] = {"index": index, "round": round_id, "rng": capture_rng_states()}
-        members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
-        members[index] = own
-        coordinator = self._member.coordinator
-        if self.num_members > 1:
-            if round_id != epoch:
-                rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of their last epoch end (or their start).")
-            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
-                members[other] = snapshot
-        self.coordinator_state = ray.get(coordinator.state_dict.remote())
-        states = [m["state_dict"] for m in members if m]
-        consensus = copy.deepcopy(self.aggregator)(states).state
-        return self._section(members, None, None), consensus
-
-    def _driver_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    def _driver_checkpoint_section(self) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:
         """The driver's ensemble: every member's full Lightning state from the end of the fit, with its current weights.
 
-        Members that are not in :attr:`ensemble` (given up on during the fit) keep their last
-        snapshot and are marked inactive, so the file both resumes and loads as the ensemble.
+        Returns the members' entries, weights and active flags. Members that are not in
+        :attr:`ensemble` (given up on during the fit) keep their last snapshot and are marked
+        inactive, so the file both resumes and loads as the ensemble.
         """
         if self.ensemble is None:
-            return self._section([], None, None), None
+            return [], None, None
         n = self.num_members
         members = [dict(self._final_checkpoints.get(i, {})) for i in range(n)]
         weights = torch.zeros(n, dtype=torch.float64)
@@ -512,9 +275,9 @@ class HQDEStrategy(Strategy):
             members[index]["state_dict"] = {k: v.detach().cpu() for k, v in self.ensemble.members[position].state_dict().items()}
             weights[index] = self.ensemble.weights[position].cpu()
             active[index] = self.ensemble.active[position].cpu()
-        return self._section(members, weights, active), None
+        return members, weights, active
 
-    def _keep_final_checkpoints(self, snapshots: Mapping[int, dict[str, Any]]) -> None:
+    def keep_final_checkpoints(self, snapshots: Mapping[int, dict[str, Any]]) -> None:
         """Driver: keeps each member's final snapshot for :meth:`_driver_checkpoint_section` (see ``_final_checkpoints``).
 
         Called once :attr:`ensemble` is built: the weights of its members are read from it when saving.
@@ -524,43 +287,21 @@ class HQDEStrategy(Strategy):
             i: {k: v for k, v in snapshot.items() if not (k == "state_dict" and i in in_ensemble)} for i, snapshot in snapshots.items() if snapshot
         }
 
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        if self._writes_checkpoints():
-            self.checkpoint_io.remove_checkpoint(filepath)
-
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a checkpoint; from an HQDE checkpoint each member resumes its own full state.
+        """Loads a checkpoint in the driver; from an HQDE checkpoint the ensemble is rebuilt.
 
         The file is read with ``torch.load(weights_only=True)`` unless you pass
         ``weights_only=False`` (``trainer.fit(..., weights_only=False)``; only for files you
         trust). A damaged file, or weights that do not match the checksums written with them,
-        raise an error naming the file (and the member).
-
-        Inside member ``i`` the whole checkpoint is replaced by member ``i``'s entry (weights,
-        optimizer, loops, callback states, RNG); a member without an entry starts from the
-        consensus, and an entry holding weights only (files of older versions) is completed
-        from the checkpoint's top level with a fresh optimizer state. In the driver
-        (``validate``/``test``/``predict`` with ``ckpt_path``) the ensemble is rebuilt from the
-        entries, without members whose weights hold NaN or Inf (listed in :attr:`excluded_members`).
+        raise an error naming the file (and the member). For ``validate``/``test``/``predict``
+        with ``ckpt_path`` the ensemble is rebuilt from the members' entries, without members
+        whose weights hold NaN or Inf (listed in :attr:`excluded_members`). (Inside the members,
+        :class:`~hqde_lightning.member_strategy.MemberStrategy` resumes each from its own entry.)
         """
         load = super().load_checkpoint
         checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
-        if self.is_member:
-            assert self._member is not None and self._member_sync is not None
-            if section is not None:
-                saved = int(section["num_members"])
-                if saved != self.num_members:
-                    raise MisconfigurationException(
-                        f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
-                        f" resume with `num_members={saved}`."
-                    )
-                checkpoint = _member_resume_checkpoint(checkpoint, section["members"][self._member.index], self._member.index)
-                if self._member.index == 0 and section.get("coordinator"):
-                    self._member.coordinator.load_state_dict.remote(section["coordinator"])
-            if MEMBER_KEY in checkpoint:
-                self._member_sync.ctx.resume = checkpoint[MEMBER_KEY]
-        elif section is not None and section.get("members") and self.lightning_module is not None:
+        if section is not None and section.get("members") and self.lightning_module is not None:
             self.coordinator_state = dict(section.get("coordinator") or {})
             # the combiner of an ensemble already evaluated keeps what it learnt (which output holds class logits)
             combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
@@ -569,7 +310,7 @@ class HQDEStrategy(Strategy):
                 self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner
             ).eval()
             self.excluded_members = list(self.ensemble.excluded_members)
-            self._keep_final_checkpoints(dict(enumerate(section["members"])))
+            self.keep_final_checkpoints(dict(enumerate(section["members"])))
         return checkpoint
 
     def __getstate__(self) -> dict[str, Any]:
@@ -587,23 +328,6 @@ class HQDEStrategy(Strategy):
             f" sync_strength={self.sync_strength}, sync_every_n_epochs={self.sync_every_n_epochs}, bagging={self.bagging},"
             f" member_init={self.member_init!r}, seed={self.seed})"
         )
-
-
-def _member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
-    """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
-
-    An empty entry (a member that never reported a state) resumes from the checkpoint's top
-    level (the consensus). An entry holding weights only (written by older versions) is
-    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
-    since the top level's optimizer state is not this member's.
-    """
-    if not entry:
-        return checkpoint
-    if "pytorch-lightning_version" in entry:
-        return entry
-    rank_zero_warn(f"HQDEStrategy: member {index}'s checkpoint entry holds its weights only; it resumes with them, the run's progress and a fresh optimizer state.")
-    top = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
-    return {**top, **entry, "optimizer_states": [], "lr_schedulers": []}
 
 
 def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:

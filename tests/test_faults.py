@@ -205,14 +205,15 @@ def test_member_speed_is_measured_from_progress_reports():
     import time
     from types import SimpleNamespace
 
-    from hqde_lightning.launcher import _EventForwarder
+    from hqde_lightning.events import ProgressEvent
+    from hqde_lightning.forwarder import EventForwarder
     from hqde_lightning.progress import EnsembleProgress
 
-    forwarder = _EventForwarder(trainer=SimpleNamespace(loggers=[]), strategy=None, progress=EnsembleProgress(1, enabled=False))
-    forwarder.handle([("progress", 0, (0, 2, 10, 0.5))])
+    forwarder = EventForwarder(trainer=SimpleNamespace(loggers=[]), strategy=None, progress=EnsembleProgress(1, enabled=False))
+    forwarder.handle([ProgressEvent(member=0, epoch=0, batch=2, total=10, loss=0.5)])
     time.sleep(0.05)
-    forwarder.handle([("progress", 0, (1, 2, 10, 0.4))])  # 10 more batches
+    forwarder.handle([ProgressEvent(member=0, epoch=1, batch=2, total=10, loss=0.4)])  # 10 more batches
     assert 0 < forwarder.batches_per_second[0] <= 10 / 0.05
     forwarder.forget(0)
-    forwarder.handle([("progress", 0, (0, 1, 10, 0.5))])  # a restarted member starts counting again
+    forwarder.handle([ProgressEvent(member=0, epoch=0, batch=1, total=10, loss=0.5)])  # a restarted member starts counting again
     assert forwarder._first_report[0][1] == 1

@@ -133,15 +133,15 @@ class PerformanceMonitor(Callback):
             members.append(row)
         syncs = []
         for record in strategy.sync_history:
-            sent, fp32 = int(record["bytes_received"]), int(record["fp32_bytes"])
+            sent, fp32 = int(record.bytes_received), int(record.fp32_bytes)
             syncs.append(
                 {
-                    "round": int(record["round"]),
+                    "round": int(record.round),
                     "bytes": sent,
                     "fp32_bytes": fp32,
                     "ratio": sent / fp32 if fp32 else 1.0,
-                    "aggregation_seconds": float(record["aggregation_seconds"]),
-                    "excluded": len(record["excluded"]),
+                    "aggregation_seconds": float(record.aggregation_seconds),
+                    "excluded": len(record.excluded),
                 }
             )
         self.summary = {

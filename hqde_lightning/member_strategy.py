@@ -1,0 +1,266 @@
+"""``MemberStrategy``: the strategy of the user's ``Trainer`` inside one member actor.
+
+The driver's :class:`~hqde_lightning.HQDEStrategy` travels to each member actor inside the
+pickled ``Trainer``; the actor swaps this strategy in (:meth:`MemberStrategy.install`) before
+the fit starts. It is Lightning's single-device strategy on the member's device (every member
+is a world of its own, so Lightning's rank-0 code paths run in each of them) and overrides
+what makes the process a member:
+
+* :attr:`is_global_zero`: only the member writing checkpoints now (the lowest-index member
+  still training) is global zero;
+* :meth:`process_dataloader`: the training loader gets the member's own data order (or its
+  bootstrap sample);
+* :meth:`save_checkpoint` / :meth:`load_checkpoint`: a checkpoint holds the whole ensemble, and
+  resuming gives the member its own entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
+
+from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, read_checkpoint, seal_checkpoint
+from hqde_lightning.events import Notice
+from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
+from hqde_lightning.strategy import HQDEStrategy
+
+__all__ = ["MemberStrategy"]
+
+
+class MemberStrategy(SingleDeviceStrategy):
+    """Member ``context.index``'s single-device strategy, configured by the run's :class:`HQDEStrategy`.
+
+    Args:
+        hqde: the driver's strategy (the run's settings: ensemble size, seed, bagging, aggregator).
+        context: this member's part of the fit (index, coordinator handle).
+        member_sync: the member's sync callback (its ``synced_epoch`` tells which sync round a
+            checkpoint written now pairs with).
+    """
+
+    strategy_name = "hqde_member"
+
+    def __init__(self, hqde: HQDEStrategy, context: MemberContext, member_sync: MemberSync) -> None:
+        # inside a member, Ray's CUDA_VISIBLE_DEVICES shows the member's own GPU as device 0
+        device = torch.device("cuda", 0) if isinstance(hqde.accelerator, CUDAAccelerator) else torch.device("cpu")
+        super().__init__(device=device, accelerator=hqde.accelerator, checkpoint_io=hqde.checkpoint_io, precision_plugin=hqde.precision_plugin)
+        self.hqde = hqde
+        self.context = context
+        self._member_sync = member_sync
+        # the epoch this member was last confirmed as the checkpoint writer for
+        self._writer_epoch: int | None = None
+
+    def install(self, trainer: Trainer) -> None:
+        """Makes this the strategy of ``trainer`` (whose strategy is :attr:`hqde`), before its fit starts.
+
+        Values logged before (a ``Tuner`` run in the driver) are dropped: Lightning keeps the
+        strategy's ``reduce`` with each logged key and refuses the same key logged with another.
+        """
+        trainer._accelerator_connector.strategy = self
+        for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
+            loop._results.clear()
+
+    @property
+    def member_index(self) -> int:
+        """This member's position in the ensemble."""
+        return self.context.index
+
+    @property
+    def num_members(self) -> int:
+        return self.hqde.num_members
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (this member's own seed is ``seed + member_index``)."""
+        return self.hqde.seed
+
+    # ----------------------------------------------------------- writer role
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this member writes checkpoints now: the lowest-index member that trains in the current epoch.
+
+        The role moves to the next member when member 0 stops early or is given up on
+        (``Coordinator.is_writer``); a member that became the writer stays it.
+        """
+        if self.context.index == 0:
+            return True
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if self._writer_epoch == epoch:
+            return True
+        if ray.get(self.context.coordinator.is_writer.remote(self.context.index, epoch)):
+            self._writer_epoch = epoch  # lower members have finished
+            return True
+        return False
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        """Gives the training loader the member's own data order.
+
+        With ``bagging=True`` the loader draws the member's bootstrap sample. Otherwise every
+        ``torch.Generator`` the loader carries (its sampler's or batch sampler's ``generator``
+        attribute, and the loader's own ``generator``, from which worker seeds are drawn) is
+        replaced by one seeded from ``(seed, member index, epoch)``, so a loader built with
+        ``shuffle=True, generator=torch.Generator().manual_seed(0)`` no longer gives every member
+        the same order. Samplers without a generator draw from torch's global RNG, which each
+        member seeds with its own seed. Left as they are, with one warning in the driver: a
+        ``SequentialSampler`` (``shuffle=False``: the order you asked for; no warning), custom
+        samplers without a ``generator`` attribute and iterable datasets.
+        """
+        if self.lightning_module is None:
+            return dataloader
+        trainer = self.lightning_module.trainer
+        if not trainer.training or not isinstance(dataloader, DataLoader):
+            return dataloader
+        seeds = np.random.SeedSequence([self.seed, self.context.index, trainer.current_epoch]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(seeds[0]))
+        if self.hqde.bagging:
+            dataloader = self._bootstrap_loader(dataloader)
+        else:
+            self._reseed_sampler(dataloader, generator)
+        if isinstance(dataloader.generator, torch.Generator):
+            dataloader.generator = generator
+        return dataloader
+
+    def _bootstrap_loader(self, dataloader: DataLoader) -> DataLoader:
+        """The loader re-built around a ``SubsetRandomSampler`` over the member's bootstrap sample."""
+        dataset = dataloader.dataset
+        if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
+            raise MisconfigurationException(
+                "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
+                f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
+            )
+        rng = np.random.default_rng([self.seed, self.context.index])
+        indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return _update_dataloader(dataloader, SubsetRandomSampler(indices, generator=generator))
+
+    def _reseed_sampler(self, dataloader: DataLoader, generator: torch.Generator) -> None:
+        """Puts ``generator`` into the sampler that orders ``dataloader``'s batches, when it has one."""
+        if isinstance(dataloader.dataset, IterableDataset):
+            self._warn_driver(
+                f"the training dataset is iterable ({type(dataloader.dataset).__name__}): HQDEStrategy cannot give each member"
+                " its own order, so members read the same stream unless the dataset draws from torch's, numpy's or"
+                " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
+            )
+            return
+        batch_sampler = dataloader.batch_sampler
+        custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
+        sampler = batch_sampler if custom_batches else dataloader.sampler
+        if isinstance(sampler, SequentialSampler):
+            return
+        if isinstance(getattr(sampler, "generator", None), torch.Generator):
+            sampler.generator = generator
+        elif not hasattr(sampler, "generator"):
+            self._warn_driver(
+                f"the training loader's {'batch sampler' if custom_batches else 'sampler'} {type(sampler).__name__} has no"
+                " `generator` attribute, so HQDEStrategy cannot give each member its own order: members share it unless the"
+                " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
+                " attribute (a torch.Generator) to have it re-seeded per member."
+            )
+
+    def _warn_driver(self, message: str) -> None:
+        """Has the driver show ``message`` as a warning (once, however many members send it)."""
+        self.context.coordinator.emit.remote(Notice(self.context.index, f"HQDEStrategy: {message}", warning=True))
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """The member writing checkpoints now writes ``checkpoint`` with every member in ``checkpoint['hqde']``.
+
+        Its ``state_dict`` is the members' consensus; the other members' entries are their
+        latest snapshots of the same sync round (see :meth:`_member_checkpoint_section`).
+        """
+        if not self.is_global_zero:
+            return
+        section, consensus = self._member_checkpoint_section(checkpoint)
+        self.checkpoint_io.save_checkpoint(seal_checkpoint({**checkpoint, "state_dict": consensus}, section), filepath, storage_options=storage_options)
+
+    def _member_checkpoint_section(self, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The writing member's own state plus every other member's latest snapshot."""
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        index = self.context.index
+        epoch = trainer.current_epoch
+        # the members' snapshots of round r are taken at the end of epoch r; a save before this
+        # epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round r - 1
+        # (round -1: the snapshots every member posts when its training starts)
+        round_id = epoch if self._member_sync.synced_epoch == epoch else epoch - 1
+        own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
+        own[MEMBER_KEY] = {"index": index, "round": round_id, "rng": capture_rng_states()}
+        members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
+        members[index] = own
+        coordinator = self.context.coordinator
+        if self.num_members > 1:
+            if round_id != epoch:
+                rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of their last epoch end (or their start).")
+            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
+                members[other] = snapshot
+        coordinator_state = ray.get(coordinator.state_dict.remote())
+        states = [m["state_dict"] for m in members if m]
+        consensus = copy.deepcopy(self.hqde.aggregator)(states).state
+        return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a checkpoint; from an HQDE checkpoint this member resumes its own full state.
+
+        The file is read as :meth:`HQDEStrategy.load_checkpoint` reads it (``weights_only=True``
+        unless you pass ``False``; damaged files and checksum mismatches raise). The whole
+        checkpoint is then replaced by this member's entry (weights, optimizer, loops, callback
+        states, RNG); a member without an entry starts from the consensus, and an entry holding
+        weights only (files of older versions) is completed from the checkpoint's top level with
+        a fresh optimizer state.
+        """
+        load = super().load_checkpoint
+        checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
+        section = checkpoint.get(HQDE_KEY)
+        index = self.context.index
+        if section is not None:
+            saved = int(section["num_members"])
+            if saved != self.num_members:
+                raise MisconfigurationException(
+                    f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
+                    f" resume with `num_members={saved}`."
+                )
+            checkpoint = _member_resume_checkpoint(checkpoint, section["members"][index], index)
+            if index == 0 and section.get("coordinator"):
+                self.context.coordinator.load_state_dict.remote(section["coordinator"])
+        if MEMBER_KEY in checkpoint:
+            self._member_sync.ctx.resume = checkpoint[MEMBER_KEY]
+        return checkpoint
+
+    def __repr__(self) -> str:
+        return f"MemberStrategy(member_index={self.context.index}, device={self.root_device})"
+
+
+def _member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
+    """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
+
+    An empty entry (a member that never reported a state) resumes from the checkpoint's top
+    level (the consensus). An entry holding weights only (written by older versions) is
+    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
+    since the top level's optimizer state is not this member's.
+    """
+    if not entry:
+        return checkpoint
+    if "pytorch-lightning_version" in entry:
+        return entry
+    rank_zero_warn(f"HQDEStrategy: member {index}'s checkpoint entry holds its weights only; it resumes with them, the run's progress and a fresh optimizer state.")
+    top = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
+    return {**top, **entry, "optimizer_states": [], "lr_schedulers": []}
