@@ -50,6 +50,7 @@ from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.member import MemberContext
 from hqde_lightning.placement import NodeCapacity, PlacementScorer, check_members_fit, default_share, describe_resources, fits_node, ray_resources
 from hqde_lightning.progress import EnsembleProgress
+from hqde_lightning.topology import aggregate
 
 __all__ = ["RayEnsembleLauncher", "connect_ray"]
 
@@ -483,7 +484,7 @@ class RayEnsembleLauncher(_Launcher):
             ensemble.set_weights(weights)
         strategy.ensemble = ensemble.eval()
         strategy.excluded_members = list(ensemble.excluded_members)
-        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores, members=[r.index for r in results])
+        final = aggregate(strategy.aggregator, states, scores, members=[r.index for r in results])
         model.load_state_dict(final.state)
 
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its

@@ -32,7 +32,7 @@ from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggreg
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
-from hqde_lightning.topology import Flat, Topology, resolve_topology
+from hqde_lightning.topology import Flat, Topology, aggregate, resolve_topology
 
 __all__ = ["HQDEStrategy"]
 
@@ -493,7 +493,7 @@ class HQDEStrategy(Strategy):
                 members[other] = snapshot
         self.coordinator_state = ray.get(coordinator.state_dict.remote())
         states = [m["state_dict"] for m in members if m]
-        consensus = copy.deepcopy(self.aggregator)(states).state
+        consensus = aggregate(copy.deepcopy(self.aggregator), states).state
         return self._section(members, None, None), consensus
 
     def _driver_checkpoint_section(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
