@@ -5,9 +5,11 @@
   after that epoch's validation, so a validation ``score_metric`` describes the weights being
   sent and is never one epoch stale), it encodes the member's floating-point and complex
   weights (:func:`sync_state`) as a :mod:`hqde_lightning.codec` payload, sends it to the
-  coordinator, waits for the consensus and applies the sync mode (:func:`~hqde_lightning.codec.apply_sync`); then it posts a snapshot (its full Lightning checkpoint and RNG states) that the
-  member writing checkpoints puts into whole-ensemble checkpoints. It also posts one when
-  training starts and one when the fit ends, and reports progress.
+  coordinator, waits for the consensus and applies the sync mode
+  (:func:`~hqde_lightning.codec.apply_sync`); then it posts a snapshot (its full Lightning
+  checkpoint and RNG states) that the member writing checkpoints puts into whole-ensemble
+  checkpoints. It also posts one when training starts and one when the fit ends, and reports
+  progress.
 * :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
   the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
   HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
@@ -268,9 +270,10 @@ class MemberSync(Callback):
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
         self._num_samples = 0
         distance = distance_to_consensus(state, consensus)
-        with torch.no_grad():
-            for key, value in apply_sync(state, consensus, self.ctx.sync, self.ctx.sync_strength).items():
-                state[key].copy_(value)
+        with torch.no_grad():  # one entry at a time: the sync's peak memory stays one tensor above the model's
+            for key, value in consensus.items():
+                (updated,) = apply_sync({key: state[key]}, {key: value}, self.ctx.sync, self.ctx.sync_strength).values()
+                state[key].copy_(updated)
         pl_module.log("hqde/distance_to_consensus", distance, on_step=False, on_epoch=True)
 
     def _post_snapshot(self, trainer: Trainer, epoch: int, final: bool = False) -> None:
