@@ -23,9 +23,11 @@ from torch import nn
 
 from common import DATASETS, RESULTS, ImageData, TanhMLP, bar_plot, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
+from hqde_lightning.actors import RayExecutor
 from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, TrimmedMean
 from hqde_lightning.callbacks import ByzantineMembers
-from hqde_lightning.topology import Flat, MapReduce, RayExecutor, Tree, payload_layout, payload_nbytes
+from hqde_lightning.codec import payload_layout, payload_nbytes
+from hqde_lightning.topology import Flat, MapReduce, Tree
 
 
 def aggregators(num_members: int, byzantine: int) -> dict[str, dict]:

@@ -1,7 +1,8 @@
 """The two kinds of Ray actor a fit uses: the coordinator and the members.
 
 :class:`Coordinator` (one per fit, an asyncio actor taking no CPU) collects each sync round's
-member weights, runs the aggregator once every active member has sent its weights, and hands
+member weights, reduces them with its topology (``Topology.reduce``, flat included; tree and
+map-reduce tasks run through :class:`RayExecutor`) once every active member has sent its weights, and hands
 the consensus back through the object store. It owns everything it keeps (a member's weights
 are copied into an object the coordinator owns, so they outlive a member that dies while the
 round waits) and keeps only the latest round's consensus. It also keeps the members' latest
@@ -23,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +38,13 @@ from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
+from hqde_lightning.codec import state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, SyncRecord
-from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
-from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
+from hqde_lightning.topology import CommStats, Executor, Topology, combine_group
+from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
 
-__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult"]
+__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor"]
 
 
 class MemberInterrupted(Exception):
@@ -51,6 +53,39 @@ class MemberInterrupted(Exception):
     The driver raises ``KeyboardInterrupt`` in its turn, so that its own ``fit`` ends as an
     interrupted plain ``fit`` does.
     """
+
+
+def _fetch(payloads: Sequence[Any]) -> list[Any]:
+    """The values of ``payloads``: object-store references are read, values are kept."""
+    return [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in payloads]
+
+
+def _combine_task(rule: Aggregator, payloads: Sequence[Any], *args: Any) -> Any:
+    """:func:`~hqde_lightning.topology.combine_group` in a Ray task (references nested in a list are not resolved by Ray)."""
+    return combine_group(rule, _fetch(payloads), *args)
+
+
+class RayExecutor(Executor):
+    """Runs each reduction task as a Ray task that reads payload ``ObjectRef`` arguments from the object store.
+
+    Args:
+        num_cpus: CPUs each task reserves. 0 by default: reductions run while every member is
+            blocked waiting for the consensus, so they use the members' idle cores, and a task
+            that waited for a free CPU would wait forever.
+    """
+
+    def __init__(self, num_cpus: float = 0.0) -> None:
+        self._remote = ray.remote(_combine_task).options(num_cpus=num_cpus)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert fn is combine_group, "RayExecutor runs reduction tasks only"
+        return self._remote.remote(*args)
+
+    def gather(self, handles: Sequence[Any]) -> list[Any]:
+        return list(ray.get(list(handles)))
+
+    def fetch(self, payloads: Sequence[Any]) -> list[Any]:
+        return _fetch(payloads)
 
 
 @dataclass
@@ -137,16 +172,10 @@ class Coordinator:
             scores = None if any(s is None for s in raw_scores) else raw_scores
             counts = [max(e[2], 1) for e in entries]
             sizes = [e[3] for e in entries]
-            if isinstance(self.topology, Flat):
-                states = [decode_payload(ray.get(e[0])) for e in entries]
-                result = self.aggregator(states, scores=scores, sample_counts=counts, members=members)
-                consensus = state_to_numpy(result.state)
-                comm = CommStats(1, sum(sizes) + sum(v.nbytes for v in consensus.values()), 0)
-            else:
-                if self._executor is None:
-                    self._executor = RayExecutor()
-                result, comm = self.topology.reduce([e[0] for e in entries], sizes, self.aggregator, scores, counts, self._executor, entries[0][4])
-                consensus = state_to_numpy(result.state)
+            if self._executor is None:
+                self._executor = RayExecutor()
+            result, comm = self.topology.reduce([e[0] for e in entries], sizes, self.aggregator, scores, counts, self._executor, entries[0][4], members)
+            consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             record = self._sync_record(round_id, members, result, time.perf_counter() - started, entries, comm, rnd.step)

@@ -169,7 +169,7 @@ class EncodedState:
         return self.nbytes / reference if reference else 1.0
 
     def decode(self) -> dict[str, Tensor]:
-        """Same as :func:`decode` (lets the sync coordinator decode any payload that knows how)."""
+        """Same as :func:`decode`."""
         return decode(self)
 
     def bits_histogram(self) -> dict[int, int]:

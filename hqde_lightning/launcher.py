@@ -50,6 +50,7 @@ from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
 from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, sigint_deferred, start_ray
 from hqde_lightning.resources import member_options
+from hqde_lightning.topology import aggregate
 
 __all__ = ["RayEnsembleLauncher"]
 
@@ -248,7 +249,7 @@ class RayEnsembleLauncher(_Launcher):
             ensemble.set_weights(weights)
         strategy.ensemble = ensemble.eval()
         strategy.excluded_members = list(ensemble.excluded_members)
-        final = strategy.aggregator(states, scores=None if any(s is None for s in scores) else scores, members=[r.index for r in results])
+        final = aggregate(strategy.aggregator, states, scores, members=[r.index for r in results])
         model.load_state_dict(final.state)
 
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its

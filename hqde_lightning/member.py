@@ -3,11 +3,13 @@
 * :class:`MemberContext`: everything a member needs besides the pickled ``Trainer``.
 * :class:`MemberSync`: a private callback. At the end of each epoch (``on_train_epoch_end``,
   after that epoch's validation, so a validation ``score_metric`` describes the weights being
-  sent and is never one epoch stale), it sends the member's floating-point and complex
-  weights (:func:`sync_state`) to the coordinator, waits for the consensus and applies the
-  sync mode; then it posts a snapshot (its full Lightning checkpoint and RNG states) that the
-  member writing checkpoints puts into whole-ensemble checkpoints. It also posts one when
-  training starts and one when the fit ends, and reports progress.
+  sent and is never one epoch stale), it encodes the member's floating-point and complex
+  weights (:func:`sync_state`) as a :mod:`hqde_lightning.codec` payload, sends it to the
+  coordinator, waits for the consensus and applies the sync mode
+  (:func:`~hqde_lightning.codec.apply_sync`); then it posts a snapshot (its full Lightning
+  checkpoint and RNG states) that the member writing checkpoints puts into whole-ensemble
+  checkpoints. It also posts one when training starts and one when the fit ends, and reports
+  progress.
 * :class:`MirrorLogger`: stands in for each of the user's loggers inside the actor; it has
   the same ``save_dir``/``name``/``version`` (so checkpoints land where they would without
   HQDE) and forwards metrics to the driver, which logs them under ``member_{i}/``.
@@ -31,26 +33,13 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
+from hqde_lightning.codec import SYNC_MODES, apply_sync, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
-from hqde_lightning.topology import payload_layout, payload_nbytes
 
-__all__ = ["MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "state_to_numpy", "sync_state", "tree_to_cpu"]
-
-SYNC_MODES = ("none", "elastic", "replace")
+__all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "sync_state", "tree_to_cpu"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
 MEMBER_KEY = "hqde_member"
 _PROGRESS_INTERVAL_S = 0.5
-
-
-def state_to_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    """CPU numpy copies of a state dict's tensors, dtypes kept (bfloat16 widened to float32, which numpy lacks)."""
-    out = {}
-    for key, value in state.items():
-        tensor = value.detach()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        out[key] = tensor.cpu().numpy().copy()
-    return out
 
 
 def sync_state(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -94,8 +83,9 @@ class SyncCodec(Protocol):
 
     ``encode_for_sync`` gets the member's :func:`sync_state` (floating-point and complex
     tensors, each storage once, no frozen parameters) and returns the payload that
-    crosses the wire: a ``dict`` of numpy arrays or an object with ``decode() -> dict[str, Tensor]``
-    and ``nbytes``. At most one such callback is used (the first in ``trainer.callbacks``).
+    crosses the wire, a :data:`hqde_lightning.codec.Payload`: a ``dict`` of numpy arrays or a
+    :class:`~hqde_lightning.compression.EncodedState` (anything else fails with ``TypeError``
+    before it is sent). At most one such callback is used (the first in ``trainer.callbacks``).
     """
 
     def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> Any: ...
@@ -283,22 +273,14 @@ class MemberSync(Callback):
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
         self._num_samples = 0
-        alpha = 1.0 if self.ctx.sync == "replace" else self.ctx.sync_strength
-        squared_distance = 0.0
-        with torch.no_grad():
+        distance = distance_to_consensus(state, consensus)
+        with torch.no_grad():  # one entry at a time: the sync's peak memory stays one tensor above the model's
             for key, value in consensus.items():
-                target = state[key]
-                with warnings.catch_warnings():  # the shared, read-only consensus is only read here
-                    warnings.simplefilter("ignore", UserWarning)
-                    incoming = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
-                squared_distance += float(torch.linalg.vector_norm((incoming - target).to(torch.promote_types(target.dtype, torch.float32)))) ** 2
-                if alpha >= 1.0:
-                    target.copy_(incoming)
-                else:
-                    target.add_(incoming - target, alpha=alpha)
+                (updated,) = apply_sync({key: state[key]}, {key: value}, self.ctx.sync, self.ctx.sync_strength).values()
+                state[key].copy_(updated)
         # sent to the driver's loggers (as ``member_{i}/hqde/distance_to_consensus``), not logged in the
         # member: the user's callbacks and ``trainer.callback_metrics`` see the user's metrics only
-        self.ctx.coordinator.emit.remote(DistanceEvent(self.ctx.index, step, squared_distance**0.5))
+        self.ctx.coordinator.emit.remote(DistanceEvent(self.ctx.index, step, distance))
 
     def _post_snapshot(self, trainer: Trainer, epoch: int, final: bool = False) -> None:
         """Sends the coordinator this member's full Lightning checkpoint as of now, after epoch ``epoch``.

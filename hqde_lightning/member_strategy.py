@@ -36,6 +36,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_sec
 from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.strategy import HQDEStrategy
+from hqde_lightning.topology import aggregate
 
 __all__ = ["MemberStrategy"]
 
@@ -210,7 +211,7 @@ class MemberStrategy(SingleDeviceStrategy):
                 members[other] = snapshot
         coordinator_state = ray.get(coordinator.state_dict.remote())
         states = [m["state_dict"] for m in members if m]
-        consensus = copy.deepcopy(self.hqde.aggregator)(states).state
+        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), states).state
         return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
 
     def remove_checkpoint(self, filepath: _PATH) -> None:

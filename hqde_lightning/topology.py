@@ -18,10 +18,18 @@
 out of the whole consensus (every shard of ``mapreduce``) and carries no weight, also in a
 ``tree`` pair; a pair whose members are all excluded passes nothing on.
 
+Payloads are decoded by :mod:`hqde_lightning.codec`, and every aggregation rule is applied
+through :func:`aggregate`, once per reduction task. ``flat`` applies the caller's rule itself, in
+the calling process, so a rule that keeps per-member state (reputations) advances once per round;
+``tree`` and ``mapreduce`` give each task a copy of the rule (a partial input must not advance it).
+
 Work runs through an :class:`Executor`: :class:`LocalExecutor` runs tasks in this process (unit
-tests, small models); the coordinator uses :class:`RayExecutor`, which runs them as Ray tasks that
-read member payloads straight from the object store. Each reduction reports the communication
-rounds it took and the bytes it moved (payload bytes into each task plus the results out).
+tests, small models); the coordinator uses ``hqde_lightning.actors.RayExecutor``, which runs them
+as Ray tasks that read member payloads straight from the object store. Each reduction reports the
+communication rounds it took and the bytes it moved (payload bytes into each task plus the results
+out).
+
+Plain numpy/torch only: no Ray, no Lightning.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hqde_lightning.aggregation import AggregationResult, Aggregator
+from hqde_lightning.aggregation import AggregationResult, Aggregator, StateDict
+from hqde_lightning.codec import decode_payload, state_to_numpy
 
 __all__ = [
     "TOPOLOGIES",
@@ -46,55 +55,32 @@ __all__ = [
     "Flat",
     "LocalExecutor",
     "MapReduce",
-    "RayExecutor",
     "Topology",
     "Tree",
-    "decode_payload",
-    "payload_layout",
-    "payload_nbytes",
+    "aggregate",
+    "combine_group",
     "resolve_topology",
 ]
 
 
-def decode_payload(payload: Any, keys: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Torch tensors from a member payload (numpy dict or encoded state), optionally only ``keys``."""
-    if isinstance(payload, tuple):  # a partial result: (numpy state, member weights)
-        payload = payload[0]
-    if hasattr(payload, "tensors") and hasattr(payload, "decode"):
-        if keys is not None:
-            payload = type(payload)({k: payload.tensors[k] for k in keys})
-        return payload.decode()
-    selected = payload if keys is None else {k: payload[k] for k in keys}
-    return {k: torch.tensor(np.asarray(v)) for k, v in selected.items()}
+def aggregate(
+    rule: Aggregator,
+    states: Sequence[StateDict],
+    scores: Sequence[float | None] | None = None,
+    weights: Sequence[float] | None = None,
+    members: Sequence[int] | None = None,
+) -> AggregationResult:
+    """Applies ``rule`` to decoded member ``states``: the one place an aggregation rule is called.
 
-
-def payload_nbytes(payload: Any) -> int:
-    """Bytes a payload occupies on the wire."""
-    if isinstance(payload, tuple):
-        payload = payload[0]
-    if hasattr(payload, "nbytes") and not isinstance(payload, Mapping):
-        return int(payload.nbytes)
-    return int(sum(np.asarray(v).nbytes for v in payload.values()))
-
-
-def payload_layout(payload: Any) -> dict[str, int]:
-    """Name -> number of values of every entry of a payload."""
-    if hasattr(payload, "tensors"):
-        return {k: int(np.prod(t.shape)) for k, t in payload.tensors.items()}
-    return {k: int(np.asarray(v).size) for k, v in payload.items()}
-
-
-def _resolve(payload: Any) -> Any:
-    """Fetches a payload passed by object-store handle (handles nested in lists are not resolved by Ray)."""
-    if type(payload).__name__ == "ObjectRef":
-        import ray
-
-        return ray.get(payload)
-    return payload
-
-
-def _numpy_state(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+    Args:
+        rule: the aggregation rule (called as it is: a stateful rule's state advances).
+        states: one state dict per member taking part.
+        scores: per-member confidence; when any is ``None`` the rule gets no scores at all.
+        weights: per-member sample counts (the rule's prior), or ``None`` for equal weights.
+        members: each state's member index, for rules that keep per-member state.
+    """
+    usable = None if scores is None or any(s is None for s in scores) else [float(s) for s in scores]
+    return rule(states, scores=usable, sample_counts=weights, members=members)
 
 
 def _is_finite(state: Mapping[str, Tensor]) -> bool:
@@ -107,19 +93,20 @@ def combine_group(
     scores: Sequence[float] | None,
     weights: Sequence[float],
     keys: Sequence[str] | None = None,
+    members: Sequence[int] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, list[float], list[int], dict[str, Any], list[int]]:
-    """One reduction task: decodes ``payloads`` (their ``keys`` only) and applies ``rule``.
+    """One reduction task: decodes ``payloads`` (values, their ``keys`` only) and applies ``rule`` with :func:`aggregate`.
 
     Returns the consensus as numpy arrays, the weight each input received, the excluded
     inputs, the rule's info and the inputs holding NaN/Inf values. When every input holds
-    NaN/Inf the consensus is ``None`` and every weight is zero.
+    NaN/Inf the consensus is ``None``, every weight is zero and ``rule`` is not called.
     """
-    states = [decode_payload(_resolve(p), keys) for p in payloads]
+    states = [decode_payload(p, keys) for p in payloads]
     non_finite = [i for i, state in enumerate(states) if not _is_finite(state)]
     if len(non_finite) == len(states):
         return None, [0.0] * len(states), non_finite, {}, non_finite
-    result = copy.deepcopy(rule)(states, scores=scores, sample_counts=weights)
-    return _numpy_state(result.state), [float(w) for w in result.member_weights], result.excluded, result.info, non_finite
+    result = aggregate(rule, states, scores, weights, members)
+    return state_to_numpy(result.state), [float(w) for w in result.member_weights], result.excluded, result.info, non_finite
 
 
 @dataclass
@@ -132,7 +119,11 @@ class CommStats:
 
 
 class Executor(ABC):
-    """Runs reduction tasks; ``submit`` returns a handle that ``gather`` resolves."""
+    """Runs reduction tasks; ``submit`` returns a handle that ``gather`` resolves.
+
+    Payloads may be handles (e.g. object-store references) that tasks resolve themselves;
+    :meth:`fetch` gives their values to code that runs in the calling process.
+    """
 
     @abstractmethod
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any: ...
@@ -140,9 +131,13 @@ class Executor(ABC):
     @abstractmethod
     def gather(self, handles: Sequence[Any]) -> list[Any]: ...
 
+    @abstractmethod
+    def fetch(self, payloads: Sequence[Any]) -> list[Any]:
+        """The values of ``payloads`` (handles resolved, values unchanged), in order."""
+
 
 class LocalExecutor(Executor):
-    """Runs each task immediately in this process."""
+    """Runs each task immediately in this process; payloads are values."""
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
@@ -150,28 +145,8 @@ class LocalExecutor(Executor):
     def gather(self, handles: Sequence[Any]) -> list[Any]:
         return list(handles)
 
-
-class RayExecutor(Executor):
-    """Runs each task as a Ray task (payload ``ObjectRef`` arguments are read from the object store).
-
-    Args:
-        num_cpus: CPUs each task reserves. 0 by default: reductions run while every member is
-            blocked waiting for the consensus, so they use the members' idle cores, and a task
-            that waited for a free CPU would wait forever.
-    """
-
-    def __init__(self, num_cpus: float = 0.0) -> None:
-        import ray
-
-        self._ray = ray
-        self._remote = ray.remote(combine_group).options(num_cpus=num_cpus)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        assert fn is combine_group, "RayExecutor runs reduction tasks only"
-        return self._remote.remote(*args)
-
-    def gather(self, handles: Sequence[Any]) -> list[Any]:
-        return list(self._ray.get(list(handles)))
+    def fetch(self, payloads: Sequence[Any]) -> list[Any]:
+        return list(payloads)
 
 
 class Topology(ABC):
@@ -192,10 +167,13 @@ class Topology(ABC):
         weights: Sequence[float],
         executor: Executor,
         layout: Mapping[str, int],
+        members: Sequence[int] | None = None,
     ) -> tuple[AggregationResult, CommStats]:
-        """Combines ``payloads`` (values or object-store handles) of ``sizes`` bytes each.
+        """Combines ``payloads`` (values or ``executor`` handles) of ``sizes`` bytes each.
 
-        ``layout`` maps every floating-point entry's name to its number of values.
+        ``layout`` maps every floating-point entry's name to its number of values. ``members``
+        (each payload's member index) reaches the rule where it is applied to whole rounds
+        (``flat``); ``tree`` and ``mapreduce`` apply copies of it to partial inputs.
         """
 
     def __repr__(self) -> str:
@@ -212,9 +190,8 @@ class Flat(Topology):
 
     name = "flat"
 
-    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
-        (out,) = executor.gather([executor.submit(combine_group, rule, list(payloads), scores, list(weights))])
-        state, member_weights, excluded, info, _ = out
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):
+        state, member_weights, excluded, info, _ = combine_group(rule, executor.fetch(payloads), scores, list(weights), members=members)
         if state is None:
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
         consensus_bytes = sum(v.nbytes for v in state.values())
@@ -257,7 +234,7 @@ class Tree(Topology):
                 " ('mean', 'superposition', 'entanglement') on the tree."
             )
 
-    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):
         self.check(rule)
         n = len(payloads)
         nodes = [_Node(payloads[i], float(weights[i]), None if scores is None else float(scores[i]), [i], int(sizes[i])) for i in range(n)]
@@ -274,7 +251,7 @@ class Tree(Topology):
                     handles.append(None)
                     continue
                 pair_scores = None if scores is None else [pair[0].score, pair[1].score]
-                handles.append(executor.submit(combine_group, rule, [pair[0].payload, pair[1].payload], pair_scores, [pair[0].weight, pair[1].weight]))
+                handles.append(executor.submit(combine_group, copy.deepcopy(rule), [pair[0].payload, pair[1].payload], pair_scores, [pair[0].weight, pair[1].weight]))
                 bytes_moved += pair[0].nbytes + pair[1].nbytes
                 tasks += 1
             resolved = executor.gather([h for h in handles if h is not None])
@@ -295,12 +272,11 @@ class Tree(Topology):
                 kept = [side for index, side in enumerate(pair) if index not in pair_excluded]
                 size = sum(v.nbytes for v in state.values())
                 bytes_moved += size
-                next_nodes.append(_Node((state, pair_weights), sum(side.weight for side in kept), _combined_score(kept), pair[0].members + pair[1].members, size))
+                next_nodes.append(_Node(state, sum(side.weight for side in kept), _combined_score(kept), pair[0].members + pair[1].members, size))
             nodes = next_nodes
         if not nodes:
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
-        root = nodes[0].payload
-        state = root[0] if isinstance(root, tuple) else _numpy_state(decode_payload(_resolve(root)))
+        state = state_to_numpy(decode_payload(executor.fetch([nodes[0].payload])[0]))
         weights_out = [member_weight[i] for i in range(n)]
         return _result(state, weights_out, excluded, info), CommStats(rounds, bytes_moved, tasks)
 
@@ -330,10 +306,10 @@ class MapReduce(Topology):
             loads[target] += sizes_by_key[key]
         return [s for s in shards if s]
 
-    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout):
+    def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):
         keys_sizes = dict(layout)
         shards = self.shards(keys_sizes)
-        handles = [executor.submit(combine_group, rule, list(payloads), scores, list(weights), shard) for shard in shards]
+        handles = [executor.submit(combine_group, copy.deepcopy(rule), list(payloads), scores, list(weights), shard) for shard in shards]
         outputs = executor.gather(handles)
         total = sum(keys_sizes.values()) or 1
         rounds, tasks, bytes_in = 2, len(shards), sum(sizes)
@@ -345,7 +321,7 @@ class MapReduce(Topology):
             keep = [i for i in range(len(payloads)) if i not in non_finite]
             sub_scores = None if scores is None else [scores[i] for i in keep]
             sub_weights = [weights[i] for i in keep]
-            redone = executor.gather([executor.submit(combine_group, rule, [payloads[i] for i in keep], sub_scores, sub_weights, shards[j]) for j in redo])
+            redone = executor.gather([executor.submit(combine_group, copy.deepcopy(rule), [payloads[i] for i in keep], sub_scores, sub_weights, shards[j]) for j in redo])
             for j, (shard_state, shard_weights, shard_excluded, shard_info, _) in zip(redo, redone):
                 full_weights = np.zeros(len(payloads))
                 full_weights[keep] = shard_weights

@@ -19,9 +19,10 @@ from hqde_lightning import HQDEStrategy
 from hqde_lightning.actors import Coordinator
 from hqde_lightning.aggregation import resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
-from hqde_lightning.member import state_to_numpy, sync_state
+from hqde_lightning.codec import payload_layout, payload_nbytes, state_to_numpy
+from hqde_lightning.member import sync_state
 from hqde_lightning.placement import NodeRecord, PlacementScorer
-from hqde_lightning.topology import payload_layout, payload_nbytes, resolve_topology
+from hqde_lightning.topology import resolve_topology
 
 
 class KillOnce(pl.Callback):

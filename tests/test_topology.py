@@ -13,7 +13,8 @@ from hqde_lightning import HQDEStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, MultiKrum, TrimmedMean
-from hqde_lightning.topology import Flat, LocalExecutor, MapReduce, Tree, payload_layout, payload_nbytes, resolve_topology
+from hqde_lightning.codec import payload_layout, payload_nbytes
+from hqde_lightning.topology import Flat, LocalExecutor, MapReduce, Tree, resolve_topology
 
 
 def _payloads(n: int) -> list[dict[str, np.ndarray]]:

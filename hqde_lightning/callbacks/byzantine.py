@@ -15,7 +15,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from hqde_lightning.member import state_to_numpy
+from hqde_lightning.codec import state_to_numpy
 
 __all__ = ["ATTACKS", "ByzantineMembers"]
 
