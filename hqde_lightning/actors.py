@@ -30,6 +30,7 @@ import numpy as np
 import ray
 import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
 from ray import cloudpickle
 
@@ -38,7 +39,15 @@ from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.topology import CommStats, Executor, Flat, RayExecutor, Topology, decode_payload
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, state_to_numpy, tree_to_cpu
 
-__all__ = ["Coordinator", "MemberActor", "MemberResult"]
+__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult"]
+
+
+class MemberInterrupted(Exception):
+    """A member's fit stopped on ``KeyboardInterrupt`` (Lightning's graceful shutdown ran in the member).
+
+    The driver raises ``KeyboardInterrupt`` in its turn, so that its own ``fit`` ends as an
+    interrupted plain ``fit`` does.
+    """
 
 
 @dataclass
@@ -47,6 +56,8 @@ class _Round:
     payloads: dict[int, tuple[Any, float | None, int, int, dict[str, int]]] = field(default_factory=dict)
     result: Any = None
     error: str | None = None
+    #: the members' logging step at this sync (the step of their end-of-epoch rows)
+    step: int | None = None
 
 
 class Coordinator:
@@ -86,12 +97,16 @@ class Coordinator:
             self.load_state_dict(state)
 
     # ---------------------------------------------------------------- syncing
-    async def sync(self, member: int, round_id: int, payload: Any, nbytes: int, layout: dict[str, int], score: float | None, num_samples: int) -> list[Any]:
+    async def sync(
+        self, member: int, round_id: int, payload: Any, nbytes: int, layout: dict[str, int], score: float | None, num_samples: int, step: int | None = None
+    ) -> list[Any]:
         """Adds ``member``'s payload to round ``round_id``; returns ``[consensus_ref]`` once the round completes.
 
         ``payload`` arrives by value and is put into an object the coordinator owns (an object
         the member put would die with the member). A member arriving at a round that already
         completed (a restarted member redoing the round it died in) gets the latest consensus.
+        ``step`` is the member's logging step at the sync; the round's statistics carry the largest
+        as ``"step"``, where the driver logs them.
         """
         if self.last_result is not None and round_id <= self.last_result[0]:
             return [self.last_result[1]]
@@ -99,6 +114,8 @@ class Coordinator:
         if rnd is None:
             rnd = self.rounds[round_id] = _Round(asyncio.Event())
         rnd.payloads[member] = (ray.put(payload), score, num_samples, nbytes, layout)
+        if step is not None:
+            rnd.step = step if rnd.step is None else max(rnd.step, step)
         self._maybe_complete(round_id)
         await rnd.event.wait()
         if rnd.error is not None:
@@ -131,6 +148,7 @@ class Coordinator:
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             stats = self._round_stats(round_id, members, result, time.perf_counter() - started, raw_scores)
             stats.update(bytes_received=sum(sizes), fp32_bytes=4 * sum(entries[0][4].values()) * len(entries), comm_rounds=comm.rounds, bytes_moved=comm.bytes_moved)
+            stats["step"] = rnd.step
             stats["sample_counts"] = [e[2] for e in entries]
             self.history.append(stats)
             self.events.append(("sync", -1, stats))
@@ -307,6 +325,11 @@ class MemberActor:
 
         A restarted member (``context.restart_from`` holds its last snapshot) resumes from it,
         through a temporary ``hqde-restart-*`` directory removed when its fit ends.
+
+        The fit runs through Lightning's own entry point for ``fit`` (``_call_and_handle_interrupt``),
+        so callbacks' ``on_exception`` run here and Lightning handles its control-flow exceptions
+        (the Tuner's exit, ``KeyboardInterrupt``) as in a plain fit; a ``KeyboardInterrupt``
+        reaches the driver as :class:`MemberInterrupted`.
         """
         from lightning.pytorch import seed_everything
 
@@ -332,10 +355,15 @@ class MemberActor:
         if strategy.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         try:
-            getattr(trainer, function_name)(*args, **kwargs)
+            _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
+        except SystemExit:  # Lightning's answer to KeyboardInterrupt, after its graceful shutdown
+            if not trainer.interrupted:
+                raise
+            raise MemberInterrupted(f"member {context.index}'s fit was interrupted (KeyboardInterrupt)") from None
         finally:
             if restart_dir is not None:
                 shutil.rmtree(restart_dir, ignore_errors=True)
+        context.coordinator.emit.remote(("finished", context.index, None))
         context.coordinator.finish.remote(context.index)
         callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
         return MemberResult(

@@ -22,8 +22,10 @@ import copy
 import inspect
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -42,7 +44,7 @@ from ray import cloudpickle
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import Coordinator, MemberActor, MemberResult
+from hqde_lightning.actors import Coordinator, MemberActor, MemberInterrupted, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
@@ -149,8 +151,8 @@ class RayEnsembleLauncher(_Launcher):
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
         payload = self._pickle(trainer, function, bound, model)
-        self._start_ray()
         try:
+            self._start_ray()
             self._prepare_data_on_other_nodes(model, bound)
             # where a sync sets every member to the consensus, equal weights are intended
             check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
@@ -170,10 +172,11 @@ class RayEnsembleLauncher(_Launcher):
             strategy._keep_final_checkpoints(ray.get(coordinator.latest_snapshots.remote()))
             self._call_ensemble_hooks(trainer, bound)
         finally:
-            self.kill()
-            if self._started_ray:
-                ray.shutdown()
-                self._started_ray = False
+            with _sigint_deferred():  # a second Ctrl-C must not stop the clean-up halfway
+                self.kill()
+                if self._started_ray:
+                    ray.shutdown()
+                    self._started_ray = False
         return None
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
@@ -227,6 +230,12 @@ class RayEnsembleLauncher(_Launcher):
         ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
 
     def _start_ray(self) -> None:
+        """Starts a local Ray instance, or joins ``ray_address``, unless Ray is already initialised.
+
+        Ctrl-C while the local instance starts is held back until ``ray.init`` returned (and then
+        raised), so that the ``finally`` of the fit shuts down every process ``ray.init`` started:
+        an interrupt inside ``ray.init`` would leave some of them running.
+        """
         strategy = self._strategy
         if ray.is_initialized():
             return
@@ -235,9 +244,9 @@ class RayEnsembleLauncher(_Launcher):
             return
         init_kwargs = {"include_dashboard": False, "configure_logging": False, **strategy.ray_init_kwargs}
         rank_zero_info("HQDEStrategy: starting a local Ray instance (listening on 127.0.0.1 only)")
-        with _loopback_only(enabled="_node_ip_address" not in init_kwargs):
+        with _sigint_deferred(), _loopback_only(enabled="_node_ip_address" not in init_kwargs):
+            self._started_ray = True  # from here on, whatever ray.init started is shut down at the end
             ray.init(address="local", **init_kwargs)
-        self._started_ray = True
 
     def _pickle(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes:
         """Pickles ``(trainer, function name, args, kwargs)``; unpicklable attributes get a clear error."""
@@ -578,7 +587,14 @@ def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -
 
 
 class _EventForwarder:
-    """Hands the members' metrics to the driver's loggers and their progress to the progress bars."""
+    """Hands the members' metrics to the driver's loggers and their progress to the progress bars.
+
+    Member metrics are logged under ``member_{i}/`` at the member's own step; the rows of the
+    writer (the lowest-index member still training, member 0 unless it finished early) also
+    carry Lightning's plain ``epoch``, as a run without the strategy logs it. Each sync round's
+    ``ensemble/...`` row and the members' ``member_{i}/hqde/distance_to_consensus`` are logged at
+    the step of that epoch's end-of-epoch rows (the members report it with the sync).
+    """
 
     def __init__(self, trainer: Trainer, strategy: Any, progress: EnsembleProgress) -> None:
         self.trainer = trainer
@@ -589,6 +605,13 @@ class _EventForwarder:
         self.batches_per_second: dict[int, float] = {}
         self._first_report: dict[int, tuple[float, int]] = {}
         self._notices: set[str] = set()
+        #: members whose fit ended (they sent ``finished``)
+        self._finished: set[int] = set()
+
+    def _writer(self) -> int | None:
+        """The lowest-index member still training: the one whose rows carry the plain ``epoch``."""
+        gone = self._finished | set(self.strategy.dropped_members)
+        return next((m for m in range(self.strategy.num_members) if m not in gone), None)
 
     def forget(self, member: int) -> None:
         """A restarted member counts its speed afresh."""
@@ -608,7 +631,18 @@ class _EventForwarder:
             if kind == "metrics":
                 logger_index, values, step = data
                 self.last_step = max(self.last_step, step or 0)
-                loggers[logger_index].log_metrics({f"member_{member}/{k}": v for k, v in values.items()}, step)
+                row = {f"member_{member}/{k}": v for k, v in values.items()}
+                if "epoch" in values and member == self._writer():
+                    row["epoch"] = values["epoch"]
+                loggers[logger_index].log_metrics(row, step)
+            elif kind == "finished":
+                self._finished.add(member)
+            elif kind == "distance":
+                step, distance = data
+                name = f"member_{member}/hqde/distance_to_consensus"
+                self.trainer.callback_metrics[name] = torch.tensor(distance)
+                for logger in loggers:
+                    logger.log_metrics({name: distance}, step)
             elif kind == "hparams":
                 logger_index, params = data
                 loggers[logger_index].log_hyperparams(params)
@@ -636,8 +670,9 @@ class _EventForwarder:
                 reputation = data["info"].get("reputation")
                 if isinstance(reputation, list):
                     summary.update({f"ensemble/reputation_{m}": float(r) for m, r in zip(data["members"], reputation)})
+                step = data.get("step")
                 for logger in loggers:
-                    logger.log_metrics(summary, self.last_step)
+                    logger.log_metrics(summary, self.last_step if step is None else step)
 
     def _warn_clones(self, members: list[int], round_id: int) -> None:
         if self.strategy.member_init == "shared":
@@ -656,6 +691,25 @@ class _EventForwarder:
             f"HQDEStrategy: members {members} hold identical weights after epoch {round_id}: they train as copies of one"
             f" model and the ensemble is no better than one member. Probable cause: {cause}."
         )
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Holds back SIGINT (Ctrl-C) inside the block and delivers it, to the handler there was before, when the block ends.
+
+    Only the main thread receives signals in Python; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -741,6 +795,8 @@ def _describe(options: Mapping[str, Any]) -> str:
 
 
 def _member_error(index: int, err: Exception) -> BaseException:
+    if isinstance(err, RayTaskError) and isinstance(err.cause, MemberInterrupted):
+        return KeyboardInterrupt(str(err.cause))  # the driver's fit ends as an interrupted plain fit does
     if isinstance(err, RayTaskError):
         cause = err.as_instanceof_cause()
         cause.args = (f"member {index} failed: {cause.args[0] if cause.args else err}",) + tuple(cause.args[1:])

@@ -164,7 +164,9 @@ class MirrorLogger(Logger):
         return self._mirror.get("log_dir")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        values = {k: float(v.item() if isinstance(v, Tensor) else v) for k, v in metrics.items()}
+        # numbers as Lightning hands them to a logger: integers (``epoch``) stay integers
+        values = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        values = {k: v if isinstance(v, int) else float(v) for k, v in values.items()}
         self._coordinator.emit.remote(("metrics", self._member_index, (self._logger_index, values, step)))
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
@@ -272,9 +274,11 @@ class MemberSync(Callback):
         else:
             payload = codec.encode_for_sync(trainer, pl_module, dict(state))
         score = self.score(trainer)
+        # the step Lightning logs this epoch's end-of-epoch metrics at: the round's rows go there too
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
         # passed by value: the coordinator keeps its own copy, which outlives this member if it dies during the round
         sync_call = self.ctx.coordinator.sync.remote(
-            self.ctx.index, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, self._num_samples
+            self.ctx.index, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, self._num_samples, step
         )
         (consensus_ref,) = ray.get(sync_call)
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
@@ -292,7 +296,9 @@ class MemberSync(Callback):
                     target.copy_(incoming)
                 else:
                     target.add_(incoming - target, alpha=alpha)
-        pl_module.log("hqde/distance_to_consensus", squared_distance**0.5, on_step=False, on_epoch=True)
+        # sent to the driver's loggers (as ``member_{i}/hqde/distance_to_consensus``), not logged in the
+        # member: the user's callbacks and ``trainer.callback_metrics`` see the user's metrics only
+        self.ctx.coordinator.emit.remote(("distance", self.ctx.index, (step, squared_distance**0.5)))
 
     def _post_snapshot(self, trainer: Trainer, epoch: int, final: bool = False) -> None:
         """Sends the coordinator this member's full Lightning checkpoint as of now, after epoch ``epoch``.
