@@ -32,7 +32,7 @@ from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggreg
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, capture_rng_states, ensemble_entries, member_checksums, read_checkpoint, to_safe_types
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.member import MEMBER_KEY, SYNC_MODES, MemberContext, MemberSync
-from hqde_lightning.misconfiguration import lightning_arguments
+from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.topology import Flat, Topology, resolve_topology
 from hqde_lightning.validation import check_bool, check_choice, check_int, check_mapping, check_number, check_optional
 
@@ -165,9 +165,9 @@ class HQDEStrategy(Strategy):
             _check_ray_init_kwargs(ray_init_kwargs)
             resources_per_member = _check_resources(resources_per_member)
         if ray_address is not None and not isinstance(ray_address, str):
-            raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
+            raise InvalidArgument(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
         if score_metric is not None and not isinstance(score_metric, str):
-            raise MisconfigurationException(
+            raise InvalidArgument(
                 f"`HQDEStrategy(score_metric={score_metric!r})`: pass the name of a metric your module logs (e.g. 'val_acc'), or None."
             )
         self.num_members = num_members
@@ -609,7 +609,7 @@ def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
 def _check_ray_init_kwargs(kwargs: Any) -> None:
     """Refuses ``ray_init_kwargs`` that are not a mapping of ``ray.init`` keywords, or that carry the address."""
     if "address" in check_mapping(kwargs, "ray_init_kwargs"):
-        raise MisconfigurationException(
+        raise InvalidArgument(
             f"`HQDEStrategy(ray_init_kwargs={{'address': {kwargs['address']!r}, ...}})`: pass the cluster address as"
             f" `HQDEStrategy(ray_address={kwargs['address']!r})` instead; `ray_init_kwargs` holds the other `ray.init` arguments."
         )
