@@ -28,7 +28,7 @@ import ray
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from common import DATASETS, RESULTS, ImageData, SmallCNN, load_data, machine, print_table, quiet_trainer, write_results
+from common import DATASETS, RESULTS, ImageData, SmallCNN, error_bars, figure, load_data, machine, mean_std, print_table, quiet_trainer, seeded_args, write_results
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.aggregation import TrimmedMean
 
@@ -97,9 +97,7 @@ def summarise(label: str, runs: list[dict[str, float]]) -> dict:
     """Mean and sample standard deviation (0 for one seed) of every metric over the seeds."""
     row: dict = {"config": label, "seeds": len(runs)}
     for key in (*METRICS, "member_acc"):
-        values = np.array([r[key] for r in runs])
-        row[f"{key}_mean"] = float(values.mean())
-        row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in runs])
     return row
 
 
@@ -114,43 +112,16 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [r["config"] for r in rows]
-    positions = np.arange(len(rows))
     colours = ["tab:grey" if label == "single" else "tab:blue" for label in labels]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, name in ((axes[0], "acc", "test accuracy"), (axes[1], "ece", "ECE (15 bins, lower is better)")):
-        means = [r[f"{key}_mean"] for r in rows]
-        stds = [r[f"{key}_std"] for r in rows]
-        ax.bar(positions, means, yerr=stds, capsize=4, color=colours)
-        ax.set_xticks(positions, labels, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel(name)
-        if key == "acc":
-            low = min(m - s for m, s in zip(means, stds))
-            ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.02))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 2, (12, 4.5)) as axes:
+        for ax, key, name in ((axes[0], "acc", "test accuracy"), (axes[1], "ece", "ECE (15 bins, lower is better)")):
+            error_bars(ax, labels, [r[f"{key}_mean"] for r in rows], [r[f"{key}_std"] for r in rows], colours, rotation=35, zoom=key == "acc")
+            ax.set_ylabel(name)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="fashion-mnist", choices=sorted(DATASETS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=10_000, help="training images used (Fashion-MNIST)")
-    parser.add_argument("--configs", nargs="+", default=list(configs()), choices=list(configs()), metavar="CONFIG", help=f"subset of {list(configs())}")
-    parser.add_argument("--quick", action="store_true", help=f"CI smoke: digits, 1 seed, 1 epoch, 2 members, {QUICK_CONFIGS}")
-    args = parser.parse_args()
-    if args.quick:
-        args.data, args.seeds, args.epochs, args.members, args.configs = "digits", [0], 1, 2, QUICK_CONFIGS
+    args = seeded_args(__doc__.splitlines()[0], "configs", list(configs()), QUICK_CONFIGS)
 
     train, _, test = load_data(args.data, args.train_size)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)

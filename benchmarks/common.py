@@ -1,13 +1,21 @@
-"""Shared pieces of the benchmark scripts: real data, a small CNN, a process-tree memory sampler."""
+"""Shared pieces of the benchmark scripts: real data, a small CNN, a process-tree memory sampler, plots.
+
+The digits data and the classifier steps come from ``examples/digits_data.py`` (one copy for the
+examples, tests and benchmarks).
+"""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
 import platform
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +23,11 @@ import lightning.pytorch as pl
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from digits_data import SimpleClassifier, digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -35,13 +45,8 @@ def _idx(path: Path, header: int) -> np.ndarray:
 def load_data(name: str, train_size: int | None = None, test_size: int | None = None) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """(train, val, test) as image tensors ``(N, 1, H, W)`` in [0, 1] with integer labels."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-        y = torch.tensor(y)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
+        x, y = digits()
+        x = x.view(-1, 1, 8, 8)
         splits = ((0, 1200), (1200, 1497), (1497, 1797))
         return tuple(TensorDataset(x[a:b], y[a:b]) for a, b in splits)  # type: ignore[return-value]
     if name == "fashion-mnist":
@@ -80,40 +85,16 @@ class ImageData(pl.LightningDataModule):
         return DataLoader(self.test, batch_size=512)
 
 
-class SmallCNN(pl.LightningModule):
+class SmallCNN(SimpleClassifier):
     """Two conv blocks and a linear head (~20k parameters for 28x28 inputs)."""
 
     def __init__(self, lr: float = 0.05, channels: int = 16) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(lr=lr)
         self.net = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(2 * channels * 16, 10),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("test_acc", (logits.argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 class TreeMemory:
@@ -151,6 +132,30 @@ class TreeMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._sample())
+
+
+def seeded_args(description: str, option: str, choices: list[str], quick: list[str], add: Callable[[argparse.ArgumentParser], Any] | None = None) -> argparse.Namespace:
+    """Parses the arguments of a benchmark that repeats each of its settings over seeds.
+
+    ``--data``, ``--seeds``, ``--members``, ``--epochs``, ``--train-size``, ``--<option>`` (a subset
+    of ``choices``, all by default), whatever ``add`` adds, and ``--quick`` (CI smoke: digits, 1 seed,
+    1 epoch, 2 members and the ``quick`` subset).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default="fashion-mnist", choices=sorted(DATASETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2, help="one sync per epoch")
+    parser.add_argument("--train-size", type=int, default=10_000, help="training images used (Fashion-MNIST)")
+    parser.add_argument(f"--{option}", nargs="+", default=choices, choices=choices, metavar=option[:-1].upper(), help=f"subset of {choices}")
+    parser.add_argument("--quick", action="store_true", help=f"CI smoke: digits, 1 seed, 1 epoch, 2 members, {quick}")
+    if add is not None:
+        add(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.data, args.seeds, args.epochs, args.members = "digits", [0], 1, 2
+        setattr(args, option, quick)
+    return args
 
 
 def machine() -> str:
@@ -200,23 +205,53 @@ class TanhMLP(SmallCNN):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
-def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
-    """A grouped bar chart of ``series`` (name -> one value per label), saved as PNG."""
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of ``values``, e.g. a metric over seeds."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+@contextmanager
+def figure(path: Path, title: str | None, ncols: int, figsize: tuple[float, float]) -> Iterator[Any]:
+    """A row of ``ncols`` matplotlib axes (one axis when ``ncols == 1``), saved as PNG at ``path`` on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(series))), 4.0))
-    width = 0.8 / max(1, len(series))
-    for offset, (name, values) in enumerate(series.items()):
-        axis.bar([i + offset * width for i in range(len(labels))], values, width=width, label=name)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-    axis.set_xticklabels(labels, rotation=30, ha="right")
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    yield axes
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def error_bars(axis: Any, labels: list[str], means: list[float], stds: list[float], colour: Any, rotation: float = 30, zoom: bool = True) -> Any:
+    """Bars of ``means`` with ``stds`` as error bars, labelled below; returns the bars.
+
+    With ``zoom`` (for accuracies) the y range runs from just under the lowest bar to just over the
+    highest, within [0, 1].
+    """
+    positions = np.arange(len(labels))
+    bars = axis.bar(positions, means, yerr=stds, capsize=4, color=colour)
+    axis.set_xticks(positions, labels, rotation=rotation, ha="right", fontsize=8)
+    if zoom:
+        axis.set_ylim(max(0.0, min(m - s for m, s in zip(means, stds)) - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.02))
+    return bars
+
+
+def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    """A grouped bar chart of ``series`` (name -> one value per label), saved as PNG."""
+    with figure(path, None, 1, (max(6.0, 0.9 * len(labels) * max(1, len(series))), 4.0)) as axis:
+        width = 0.8 / max(1, len(series))
+        for offset, (name, values) in enumerate(series.items()):
+            axis.bar([i + offset * width for i in range(len(labels))], values, width=width, label=name)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        axis.set_xticklabels(labels, rotation=30, ha="right")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.legend()
     return path

@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import ray
 
-from common import DATASETS, RESULTS, ImageData, SmallCNN, load_data, machine, print_table, quiet_trainer, write_results
+from common import DATASETS, RESULTS, ImageData, SmallCNN, error_bars, figure, load_data, machine, mean_std, print_table, quiet_trainer, seeded_args, write_results
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization
 
@@ -88,14 +88,11 @@ def summarise(setting: str, runs: list[dict], baseline: list[dict] | None, membe
         "bytes/fp32": first["bytes_per_sync"] / first["fp32_bytes_per_sync"] if first["fp32_bytes_per_sync"] else float("nan"),
         "recon_error": float(np.mean([r["reconstruction_error"] for r in runs])),
         "agg_ms": float(np.mean([r["aggregation_ms"] for r in runs])),
-        "acc_mean": float(accuracy.mean()),
-        "acc_std": float(accuracy.std(ddof=1)) if len(runs) > 1 else 0.0,
         "nll_mean": float(np.mean([r["test_nll"] for r in runs])),
     }
+    row["acc_mean"], row["acc_std"] = mean_std(accuracy)
     if baseline is not None:
-        cost = accuracy - np.array([r["test_acc"] for r in baseline])
-        row["acc_cost_mean"] = float(cost.mean())
-        row["acc_cost_std"] = float(cost.std(ddof=1)) if len(cost) > 1 else 0.0
+        row["acc_cost_mean"], row["acc_cost_std"] = mean_std(accuracy - np.array([r["test_acc"] for r in baseline]))
     return row
 
 
@@ -112,50 +109,28 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [r["setting"] for r in rows]
-    positions = np.arange(len(rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ratios = [r["bytes/fp32"] for r in rows]
-    bars = left.bar(positions, ratios, color="tab:blue")
-    for bar, ratio, row in zip(bars, ratios, rows):
-        left.annotate(f"{ratio:.2f}\n{row['KiB_per_sync']:.0f} KiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-    left.set_ylim(0, 1.25)
-    left.set_ylabel("bytes per sync / fp32 bytes")
-    left.set_title("payload size", fontsize=9)
-    means = [r["acc_mean"] for r in rows]
-    stds = [r["acc_std"] for r in rows]
-    right.bar(positions, means, yerr=stds, capsize=4, color="tab:orange")
-    right.axhline(means[labels.index("fp32")] if "fp32" in labels else means[0], color="k", linestyle="--", linewidth=0.8)
-    right.set_ylim(max(0.0, min(m - s for m, s in zip(means, stds)) - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.02))
-    right.set_ylabel("ensemble test accuracy")
-    right.set_title("accuracy (dashed: fp32; error bars: std over seeds)", fontsize=9)
-    for ax in (left, right):
-        ax.set_xticks(positions, labels, rotation=25, ha="right", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 2, (11, 4.2)) as (left, right):
+        ratios = [r["bytes/fp32"] for r in rows]
+        bars = left.bar(np.arange(len(rows)), ratios, color="tab:blue")
+        left.set_xticks(np.arange(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+        for bar, ratio, row in zip(bars, ratios, rows):
+            left.annotate(f"{ratio:.2f}\n{row['KiB_per_sync']:.0f} KiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+        left.set_ylim(0, 1.25)
+        left.set_ylabel("bytes per sync / fp32 bytes")
+        left.set_title("payload size", fontsize=9)
+        means = [r["acc_mean"] for r in rows]
+        error_bars(right, labels, means, [r["acc_std"] for r in rows], "tab:orange", rotation=25)
+        right.axhline(means[labels.index("fp32")] if "fp32" in labels else means[0], color="k", linestyle="--", linewidth=0.8)
+        right.set_ylabel("ensemble test accuracy")
+        right.set_title("accuracy (dashed: fp32; error bars: std over seeds)", fontsize=9)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="fashion-mnist", choices=sorted(DATASETS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2, help="one sync per epoch")
-    parser.add_argument("--sync", default="elastic", choices=["elastic", "replace"])
-    parser.add_argument("--train-size", type=int, default=10_000, help="training images used (Fashion-MNIST)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING", help=f"subset of {list(SETTINGS)}")
-    parser.add_argument("--quick", action="store_true", help=f"CI smoke: digits, 1 seed, 1 epoch, 2 members, {QUICK_SETTINGS}")
-    args = parser.parse_args()
-    if args.quick:
-        args.data, args.seeds, args.epochs, args.members, args.settings = "digits", [0], 1, 2, QUICK_SETTINGS
+    args = seeded_args(
+        __doc__.splitlines()[0], "settings", list(SETTINGS), QUICK_SETTINGS,
+        add=lambda parser: parser.add_argument("--sync", default="elastic", choices=["elastic", "replace"]),
+    )
 
     train, _, test = load_data(args.data, args.train_size)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -25,41 +25,22 @@ import argparse
 import time
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch import nn
 
-from digits_data import DigitsData
+from digits_data import DigitsData, SimpleClassifier, print_table
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization
 
 NUM_MEMBERS = 4
 
 
-class WideMLP(pl.LightningModule):
+class WideMLP(SimpleClassifier):
     """64 → 256 → 10 with BatchNorm: 20,234 float values (18,944 of them in the two weight matrices)."""
 
     def __init__(self, hidden: int = 256, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(lr=lr)
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def run(name: str, callbacks: list[Callback], epochs: int) -> dict[str, object]:
@@ -104,14 +85,7 @@ def main() -> None:
         ("mixed 4/8/16, 70% 4-bit", [AdaptiveQuantization(base_bits=8, min_bits=4, max_bits=16, low_fraction=0.7)]),
     ]
     rows = [run(name, callbacks, args.epochs) for name, callbacks in settings]
-    columns = list(rows[0])
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print(f"\n{NUM_MEMBERS} members, {args.epochs} epochs (one sync per epoch), elastic sync (strength 0.5), digits test set (300)")
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for row in cells:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(f"{NUM_MEMBERS} members, {args.epochs} epochs (one sync per epoch), elastic sync (strength 0.5), digits test set (300)", rows, 4)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Typical Lightning code (a LightningModule and a LightningDataModule), trained as an HQDE ensemble.
 
 Data: scikit-learn's bundled digits (1,797 8×8 grey images, 10 classes, BSD-3; no download),
-split 1,200 train / 297 validation / 300 test.
+split 1,200 train / 297 validation / 300 test by the LightningDataModule ``DigitsData`` of
+``examples/digits_data.py``.
 
 Run from the repository root::
 
@@ -27,39 +28,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from digits_data import DigitsData
 from hqde_lightning import Ensemble, HQDEStrategy
-
-
-class DigitsDataModule(pl.LightningDataModule):
-    """Digits as 64-value vectors in [0, 1], split with a fixed permutation."""
-
-    def __init__(self, batch_size: int = 64) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-
-    def setup(self, stage: str | None = None) -> None:
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32) / 16.0
-        y = torch.tensor(y, dtype=torch.long)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
-        self.train_set = TensorDataset(x[:1200], y[:1200])
-        self.val_set = TensorDataset(x[1200:1497], y[1200:1497])
-        self.test_set = TensorDataset(x[1497:], y[1497:])
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256)
 
 
 class LitClassifier(pl.LightningModule):
@@ -107,7 +80,7 @@ def main() -> None:
 
     started = time.perf_counter()
     pl.seed_everything(0, verbose=False)
-    model, data = LitClassifier(), DigitsDataModule()
+    model, data = LitClassifier(), DigitsData()
     checkpoint = ModelCheckpoint(monitor="val_acc", mode="max")
     root = "lightning_logs/existing_code_" + ("plain" if args.plain else "hqde")
     if args.plain:

@@ -9,59 +9,18 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from digits_data import DigitsData, SimpleClassifier
 from hqde_lightning import HQDEStrategy
 
 
-class DigitsData(pl.LightningDataModule):
-    def setup(self, stage: str | None = None) -> None:
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32) / 16.0
-        y = torch.tensor(y)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
-        self.train, self.val, self.test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1497), (1497, 1797)))
+class Classifier(SimpleClassifier):
+    """An ordinary LightningModule (its steps are in ``digits_data.SimpleClassifier``): a 64-64-10 MLP."""
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=64, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test, batch_size=256)
-
-
-class Classifier(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(lr=lr)
         self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def main() -> None:

@@ -29,10 +29,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from digits_data import DigitsData
+from digits_data import DigitsData, SimpleClassifier, print_table
 from hqde_lightning import Aggregator, HQDEStrategy
 from hqde_lightning.aggregation import TrimmedMean
 from hqde_lightning.callbacks import ByzantineMembers
@@ -41,29 +40,12 @@ NUM_MEMBERS = 7
 BYZANTINE = (5, 6)
 
 
-class TanhMLP(pl.LightningModule):
+class TanhMLP(SimpleClassifier):
     """64 → hidden → hidden → 10 with Tanh activations and no normalisation layers."""
 
     def __init__(self, hidden: int = 64, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(lr=lr)
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def run(name: str, aggregator: str | Aggregator, attack_scale: float | None, epochs: int) -> dict[str, object]:
@@ -79,7 +61,7 @@ def run(name: str, aggregator: str | Aggregator, attack_scale: float | None, epo
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     (results,) = trainer.test(model, datamodule=data, verbose=False)
-    x, y = data.test_set.tensors
+    x, y = data.test.tensors
     with torch.no_grad():  # outside `test`, the module's forward is its own: the consensus weights
         consensus_acc = float((model(x).argmax(-1) == y).float().mean())
     last = strategy.sync_history[-1]
@@ -108,14 +90,7 @@ def main() -> None:
         ("trimmed_mean(0.3)", TrimmedMean(beta=0.3), args.scale),
     ]
     rows = [run(name, aggregator, scale, args.epochs) for name, aggregator, scale in runs]
-    columns = list(rows[0])
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print(f"\n{NUM_MEMBERS} members, members {list(BYZANTINE)} Byzantine, {args.epochs} epochs, elastic sync (strength 0.5), digits test set (300)")
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for row in cells:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(f"{NUM_MEMBERS} members, members {list(BYZANTINE)} Byzantine, {args.epochs} epochs, elastic sync (strength 0.5), digits test set (300)", rows, 3)
 
 
 if __name__ == "__main__":

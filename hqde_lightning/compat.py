@@ -67,7 +67,6 @@ used and left running.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -91,6 +90,7 @@ from hqde_lightning.evaluation import EnsembleMetrics, classification_batch
 from hqde_lightning.ray_runtime import start_ray
 from hqde_lightning.member import SyncCodec
 from hqde_lightning.strategy import HQDEStrategy
+from hqde_lightning.validation import check_int, check_mapping, check_number
 
 __all__ = ["AGGREGATION_KEYS", "HQDESystem", "QUANTIZATION_KEYS", "SystemConfig", "create_hqde_system"]
 
@@ -161,17 +161,6 @@ def _inputs(batch: Any) -> Tensor:
     return inputs
 
 
-def _check_config(name: str, config: Mapping[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if not isinstance(config, Mapping):
-        raise ValueError(f"`{name}` must be a dict with keys among {list(allowed)} or None, got {type(config).__name__}.")
-    unknown = sorted(str(k) for k in config if k not in allowed)
-    if unknown:
-        raise ValueError(f"`{name}` has unknown key(s) {unknown}; allowed keys are {list(allowed)}.")
-    return dict(config)
-
-
 @dataclass(frozen=True)
 class SystemConfig:
     """Everything an :class:`HQDESystem` was created with (see there for each field), checked.
@@ -202,19 +191,16 @@ class SystemConfig:
         if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
             raise TypeError(f"`model_class` must be an `nn.Module` subclass, got {model_class!r}.")
         for name in ("model_kwargs", "optimizer_kwargs", "strategy_kwargs"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Mapping):
-                raise ValueError(f"`{name}` must be a dict or None, got {type(value).__name__}.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"`num_workers={num_workers!r}`: the number of ensemble members must be an integer >= 1.")
+            check_mapping(getattr(self, name), name)
+        check_int(num_workers, "num_workers", 1)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be callable as `loss_fn(outputs, targets)`, got {loss_fn!r}.")
         if not (inspect.isclass(optimizer) and issubclass(optimizer, Optimizer)):
             raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer` subclass, got {optimizer!r}.")
         normalised = {
             "model_kwargs": dict(self.model_kwargs or {}),
-            "quantization_config": _check_config("quantization_config", self.quantization_config, QUANTIZATION_KEYS),
-            "aggregation_config": _check_config("aggregation_config", self.aggregation_config, AGGREGATION_KEYS),
+            "quantization_config": check_mapping(self.quantization_config, "quantization_config", QUANTIZATION_KEYS),
+            "aggregation_config": check_mapping(self.aggregation_config, "aggregation_config", AGGREGATION_KEYS),
             "optimizer_kwargs": {"lr": 1e-3} if self.optimizer_kwargs is None else dict(self.optimizer_kwargs),
             "strategy_kwargs": dict(self.strategy_kwargs or {}),
             "trainer_kwargs": dict(self.trainer_kwargs or {}),
@@ -300,8 +286,7 @@ class SystemConfig:
         if factor is not None:
             if "sync" in options or "sync_strength" in options:
                 raise ValueError("`aggregation_config['exploration_factor']` sets elastic sync; drop `strategy_kwargs['sync']`/`['sync_strength']`.")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or not 0.0 <= factor <= 1.0:
-                raise ValueError(f"`aggregation_config['exploration_factor']={factor!r}` must be a number in [0, 1].")
+            check_number(factor, "aggregation_config['exploration_factor']", 0, 1)
             options.update(sync="elastic", sync_strength=1.0 - float(factor))
         return {"num_members": self.num_workers, **options}
 
@@ -422,8 +407,7 @@ class HQDESystem:
             logged (un-prefixed: member 0's; ``member_{i}/...``: member ``i``'s) and, with
             ``val_loader``, the ensemble's validation metrics.
         """
-        if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
-            raise ValueError(f"`num_epochs={num_epochs!r}` must be an integer >= 1.")
+        check_int(num_epochs, "num_epochs", 1)
         self._ensure_ray()
         strategy, callbacks = self._next_fit or self.config.fit_parts()
         self._next_fit = None

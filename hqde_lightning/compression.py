@@ -36,14 +36,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from hqde_lightning.validation import check_choice, check_int, check_number
+
 __all__ = [
     "PASSTHROUGH_BITS",
     "SUPPORTED_BITS",
+    "BitPlan",
     "EncodedState",
     "EncodedTensor",
     "ErrorFeedback",
@@ -59,8 +63,12 @@ SUPPORTED_BITS: tuple[int, ...] = (4, 8, 16, 32)
 #: the bit width that marks a tensor as sent at full precision (raw bytes)
 PASSTHROUGH_BITS = 32
 
-_PLAN_BITS = (4, 8, 16)
-_HALF_DTYPES = ("float16", "bfloat16")
+#: a width :func:`plan_bits` may give a block
+PlanWidth = Literal[4, 8, 16]
+#: how 16-bit blocks are stored
+HalfDtype = Literal["float16", "bfloat16"]
+_PLAN_BITS: tuple[int, ...] = get_args(PlanWidth)
+_HALF_DTYPES: tuple[str, ...] = get_args(HalfDtype)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _PARAM_BYTES = 8  # one float32 scale + one float32 minimum per 4/8-bit block
 _WEIGHT_SHARE = 0.7
@@ -205,16 +213,6 @@ def _block_lengths(numel: int, block_size: int) -> np.ndarray:
     return lengths
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def _check_half_dtype(half_dtype: str) -> None:
-    if half_dtype not in _HALF_DTYPES:
-        raise ValueError(f"`half_dtype` must be one of {list(_HALF_DTYPES)}, got {half_dtype!r}")
-
-
 def _resolve_plan(
     name: str, numel: int, is_float: bool, bits: Mapping[str, np.ndarray] | int, block_size: int
 ) -> np.ndarray | None:
@@ -253,8 +251,7 @@ def _validate_bits_argument(bits: Mapping[str, np.ndarray] | int, keys: Sequence
         if unknown:
             raise ValueError(f"`bits` names keys that are not in the state: {unknown[:5]}")
         return
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"`bits` must be a per-tensor plan or one of {list(SUPPORTED_BITS)}, got {bits!r}")
+    check_choice(bits, "bits", SUPPORTED_BITS)
 
 
 def _encode_passthrough(tensor: Tensor, dtype_name: str) -> EncodedTensor:
@@ -346,7 +343,7 @@ def encode(
     state: Mapping[str, Tensor],
     bits: Mapping[str, np.ndarray] | int,
     block_size: int = 256,
-    half_dtype: str = "float16",
+    half_dtype: HalfDtype = "float16",
 ) -> EncodedState:
     """Quantizes a state dict into a compact, picklable :class:`EncodedState`.
 
@@ -366,8 +363,8 @@ def encode(
         ValueError: for a non-tensor entry, an unsupported width, a plan with the wrong number of
             blocks or unknown keys, a non-positive ``block_size`` or an unknown ``half_dtype``.
     """
-    _check_positive_int("block_size", block_size)
-    _check_half_dtype(half_dtype)
+    check_int(block_size, "block_size", 1)
+    check_choice(half_dtype, "half_dtype", _HALF_DTYPES)
     _validate_bits_argument(bits, list(state))
     encoded: dict[str, EncodedTensor] = {}
     for name, tensor in state.items():
@@ -450,7 +447,7 @@ def analytical_nbytes(
     Raises:
         ValueError: for the same invalid plans :func:`encode` rejects.
     """
-    _check_positive_int("block_size", block_size)
+    check_int(block_size, "block_size", 1)
     _validate_bits_argument(bits, list(specs))
     total = 0
     for name, spec in specs.items():
@@ -492,7 +489,7 @@ def block_importance(weight: Tensor, grad: Tensor | None = None, block_size: int
     Raises:
         ValueError: if ``grad`` has a different number of elements or ``block_size`` < 1.
     """
-    _check_positive_int("block_size", block_size)
+    check_int(block_size, "block_size", 1)
     importance = _normalised_abs(weight)
     if grad is not None:
         if grad.numel() != weight.numel():
@@ -504,91 +501,112 @@ def block_importance(weight: Tensor, grad: Tensor | None = None, block_size: int
     return padded.reshape(num_blocks, block_size).sum(axis=1) / _block_lengths(values.size, block_size)
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-
-
-def plan_bits(
-    state: Mapping[str, Tensor],
-    grads: Mapping[str, Tensor | None] | None = None,
-    base_bits: int = 8,
-    min_bits: int = 4,
-    max_bits: int = 16,
-    high_fraction: float = 0.1,
-    low_fraction: float = 0.3,
-    block_size: int = 256,
-    min_numel: int = 256,
-) -> dict[str, np.ndarray]:
-    """Assigns a bit width to every block by global importance ranking.
+@dataclass(frozen=True)
+class BitPlan:
+    """How :func:`plan_bits` shares the bit widths out over the blocks (checked when built).
 
     Blocks of all eligible tensors are ranked together by :func:`block_importance` (ties keep
     key and block order). The top ``floor(high_fraction · B)`` of the ``B`` blocks get
     ``max_bits``, the bottom ``floor(low_fraction · B)`` get ``min_bits``, the rest ``base_bits``.
 
+    Attributes:
+        base_bits: width of the middle share; one of 4, 8, 16.
+        min_bits: width of the least important share; one of 4, 8, 16, at most ``base_bits``.
+        max_bits: width of the most important share; one of 4, 8, 16, at least ``base_bits``.
+        high_fraction: share of blocks given ``max_bits``, in [0, 1].
+        low_fraction: share of blocks given ``min_bits``, in [0, 1]; with ``high_fraction`` at most 1.
+        block_size: values per block, >= 1.
+        min_numel: float tensors with fewer values (and every non-float tensor) get 32 (pass-through).
+
+    Raises:
+        ValueError: for widths outside {4, 8, 16}, ``min_bits <= base_bits <= max_bits`` violated,
+            fractions outside [0, 1] or summing above 1, ``block_size`` < 1 or a negative ``min_numel``.
+    """
+
+    base_bits: PlanWidth = 8
+    min_bits: PlanWidth = 4
+    max_bits: PlanWidth = 16
+    high_fraction: float = 0.1
+    low_fraction: float = 0.3
+    block_size: int = 256
+    min_numel: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("base_bits", "min_bits", "max_bits"):
+            check_choice(getattr(self, name), name, _PLAN_BITS)
+        if not self.min_bits <= self.base_bits <= self.max_bits:
+            raise ValueError(f"need `min_bits` <= `base_bits` <= `max_bits`, got {self.min_bits}, {self.base_bits}, {self.max_bits}")
+        check_number(self.high_fraction, "high_fraction", 0, 1)
+        check_number(self.low_fraction, "low_fraction", 0, 1)
+        if self.high_fraction + self.low_fraction > 1.0:
+            raise ValueError(f"`high_fraction` + `low_fraction` must be at most 1, got {self.high_fraction} + {self.low_fraction}")
+        check_int(self.block_size, "block_size", 1)
+        check_int(self.min_numel, "min_numel", 0)
+
+    def assign(self, state: Mapping[str, Tensor], grads: Mapping[str, Tensor | None] | None = None) -> dict[str, np.ndarray]:
+        """Assigns a bit width to every block of ``state`` by global importance ranking.
+
+        Args:
+            state: the tensors to plan for.
+            grads: gradients by key (``None`` values and missing keys mean "use ``|w|`` alone").
+
+        Returns:
+            ``{key: uint8 array of widths per block}`` for every key of ``state``.
+
+        Raises:
+            ValueError: for gradient keys not in ``state`` or gradient sizes that differ.
+        """
+        grads = dict(grads or {})
+        unknown = sorted(set(grads) - set(state))
+        if unknown:
+            raise ValueError(f"`grads` names keys that are not in the state: {unknown[:5]}")
+        for name, grad in grads.items():
+            if grad is not None and grad.numel() != state[name].numel():
+                raise ValueError(
+                    f"`grads[{name!r}]` has {grad.numel()} elements, the state entry has {state[name].numel()}"
+                )
+
+        plan: dict[str, np.ndarray] = {}
+        eligible: list[str] = []
+        scores: list[np.ndarray] = []
+        for name, tensor in state.items():
+            numel = tensor.numel()
+            if torch.is_floating_point(tensor) and numel >= max(self.min_numel, 1):
+                eligible.append(name)
+                scores.append(block_importance(tensor, grads.get(name), self.block_size))
+            else:
+                plan[name] = np.full(_num_blocks(numel, self.block_size), PASSTHROUGH_BITS, dtype=np.uint8)
+        if eligible:
+            importance = np.concatenate(scores)
+            total = importance.size
+            num_high = math.floor(self.high_fraction * total + 1e-9)
+            num_low = min(math.floor(self.low_fraction * total + 1e-9), total - num_high)
+            order = np.argsort(-importance, kind="stable")
+            widths = np.full(total, self.base_bits, dtype=np.uint8)
+            widths[order[:num_high]] = self.max_bits
+            widths[order[total - num_low :]] = self.min_bits
+            for name, chunk in zip(eligible, np.split(widths, np.cumsum([s.size for s in scores])[:-1])):
+                plan[name] = chunk
+        return {name: plan[name] for name in state}
+
+
+def plan_bits(state: Mapping[str, Tensor], grads: Mapping[str, Tensor | None] | None = None, **settings: Any) -> dict[str, np.ndarray]:
+    """``BitPlan(**settings).assign(state, grads)``: a bit width for every block (see :class:`BitPlan`).
+
     Args:
         state: the tensors to plan for.
         grads: gradients by key (``None`` values and missing keys mean "use ``|w|`` alone").
-        base_bits: width of the middle share; one of 4, 8, 16.
-        min_bits: width of the least important share; one of 4, 8, 16.
-        max_bits: width of the most important share; one of 4, 8, 16.
-        high_fraction: share of blocks given ``max_bits``, in [0, 1].
-        low_fraction: share of blocks given ``min_bits``, in [0, 1]; with ``high_fraction`` at most 1.
-        block_size: values per block.
-        min_numel: float tensors with fewer values (and every non-float tensor) get 32 (pass-through).
+        **settings: :class:`BitPlan`'s fields (``base_bits``, ``min_bits``, ``max_bits``,
+            ``high_fraction``, ``low_fraction``, ``block_size``, ``min_numel``).
 
     Returns:
         ``{key: uint8 array of widths per block}`` for every key of ``state``.
 
     Raises:
-        ValueError: for widths outside {4, 8, 16}, ``min_bits <= base_bits <= max_bits`` violated,
-            fractions outside [0, 1] or summing above 1, ``block_size`` < 1, negative
-            ``min_numel``, gradient keys not in ``state`` or gradient sizes that differ.
+        ValueError: for settings :class:`BitPlan` refuses, gradient keys not in ``state`` or
+            gradient sizes that differ.
     """
-    for name, value in (("base_bits", base_bits), ("min_bits", min_bits), ("max_bits", max_bits)):
-        if value not in _PLAN_BITS:
-            raise ValueError(f"`{name}` must be one of {list(_PLAN_BITS)}, got {value!r}")
-    if not min_bits <= base_bits <= max_bits:
-        raise ValueError(f"need `min_bits` <= `base_bits` <= `max_bits`, got {min_bits}, {base_bits}, {max_bits}")
-    _check_fraction("high_fraction", high_fraction)
-    _check_fraction("low_fraction", low_fraction)
-    if high_fraction + low_fraction > 1.0:
-        raise ValueError(f"`high_fraction` + `low_fraction` must be at most 1, got {high_fraction} + {low_fraction}")
-    _check_positive_int("block_size", block_size)
-    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
-        raise ValueError(f"`min_numel` must be a non-negative integer, got {min_numel!r}")
-    grads = dict(grads or {})
-    unknown = sorted(set(grads) - set(state))
-    if unknown:
-        raise ValueError(f"`grads` names keys that are not in the state: {unknown[:5]}")
-    for name, grad in grads.items():
-        if grad is not None and grad.numel() != state[name].numel():
-            raise ValueError(
-                f"`grads[{name!r}]` has {grad.numel()} elements, the state entry has {state[name].numel()}"
-            )
-
-    plan: dict[str, np.ndarray] = {}
-    eligible: list[str] = []
-    scores: list[np.ndarray] = []
-    for name, tensor in state.items():
-        numel = tensor.numel()
-        if torch.is_floating_point(tensor) and numel >= max(min_numel, 1):
-            eligible.append(name)
-            scores.append(block_importance(tensor, grads.get(name), block_size))
-        else:
-            plan[name] = np.full(_num_blocks(numel, block_size), PASSTHROUGH_BITS, dtype=np.uint8)
-    if eligible:
-        importance = np.concatenate(scores)
-        total = importance.size
-        num_high = math.floor(high_fraction * total + 1e-9)
-        num_low = min(math.floor(low_fraction * total + 1e-9), total - num_high)
-        order = np.argsort(-importance, kind="stable")
-        widths = np.full(total, base_bits, dtype=np.uint8)
-        widths[order[:num_high]] = max_bits
-        widths[order[total - num_low :]] = min_bits
-        for name, chunk in zip(eligible, np.split(widths, np.cumsum([s.size for s in scores])[:-1])):
-            plan[name] = chunk
-    return {name: plan[name] for name in state}
+    return BitPlan(**settings).assign(state, grads)
 
 
 class ErrorFeedback:

@@ -52,6 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_map_with_path
 
+from hqde_lightning.validation import ArgumentTypeError, registry, resolve
+
 __all__ = [
     "COMBINERS",
     "AutoCombiner",
@@ -199,7 +201,7 @@ class AutoCombiner(Combiner):
 
     def __init__(self, probability_leaf: str | None = None) -> None:
         if probability_leaf is not None and not isinstance(probability_leaf, str):
-            raise TypeError(f"`probability_leaf` must be a leaf path such as '', '[0]' or \"['logits']\", got {probability_leaf!r}")
+            raise ArgumentTypeError("probability_leaf", probability_leaf, "None or a leaf path such as '', '[0]' or \"['logits']\"")
         self.logits = ClassLogitsLeaf(probability_leaf)
         self._fixed = probability_leaf is not None
         self._probability = ProbabilityCombiner()
@@ -221,16 +223,12 @@ class AutoCombiner(Combiner):
         return f"AutoCombiner(probability_leaf={self.logits.path!r})"
 
 
-COMBINERS: dict[str, type[Combiner]] = {c.name: c for c in (AutoCombiner, ProbabilityCombiner, MeanCombiner)}
+COMBINERS: dict[str, type[Combiner]] = registry(AutoCombiner, ProbabilityCombiner, MeanCombiner)
 
 
 def resolve_combiner(combine: str | Combiner) -> Combiner:
     """Returns a :class:`Combiner` for a registered name or an instance (``ValueError`` lists the names)."""
-    if isinstance(combine, Combiner):
-        return combine
-    if isinstance(combine, str) and combine in COMBINERS:
-        return COMBINERS[combine]()
-    raise ValueError(f"`combine={combine!r}` is not known; choose one of {sorted(COMBINERS)} or pass a `Combiner` instance")
+    return resolve(combine, "combine", Combiner, COMBINERS)
 
 
 def non_finite_members(states: Sequence[Mapping[str, Any]]) -> list[int]:

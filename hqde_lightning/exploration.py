@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SCHEDULES", "add_noise_", "member_generator", "noise_scale"]
+from hqde_lightning.validation import ArgumentTypeError, check_choice, check_int, check_number
 
-#: schedule name -> multiplier of ``base_scale`` as a function of training progress in [0, 1]
-SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+__all__ = ["SCHEDULES", "Schedule", "add_noise_", "member_generator", "noise_scale"]
+
+#: how the noise level decays with training progress in [0, 1] (see :func:`noise_scale`)
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
-def noise_scale(schedule: str, base_scale: float, progress: float) -> float:
+def noise_scale(schedule: Schedule, base_scale: float, progress: float) -> float:
     """The noise scale at a point of training.
 
     ``cosine``: ``base · 0.5 · (1 + cos(π p))``; ``linear``: ``base · (1 − p)``; ``constant``: ``base``.
@@ -42,20 +46,18 @@ def noise_scale(schedule: str, base_scale: float, progress: float) -> float:
 
     Raises:
         ValueError: for an unknown schedule, a negative or non-finite ``base_scale``, or a NaN ``progress``.
+        TypeError: for a ``base_scale`` or ``progress`` that is not a number (also a ``ValueError``,
+            see :mod:`hqde_lightning.validation`).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}")
-    if not (isinstance(base_scale, (int, float)) and math.isfinite(base_scale) and base_scale >= 0):
-        raise ValueError(f"`base_scale` must be a finite number >= 0, got {base_scale!r}")
-    if not isinstance(progress, (int, float)) or math.isnan(progress):
-        raise ValueError(f"`progress` must be a number (clipped to [0, 1]), got {progress!r}")
-    p = min(max(float(progress), 0.0), 1.0)
+    check_choice(schedule, "schedule", SCHEDULES)
+    base_scale = check_number(base_scale, "base_scale", 0)
+    p = min(max(check_number(progress, "progress", finite=False), 0.0), 1.0)
     if schedule == "constant":
-        return float(base_scale)
+        return base_scale
     if p == 1.0:
         return 0.0
     factor = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
-    return float(base_scale) * factor
+    return base_scale * factor
 
 
 def add_noise_(tensors: Iterable[Tensor], scale: float, generator: torch.Generator, relative: bool = True) -> None:
@@ -75,13 +77,13 @@ def add_noise_(tensors: Iterable[Tensor], scale: float, generator: torch.Generat
         relative: whether ``scale`` is relative to each tensor's RMS.
 
     Raises:
-        ValueError: for a negative or non-finite ``scale`` or a ``generator`` that is not a
-            ``torch.Generator``.
+        ValueError: for a negative or non-finite ``scale``.
+        TypeError: for a ``scale`` that is not a number or a ``generator`` that is not a
+            ``torch.Generator`` (also a ``ValueError``, see :mod:`hqde_lightning.validation`).
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"`scale` must be a finite number >= 0, got {scale!r}")
+    check_number(scale, "scale", 0)
     if not isinstance(generator, torch.Generator):
-        raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+        raise ArgumentTypeError("generator", generator, "a torch.Generator")
     if scale == 0:
         return
     with torch.no_grad():
@@ -113,12 +115,12 @@ def member_generator(seed: int, member_index: int, device: str | torch.device = 
         A seeded ``torch.Generator`` on ``device``.
 
     Raises:
-        ValueError: for a negative or non-integer ``seed`` or ``member_index``.
+        ValueError: for a negative ``seed`` or ``member_index``.
+        TypeError: for a non-integer one (also a ``ValueError``, see :mod:`hqde_lightning.validation`).
     """
-    for name, value in (("seed", seed), ("member_index", member_index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
-    state = np.random.SeedSequence(int(seed), spawn_key=(int(member_index),)).generate_state(1, dtype=np.uint64)
+    seed = check_int(seed, "seed", 0)
+    member_index = check_int(member_index, "member_index", 0)
+    state = np.random.SeedSequence(seed, spawn_key=(member_index,)).generate_state(1, dtype=np.uint64)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(state[0]))
     return generator

@@ -26,6 +26,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hqde_lightning.validation import check_int
+
 __all__ = [
     "NodeCapacity",
     "NodeRecord",
@@ -221,8 +223,7 @@ def default_share(capacities: Sequence[float], num_members: int) -> float:
     One node of 2 CPUs and 3 members: 0.6666; nodes of 4 and 1 CPUs and 2 members: 2 (both on the
     first node), where the cluster-wide mean (2.5) would fit only one member. 0 when nothing has any.
     """
-    if num_members < 1:
-        raise ValueError(f"`num_members` must be >= 1, got {num_members}")
+    num_members = check_int(num_members, "num_members", 1)
     best = 0.0
     for capacity in capacities:
         for per_node in range(1, num_members + 1):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hqde_lightning.validation import check_int, check_number, check_optional
+
 __all__ = [
     "SelectionResult",
     "anneal",
@@ -69,20 +71,6 @@ def _check_square(name: str, matrix: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def _check_nonnegative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-
-
-def _check_k(k: int | None, size: int) -> None:
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= size:
-        raise ValueError(f"`k` must be None or an integer in [1, {size}], got {k!r}")
-
-
 def _check_inputs(accuracy: np.ndarray, similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     accuracy = np.asarray(accuracy, dtype=np.float64)
     if accuracy.ndim != 1 or accuracy.size == 0 or not np.isfinite(accuracy).all():
@@ -120,9 +108,9 @@ def build_qubo(
             outside [1, N].
     """
     accuracy, similarity = _check_inputs(accuracy, similarity)
-    _check_k(k, accuracy.size)
-    _check_nonnegative("diversity_weight", diversity_weight)
-    _check_nonnegative("cost_weight", cost_weight)
+    check_optional(check_int, k, "k", 1, accuracy.size)
+    check_number(diversity_weight, "diversity_weight", 0)
+    check_number(cost_weight, "cost_weight", 0)
     size = accuracy.size
     upper = np.triu(np.ones((size, size), dtype=bool), k=1)
     pair = diversity_weight * similarity + (2.0 * cost_weight if k is not None else 0.0)
@@ -143,12 +131,10 @@ def qubo_offset(k: int | None, cost_weight: float) -> float:
     Raises:
         ValueError: for a negative ``cost_weight`` or a ``k`` that is not a positive integer.
     """
-    _check_nonnegative("cost_weight", cost_weight)
+    check_number(cost_weight, "cost_weight", 0)
     if k is None:
         return 0.0
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be None or a positive integer, got {k!r}")
-    return float(cost_weight) * float(k) ** 2
+    return float(cost_weight) * float(check_int(k, "k", 1)) ** 2
 
 
 def qubo_energy(q: np.ndarray, x: np.ndarray, offset: float = 0.0) -> float | np.ndarray:
@@ -191,16 +177,6 @@ def _default_beta_range(q: np.ndarray) -> tuple[float, float]:
     return hot, max(hot, cold)
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def _check_seed(seed: int | None) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"`seed` must be None or a non-negative integer, got {seed!r}")
-
-
 def anneal(
     q: np.ndarray,
     num_reads: int = 64,
@@ -237,9 +213,9 @@ def anneal(
             ``num_sweeps``, an invalid ``beta_range`` or a negative ``seed``.
     """
     q = _check_square("q", q)
-    _check_positive_int("num_reads", num_reads)
-    _check_positive_int("num_sweeps", num_sweeps)
-    _check_seed(seed)
+    check_int(num_reads, "num_reads", 1)
+    check_int(num_sweeps, "num_sweeps", 1)
+    check_optional(check_int, seed, "seed", 0)
     if beta_range is None:
         beta_range = _default_beta_range(q)
     elif not (
@@ -360,7 +336,7 @@ def exact_k_cost_weight(accuracy: np.ndarray, similarity: np.ndarray, diversity_
         ValueError: for invalid inputs, as in :func:`build_qubo`.
     """
     accuracy, similarity = _check_inputs(accuracy, similarity)
-    _check_nonnegative("diversity_weight", diversity_weight)
+    check_number(diversity_weight, "diversity_weight", 0)
     off_diagonal = np.abs(similarity) * (1.0 - np.eye(accuracy.size))
     bound = float(np.abs(accuracy).max()) + float(diversity_weight) * float(off_diagonal.sum(axis=1).max())
     return bound + 1.0

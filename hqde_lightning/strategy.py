@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
@@ -29,12 +28,17 @@ from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_ent
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
+from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.topology import Flat, Topology, resolve_topology
+from hqde_lightning.validation import check_bool, check_choice, check_int, check_mapping, check_number, check_optional
 
 __all__ = ["HQDEStrategy"]
 
 _RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
-MEMBER_INITS = ("independent", "shared")
+MemberInit = Literal["independent", "shared"]
+MEMBER_INITS: tuple[str, ...] = get_args(MemberInit)
+ScoreMode = Literal["max", "min"]
+FailurePolicy = Literal["fail", "continue"]
 
 
 class HQDEStrategy(SingleDeviceStrategy):
@@ -110,29 +114,28 @@ class HQDEStrategy(SingleDeviceStrategy):
         aggregator: str | Aggregator = "mean",
         topology: str | Topology = "flat",
         outlier_threshold: float | None = None,
-        sync: str = "elastic",
+        sync: Literal["none", "elastic", "replace"] = "elastic",
         sync_strength: float = 0.5,
         sync_every_n_epochs: int = 1,
         bagging: bool = False,
-        member_init: str | None = None,
+        member_init: MemberInit | None = None,
         combine: str | Combiner = "auto",
         score_metric: str | None = None,
-        score_mode: str = "max",
+        score_mode: ScoreMode = "max",
         ray_address: str | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
         resources_per_member: Mapping[str, Any] | None = None,
         member_start_timeout_s: float = 300.0,
         seed: int | None = None,
         max_member_restarts: int = 1,
-        on_member_failure: str = "fail",
+        on_member_failure: FailurePolicy = "fail",
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io or AtomicCheckpointIO(), precision_plugin=precision_plugin)
-        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
-            raise MisconfigurationException(f"`HQDEStrategy(num_members={num_members!r})`: `num_members` must be an integer >= 1.")
-        try:
+        with lightning_arguments("HQDEStrategy"):
+            check_int(num_members, "num_members", 1)
             self.aggregator = resolve_aggregator(aggregator)
             self.combiner = resolve_combiner(combine)
             self.topology = resolve_topology(topology)
@@ -145,40 +148,24 @@ class HQDEStrategy(SingleDeviceStrategy):
                     )
                 self.aggregator = RobustAggregator(self.aggregator, threshold=outlier_threshold)
             _check_rule_fits(self.aggregator, num_members)
-        except (ValueError, TypeError) as err:
-            raise MisconfigurationException(f"HQDEStrategy: {err}") from err
-        if sync not in SYNC_MODES:
-            raise MisconfigurationException(f"`HQDEStrategy(sync={sync!r})` is not known; choose one of {list(SYNC_MODES)}.")
-        if isinstance(sync_strength, bool) or not isinstance(sync_strength, (int, float)) or not 0.0 <= float(sync_strength) <= 1.0:
-            raise MisconfigurationException(f"`HQDEStrategy(sync_strength={sync_strength!r})`: `sync_strength` must be a number in [0, 1].")
-        if isinstance(sync_every_n_epochs, bool) or not isinstance(sync_every_n_epochs, int) or sync_every_n_epochs < 1:
-            raise MisconfigurationException(f"`HQDEStrategy(sync_every_n_epochs={sync_every_n_epochs!r})`: must be an integer >= 1.")
-        if isinstance(max_member_restarts, bool) or not isinstance(max_member_restarts, int) or max_member_restarts < 0:
-            raise MisconfigurationException(f"`HQDEStrategy(max_member_restarts={max_member_restarts!r})`: must be an integer >= 0.")
-        if on_member_failure not in ("fail", "continue"):
-            raise MisconfigurationException(f"`HQDEStrategy(on_member_failure={on_member_failure!r})`: choose 'fail' or 'continue'.")
-        if score_mode not in ("max", "min"):
-            raise MisconfigurationException(f"`HQDEStrategy(score_mode={score_mode!r})`: choose 'max' or 'min'.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise MisconfigurationException(f"`HQDEStrategy(seed={seed!r})`: `seed` must be a non-negative integer or None.")
+            check_choice(sync, "sync", SYNC_MODES)
+            check_number(sync_strength, "sync_strength", 0, 1)
+            check_int(sync_every_n_epochs, "sync_every_n_epochs", 1)
+            check_int(max_member_restarts, "max_member_restarts", 0)
+            check_choice(on_member_failure, "on_member_failure", get_args(FailurePolicy))
+            check_choice(score_mode, "score_mode", get_args(ScoreMode))
+            check_optional(check_int, seed, "seed", 0)
+            check_number(member_start_timeout_s, "member_start_timeout_s", 0, open_low=True)
+            check_bool(bagging, "bagging")
+            check_optional(check_choice, member_init, "member_init", MEMBER_INITS)
+            _check_ray_init_kwargs(ray_init_kwargs)
+            resources_per_member = _check_resources(resources_per_member)
         if ray_address is not None and not isinstance(ray_address, str):
-            raise MisconfigurationException(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
-        if (
-            isinstance(member_start_timeout_s, bool)
-            or not isinstance(member_start_timeout_s, (int, float))
-            or not math.isfinite(member_start_timeout_s)
-            or member_start_timeout_s <= 0
-        ):
-            raise MisconfigurationException(f"`HQDEStrategy(member_start_timeout_s={member_start_timeout_s!r})`: must be a finite number of seconds > 0.")
-        if not isinstance(bagging, bool):
-            raise MisconfigurationException(f"`HQDEStrategy(bagging={bagging!r})`: `bagging` must be True or False.")
-        if member_init is not None and member_init not in MEMBER_INITS:
-            raise MisconfigurationException(f"`HQDEStrategy(member_init={member_init!r})` is not known; choose one of {list(MEMBER_INITS)} or None.")
+            raise InvalidArgument(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
         if score_metric is not None and not isinstance(score_metric, str):
-            raise MisconfigurationException(
+            raise InvalidArgument(
                 f"`HQDEStrategy(score_metric={score_metric!r})`: pass the name of a metric your module logs (e.g. 'val_acc'), or None."
             )
-        _check_ray_init_kwargs(ray_init_kwargs)
         self.num_members = num_members
         self.max_member_restarts = max_member_restarts
         self.on_member_failure = on_member_failure
@@ -192,7 +179,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         self.score_mode = score_mode
         self.ray_address = ray_address
         self.ray_init_kwargs = dict(ray_init_kwargs or {})
-        self.resources_per_member = _check_resources(resources_per_member)
+        self.resources_per_member = resources_per_member
         self.member_start_timeout_s = float(member_start_timeout_s)
         self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
         #: every member after ``fit`` (or after loading an HQDE checkpoint), as one ``nn.Module``
@@ -344,34 +331,18 @@ def _check_rule_fits(aggregator: Aggregator, num_members: int) -> None:
 
 def _check_ray_init_kwargs(kwargs: Any) -> None:
     """Refuses ``ray_init_kwargs`` that are not a mapping of ``ray.init`` keywords, or that carry the address."""
-    if kwargs is None:
-        return
-    if not isinstance(kwargs, Mapping):
-        raise MisconfigurationException(
-            f"`HQDEStrategy(ray_init_kwargs={kwargs!r})` must be a dict of keyword arguments for `ray.init`"
-            " (e.g. {'runtime_env': {...}}), or None."
-        )
-    if "address" in kwargs:
-        raise MisconfigurationException(
+    if "address" in check_mapping(kwargs, "ray_init_kwargs"):
+        raise InvalidArgument(
             f"`HQDEStrategy(ray_init_kwargs={{'address': {kwargs['address']!r}, ...}})`: pass the cluster address as"
             f" `HQDEStrategy(ray_address={kwargs['address']!r})` instead; `ray_init_kwargs` holds the other `ray.init` arguments."
         )
 
 
 def _check_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:
-    if resources is None:
-        return {}
-    if not isinstance(resources, Mapping):
-        raise MisconfigurationException(f"`HQDEStrategy(resources_per_member={resources!r})` must be a dict with keys among {list(_RESOURCE_KEYS)}.")
-    unknown = sorted(set(resources) - set(_RESOURCE_KEYS))
-    if unknown:
-        raise MisconfigurationException(f"`resources_per_member` has unknown keys {unknown}; allowed keys are {list(_RESOURCE_KEYS)}.")
+    """``resources_per_member`` as a dict, once its keys and numbers (>= 0, a GPU share <= 1) are checked."""
+    resources = check_mapping(resources, "resources_per_member", _RESOURCE_KEYS)
     for key in ("num_cpus", "num_gpus", "memory"):
-        value = resources.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value)):
-            raise MisconfigurationException(f"`resources_per_member['{key}']={value!r}` must be a non-negative number.")
+        check_optional(check_number, resources.get(key), f"resources_per_member['{key}']", 0)
     if resources.get("num_gpus", 0) > 1:
-        raise MisconfigurationException(
-            f"`resources_per_member['num_gpus']={resources['num_gpus']!r}`: a member trains on one device, so use a value in [0, 1]."
-        )
-    return dict(resources)
+        raise ValueError(f"`resources_per_member['num_gpus']={resources['num_gpus']!r}`: a member trains on one device, so use a value in [0, 1].")
+    return resources

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from hqde_lightning.aggregation import AggregationResult, Aggregator, StateDict
 from hqde_lightning.codec import decode_payload, state_to_numpy
+from hqde_lightning.validation import check_int, registry, resolve
 
 __all__ = [
     "TOPOLOGIES",
@@ -291,9 +292,7 @@ class MapReduce(Topology):
     name = "mapreduce"
 
     def __init__(self, num_reducers: int = 4) -> None:
-        if isinstance(num_reducers, bool) or not isinstance(num_reducers, int) or num_reducers < 1:
-            raise ValueError(f"`num_reducers={num_reducers!r}` must be an integer >= 1")
-        self.num_reducers = num_reducers
+        self.num_reducers = check_int(num_reducers, "num_reducers", 1)
 
     def shards(self, sizes_by_key: Mapping[str, int]) -> list[list[str]]:
         """Greedy balanced partition of the keys: largest tensors first, each to the lightest shard."""
@@ -342,13 +341,9 @@ class MapReduce(Topology):
         return f"MapReduce(num_reducers={self.num_reducers})"
 
 
-TOPOLOGIES: dict[str, type[Topology]] = {t.name: t for t in (Flat, Tree, MapReduce)}
+TOPOLOGIES: dict[str, type[Topology]] = registry(Flat, Tree, MapReduce)
 
 
 def resolve_topology(topology: str | Topology) -> Topology:
     """A :class:`Topology` for a registered name or an instance (``ValueError`` lists the names)."""
-    if isinstance(topology, Topology):
-        return topology
-    if isinstance(topology, str) and topology in TOPOLOGIES:
-        return TOPOLOGIES[topology]()
-    raise ValueError(f"`topology={topology!r}` is not known; choose one of {sorted(TOPOLOGIES)} or pass a `Topology` instance")
+    return resolve(topology, "topology", Topology, TOPOLOGIES)

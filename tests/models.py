@@ -1,14 +1,25 @@
-"""Small real-data fixtures for the tests: scikit-learn's bundled digits (no download)."""
+"""Small real-data fixtures for the tests: scikit-learn's bundled digits (no download).
+
+The digits split is ``examples/digits_data.py``'s ``DigitsData`` (one copy for the examples,
+tests and benchmarks): 1,200 train / 297 val / 300 test with a fixed permutation.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from digits_data import DigitsData as DigitsDataModule  # noqa: E402
+from digits_data import digits  # noqa: E402
+
+__all__ = ["DigitsDataModule", "DigitsModule", "TanhDigitsModule", "digits", "quiet_trainer"]
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
@@ -16,38 +27,6 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     options = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     options.update(kwargs)
     return pl.Trainer(**options)
-
-
-class DigitsDataModule(pl.LightningDataModule):
-    """1,797 8×8 digits, split 1,200 train / 297 val / 300 test with a fixed permutation."""
-
-    def __init__(self, batch_size: int = 64, train_size: int = 1200) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.train_size = train_size
-
-    def setup(self, stage: str | None = None) -> None:
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32) / 16.0
-        y = torch.tensor(y, dtype=torch.long)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
-        n = self.train_size
-        self.train = TensorDataset(x[:n], y[:n])
-        self.val = TensorDataset(x[n : n + 297], y[n : n + 297])
-        self.test = TensorDataset(x[n + 297 :], y[n + 297 :])
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test, batch_size=256)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.test.tensors[0]), batch_size=256)
 
 
 class DigitsModule(pl.LightningModule):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from models import digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from hqde_lightning.compat import HQDESystem, create_hqde_system
@@ -54,11 +54,8 @@ class MyModel(nn.Module):
 
 def digits_datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """Digits as standardised 3×8×8 images (the grey channel repeated): 1,200 train / 297 val / 300 test."""
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8).repeat(1, 3, 1, 1)
-    y = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
+    x, y = digits()
+    x = x.view(-1, 1, 8, 8).repeat(1, 3, 1, 1)
     x = (x - x[:1200].mean()) / x[:1200].std()
     return TensorDataset(x[:1200], y[:1200]), TensorDataset(x[1200:1497], y[1200:1497]), TensorDataset(x[1497:], y[1497:])
 

@@ -10,6 +10,7 @@ from hqde_lightning.aggregation.mean import Mean
 from hqde_lightning.aggregation.robust import Reputation, RobustAggregator, coordinate_median, mad_outliers
 from hqde_lightning.aggregation.superposition import Superposition, superposition_weights
 from hqde_lightning.aggregation.trimmed_mean import TrimmedMean
+from hqde_lightning.validation import registry, resolve
 
 __all__ = [
     "AGGREGATORS",
@@ -34,9 +35,7 @@ __all__ = [
 ]
 
 #: name accepted by ``HQDEStrategy(aggregator=...)`` -> class constructed with defaults
-AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (Mean, Superposition, Entanglement, GeometricMedian, TrimmedMean, Krum, MultiKrum)
-}
+AGGREGATORS: dict[str, type[Aggregator]] = registry(Mean, Superposition, Entanglement, GeometricMedian, TrimmedMean, Krum, MultiKrum)
 
 
 def resolve_aggregator(aggregator: str | Aggregator) -> Aggregator:
@@ -46,10 +45,4 @@ def resolve_aggregator(aggregator: str | Aggregator) -> Aggregator:
         ValueError: for an unknown name, listing the allowed ones.
         TypeError: for anything that is neither a name nor an ``Aggregator``.
     """
-    if isinstance(aggregator, Aggregator):
-        return aggregator
-    if isinstance(aggregator, str):
-        if aggregator not in AGGREGATORS:
-            raise ValueError(f"`aggregator={aggregator!r}` is not known; choose one of {sorted(AGGREGATORS)} or pass an `Aggregator` instance")
-        return AGGREGATORS[aggregator]()
-    raise TypeError(f"`aggregator` must be a name from {sorted(AGGREGATORS)} or an `Aggregator` instance, got {type(aggregator).__name__}")
+    return resolve(aggregator, "aggregator", Aggregator, AGGREGATORS)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AggregationResult", "Aggregator", "StateDict", "flatten_states", "keep_unanimous", "normalise", "unflatten"]
+__all__ = ["AggregationResult", "Aggregator", "Round", "StateDict", "flatten_states", "keep_unanimous", "normalise", "unflatten"]
 
 StateDict = Mapping[str, Tensor]
 
@@ -44,6 +44,45 @@ class AggregationResult:
     member_weights: Tensor
     excluded: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One checked aggregation call, flattened.
+
+    Attributes:
+        states: the member state dicts of the call.
+        matrix: :func:`flatten_states` of ``states``, shape ``(n, P)``.
+        keys: the state-dict keys ``matrix`` holds, in order.
+        finite: which rows of ``matrix`` are finite (bool, at least one is).
+        scores: the per-member confidence of the call, or ``None``.
+        prior: the per-member prior (sample counts × prior weights; all ones when not given).
+        members: the members' indices in the ensemble, or ``None`` (their positions in the call).
+    """
+
+    states: Sequence[StateDict]
+    matrix: Tensor
+    keys: list[str]
+    finite: Tensor
+    scores: Sequence[float] | None
+    prior: Tensor
+    members: Sequence[int] | None
+
+    def combine(self, rule: Aggregator, use: Tensor) -> AggregationResult:
+        """Combines the rows marked in ``use`` with ``rule.combine``; the other rows are excluded.
+
+        The consensus keeps every value on which the rows in use agree exactly (:func:`keep_unanimous`)
+        and takes the dtypes and non-float entries from the first member in use.
+        """
+        rule.num_excluded = int((~use).sum())
+        scores = None if self.scores is None else torch.tensor([float(s) for s in self.scores], dtype=torch.float64)[use]
+        consensus, sub_weights, info = rule.combine(self.matrix[use], scores, self.prior[use])
+        consensus = keep_unanimous(consensus, self.matrix[use])
+        weights = torch.zeros(len(self.states), dtype=torch.float64)
+        weights[use] = sub_weights.to(torch.float64)
+        excluded = torch.nonzero(~use).flatten().tolist()
+        template = self.states[int(torch.nonzero(use)[0])]
+        return AggregationResult(unflatten(consensus, self.keys, template), weights, excluded, info)
 
 
 def _is_aggregatable(tensor: Tensor) -> bool:
@@ -143,22 +182,17 @@ class Aggregator(ABC):
         prior_weights: Sequence[float] | None = None,
         members: Sequence[int] | None = None,
     ) -> AggregationResult:
-        n = self._check_call(states, scores, sample_counts, prior_weights, members)
+        self._check_call(states, scores, sample_counts, prior_weights, members)
         matrix, keys = flatten_states(states)
-        finite = torch.isfinite(matrix).all(dim=1) if matrix.shape[1] else torch.ones(n, dtype=torch.bool)
-        keep = [i for i in range(n) if bool(finite[i])]
-        excluded = [i for i in range(n) if not bool(finite[i])]
-        if not keep:
+        finite = torch.isfinite(matrix).all(dim=1)
+        if not bool(finite.any()):
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
-        prior = self._prior(n, sample_counts, prior_weights)
-        self.num_excluded = len(excluded)
-        sub_scores = None if scores is None else torch.tensor([float(scores[i]) for i in keep], dtype=torch.float64)
-        consensus, sub_weights, info = self.combine(matrix[keep], sub_scores, prior[keep])
-        consensus = keep_unanimous(consensus, matrix[keep])
-        weights = torch.zeros(n, dtype=torch.float64)
-        weights[keep] = sub_weights.to(torch.float64)
-        template = states[keep[0]]
-        return AggregationResult(unflatten(consensus, keys, template), weights, excluded, info)
+        prior = self._prior(len(states), sample_counts, prior_weights)
+        return self._aggregate(Round(states, matrix, keys, finite, scores, prior, members))
+
+    def _aggregate(self, round_: Round) -> AggregationResult:
+        """One checked round: combines the finite rows (wrapper rules override this)."""
+        return round_.combine(self, round_.finite)
 
     @staticmethod
     def _check_call(

@@ -21,7 +21,6 @@ instance so each shard keeps its own reference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator
 from hqde_lightning.aggregation.superposition import superposition_weights
+from hqde_lightning.validation import check_number
 
 __all__ = ["Entanglement", "update_cosines"]
 
@@ -63,11 +63,7 @@ class Entanglement(Aggregator):
     name = "entanglement"
 
     def __init__(self, strength: float = 1.0) -> None:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise TypeError(f"`strength` must be a non-negative number, got {type(strength).__name__}")
-        if not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"`strength` must be finite and >= 0, got {strength}")
-        self.strength = float(strength)
+        self.strength = check_number(strength, "strength", 0)
         self._reference: Tensor | None = None
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:

@@ -19,23 +19,15 @@ not to the size of the weights. They stop when the step ``||z_{k+1} - z_k||`` is
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator, normalise
+from hqde_lightning.validation import check_int, check_number
 
 __all__ = ["GeometricMedian"]
-
-
-def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {value}")
-    return float(value)
 
 
 class GeometricMedian(Aggregator):
@@ -54,13 +46,9 @@ class GeometricMedian(Aggregator):
     robust = True
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100, eps: float = 1e-8) -> None:
-        self.tol = _positive(tol, "tol")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int):
-            raise TypeError(f"`max_iter` must be an int >= 1, got {type(max_iter).__name__}")
-        if max_iter < 1:
-            raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
-        self.max_iter = max_iter
-        self.eps = _positive(eps, "eps")
+        self.tol = check_number(tol, "tol", 0, open_low=True)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
+        self.eps = check_number(eps, "eps", 0, open_low=True)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         prior = normalise(prior)

@@ -27,16 +27,9 @@ from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator, normalise
 from hqde_lightning.aggregation.geometric_median import GeometricMedian
+from hqde_lightning.validation import check_int, check_optional
 
 __all__ = ["Krum", "MultiKrum", "krum_ranking", "krum_scores"]
-
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}")
-    return value
 
 
 def _scores_and_totals(matrix: Tensor, num_byzantine: int, rule: str) -> tuple[Tensor, Tensor]:
@@ -132,7 +125,7 @@ class Krum(Aggregator):
     robust = True
 
     def __init__(self, num_byzantine: int = 1) -> None:
-        self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
+        self.num_byzantine = check_int(num_byzantine, "num_byzantine", 0)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         f = _tolerated(self.num_byzantine, matrix.shape[0], self.num_excluded)
@@ -160,8 +153,8 @@ class MultiKrum(Aggregator):
     robust = True
 
     def __init__(self, num_byzantine: int = 1, num_selected: int | None = None) -> None:
-        self.num_byzantine = _check_int(num_byzantine, "num_byzantine", 0)
-        self.num_selected = None if num_selected is None else _check_int(num_selected, "num_selected", 1)
+        self.num_byzantine = check_int(num_byzantine, "num_byzantine", 0)
+        self.num_selected = check_optional(check_int, num_selected, "num_selected", 1)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         n = matrix.shape[0]

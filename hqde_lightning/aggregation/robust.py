@@ -15,7 +15,7 @@ Plain torch only: no Ray, no Lightning.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,28 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hqde_lightning.aggregation.base import AggregationResult, Aggregator, StateDict, flatten_states, keep_unanimous, unflatten
+from hqde_lightning.aggregation.base import AggregationResult, Aggregator, Round
+from hqde_lightning.validation import check_bool, check_int, check_number
 
 __all__ = ["RobustAggregator", "Reputation", "coordinate_median", "mad_outliers"]
 
 #: relative margin used when the MAD is zero, see :func:`mad_outliers`
 MAD_ZERO_MARGIN = 1e-6
-
-
-def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"`threshold` must be a positive number, got {type(threshold).__name__}")
-    if not math.isfinite(threshold) or threshold <= 0:
-        raise ValueError(f"`threshold` must be finite and > 0, got {threshold}")
-    return float(threshold)
-
-
-def _check_fraction(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number in [0, 1], got {type(value).__name__}")
-    if not 0 <= value <= 1:
-        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
-    return float(value)
 
 
 def coordinate_median(matrix: Tensor) -> Tensor:
@@ -85,7 +70,7 @@ def mad_outliers(matrix: Tensor, threshold: float = 3.5) -> Tensor:
     Raises:
         ValueError: for a non-2-D or non-finite ``matrix`` or a bad ``threshold``.
     """
-    threshold = _check_threshold(threshold)
+    threshold = check_number(threshold, "threshold", 0, open_low=True)
     if matrix.dim() != 2:
         raise ValueError(f"`matrix` must have shape (num_members, num_values), got {tuple(matrix.shape)}")
     if not bool(torch.isfinite(matrix).all()):
@@ -116,14 +101,10 @@ class Reputation:
     """
 
     def __init__(self, num_members: int, decay: float = 0.5, recovery: float = 0.1, floor: float = 0.0) -> None:
-        if isinstance(num_members, bool) or not isinstance(num_members, int):
-            raise TypeError(f"`num_members` must be an int >= 1, got {type(num_members).__name__}")
-        if num_members < 1:
-            raise ValueError(f"`num_members` must be >= 1, got {num_members}")
-        self.num_members = num_members
-        self.decay = _check_fraction(decay, "decay")
-        self.recovery = _check_fraction(recovery, "recovery")
-        self.floor = _check_fraction(floor, "floor")
+        self.num_members = check_int(num_members, "num_members", 1)
+        self.decay = check_number(decay, "decay", 0, 1)
+        self.recovery = check_number(recovery, "recovery", 0, 1)
+        self.floor = check_number(floor, "floor", 0, 1)
         self._scores = torch.ones(num_members, dtype=torch.float64)
 
     @property
@@ -214,10 +195,8 @@ class RobustAggregator(Aggregator):
         from hqde_lightning.aggregation import resolve_aggregator
 
         self.inner = resolve_aggregator(inner)
-        self.threshold = _check_threshold(threshold)
-        if not isinstance(reputation, bool):
-            raise TypeError(f"`reputation` must be a bool, got {type(reputation).__name__}")
-        self.reputation = reputation
+        self.threshold = check_number(threshold, "threshold", 0, open_low=True)
+        self.reputation = check_bool(reputation, "reputation")
         self._tracker: Reputation | None = None
 
     @property
@@ -225,20 +204,9 @@ class RobustAggregator(Aggregator):
         """The reputation scores (``None`` before the first round or when disabled)."""
         return self._tracker
 
-    def __call__(
-        self,
-        states: Sequence[StateDict],
-        scores: Sequence[float] | None = None,
-        sample_counts: Sequence[float] | None = None,
-        prior_weights: Sequence[float] | None = None,
-        members: Sequence[int] | None = None,
-    ) -> AggregationResult:
-        n = self._check_call(states, scores, sample_counts, prior_weights, members)
-        matrix, keys = flatten_states(states)
-        finite = torch.isfinite(matrix).all(dim=1)
-        if not bool(finite.any()):
-            raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
-        prior = self._prior(n, sample_counts, prior_weights)
+    def _aggregate(self, round_: Round) -> AggregationResult:
+        """Leaves out MAD outliers and weights the rest by reputation before the inner rule combines them."""
+        n, members, prior, finite = len(round_.states), round_.members, round_.prior, round_.finite
         ids = list(range(n)) if members is None else [int(m) for m in members]
         if self.reputation:
             if members is None and self._tracker is not None and self._tracker.num_members != n:
@@ -246,7 +214,7 @@ class RobustAggregator(Aggregator):
                     f"RobustAggregator saw {n} members after tracking {self._tracker.num_members} and was not told"
                     " which (pass `members`); resetting every member's reputation to 1",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 self._tracker = None
             if self._tracker is None:
@@ -254,24 +222,16 @@ class RobustAggregator(Aggregator):
             self._tracker.grow(max(ids) + 1)
             prior = prior * self._tracker.weights[ids]
         flagged = torch.zeros(n, dtype=torch.bool)
-        flagged[finite] = mad_outliers(matrix[finite], self.threshold)
+        flagged[finite] = mad_outliers(round_.matrix[finite], self.threshold)
         use = finite & ~flagged
-        sub_scores = None if scores is None else torch.tensor([float(s) for s in scores], dtype=torch.float64)[use]
-        self.inner.num_excluded = int((~use).sum())
-        consensus, sub_weights, inner_info = self.inner.combine(matrix[use], sub_scores, prior[use])
-        consensus = keep_unanimous(consensus, matrix[use])
-        weights = torch.zeros(n, dtype=torch.float64)
-        weights[use] = sub_weights.to(torch.float64)
+        result = dataclasses.replace(round_, prior=prior).combine(self.inner, use)
         if self._tracker is not None:
             self._tracker.update((~use).tolist(), ids)
-        info = {
-            **inner_info,
-            "flagged": torch.nonzero(flagged).flatten().tolist(),
-            "reputation": None if self._tracker is None else self._tracker.weights[ids].tolist(),
-        }
-        excluded = torch.nonzero(~use).flatten().tolist()
-        template = states[int(torch.nonzero(use)[0])]
-        return AggregationResult(unflatten(consensus, keys, template), weights, excluded, info)
+        result.info.update(
+            flagged=torch.nonzero(flagged).flatten().tolist(),
+            reputation=None if self._tracker is None else self._tracker.weights[ids].tolist(),
+        )
+        return result
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Filters the rows of ``matrix`` by :func:`mad_outliers` and combines the rest.

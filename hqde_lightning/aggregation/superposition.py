@@ -20,23 +20,15 @@ probabilities, using :func:`superposition_weights`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator, normalise
+from hqde_lightning.validation import check_number
 
 __all__ = ["Superposition", "superposition_weights"]
-
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"`temperature` must be a positive number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be finite and > 0, got {temperature}")
-    return float(temperature)
 
 
 def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | None = None) -> Tensor:
@@ -58,7 +50,7 @@ def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | No
     Raises:
         ValueError: for a bad temperature, a bad prior, or shapes that disagree.
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_number(temperature, "temperature", 0, open_low=True)
     scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     prior = torch.ones_like(scores) if prior is None else torch.as_tensor(prior, dtype=torch.float64).reshape(-1)
     if prior.shape != scores.shape:
@@ -90,7 +82,7 @@ class Superposition(Aggregator):
     name = "superposition"
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_number(temperature, "temperature", 0, open_low=True)
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         if scores is None:

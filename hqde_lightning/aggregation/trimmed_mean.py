@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hqde_lightning.aggregation.base import Aggregator, normalise
+from hqde_lightning.validation import check_number
 
 __all__ = ["TrimmedMean"]
 
@@ -35,11 +36,7 @@ class TrimmedMean(Aggregator):
     robust = True
 
     def __init__(self, beta: float = 0.1) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"`beta` must be a number in [0, 0.5), got {type(beta).__name__}")
-        if not 0 <= beta < 0.5:
-            raise ValueError(f"`beta` must be in [0, 0.5) (fraction trimmed from each side), got {beta}")
-        self.beta = float(beta)
+        self.beta = check_number(beta, "beta", 0, 0.5, open_high=True)
 
     def num_trimmed(self, num_members: int) -> int:
         """Members dropped from each side per coordinate: ``floor(beta * n)``.

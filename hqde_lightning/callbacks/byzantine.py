@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
 from hqde_lightning.codec import state_to_numpy
+from hqde_lightning.misconfiguration import lightning_arguments
+from hqde_lightning.validation import check_choice, check_number
 
 __all__ = ["ATTACKS", "ByzantineMembers"]
 
@@ -42,15 +45,12 @@ class ByzantineMembers(Callback):
 
     def __init__(self, members: Iterable[int], attack: str = "sign_flip", scale: float = 100.0, noise_std: float = 10.0, seed: int = 0) -> None:
         self.members = sorted({int(m) for m in members})
-        if any(m < 0 for m in self.members):
-            raise ValueError(f"`members` must be non-negative member indices, got {self.members}")
-        if attack not in ATTACKS:
-            raise ValueError(f"`attack={attack!r}` is not known; choose one of {sorted(ATTACKS)}")
-        if not np.isfinite(scale) or not np.isfinite(noise_std) or noise_std < 0:
-            raise ValueError("`scale` must be finite and `noise_std` finite and non-negative")
-        self.attack = attack
-        self.scale = float(scale)
-        self.noise_std = float(noise_std)
+        with lightning_arguments("ByzantineMembers"):
+            if any(m < 0 for m in self.members):
+                raise ValueError(f"`members` must be non-negative member indices, got {self.members}")
+            self.attack = check_choice(attack, "attack", sorted(ATTACKS))
+            self.scale = check_number(scale, "scale")
+            self.noise_std = check_number(noise_std, "noise_std", 0)
         self.seed = seed
 
     def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> dict[str, np.ndarray]:
@@ -73,6 +73,7 @@ class ByzantineMembers(Callback):
             return value + rng.normal(0.0, self.noise_std, size=value.shape).astype(value.dtype)
         return np.full_like(value, np.nan if self.attack == "nan" else np.inf)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"members": self.members, "attack": self.attack}
 

@@ -13,6 +13,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from hqde_lightning.misconfiguration import lightning_arguments
+from hqde_lightning.validation import check_int, check_optional
 
 __all__ = ["PerformanceMonitor"]
 
@@ -52,17 +56,13 @@ class PerformanceMonitor(Callback):
             ``excluded`` (a count).
 
     Raises:
-        ValueError: for a ``log_every_n_steps`` that is neither None nor an integer >= 1.
+        InvalidArgument: (a ``MisconfigurationException`` and a ``ValueError``) for a
+            ``log_every_n_steps`` that is neither None nor an integer >= 1.
     """
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"`PerformanceMonitor(log_every_n_steps={log_every_n_steps!r})`: `log_every_n_steps` must be None or an integer >= 1."
-            )
-        self.log_every_n_steps = log_every_n_steps
+        with lightning_arguments("PerformanceMonitor"):
+            self.log_every_n_steps = check_optional(check_int, log_every_n_steps, "log_every_n_steps", 1)
         self.summary: dict[str, Any] = {}
         self._window_start: float | None = None
         self._batch_start = 0.0
@@ -72,15 +72,18 @@ class PerformanceMonitor(Callback):
         self._peak_rss_mb = 0.0
 
     # ------------------------------------------------------- inside a member
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_window()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._window_start is None:
             self._window_start = now
         self._batch_start = now
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         self._busy_seconds += now - self._batch_start

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from hqde_lightning.exploration import SCHEDULES, add_noise_, member_generator, noise_scale
+from hqde_lightning.exploration import SCHEDULES, Schedule, add_noise_, member_generator, noise_scale
+from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
+from hqde_lightning.validation import check_bool, check_choice, check_int, check_number, check_optional
 
 __all__ = ["QuantumNoise"]
 
-_TARGETS = ("weights", "gradients")
+#: where the noise goes
+NoiseTarget = Literal["weights", "gradients"]
+_TARGETS: tuple[str, ...] = get_args(NoiseTarget)
 
 
 class QuantumNoise(Callback):
@@ -71,56 +74,41 @@ class QuantumNoise(Callback):
             (``HQDEStrategy(seed=...)``) or 0 when the strategy has none.
 
     Raises:
-        ValueError: for an argument outside its allowed values (the message names it).
-        MisconfigurationException: at fit time, when an annealing schedule has no horizon
-            (no ``anneal_epochs`` and neither ``max_epochs`` nor ``max_steps`` set).
+        InvalidArgument: (a ``MisconfigurationException`` and a ``ValueError``) for an argument
+            outside its allowed values (the message names it), and at fit time when an annealing
+            schedule has no horizon (no ``anneal_epochs`` and neither ``max_epochs`` nor ``max_steps`` set).
     """
 
     def __init__(
         self,
         scale: float = 5e-3,
-        target: str = "weights",
-        schedule: str = "cosine",
+        target: NoiseTarget = "weights",
+        schedule: Schedule = "cosine",
         anneal_epochs: float | None = None,
         relative: bool = True,
         seed: int | None = None,
     ) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"`QuantumNoise(scale={scale!r})`: `scale` must be a finite number >= 0.")
-        if target not in _TARGETS:
-            raise ValueError(f"`QuantumNoise(target={target!r})`: `target` must be one of {list(_TARGETS)}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`QuantumNoise(schedule={schedule!r})`: `schedule` must be one of {list(SCHEDULES)}.")
-        if anneal_epochs is not None and (
-            isinstance(anneal_epochs, bool)
-            or not isinstance(anneal_epochs, (int, float))
-            or not math.isfinite(anneal_epochs)
-            or anneal_epochs <= 0
-        ):
-            raise ValueError(f"`QuantumNoise(anneal_epochs={anneal_epochs!r})`: `anneal_epochs` must be None or a number > 0.")
-        if not isinstance(relative, bool):
-            raise ValueError(f"`QuantumNoise(relative={relative!r})`: `relative` must be True or False.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"`QuantumNoise(seed={seed!r})`: `seed` must be None or an integer >= 0.")
-        self.scale = float(scale)
-        self.target = target
-        self.schedule = schedule
-        self.anneal_epochs = None if anneal_epochs is None else float(anneal_epochs)
-        self.relative = relative
-        self.seed = None if seed is None else int(seed)
+        with lightning_arguments("QuantumNoise"):
+            self.scale = check_number(scale, "scale", 0)
+            self.target = check_choice(target, "target", _TARGETS)
+            self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+            self.anneal_epochs = check_optional(check_number, anneal_epochs, "anneal_epochs", 0, open_low=True)
+            self.relative = check_bool(relative, "relative")
+            self.seed = check_optional(check_int, seed, "seed", 0)
         #: the noise level used at the latest step (0 once annealed)
-        self.current_scale = float(scale)
+        self.current_scale = self.scale
         self._member_index = 0
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
         self._stepped = False
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         if self.schedule != "constant" and self.anneal_epochs is None and _epoch_limit(trainer) is None and _step_limit(trainer) is None:
-            raise MisconfigurationException(
+            raise InvalidArgument(
                 f"`QuantumNoise(schedule={self.schedule!r})` anneals the noise to 0 by the end of training, but this fit"
                 " has no end: set `Trainer(max_epochs=...)` or `Trainer(max_steps=...)`, pass"
                 " `QuantumNoise(anneal_epochs=...)`, or use `schedule='constant'`."
@@ -134,6 +122,7 @@ class QuantumNoise(Callback):
             self._apply_state(self._pending_state)
             self._pending_state = None
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._stepped = True
         if self.target != "gradients":
@@ -141,6 +130,7 @@ class QuantumNoise(Callback):
         batches_done = trainer.fit_loop.epoch_loop.batch_idx + 1
         self._perturb(trainer, pl_module, _optimizer_gradients(optimizer), batches_done, trainer.global_step + 1)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.target != "weights" or not self._stepped:
             return
@@ -187,6 +177,7 @@ class QuantumNoise(Callback):
         self.current_scale = float(state.get("current_scale", self.current_scale))
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._generator is None:
             return {}
@@ -196,6 +187,7 @@ class QuantumNoise(Callback):
             "current_scale": self.current_scale,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

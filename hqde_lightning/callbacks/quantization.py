@@ -11,17 +11,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from hqde_lightning.compression import PASSTHROUGH_BITS, SUPPORTED_BITS, EncodedState, ErrorFeedback, encode, plan_bits
+from hqde_lightning.compression import PASSTHROUGH_BITS, SUPPORTED_BITS, BitPlan, EncodedState, ErrorFeedback, PlanWidth, encode
+from hqde_lightning.misconfiguration import lightning_arguments
+from hqde_lightning.validation import check_bool, check_int
 
 __all__ = ["AdaptiveQuantization"]
-
-_PLAN_BITS = (4, 8, 16)
 
 
 class AdaptiveQuantization(Callback):
@@ -67,51 +67,30 @@ class AdaptiveQuantization(Callback):
             encoding them.
         warmup_syncs: number of first syncs sent at full precision (32 bits), an integer >= 0.
 
+    Attributes:
+        bit_plan: the :class:`~hqde_lightning.compression.BitPlan` built from the bit widths,
+            fractions and ``block_size``.
+
     Raises:
-        ValueError: for an argument outside its allowed values (the message names it).
+        InvalidArgument: (a ``MisconfigurationException`` and a ``ValueError``) for an argument
+            outside its allowed values (the message names it).
     """
 
     def __init__(
         self,
-        base_bits: int = 8,
-        min_bits: int = 4,
-        max_bits: int = 16,
+        base_bits: PlanWidth = 8,
+        min_bits: PlanWidth = 4,
+        max_bits: PlanWidth = 16,
         high_fraction: float = 0.1,
         low_fraction: float = 0.3,
         block_size: int = 256,
         error_feedback: bool = True,
         warmup_syncs: int = 0,
     ) -> None:
-        for name, value in (("base_bits", base_bits), ("min_bits", min_bits), ("max_bits", max_bits)):
-            if isinstance(value, bool) or value not in _PLAN_BITS:
-                raise ValueError(f"`AdaptiveQuantization({name}={value!r})`: `{name}` must be one of {list(_PLAN_BITS)}.")
-        if not min_bits <= base_bits <= max_bits:
-            raise ValueError(
-                f"`AdaptiveQuantization(min_bits={min_bits}, base_bits={base_bits}, max_bits={max_bits})`:"
-                " need `min_bits` <= `base_bits` <= `max_bits`."
-            )
-        for name, value in (("high_fraction", high_fraction), ("low_fraction", low_fraction)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"`AdaptiveQuantization({name}={value!r})`: `{name}` must be a number in [0, 1].")
-        if high_fraction + low_fraction > 1.0:
-            raise ValueError(
-                f"`AdaptiveQuantization(high_fraction={high_fraction}, low_fraction={low_fraction})`:"
-                " `high_fraction` + `low_fraction` must be at most 1."
-            )
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-            raise ValueError(f"`AdaptiveQuantization(block_size={block_size!r})`: `block_size` must be an integer >= 1.")
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"`AdaptiveQuantization(error_feedback={error_feedback!r})`: `error_feedback` must be True or False.")
-        if isinstance(warmup_syncs, bool) or not isinstance(warmup_syncs, (int, np.integer)) or warmup_syncs < 0:
-            raise ValueError(f"`AdaptiveQuantization(warmup_syncs={warmup_syncs!r})`: `warmup_syncs` must be an integer >= 0.")
-        self.base_bits = base_bits
-        self.min_bits = min_bits
-        self.max_bits = max_bits
-        self.high_fraction = float(high_fraction)
-        self.low_fraction = float(low_fraction)
-        self.block_size = int(block_size)
-        self.error_feedback = error_feedback
-        self.warmup_syncs = int(warmup_syncs)
+        with lightning_arguments("AdaptiveQuantization"):
+            self.bit_plan = BitPlan(base_bits, min_bits, max_bits, high_fraction, low_fraction, block_size)
+            self.error_feedback = check_bool(error_feedback, "error_feedback")
+            self.warmup_syncs = check_int(warmup_syncs, "warmup_syncs", 0)
         #: number of syncs encoded so far
         self.num_syncs = 0
         #: the metrics logged at the latest sync (without the ``quant/`` prefix)
@@ -121,9 +100,11 @@ class AdaptiveQuantization(Callback):
         self._member_index = 0
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._member_index = getattr(trainer.strategy, "member_index", None) or 0
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Keeps ``|grad|`` of the epoch's last optimizer step (the step before the epoch-end sync)."""
         total = trainer.num_training_batches
@@ -148,21 +129,11 @@ class AdaptiveQuantization(Callback):
         warming_up = self.num_syncs < self.warmup_syncs
         if warming_up:
             sent = {name: tensor.detach() for name, tensor in state.items()}
-            payload = encode(sent, PASSTHROUGH_BITS, block_size=self.block_size)
+            payload = encode(sent, PASSTHROUGH_BITS, block_size=self.bit_plan.block_size)
         else:
             sent = self._feedback.compensate(state) if self.error_feedback else {k: v.detach() for k, v in state.items()}
             grads = {name: g for name, g in self._grad_magnitudes.items() if name in state and g.numel() == state[name].numel()}
-            plan = plan_bits(
-                sent,
-                grads,
-                base_bits=self.base_bits,
-                min_bits=self.min_bits,
-                max_bits=self.max_bits,
-                high_fraction=self.high_fraction,
-                low_fraction=self.low_fraction,
-                block_size=self.block_size,
-            )
-            payload = encode(sent, plan, block_size=self.block_size)
+            payload = encode(sent, self.bit_plan.assign(sent, grads), block_size=self.bit_plan.block_size)
         decoded = payload.decode()
         if self.error_feedback and not warming_up:
             self._feedback.update(sent, decoded)
@@ -173,9 +144,11 @@ class AdaptiveQuantization(Callback):
         return payload
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"member_index": self._member_index, "num_syncs": self.num_syncs, "residuals": self._feedback.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

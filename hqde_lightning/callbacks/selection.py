@@ -6,9 +6,8 @@ simulated annealing or, for small ensembles, by enumeration).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -19,14 +18,19 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import classification_batch
+from hqde_lightning.misconfiguration import lightning_arguments
 from hqde_lightning.selection import anneal, brute_force, build_qubo, exact_k_cost_weight, prediction_similarity, qubo_offset
+from hqde_lightning.validation import check_choice, check_int, check_number, check_optional
 
 __all__ = ["EnsembleSelection"]
 
-_SOLVERS = ("annealing", "brute_force")
+#: how the QUBO is solved
+Solver = Literal["annealing", "brute_force"]
+_SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
 class EnsembleSelection(Callback):
@@ -67,7 +71,8 @@ class EnsembleSelection(Callback):
         energy: the QUBO energy of the chosen subset (``None`` before a selection).
 
     Raises:
-        ValueError: for an argument outside its allowed values (the message names it).
+        InvalidArgument: (a ``MisconfigurationException`` and a ``ValueError``) for an argument
+            outside its allowed values (the message names it).
     """
 
     def __init__(
@@ -75,33 +80,19 @@ class EnsembleSelection(Callback):
         k: int | None = None,
         diversity_weight: float = 0.5,
         cost_weight: float | None = None,
-        solver: str = "annealing",
+        solver: Solver = "annealing",
         num_reads: int = 64,
         num_sweeps: int = 500,
         seed: int | None = None,
     ) -> None:
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-            raise ValueError(f"`EnsembleSelection(k={k!r})`: `k` must be None or an integer >= 1.")
-        for name, value in (("diversity_weight", diversity_weight), ("cost_weight", cost_weight)):
-            if value is None and name == "cost_weight":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                allowed = "a finite number >= 0" + (" or None" if name == "cost_weight" else "")
-                raise ValueError(f"`EnsembleSelection({name}={value!r})`: `{name}` must be {allowed}.")
-        if solver not in _SOLVERS:
-            raise ValueError(f"`EnsembleSelection(solver={solver!r})`: `solver` must be one of {list(_SOLVERS)}.")
-        for name, value in (("num_reads", num_reads), ("num_sweeps", num_sweeps)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`EnsembleSelection({name}={value!r})`: `{name}` must be an integer >= 1.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"`EnsembleSelection(seed={seed!r})`: `seed` must be None or an integer >= 0.")
-        self.k = None if k is None else int(k)
-        self.diversity_weight = float(diversity_weight)
-        self.cost_weight = None if cost_weight is None else float(cost_weight)
-        self.solver = solver
-        self.num_reads = int(num_reads)
-        self.num_sweeps = int(num_sweeps)
-        self.seed = None if seed is None else int(seed)
+        with lightning_arguments("EnsembleSelection"):
+            self.k = check_optional(check_int, k, "k", 1)
+            self.diversity_weight = check_number(diversity_weight, "diversity_weight", 0)
+            self.cost_weight = check_optional(check_number, cost_weight, "cost_weight", 0)
+            self.solver = check_choice(solver, "solver", _SOLVERS)
+            self.num_reads = check_int(num_reads, "num_reads", 1)
+            self.num_sweeps = check_int(num_sweeps, "num_sweeps", 1)
+            self.seed = check_optional(check_int, seed, "seed", 0)
         self.selected: np.ndarray | None = None
         self.member_accuracy: np.ndarray | None = None
         self.energy: float | None = None
@@ -173,12 +164,14 @@ class EnsembleSelection(Callback):
         return self.selected.copy()
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.selected is None:
             return {}
         assert self.member_accuracy is not None
         return {"selected": self.selected.tolist(), "member_accuracy": self.member_accuracy.tolist(), "energy": self.energy}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
