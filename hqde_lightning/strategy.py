@@ -512,7 +512,9 @@ class HQDEStrategy(Strategy):
             members[index]["state_dict"] = {k: v.detach().cpu() for k, v in self.ensemble.members[position].state_dict().items()}
             weights[index] = self.ensemble.weights[position].cpu()
             active[index] = self.ensemble.active[position].cpu()
-        return self._section(members, weights, active), None
+        section = self._section(members, weights, active)
+        section["temperature"] = float(self.ensemble.temperature)
+        return section, None
 
     def _keep_final_checkpoints(self, snapshots: Mapping[int, dict[str, Any]]) -> None:
         """Driver: keeps each member's final snapshot for :meth:`_driver_checkpoint_section` (see ``_final_checkpoints``).
@@ -566,7 +568,8 @@ class HQDEStrategy(Strategy):
             combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
             states, active = ensemble_entries(checkpoint)
             self.ensemble = Ensemble.from_states(
-                self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner
+                self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner,
+                temperature=float(section.get("temperature", 1.0)),
             ).eval()
             self.excluded_members = list(self.ensemble.excluded_members)
             self._keep_final_checkpoints(dict(enumerate(section["members"])))
