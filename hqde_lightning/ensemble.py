@@ -515,8 +515,7 @@ class Ensemble(nn.Module):
         return ensemble.eval()
 
     def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, member_ids={self.member_ids}, active={self.active_indices()}, combiner={self.combiner!r}"
-
+        return f"num_members={self.num_members}, member_ids={self.member_ids}, active={self.active_indices()}, combiner={self.combiner!r}, temperature={float(self.temperature):.4g}"
 
 
 @torch.no_grad()

@@ -181,7 +181,7 @@ def reliability_diagram(curves: Mapping[str, Mapping[str, Tensor]], title: str =
         top, bottom = axes[0][column], axes[1][column]
         top.bar(edges[:-1], accuracy, width=width, align="edge", edgecolor="black", label="accuracy")
         top.bar(edges[:-1], [(c - a) if n else 0.0 for a, c, n in zip(accuracy, bins["confidence"].tolist(), counts)], bottom=accuracy,
-                width=width, align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+                width=width, align="edge", fill=False, hatch="//", edgecolor="tab:red", label="gap to mean confidence")
         top.plot([0, 1], [0, 1], "k--", linewidth=1)
         top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}: ECE {float(bins['ece']):.4f}")
         top.legend(loc="upper left", fontsize=8)
