@@ -7,7 +7,6 @@ AUROC, average precision and ROC).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
