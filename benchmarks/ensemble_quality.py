@@ -132,16 +132,20 @@ def check_targets(rows: list[dict]) -> dict[str, dict[str, bool]]:
 
 
 def plot(rows: list[dict], reliability: dict[str, dict], title: str, path: Path) -> None:
-    """Bars of NLL, ECE and OOD AUROC per row (``path``) and the reliability diagrams of the first seed (``*_reliability.png``)."""
+    """Bars of NLL, ECE and OOD AUROC (entropy and MI) per row (``path``) and the reliability diagrams of the first seed (``*_reliability.png``)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(13, 4.2))
     axes = figure.subplots(1, 3)
     labels = [r["config"] for r in rows]
     positions = np.arange(len(rows))
-    for axis, key, name in ((axes[0], "nll", "test NLL (lower is better)"), (axes[1], "ece", "ECE, 15 bins (lower is better)"), (axes[2], "ood_auroc_mi", "OOD AUROC, mutual information")):
+    for axis, key, name in ((axes[0], "nll", "test NLL (lower is better)"), (axes[1], "ece", "ECE, 15 bins (lower is better)")):
         axis.bar(positions, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], capsize=4,
                  color=["tab:grey" if label == "single" else "tab:blue" for label in labels])
+    for offset, (key, name) in enumerate((("ood_auroc", "predictive entropy"), ("ood_auroc_mi", "mutual information"))):
+        axes[2].bar(positions + (offset - 0.5) * 0.4, [r[f"{key}_mean"] for r in rows], width=0.4, yerr=[r[f"{key}_std"] for r in rows], capsize=3, label=name)
+    axes[2].legend(fontsize=8)
+    for axis, name in zip(axes, ("test NLL (lower is better)", "ECE, 15 bins (lower is better)", "OOD AUROC (MNIST vs test set)")):
         axis.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
         axis.set_title(name, fontsize=9)
     figure.suptitle(title, fontsize=9)
