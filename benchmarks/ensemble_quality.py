@@ -131,8 +131,8 @@ def check_targets(rows: list[dict]) -> dict[str, dict[str, bool]]:
     return {r["config"]: {name: bool(test(r, single)) for name, test in TARGETS.items()} for r in rows if r["config"] != "single"}
 
 
-def plot(rows: list[dict], reliability: dict[str, dict], title: str, path: Path) -> None:
-    """Bars of NLL, ECE and OOD AUROC (entropy and MI) per row (``path``) and the reliability diagrams of the first seed (``*_reliability.png``)."""
+def plot(rows: list[dict], reliability: dict[str, dict], title: str, path: Path, reliability_path: Path) -> None:
+    """Bars of NLL, ECE and OOD AUROC (entropy and MI) per row (``path``) and the reliability diagrams of the first seed (``reliability_path``)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(13, 4.2))
@@ -152,7 +152,7 @@ def plot(rows: list[dict], reliability: dict[str, dict], title: str, path: Path)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    reliability_diagram(reliability, title=f"reliability on the test set, first seed; {title}").savefig(path.with_name(path.stem + "_reliability.png"), dpi=100)
+    reliability_diagram(reliability, title=f"reliability on the test set, first seed; {title}").savefig(reliability_path, dpi=100)
 
 
 def main() -> None:
@@ -210,15 +210,17 @@ def main() -> None:
         print_table([{"config": label, **{k: "met" if ok else "not met" for k, ok in marks.items()}} for label, marks in targets.items()], ["config", *TARGETS])
     description = f"{DATASETS[args.data]}; {len(train_set)} train / {len(val_set)} validation / {len(test_set)} test images; OOD: {ood_description}"
     print(f"data: {description}; machine: {machine()}")
-    name = "ensemble_quality" + ("_quick" if args.quick else "")
-    figure = RESULTS / f"{name}.png"
-    plot(rows, reliability, f"SmallCNN, {args.data}, {len(train_set)} train images, {args.epochs} epoch(s), {args.members} members, {len(args.seeds)} seed(s)", figure)
+    suffix = "_quick" if args.quick else ""
+    name = f"ensemble_quality{suffix}"
+    figure, reliability_figure = RESULTS / f"{name}.png", RESULTS / f"ensemble_quality_reliability{suffix}.png"
+    title = f"SmallCNN, {args.data}, {len(train_set)} train images, {args.epochs} epoch(s), {args.members} members, {len(args.seeds)} seed(s)"
+    plot(rows, reliability, title, figure, reliability_figure)
     path = write_results(name, {
         "data": description, "train_images": len(train_set), "val_images": len(val_set), "test_images": len(test_set), "ood": ood_description,
         "epochs": args.epochs, "members": args.members, "seeds": args.seeds, "machine": machine(), "rows": rows, "runs": runs,
-        "targets": targets, "plot": figure.name, "reliability_plot": figure.stem + "_reliability.png",
+        "targets": targets, "plot": figure.name, "reliability_plot": reliability_figure.name,
     })
-    print(f"wrote {path}, {figure} and {figure.stem}_reliability.png")
+    print(f"wrote {path}, {figure} and {reliability_figure}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The script runs in its own process from the repository root, with its own private local Ray
 instance, on the digits with uniform noise as the OOD set (no Fashion-MNIST, no mlxtend), and
-writes ``benchmarks/results/ensemble_quality_quick{.json,.png,_reliability.png}`` (git-ignored).
+writes ``benchmarks/results/ensemble_quality_quick.{json,png}`` and ``ensemble_quality_reliability_quick.png`` (git-ignored).
 Numbers are not checked, only that every row, column and target mark is there.
 """
 
