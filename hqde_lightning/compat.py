@@ -470,7 +470,8 @@ class HQDESystem:
         Returns:
             ``accuracy``, ``nll`` (mean negative log-likelihood of the ensemble's probabilities),
             ``ece`` (expected calibration error, 15 bins), ``brier``, ``disagreement`` (mean
-            pairwise fraction of samples on which two members predict different classes), and
+            pairwise fraction of samples on which two members predict different classes),
+            ``aurc`` (area under the risk–coverage curve), and
             ``member_{i}/accuracy`` and ``member_{i}/nll`` for every active member ``i``.
         """
         return _classification_scores(self._trained(), loader)
@@ -504,6 +505,7 @@ class HQDESystem:
             "weights": ensemble.weights.cpu(),
             "active": ensemble.active.cpu(),
             "combine": ensemble.combiner,
+            "temperature": float(ensemble.temperature),
         }
         AtomicCheckpointIO().save_checkpoint(payload, path)
 
@@ -525,7 +527,8 @@ class HQDESystem:
         system = cls.from_config(SystemConfig(**cloudpickle.loads(payload["config"])))
         system.module.load_state_dict(payload["module_state"])
         system.ensemble = Ensemble.from_states(
-            system.module, payload["members"], weights=payload["weights"], active=payload["active"], combine=payload["combine"]
+            system.module, payload["members"], weights=payload["weights"], active=payload["active"], combine=payload["combine"],
+            temperature=payload.get("temperature", 1.0),
         ).eval()
         return system
 
@@ -566,10 +569,10 @@ def _classification_scores(ensemble: Ensemble, loader: Iterable[Any]) -> dict[st
         logits = ensemble.member_outputs(pair[0].to(device))
         if metrics is None:
             metrics = EnsembleMetrics(logits.shape[0], logits.shape[-1], device)
-        metrics.update(logits, ensemble.active_weights(), pair[1].to(device))
+        metrics.update(logits, ensemble.active_weights(), pair[1].to(device), ensemble.temperature)
     if metrics is None:
         raise ValueError("HQDESystem.evaluate got an empty loader.")
-    names = {"acc": "accuracy", "nll": "nll", "ece": "ece", "brier": "brier", "disagreement": "disagreement"}
+    names = {"acc": "accuracy", "nll": "nll", "ece": "ece", "brier": "brier", "disagreement": "disagreement", "aurc": "aurc"}
     out: dict[str, float] = {}
     for key, value in metrics.compute("eval", ensemble.active_member_ids(), "").items():
         scope, _, metric = key.partition("/")

@@ -35,6 +35,17 @@ Members whose weights hold NaN or Inf are left out when an ensemble is built fro
 (:meth:`Ensemble.from_states`, used after ``fit`` and when loading checkpoints): a warning names
 them and :attr:`Ensemble.excluded_members` lists them.
 
+Temperature scaling (:meth:`Ensemble.calibrate`): the ensemble's class probabilities are
+softmax(log p̄ / T), with p̄ = Σ_i w_i softmax(z_i) the weighted mean of the member probabilities
+and one temperature T fitted on held-out data ("pool, then calibrate"). T scales the combined
+distribution, the one whose NLL and ECE are reported, and never the members: the predicted
+class (so the accuracy) does not change, and T = 1 is the uncalibrated ensemble. It applies to
+:meth:`Ensemble.predict_proba`, :meth:`Ensemble.predict_with_uncertainty` (``probs`` and
+``entropy``; ``mutual_information`` and ``member_probs`` stay the members' own), the built-in
+``validate``/``test`` metrics, and in ``forward`` to every leaf the combiner combines as class
+probabilities (``combine="probability"``, or the class-logits leaf of ``"auto"``; ``"mean"``
+outputs are left alone).
+
 Member weights default to uniform; the superposition rule sets them from member confidence.
 Members are evaluated together with ``torch.func.vmap`` over stacked parameters when the
 module allows it, and one after another otherwise.
@@ -45,7 +56,7 @@ from __future__ import annotations
 import copy
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +64,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_map_with_path
 
 from hqde_lightning.validation import ArgumentTypeError, registry, resolve
+from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition
 
 __all__ = [
     "COMBINERS",
@@ -88,6 +100,11 @@ class Combiner(ABC):
         """Evaluation hands over each forward call's stacked member outputs with the batch's
         integer class targets ``(batch,)``; rules that learn from them override this (default: nothing)."""
 
+    def combines_as_probabilities(self, path: str, outputs: Tensor) -> bool:
+        """Whether :meth:`combine_leaf` returns the log of combined class probabilities for this
+        leaf (then the ensemble's temperature applies to it). Default: ``False``."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -114,10 +131,10 @@ class ProbabilityCombiner(Combiner):
     name = "probability"
 
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
-        log_probs = torch.log_softmax(outputs.float(), dim=-1)
-        log_w = torch.log(weights.to(log_probs).clamp_min(torch.finfo(torch.float32).tiny))
-        shape = (-1,) + (1,) * (outputs.dim() - 1)
-        return torch.logsumexp(log_probs + log_w.reshape(shape), dim=0).to(outputs.dtype)
+        return log_mean_probs(outputs.float(), weights).to(outputs.dtype)
+
+    def combines_as_probabilities(self, path: str, outputs: Tensor) -> bool:
+        return torch.is_floating_point(outputs)
 
 
 def is_stacked_logits(leaf: Any) -> bool:
@@ -216,6 +233,9 @@ class AutoCombiner(Combiner):
             return self._probability(outputs, weights)
         return self._mean(outputs, weights)
 
+    def combines_as_probabilities(self, path: str, outputs: Tensor) -> bool:
+        return self.logits.matches(path, outputs)
+
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
         return self.combine_leaf("", outputs, weights)
 
@@ -262,6 +282,8 @@ class Ensemble(nn.Module):
         vectorize: evaluate members with ``torch.func.vmap`` when possible.
         member_ids: each member's index in the run that trained it (``0..n-1`` when ``None``);
             differs from the position when members were left out. Metrics are named after it.
+        temperature: the temperature of the combined class probabilities (a buffer; see
+            :meth:`calibrate`), 1 for none.
 
     Attributes:
         excluded_members: indices (in the training run) of members left out by
@@ -276,6 +298,7 @@ class Ensemble(nn.Module):
         active: Sequence[bool] | Tensor | None = None,
         vectorize: bool = True,
         member_ids: Sequence[int] | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if len(members) == 0:
@@ -288,6 +311,7 @@ class Ensemble(nn.Module):
             raise ValueError(f"`weights` and `active` need one entry per member ({n})")
         if not bool(self.active.any()):
             raise ValueError("`active` must keep at least one member")
+        self.register_buffer("temperature", torch.tensor(check_temperature(temperature), dtype=torch.float64))
         self.combiner = copy.deepcopy(resolve_combiner(combine))
         self.vectorize = vectorize
         self.member_ids = list(range(n)) if member_ids is None else [int(i) for i in member_ids]
@@ -349,11 +373,17 @@ class Ensemble(nn.Module):
             return None
 
     def combine_outputs(self, outputs: Any) -> Any:
-        """Combines what :meth:`member_outputs` returned (tensor by tensor for nested outputs)."""
+        """Combines what :meth:`member_outputs` returned (tensor by tensor for nested outputs);
+        leaves combined as class probabilities get the ensemble's temperature."""
         weights = self.active_weights()
-        return tree_map_with_path(
-            lambda path, leaf: self.combiner.combine_leaf(keystr(path), leaf, weights) if isinstance(leaf, Tensor) else leaf, outputs
-        )
+
+        def combine(path: Any, leaf: Any) -> Any:
+            if not isinstance(leaf, Tensor):
+                return leaf
+            out = self.combiner.combine_leaf(keystr(path), leaf, weights)
+            return temper(out.float(), self.temperature).to(out.dtype) if self.combiner.combines_as_probabilities(keystr(path), leaf) else out
+
+        return tree_map_with_path(combine, outputs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The combined output of the active members (see the module docstring for the rules)."""
@@ -361,34 +391,23 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Weighted mean class probabilities of the active members (outputs treated as logits)."""
-        logits = self.member_outputs(*args, **kwargs)
-        probs = torch.softmax(logits.float(), dim=-1)
-        return _weighted_mean(probs, self.active_weights())
+        """The ensemble's class probabilities softmax(log p̄ / T) (outputs treated as logits; T: :attr:`temperature`)."""
+        return combine_probabilities(self.member_outputs(*args, **kwargs), self.active_weights(), self.temperature)[1]
 
     @torch.no_grad()
     def predict_with_uncertainty(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Mean probabilities with their uncertainty decomposition (outputs treated as logits).
+        """:meth:`predict_proba`'s ``probs`` with ``entropy``, ``mutual_information`` and ``member_probs``
+        (outputs treated as logits; see :func:`hqde_lightning.uncertainty.uncertainty_decomposition`)."""
+        return uncertainty_decomposition(self.member_outputs(*args, **kwargs), self.active_weights(), self.temperature)
 
-        Returns:
-            ``probs``: weighted mean probabilities ``(batch, classes)``;
-            ``entropy``: predictive entropy H[p̄] (total uncertainty, nats);
-            ``mutual_information``: H[p̄] − Σ w_i H[p_i] (the part due to member disagreement);
-            ``member_probs``: every active member's probabilities ``(members, batch, classes)``.
-        """
-        logits = self.member_outputs(*args, **kwargs)
-        member_probs = torch.softmax(logits.float(), dim=-1)
-        weights = self.active_weights()
-        probs = _weighted_mean(member_probs, weights)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-        member_entropy = -(member_probs * torch.log(member_probs.clamp_min(1e-12))).sum(-1)
-        expected_entropy = _weighted_mean(member_entropy, weights)
-        return {
-            "probs": probs,
-            "entropy": entropy,
-            "mutual_information": (entropy - expected_entropy).clamp_min(0.0),
-            "member_probs": member_probs,
-        }
+    def calibrate(self, loader: Iterable[Any]) -> float:
+        """Fits, stores and returns the temperature T minimising the NLL of softmax(log p̄ / T) on
+        ``loader``'s ``(inputs, int targets, ...)`` batches (held-out data), by LBFGS on log T from
+        the uncalibrated ensemble; T stays 1 when no T lowers that NLL. Rerun it after changing
+        the active members or their weights."""
+        log_probs, target = _log_mean_probs_over(self, loader)
+        self.temperature.fill_(fit_temperature(log_probs, target))
+        return float(self.temperature)
 
     @classmethod
     def from_states(
@@ -488,9 +507,38 @@ class Ensemble(nn.Module):
             weights=section.get("weights"),
             active=active,
             combine=section.get("combine", "auto"),
+            temperature=float(section.get("temperature", 1.0)),
         )
         return ensemble.eval()
 
     def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, member_ids={self.member_ids}, active={self.active_indices()}, combiner={self.combiner!r}"
+        return f"num_members={self.num_members}, member_ids={self.member_ids}, active={self.active_indices()}, combiner={self.combiner!r}, temperature={float(self.temperature):.4g}"
 
+
+@torch.no_grad()
+def _log_mean_probs_over(ensemble: Ensemble, loader: Iterable[Any]) -> tuple[Tensor, Tensor]:
+    """log p̄ (uncalibrated) of ``ensemble``'s active members over every batch of ``loader``, and the targets.
+
+    Batches must be ``(inputs, int targets, ...)`` with the members returning ``(batch, classes)``
+    logits for ``inputs`` (``ValueError`` otherwise). Runs in eval mode and restores the mode.
+    """
+    was_training = ensemble.training
+    device = ensemble.weights.device
+    log_probs: list[Tensor] = []
+    targets: list[Tensor] = []
+    ensemble.eval()
+    try:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not is_class_target(batch[1]):
+                raise ValueError(f"calibration needs batches `(inputs, targets, ...)` with integer class targets of shape (batch,); got a {type(batch).__name__}")
+            logits = ensemble.member_outputs(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch[0]))
+            if not is_stacked_logits(logits) or logits.shape[1] != batch[1].shape[0]:
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"calibration needs members that return (batch, classes) logits; the stacked outputs have shape {shape} for a batch of {batch[1].shape[0]}")
+            log_probs.append(log_mean_probs(logits.float(), ensemble.active_weights()).cpu())
+            targets.append(batch[1].cpu())
+    finally:
+        ensemble.train(was_training)
+    if not targets:
+        raise ValueError("calibration got an empty loader: it needs at least one batch")
+    return torch.cat(log_probs), torch.cat(targets)

@@ -12,30 +12,40 @@ The classification contract: when a batch is ``(inputs, target, ...)`` with an i
 this callback also logs, with torchmetrics:
 
 * ``ensemble/{stage}_acc``, ``_nll``, ``_ece`` (expected calibration error, 15 bins),
-  ``_brier`` and ``_disagreement`` (mean pairwise disagreement of the members' classes),
+  ``_brier``, ``_disagreement`` (mean pairwise disagreement of the members' classes) and
+  ``_aurc`` (area under the risk–coverage curve of selective prediction by the ensemble's
+  confidence, lower is better; see :func:`hqde_lightning.uncertainty.aurc`),
 * ``member_{i}/{stage}_acc`` and ``_nll`` for every active member,
 
 where ``stage`` is ``val`` or ``test``. They are computed from the member outputs of the first
 such call in the step, i.e. from what your ``forward`` actually received (after any reshaping
 in your step); the members are never run again on the raw batch. A step that calls no
 ``self(...)`` (or none returning such logits) gets no built-in metrics, with a one-time notice.
+The ensemble's probabilities are softmax(log p̄ / T) with its temperature T (1 until
+:meth:`hqde_lightning.ensemble.Ensemble.calibrate` fits one).
+
+Callbacks derived from :class:`EnsembleEvaluationCallback` (``OODEvaluation``,
+``ReliabilityDiagram``) get each batch's stacked member logits and, at the end of the epoch,
+these metrics; :func:`reliability_diagram` draws a reliability diagram (needs matplotlib).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from hqde_lightning.ensemble import AutoCombiner, ClassLogitsLeaf, Ensemble, is_class_target, is_stacked_logits, leaf_paths
+from hqde_lightning.uncertainty import aurc, combine_probabilities, reliability_bins
 
-__all__ = ["EnsembleEvaluation", "EnsembleMetrics", "classification_batch"]
+__all__ = ["EnsembleEvaluation", "EnsembleEvaluationCallback", "EnsembleMetrics", "classification_batch", "reliability_diagram"]
 
 
 class _EnsembleForward:
@@ -87,7 +97,11 @@ def classification_batch(batch: Any) -> tuple[Tensor, Tensor] | None:
 
 
 class EnsembleMetrics:
-    """Ensemble and per-member torchmetrics (accuracy, NLL, ECE, Brier, disagreement) for one stage and dataloader."""
+    """Ensemble and per-member torchmetrics (accuracy, NLL, ECE, Brier, disagreement, AURC) for one stage and dataloader.
+
+    Every input's confidence (largest class probability) and correctness is kept, for the
+    ensemble and for every member, for the AURC and :meth:`reliability`.
+    """
 
     def __init__(self, num_members: int, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
@@ -104,10 +118,13 @@ class EnsembleMetrics:
             MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro"), "nll": MeanMetric()}).to(device)
             for _ in range(num_members)
         ]
+        # confidence and correctness per input: position 0 the ensemble, 1 + i member i
+        self.selective = [(CatMetric().to(device), CatMetric().to(device)) for _ in range(num_members + 1)]
 
-    def update(self, member_logits: Tensor, weights: Tensor, target: Tensor) -> None:
-        member_probs = torch.softmax(member_logits.float(), dim=-1)
-        probs = (member_probs * weights.to(member_probs).view(-1, 1, 1)).sum(0)
+    def update(self, member_logits: Tensor, weights: Tensor, target: Tensor, temperature: float | Tensor = 1.0) -> None:
+        """Adds one batch: ``member_logits`` ``(members, batch, classes)``, ``weights`` ``(members,)``,
+        integer ``target`` ``(batch,)``; the ensemble's probabilities get ``temperature``."""
+        member_probs, probs = combine_probabilities(member_logits, weights, temperature)
         picked = probs.gather(1, target.view(-1, 1)).squeeze(1)
         one_hot = torch.nn.functional.one_hot(target, probs.shape[-1]).to(probs)
         classes = member_probs.argmax(-1)
@@ -121,12 +138,79 @@ class EnsembleMetrics:
         for metrics, p in zip(self.members, member_probs):
             metrics["acc"].update(p, target)
             metrics["nll"].update(-torch.log(p.gather(1, target.view(-1, 1)).squeeze(1).clamp_min(1e-12)))
+        for (confidence, correct), p in zip(self.selective, [probs, *member_probs]):
+            top, predicted = p.max(-1)
+            confidence.update(top)
+            correct.update((predicted == target).float())
+
+    def _selective(self, position: int) -> tuple[Tensor, Tensor]:
+        confidence, correct = self.selective[position]
+        return confidence.compute(), correct.compute()
 
     def compute(self, stage: str, member_ids: list[int], suffix: str) -> dict[str, Tensor]:
         out = {f"ensemble/{stage}_{k}{suffix}": v for k, v in self.ensemble.compute().items()}
+        out[f"ensemble/{stage}_aurc{suffix}"] = aurc(*self._selective(0))
         for index, metrics in zip(member_ids, self.members):
             out.update({f"member_{index}/{stage}_{k}{suffix}": v for k, v in metrics.compute().items()})
         return out
+
+    def reliability(self, member_ids: list[int], n_bins: int = 15) -> dict[str, dict[str, Tensor]]:
+        """Reliability bins (:func:`hqde_lightning.uncertainty.reliability_bins`) of the ensemble and
+        of its most accurate member (the first on a tie), keyed ``"ensemble"`` and ``"member_{i} (best)"``."""
+        accuracy = [float(metrics["acc"].compute()) for metrics in self.members]
+        best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))
+        return {
+            "ensemble": reliability_bins(*self._selective(0), n_bins=n_bins),
+            f"member_{member_ids[best]} (best)": reliability_bins(*self._selective(best + 1), n_bins=n_bins),
+        }
+
+
+def reliability_diagram(curves: Mapping[str, Mapping[str, Tensor]], title: str = "") -> Any:
+    """A matplotlib figure with one column per entry of ``curves`` (name -> :func:`~hqde_lightning.uncertainty.reliability_bins`):
+    accuracy per confidence bin against the diagonal (perfect calibration) above, the number of
+    inputs per bin below. Needs matplotlib (``pip install 'hqde-lightning[plot]'``)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * len(curves), 5.2))
+    axes = figure.subplots(2, len(curves), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for column, (name, bins) in enumerate(curves.items()):
+        edges = bins["edges"].tolist()
+        width = edges[1] - edges[0]
+        counts = bins["counts"].tolist()
+        accuracy = [a if c else 0.0 for a, c in zip(bins["accuracy"].tolist(), counts)]
+        top, bottom = axes[0][column], axes[1][column]
+        top.bar(edges[:-1], accuracy, width=width, align="edge", edgecolor="black", label="accuracy")
+        top.bar(edges[:-1], [(c - a) if n else 0.0 for a, c, n in zip(accuracy, bins["confidence"].tolist(), counts)], bottom=accuracy,
+                width=width, align="edge", fill=False, hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+        top.plot([0, 1], [0, 1], "k--", linewidth=1)
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}: ECE {float(bins['ece']):.4f}")
+        top.legend(loc="upper left", fontsize=8)
+        bottom.bar(edges[:-1], counts, width=width, align="edge", color="tab:grey", edgecolor="black")
+        bottom.set(xlabel="confidence", ylabel="inputs")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+class EnsembleEvaluationCallback(Callback):
+    """Base of callbacks that use what the ensemble's ``validate``/``test`` evaluation sees (in the driver).
+
+    :class:`EnsembleEvaluation` calls, for every such callback in ``trainer.callbacks``,
+    :meth:`on_ensemble_batch` after each batch whose step produced class logits, and
+    :meth:`on_ensemble_epoch_end` before it logs its own metrics.
+    """
+
+    def ignores_targets(self, stage: str, dataloader_idx: int) -> bool:
+        """Whether the targets of this dataloader are no class labels of the task (no built-in
+        metrics for it; its logits are still found by what other loaders showed). Default: ``False``."""
+        return False
+
+    def on_ensemble_batch(self, trainer: Trainer, stage: str, dataloader_idx: int, member_logits: Tensor, ensemble: Ensemble) -> None:
+        """One batch's class logits of the active members ``(members, batch, classes)``."""
+
+    def on_ensemble_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str, ensemble: Ensemble, metrics: Mapping[int, EnsembleMetrics]) -> None:
+        """The end of the stage's epoch; ``metrics`` are the built-in metrics per dataloader index."""
 
 
 class EnsembleEvaluation(Callback):
@@ -139,6 +223,7 @@ class EnsembleEvaluation(Callback):
         self._metrics: dict[int, EnsembleMetrics] = {}
         self._logits = ClassLogitsLeaf()
         self._warned_contract = False
+        self._hooks: list[EnsembleEvaluationCallback] = []
 
     # ------------------------------------------------------------- forward
     def _begin(self, pl_module: LightningModule) -> None:
@@ -149,6 +234,7 @@ class EnsembleEvaluation(Callback):
             rank_zero_warn("HQDEStrategy has no trained ensemble yet (call `fit` or pass an HQDE `ckpt_path`): evaluating the module itself.")
             return
         ensemble.to(pl_module.device).eval()
+        self._hooks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, EnsembleEvaluationCallback)]
         self._forward = _EnsembleForward(ensemble)
         pl_module.forward = self._forward  # an instance attribute shadows the class's forward
         self._module = pl_module
@@ -179,35 +265,47 @@ class EnsembleEvaluation(Callback):
         self.restore_forward()
 
     # ------------------------------------------------------------- metrics
-    def _begin_batch(self, batch: Any) -> None:
+    def _begin_batch(self, batch: Any, stage: str, dataloader_idx: int) -> None:
         if self._forward is not None:
-            pair = classification_batch(batch)
+            pair = None if self._ignores_targets(stage, dataloader_idx) else classification_batch(batch)
             self._forward.begin_batch(None if pair is None else pair[1])
 
+    def _ignores_targets(self, stage: str, dataloader_idx: int) -> bool:
+        return any(hook.ignores_targets(stage, dataloader_idx) for hook in self._hooks)
+
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._begin_batch(batch)
+        self._begin_batch(batch, "val", dataloader_idx)
 
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._begin_batch(batch)
+        self._begin_batch(batch, "test", dataloader_idx)
 
     def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._begin_batch(batch)
+        self._begin_batch(batch, "predict", dataloader_idx)
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(dataloader_idx)
+        self._update(trainer, "val", dataloader_idx)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(dataloader_idx)
+        self._update(trainer, "test", dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log(pl_module, "val")
+        self._log(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log(pl_module, "test")
+        self._log(trainer, pl_module, "test")
 
-    def _update(self, dataloader_idx: int) -> None:
-        """Updates the built-in metrics from the member outputs this step's ``self(...)`` calls produced."""
+    def _update(self, trainer: Trainer, stage: str, dataloader_idx: int) -> None:
+        """Updates the built-in metrics from the member outputs this step's ``self(...)`` calls produced,
+        and hands the class logits to the :class:`EnsembleEvaluationCallback` callbacks."""
         if self._forward is None:
+            return
+        ensemble = self._forward.ensemble
+        if self._ignores_targets(stage, dataloader_idx):
+            # no targets to check the logits against: the leaf the other loaders showed, with as many classes
+            logits = next((leaf for leaf in map(self._logits.select, self._forward.calls) if leaf is not None), None)
+            if logits is not None:
+                for hook in self._hooks:
+                    hook.on_ensemble_batch(trainer, stage, dataloader_idx, logits.detach(), ensemble)
             return
         target = self._forward.target
         calls = self._forward.calls if target is not None else []
@@ -224,17 +322,22 @@ class EnsembleEvaluation(Callback):
                     " your own logged metrics (computed on the ensemble's forward) are reported."
                 )
             return
-        ensemble = self._forward.ensemble
         if dataloader_idx not in self._metrics:
             self._metrics[dataloader_idx] = EnsembleMetrics(logits.shape[0], logits.shape[-1], logits.device)
-        self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), target)
+        self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), target, ensemble.temperature)
+        for hook in self._hooks:
+            hook.on_ensemble_batch(trainer, stage, dataloader_idx, logits.detach(), ensemble)
 
-    def _log(self, pl_module: LightningModule, stage: str) -> None:
-        if self._forward is None or not self._metrics:
+    def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._forward is None:
             return
-        member_ids = self._forward.ensemble.active_member_ids()
+        ensemble = self._forward.ensemble
+        for hook in self._hooks:
+            hook.on_ensemble_epoch_end(trainer, pl_module, stage, ensemble, self._metrics)
+        member_ids = ensemble.active_member_ids()
         values: dict[str, Tensor] = {}
         for dataloader_idx, metrics in sorted(self._metrics.items()):
             suffix = f"/dataloader_idx_{dataloader_idx}" if len(self._metrics) > 1 else ""
             values.update(metrics.compute(stage, member_ids, suffix))
-        pl_module.log_dict({k: v.float() for k, v in values.items()}, add_dataloader_idx=False)
+        if values:
+            pl_module.log_dict({k: v.float() for k, v in values.items()}, add_dataloader_idx=False)

@@ -243,6 +243,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         weights, verified whenever the file is loaded.
         """
         section = ensemble_section(self, *self._driver_checkpoint_section(), coordinator_state=self.coordinator_state)
+        section["temperature"] = 1.0 if self.ensemble is None else float(self.ensemble.temperature)
         self.checkpoint_io.save_checkpoint(seal_checkpoint(checkpoint, section), filepath, storage_options=storage_options)
 
     def _driver_checkpoint_section(self) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:
@@ -294,7 +295,8 @@ class HQDEStrategy(SingleDeviceStrategy):
             combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
             states, active = ensemble_entries(checkpoint)
             self.ensemble = Ensemble.from_states(
-                self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner
+                self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner,
+                temperature=float(section.get("temperature", 1.0)),
             ).eval()
             self.excluded_members = list(self.ensemble.excluded_members)
             self.keep_final_checkpoints(dict(enumerate(section["members"])))

@@ -100,19 +100,7 @@ class EnsembleSelection(Callback):
     # ------------------------------------------------------------------ hooks
     def on_ensemble_fit_end(self, trainer: Trainer, strategy: Any, val_dataloaders: Callable[[], Any] | None) -> None:
         """Selects members on the fit's validation data and activates them (called by ``HQDEStrategy``)."""
-        ensemble = getattr(strategy, "ensemble", None)
-        if ensemble is None:
-            raise MisconfigurationException("EnsembleSelection runs after an `HQDEStrategy` fit, but the strategy holds no ensemble.")
-        loaders = val_dataloaders() if val_dataloaders is not None else None
-        module = trainer.lightning_module
-        if loaders is None and module is not None and is_overridden("val_dataloader", module):
-            loaders = module.val_dataloader()
-        if not _as_loaders(loaders):
-            raise MisconfigurationException(
-                "EnsembleSelection chooses members by their validation predictions, but this fit has no validation"
-                " data: pass `val_dataloaders` to `trainer.fit`, or define `val_dataloader()` in your DataModule or"
-                " LightningModule."
-            )
+        ensemble, loaders = fit_validation_data(trainer, strategy, val_dataloaders, "EnsembleSelection", "chooses members by their validation predictions")
         mask = self.select(ensemble, loaders)
         ensemble.set_active(mask)
         assert self.member_accuracy is not None
@@ -178,6 +166,29 @@ class EnsembleSelection(Callback):
         self.selected = np.asarray(state_dict["selected"], dtype=bool)
         self.member_accuracy = np.asarray(state_dict["member_accuracy"], dtype=np.float64)
         self.energy = float(state_dict["energy"])
+
+
+def fit_validation_data(
+    trainer: Trainer, strategy: Any, val_dataloaders: Callable[[], Any] | None, callback: str, purpose: str
+) -> tuple[Ensemble, list[Iterable[Any]]]:
+    """The strategy's ensemble and the fit's validation loaders, for an ``on_ensemble_fit_end`` hook.
+
+    Raises a ``MisconfigurationException`` naming ``callback`` and what it does with the data
+    (``purpose``) when there is no ensemble or no validation data.
+    """
+    ensemble = getattr(strategy, "ensemble", None)
+    if ensemble is None:
+        raise MisconfigurationException(f"{callback} runs after an `HQDEStrategy` fit, but the strategy holds no ensemble.")
+    loaders = val_dataloaders() if val_dataloaders is not None else None
+    module = trainer.lightning_module
+    if loaders is None and module is not None and is_overridden("val_dataloader", module):
+        loaders = module.val_dataloader()
+    if not _as_loaders(loaders):
+        raise MisconfigurationException(
+            f"{callback} {purpose}, but this fit has no validation data: pass `val_dataloaders` to `trainer.fit`, or define"
+            " `val_dataloader()` in your DataModule or LightningModule."
+        )
+    return ensemble, _as_loaders(loaders)
 
 
 def _as_loaders(loaders: Any) -> list[Iterable[Any]]:
