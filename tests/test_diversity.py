@@ -216,7 +216,9 @@ def test_prepare_data_runs_once_per_node_of_a_cluster(tmp_path):
     """Ray's multi-node test cluster (two raylets on this machine), 3 members: once on the driver's node and once on the other."""
     log = tmp_path / "calls.txt"
     package_root = os.path.dirname(os.path.dirname(hqde_lightning.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    # the cluster's workers import the test data module (tests/models.py) and the digits it wraps (examples/)
+    examples = os.path.join(package_root, "examples")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.path.dirname(__file__), examples, os.environ.get("PYTHONPATH", "")]))
     script = _MULTI_NODE_FIT.format(log=str(log))
     done = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert "members 3" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]

@@ -22,12 +22,14 @@ import lightning.pytorch as pl
 
 SCENARIO_TIMEOUT_S = 600
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+#: the digits data module the tests wrap (``tests/models.py`` imports it from here)
+EXAMPLES_DIR = os.path.join(os.path.dirname(TESTS_DIR), "examples")
 
 
 def _in_fresh_process(scenario: Callable[..., Any], *args: Any) -> Any:
     """Runs ``scenario`` in a new process whose raylets (started by ``Cluster``) import these tests' modules."""
     previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([TESTS_DIR, *(previous or "").split(os.pathsep)]) if p)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([TESTS_DIR, EXAMPLES_DIR, *(previous or "").split(os.pathsep)]) if p)
     pool = get_context("spawn").Pool(1)
     try:
         return pool.apply_async(scenario, args).get(timeout=SCENARIO_TIMEOUT_S)
