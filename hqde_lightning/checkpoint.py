@@ -53,6 +53,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "capture_rng_states",
     "ensemble_entries",
+    "ensemble_members",
     "ensemble_section",
     "load_checkpoint_file",
     "member_checksums",
@@ -231,6 +232,27 @@ def ensemble_section(run: Any, members: list[dict[str, Any]], weights: Any, acti
         "active": active,
         "coordinator": to_safe_types(coordinator_state),
     }
+
+
+def ensemble_members(ensemble: Any, final_checkpoints: Mapping[int, dict[str, Any]], num_members: int) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:
+    """The driver's entries for :func:`ensemble_section`: every member's full Lightning state from the end of the fit, with its current weights.
+
+    ``ensemble`` is the run's :class:`~hqde_lightning.Ensemble` (``None`` before a fit: no
+    entries), ``final_checkpoints`` each member's last snapshot without the weights of the
+    ensemble's members. Returns the entries, the member weights and the active flags. Members
+    that are not in ``ensemble`` (given up on during the fit) keep their last snapshot and are
+    marked inactive, so the file both resumes and loads as the ensemble.
+    """
+    if ensemble is None:
+        return [], None, None
+    members = [dict(final_checkpoints.get(i, {})) for i in range(num_members)]
+    weights = torch.zeros(num_members, dtype=torch.float64)
+    active = torch.zeros(num_members, dtype=torch.bool)
+    for position, index in enumerate(ensemble.member_ids):
+        members[index]["state_dict"] = {k: v.detach().cpu() for k, v in ensemble.members[position].state_dict().items()}
+        weights[index] = ensemble.weights[position].cpu()
+        active[index] = ensemble.active[position].cpu()
+    return members, weights, active
 
 
 def seal_checkpoint(checkpoint: Mapping[str, Any], section: dict[str, Any]) -> dict[str, Any]:

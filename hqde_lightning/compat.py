@@ -489,25 +489,7 @@ class HQDESystem:
             RuntimeError: before the system was trained.
             ValueError: when a configuration value cannot be pickled (the message names it).
         """
-        ensemble = self._trained()
-        config = self.config.as_dict()
-        for name, value in config.items():
-            try:
-                cloudpickle.dumps(value)
-            except Exception as err:
-                raise ValueError(f"HQDESystem.save cannot pickle the configuration entry `{name}` ({type(err).__name__}: {err}).") from err
-        payload = {
-            "format": _FILE_FORMAT,
-            "version": _FILE_VERSION,
-            "config": cloudpickle.dumps(config),
-            "module_state": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-            "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in ensemble.members],
-            "weights": ensemble.weights.cpu(),
-            "active": ensemble.active.cpu(),
-            "combine": ensemble.combiner,
-            "temperature": float(ensemble.temperature),
-        }
-        AtomicCheckpointIO().save_checkpoint(payload, path)
+        AtomicCheckpointIO().save_checkpoint(_system_file(self.config, self.module, self._trained()), path)
 
     @classmethod
     def load(cls, path: str) -> HQDESystem:
@@ -519,11 +501,7 @@ class HQDESystem:
         Raises:
             ValueError: when ``path`` was not written by :meth:`save`.
         """
-        payload = load_checkpoint_file(path, weights_only=False)  # the configuration is cloudpickled: trusted files only
-        if not isinstance(payload, Mapping) or payload.get("format") != _FILE_FORMAT:
-            raise ValueError(f"{path!r} was not written by `HQDESystem.save`.")
-        if payload["version"] != _FILE_VERSION:
-            raise ValueError(f"{path!r} has format version {payload['version']}; this package reads version {_FILE_VERSION}.")
+        payload = _read_system_file(path)
         system = cls.from_config(SystemConfig(**cloudpickle.loads(payload["config"])))
         system.module.load_state_dict(payload["module_state"])
         system.ensemble = Ensemble.from_states(
@@ -556,6 +534,37 @@ class HQDESystem:
             f" quantization_config={config.quantization_config}, aggregation_config={config.aggregation_config},"
             f" trained={self.ensemble is not None})"
         )
+
+
+def _system_file(config: SystemConfig, module: nn.Module, ensemble: Ensemble) -> dict[str, Any]:
+    """The contents of an :meth:`HQDESystem.save` file: the cloudpickled configuration, the consensus and every member."""
+    entries = config.as_dict()
+    for name, value in entries.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as err:
+            raise ValueError(f"HQDESystem.save cannot pickle the configuration entry `{name}` ({type(err).__name__}: {err}).") from err
+    return {
+        "format": _FILE_FORMAT,
+        "version": _FILE_VERSION,
+        "config": cloudpickle.dumps(entries),
+        "module_state": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in ensemble.members],
+        "weights": ensemble.weights.cpu(),
+        "active": ensemble.active.cpu(),
+        "combine": ensemble.combiner,
+        "temperature": float(ensemble.temperature),
+    }
+
+
+def _read_system_file(path: str) -> Mapping[str, Any]:
+    """The contents of an :meth:`HQDESystem.save` file, after checking its format and version."""
+    payload = load_checkpoint_file(path, weights_only=False)  # the configuration is cloudpickled: trusted files only
+    if not isinstance(payload, Mapping) or payload.get("format") != _FILE_FORMAT:
+        raise ValueError(f"{path!r} was not written by `HQDESystem.save`.")
+    if payload["version"] != _FILE_VERSION:
+        raise ValueError(f"{path!r} has format version {payload['version']}; this package reads version {_FILE_VERSION}.")
+    return payload
 
 
 def _classification_scores(ensemble: Ensemble, loader: Iterable[Any]) -> dict[str, float]:

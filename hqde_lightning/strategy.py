@@ -21,10 +21,9 @@ from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_section, read_checkpoint, seal_checkpoint
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_members, ensemble_section, read_checkpoint, seal_checkpoint
 from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
 from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
@@ -242,31 +241,12 @@ class HQDEStrategy(SingleDeviceStrategy):
         The section also gets the SHA-256 checksums of the consensus and of every member's
         weights, verified whenever the file is loaded.
         """
-        section = ensemble_section(self, *self._driver_checkpoint_section(), coordinator_state=self.coordinator_state)
+        section = ensemble_section(self, *ensemble_members(self.ensemble, self._final_checkpoints, self.num_members), self.coordinator_state)
         section["temperature"] = 1.0 if self.ensemble is None else float(self.ensemble.temperature)
         self.checkpoint_io.save_checkpoint(seal_checkpoint(checkpoint, section), filepath, storage_options=storage_options)
 
-    def _driver_checkpoint_section(self) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:
-        """The driver's ensemble: every member's full Lightning state from the end of the fit, with its current weights.
-
-        Returns the members' entries, weights and active flags. Members that are not in
-        :attr:`ensemble` (given up on during the fit) keep their last snapshot and are marked
-        inactive, so the file both resumes and loads as the ensemble.
-        """
-        if self.ensemble is None:
-            return [], None, None
-        n = self.num_members
-        members = [dict(self._final_checkpoints.get(i, {})) for i in range(n)]
-        weights = torch.zeros(n, dtype=torch.float64)
-        active = torch.zeros(n, dtype=torch.bool)
-        for position, index in enumerate(self.ensemble.member_ids):
-            members[index]["state_dict"] = {k: v.detach().cpu() for k, v in self.ensemble.members[position].state_dict().items()}
-            weights[index] = self.ensemble.weights[position].cpu()
-            active[index] = self.ensemble.active[position].cpu()
-        return members, weights, active
-
     def keep_final_checkpoints(self, snapshots: Mapping[int, dict[str, Any]]) -> None:
-        """Driver: keeps each member's final snapshot for :meth:`_driver_checkpoint_section` (see ``_final_checkpoints``).
+        """Driver: keeps each member's final snapshot for :meth:`save_checkpoint` (see ``_final_checkpoints``).
 
         Called once :attr:`ensemble` is built: the weights of its members are read from it when saving.
         """
