@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
+from hqde_lightning.validation import check_int
+
 __all__ = [
     "aurc",
     "check_temperature",
@@ -208,8 +210,7 @@ def reliability_bins(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> d
     Returns ``edges`` ``(n_bins + 1,)``, ``counts`` (inputs per bin), ``accuracy`` and
     ``confidence`` (their mean per bin, 0 for an empty bin) and ``ece`` = Σ counts/N · |accuracy − confidence|.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"`n_bins` must be an integer >= 1, got {n_bins!r}")
+    check_int(n_bins, "n_bins", 1)
     confidence, correct = torch.as_tensor(confidence).flatten().double(), torch.as_tensor(correct).flatten().double()
     if confidence.shape != correct.shape:
         raise ValueError(f"`confidence` and `correct` need the same number of entries, got {confidence.numel()} and {correct.numel()}")

@@ -23,6 +23,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from hqde_lightning.callbacks.selection import fit_validation_data
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluationCallback, EnsembleMetrics, reliability_diagram
+from hqde_lightning.misconfiguration import lightning_arguments
+from hqde_lightning.validation import check_choice, check_int
 
 __all__ = ["EnsembleCalibration", "ReliabilityDiagram"]
 
@@ -84,10 +86,9 @@ class ReliabilityDiagram(EnsembleEvaluationCallback):
     def __init__(self, dirpath: str | os.PathLike[str] | None = None, n_bins: int = 15, stage: str = "test") -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise MisconfigurationException("ReliabilityDiagram draws with matplotlib: `pip install 'hqde-lightning[plot]'` (or `pip install matplotlib`).")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise MisconfigurationException(f"`ReliabilityDiagram(n_bins={n_bins!r})`: `n_bins` must be an integer >= 1.")
-        if stage not in _STAGES:
-            raise MisconfigurationException(f"`ReliabilityDiagram(stage={stage!r})`: `stage` must be one of {list(_STAGES)}.")
+        with lightning_arguments("ReliabilityDiagram"):
+            check_int(n_bins, "n_bins", 1)
+            check_choice(stage, "stage", _STAGES)
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.n_bins = n_bins
         self.stage = stage

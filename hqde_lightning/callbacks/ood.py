@@ -10,13 +10,14 @@ from collections.abc import Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluationCallback, EnsembleMetrics
+from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.uncertainty import ood_detection_metrics, predictive_entropy, uncertainty_decomposition
+from hqde_lightning.validation import check_int
 
 __all__ = ["OODEvaluation"]
 
@@ -52,11 +53,11 @@ class OODEvaluation(EnsembleEvaluationCallback):
     """
 
     def __init__(self, ood_dataloader_idx: int = 1, in_dataloader_idx: int = 0) -> None:
-        for name, value in (("ood_dataloader_idx", ood_dataloader_idx), ("in_dataloader_idx", in_dataloader_idx)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise MisconfigurationException(f"`OODEvaluation({name}={value!r})`: `{name}` must be an integer >= 0.")
+        with lightning_arguments("OODEvaluation"):
+            check_int(ood_dataloader_idx, "ood_dataloader_idx", 0)
+            check_int(in_dataloader_idx, "in_dataloader_idx", 0)
         if ood_dataloader_idx == in_dataloader_idx:
-            raise MisconfigurationException(
+            raise InvalidArgument(
                 f"`OODEvaluation(ood_dataloader_idx={ood_dataloader_idx}, in_dataloader_idx={in_dataloader_idx})`: the two loaders must differ."
             )
         self.ood_dataloader_idx = ood_dataloader_idx
