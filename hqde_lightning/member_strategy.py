@@ -210,7 +210,8 @@ class MemberStrategy(SingleDeviceStrategy):
             for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
                 members[other] = snapshot
         coordinator_state = ray.get(coordinator.state_dict.remote())
-        states = [m["state_dict"] for m in members if m]
+        # the other members' snapshots are on the CPU; this member's own weights may be on its GPU
+        states = [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in m["state_dict"].items()} for m in members if m]
         consensus = aggregate(copy.deepcopy(self.hqde.aggregator), states).state
         return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
 
