@@ -158,6 +158,14 @@ def test_each_member_sees_every_sample_once_per_epoch():
     assert not torch.equal(first[0], first[1]), "members read different orders"
 
 
+def test_each_pass_over_a_group_draws_new_orders_as_the_member_loaders_do():
+    group = group_loader(_shuffled(), 5, [0, 1], 0, False, print)
+    alone = member_loader(_shuffled(), 5, 1, 0, False, print, fill_generators=True)
+    passes = [[int(v) for step in group for v in member_batch(step, 1)[0]] for _ in range(2)]
+    assert passes[0] != passes[1]
+    assert passes == [_order(alone), _order(alone)]
+
+
 def test_group_stacks_dict_batches_and_keeps_non_tensor_values_per_member():
     loader = DataLoader(_Named(), batch_size=4, shuffle=True)
     step = next(iter(group_loader(loader, 5, [0, 1], 0, False, print)))
