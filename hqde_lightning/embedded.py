@@ -28,7 +28,6 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from ray import cloudpickle
@@ -46,8 +45,14 @@ from hqde_lightning.topology import LocalExecutor, aggregate
 
 __all__ = ["GroupStrategy", "GroupSync", "group_blocker", "run_group"]
 
-#: callbacks that act inside each member (per-member state or hooks a group does not run per member)
-_MEMBER_CALLBACKS = ("QuantumNoise", "ByzantineMembers", "AdaptiveQuantization", "PerformanceMonitor")
+#: callbacks a member group runs as they are: they read the trainer's state, write checkpoints or
+#: act in the driver; any other callback (EarlyStopping, StochasticWeightAveraging, your own) acts
+#: on one module's weights or metrics and runs inside each member's own actor
+GROUP_CALLBACKS = (
+    "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
+    "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
+    "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram",
+)
 
 
 def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> str | None:
@@ -67,10 +72,16 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     hooks = unsupported_hooks(model)
     if hooks:
         return f"{type(model).__name__} overrides {hooks}, which a member group does not run per member"
-    member_side = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, EarlyStopping) or type(cb).__name__ in _MEMBER_CALLBACKS]
+    member_side = [type(cb).__name__ for cb in trainer.callbacks if not _group_callback(cb)]
     if member_side:
-        return f"the callbacks {member_side} act per member"
+        return f"the callbacks {member_side} act on each member's own module"
     return None
+
+
+def _group_callback(callback: Callback) -> bool:
+    """Whether ``callback`` is one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own class, not a subclass)."""
+    name, module = type(callback).__name__, type(callback).__module__
+    return name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks"))
 
 
 class GroupSync(Callback):

@@ -34,9 +34,9 @@ from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from hqde_lightning.member_data import group_batch_size, member_batch
 from hqde_lightning.stacking import CapturedLogs, StackedMembers
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks"]
@@ -117,7 +117,7 @@ class MemberGroup(LightningModule):
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         losses, logs = self._run("training_step", (batch, batch_idx), (0, None), self._training_mode())
-        self.last_losses, self.last_batch_size = losses.detach().float(), _member_batch_size(batch)
+        self.last_losses, self.last_batch_size = losses.detach().float(), group_batch_size(batch)
         self._relay(logs, self.last_batch_size)
         return losses.sum()
 
@@ -161,7 +161,7 @@ class MemberGroup(LightningModule):
         outs: list[Any] = []
         per_member: list[CapturedLogs] = []
         for i in range(self.num_members):
-            member_args = tuple(_slice(a, i) if d == 0 else a for a, d in zip(args, in_dims))
+            member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
             out, logs = self.stack.call(i, method, member_args)
             outs.append(out if isinstance(out, Tensor) else torch.zeros((), device=self.device))
             per_member.append(logs)
@@ -226,16 +226,6 @@ class MemberGroup(LightningModule):
         scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
-
-
-def _slice(batch: Any, index: int) -> Any:
-    """Member ``index``'s part of a stacked batch (every tensor's slice ``index`` on dimension 0)."""
-    return apply_to_collection(batch, Tensor, lambda t: t[index])
-
-
-def _member_batch_size(batch: Any) -> int:
-    """The per-member batch size of a stacked batch (dimension 1 of its tensors)."""
-    return extract_batch_size(_slice(batch, 0))
 
 
 #: optimizer state entries shared by all members (step counts), never split or stacked

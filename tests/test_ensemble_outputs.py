@@ -62,7 +62,9 @@ def _csv_column(log_dir: str, column: str) -> list[float]:
 
 
 def test_nan_member_leaves_the_ensemble(ray_session, tmp_path):
-    strategy = HQDEStrategy(num_members=3, seed=0)  # elastic sync: the NaN member is also left out of every sync
+    # elastic sync: the NaN member is also left out of every sync; one actor per member, since the
+    # module reads `trainer.strategy.member_index`, which only a member's own process has
+    strategy = HQDEStrategy(num_members=3, seed=0, members_per_worker=1)
     trainer = _trainer(strategy, tmp_path, max_epochs=2, logger=CSVLogger(str(tmp_path)), enable_checkpointing=True)
     model, dm = NaNMemberModule(nan_member=1), DigitsDataModule()
     with pytest.warns(UserWarning, match=r"members \[1\] hold NaN or Inf weights"):
@@ -86,7 +88,7 @@ def test_nan_member_leaves_the_ensemble(ray_session, tmp_path):
         loaded = Ensemble.load_from_checkpoint(path, NaNMemberModule)
     assert loaded.member_ids == [0, 2] and loaded.excluded_members == [1]
     assert torch.isfinite(loaded.predict_proba(dm.test.tensors[0])).all()
-    reloaded = HQDEStrategy(num_members=3, seed=0)
+    reloaded = HQDEStrategy(num_members=3, seed=0, members_per_worker=1)
     with pytest.warns(UserWarning, match=r"members \[1\] hold NaN or Inf"):
         (from_ckpt,) = _trainer(reloaded, tmp_path).test(NaNMemberModule(), datamodule=dm, ckpt_path=path, verbose=False)
     assert reloaded.excluded_members == [1]

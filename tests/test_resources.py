@@ -52,13 +52,13 @@ def test_member_waiting_for_held_resources_times_out(ray_session, tmp_path):
     holder = Holder.options(num_cpus=cpus).remote()  # another job holding every CPU
     ray.get(holder.ready.remote())
     try:
-        trainer = _trainer(HQDEStrategy(num_members=2, member_start_timeout_s=2), tmp_path)
+        trainer = _trainer(HQDEStrategy(num_members=2, member_start_timeout_s=2, members_per_worker=1), tmp_path)
         with pytest.raises(RuntimeError, match=r"member\(s\) \[0, 1\] asked for .* did not start within `member_start_timeout_s=2`.*free now"):
             trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     finally:
         ray.kill(holder)
     # the members that never started were removed with the failed fit: all CPUs come back
-    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=0), tmp_path)
+    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=0, members_per_worker=1), tmp_path)
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     assert trainer.state.finished
 
