@@ -121,6 +121,7 @@ class StackedMembers(nn.Module):
         states = list(rng_states) if rng_states is not None else [torch.get_rng_state() for _ in members]
         self.rng_states = [s.clone() for s in states]
         self.cuda_rng_states: list[Tensor | None] = [None] * self.num_members
+        self._scratch_metrics: list[nn.Module] | None = None
 
     # ----------------------------------------------------------------- state
     def stacked(self, key: str) -> Tensor:
@@ -159,8 +160,10 @@ class StackedMembers(nn.Module):
         """
         params, buffers = self._named()
         names: list[CapturedLogs] = []
-        # metrics updated under vmap would keep batched tensors: the call gets throwaway copies, and fails if it updated one
-        scratch = [copy.deepcopy(self.template.get_submodule(path)) for path in self.metric_paths]
+        # metrics updated under vmap would keep batched tensors: the call gets stand-in copies, and fails if it updated one
+        if self._scratch_metrics is None:
+            self._scratch_metrics = [copy.deepcopy(self.template.get_submodule(path)) for path in self.metric_paths]
+        scratch = self._scratch_metrics
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Any, tuple[Tensor, ...]]:
             with capture_logs(self.template) as logs:
@@ -171,9 +174,13 @@ class StackedMembers(nn.Module):
             loss = _loss_of(out)
             return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values)
 
-        with self._swapped_metrics(scratch):
-            out, values = vmap(one, in_dims=(0, 0, *in_dims), randomness="different")(params, buffers, *args)
-        updated = [path for path, metric in zip(self.metric_paths, scratch) if metric._update_count]
+        try:
+            with self._swapped_metrics(scratch):
+                out, values = vmap(one, in_dims=(0, 0, *in_dims), randomness="different")(params, buffers, *args)
+        finally:
+            updated = [path for path, metric in zip(self.metric_paths, scratch) if metric._update_count]
+            if updated:
+                self._scratch_metrics = None  # they may hold batched tensors now
         if updated:
             raise RuntimeError(f"`{method}` updates the torchmetrics Metric {updated}, which vmap cannot batch")
         logs = names[0]
