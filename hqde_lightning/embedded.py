@@ -40,15 +40,18 @@ from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_recor
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state, unsupported_hooks
 from hqde_lightning.member import MEMBER_KEY, reinitialise, sync_state
 from hqde_lightning.member_data import group_loader
+from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
 from hqde_lightning.member_strategy import _member_resume_checkpoint
 from hqde_lightning.topology import LocalExecutor, aggregate
 
 __all__ = ["GroupStrategy", "GroupSync", "group_blocker", "run_group"]
 
-#: callbacks a member group runs as they are: they read the trainer's state, write checkpoints or
-#: act in the driver; any other callback (EarlyStopping, StochasticWeightAveraging, your own) acts
-#: on one module's weights or metrics and runs inside each member's own actor
+#: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
+#: driver, or get one copy per member (EarlyStopping, QuantumNoise); any other callback
+#: (StochasticWeightAveraging, AdaptiveQuantization, your own) acts on one module's weights or
+#: metrics and runs inside each member's actor
 GROUP_CALLBACKS = (
+    "EarlyStopping", "QuantumNoise",  # replaced by one copy per member (hqde_lightning.member_callbacks)
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
     "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram",
@@ -154,25 +157,29 @@ class GroupSync(Callback):
     def _exchange(self, trainer: Trainer, epoch: int) -> None:
         """One sync round: every member's weights through the topology and aggregator, then ``sync`` applied to each."""
         group, stack = self.group, self.group.stack
+        training = [i for i in range(group.num_members) if not group.frozen[i]]  # stopped members leave the rounds
+        if not training:
+            return
+        members = [group.member_ids[i] for i in training]
         keys = list(sync_state(group.module))
-        states = [{k: stack.stacked(k)[i].detach() for k in keys} for i in range(group.num_members)]
+        states = [{k: stack.stacked(k)[i].detach() for k in keys} for i in training]
         payloads = [state_to_numpy(s) for s in states]
-        scores = [self.score(trainer, i) for i in range(group.num_members)]
+        scores = [self.score(trainer, i) for i in training]
         counts = max(self._num_samples, 1)
         entries = [(p, s, counts, payload_nbytes(p), payload_layout(p)) for p, s in zip(payloads, scores)]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
         started = time.perf_counter()
         result, comm = self.hqde.topology.reduce(
-            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, [counts] * len(entries), LocalExecutor(), entries[0][4], group.member_ids
+            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, [counts] * len(entries), LocalExecutor(), entries[0][4], members
         )
         consensus = state_to_numpy(result.state)
-        record = sync_record(epoch, group.member_ids, result, time.perf_counter() - started, entries, comm, step, self.hqde.topology.name)
+        record = sync_record(epoch, members, result, time.perf_counter() - started, entries, comm, step, self.hqde.topology.name)
         self.history.append(record.as_dict())
         self._num_samples = 0
         events: list[Any] = [record]
         with torch.no_grad():
-            for i, state in enumerate(states):
-                events.append(DistanceEvent(group.member_ids[i], step, distance_to_consensus(state, consensus)))
+            for member, state in zip(members, states):
+                events.append(DistanceEvent(member, step, distance_to_consensus(state, consensus)))
                 for key, value in consensus.items():
                     (updated,) = apply_sync({key: state[key]}, {key: value}, self.hqde.sync, self.hqde.sync_strength).values()
                     state[key].copy_(updated)
@@ -199,6 +206,15 @@ class GroupStrategy(SingleDeviceStrategy):
         self.group = group
         self.sync = sync
 
+    @property
+    def seed(self) -> int:
+        """The run's seed (member ``i``'s own seed is ``seed + i``)."""
+        return self.hqde.seed
+
+    @property
+    def num_members(self) -> int:
+        return self.hqde.num_members
+
     def install(self, trainer: Trainer) -> None:
         """Makes this the strategy of ``trainer`` before its fit starts (values logged before are dropped)."""
         trainer._accelerator_connector.strategy = self
@@ -221,6 +237,10 @@ class GroupStrategy(SingleDeviceStrategy):
         entry = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "state_dict", "optimizer_states")}
         entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
         entry["optimizer_states"] = [member_optimizer_state(opt, state, i) for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))]
+        if "callbacks" in checkpoint:  # a member copy's state goes under the key its callback has with actors
+            copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
+            entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
+            entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
         round_id = epoch if self.sync.synced_epoch == epoch else epoch - 1
         entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": round_id, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
         return entry
@@ -255,6 +275,13 @@ class GroupStrategy(SingleDeviceStrategy):
             if rng is not None:
                 self.group.stack.rng_states[i] = torch.as_tensor(rng, dtype=torch.uint8).cpu()
         lead = {k: v for k, v in entries[0].items() if k not in (HQDE_KEY, MEMBER_KEY)}
+        if "callbacks" in lead:  # each member copy resumes from its member's entry
+            copies = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, MemberCopy)]
+            lead["callbacks"] = {k: v for k, v in lead["callbacks"].items() if k not in {cb.original_state_key for cb in copies}}
+            for cb in copies:
+                state = entries[cb.position].get("callbacks", {}).get(cb.original_state_key)
+                if state is not None:
+                    lead["callbacks"][cb.state_key] = state
         lead["state_dict"] = self.group.state_dict()
         lead["member_optimizer_states"] = [e.get("optimizer_states", []) for e in entries]
         return lead
@@ -300,11 +327,13 @@ def run_group(trainer: Trainer, payload: bytes, forwarder: Any) -> tuple[list[Me
     GroupStrategy(hqde, group, sync).install(copy_trainer)
     copy_trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
     copy_trainer.loggers = trainer.loggers
-    copy_trainer.callbacks = [sync] + copy_trainer.callbacks
+    copy_trainer.callbacks = [sync] + member_callbacks(copy_trainer.callbacks, group)
     seed_everything(hqde.seed, workers=True, verbose=False)
     function(*bound.args, **bound.kwargs)
     metrics = copy_trainer.callback_metrics
     callbacks_state = {cb.state_key: cb.state_dict() for cb in copy_trainer.callbacks if cb is not sync and cb.state_dict()}
+    # your callbacks in the driver take the state of the first member's copy (as from member 0 with actors)
+    callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in copy_trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"

@@ -102,6 +102,9 @@ class MemberGroup(LightningModule):
         #: the members' losses and the per-member batch size of the latest training step
         self.last_losses = torch.zeros(self.num_members)
         self.last_batch_size = 0
+        #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
+        self.frozen = [False] * self.num_members
+        self._frozen_values: dict[int, list[Tensor]] = {}
 
     @property
     def num_members(self) -> int:
@@ -170,18 +173,39 @@ class MemberGroup(LightningModule):
         return torch.stack(outs), relayed
 
     def _relay(self, logs: list[tuple[str, dict[str, Any], Any]], batch_size: int) -> None:
-        """Logs each member's value as ``member_{i}/<name>``; the group's first member's also as ``<name>`` (not sent to loggers)."""
+        """Logs each training member's value as ``member_{i}/<name>``, and the group's first member's also as ``<name>`` (not sent to loggers).
+
+        Stopped members log nothing more under their own names; the plain name stays the first
+        member's, stopped or not (Lightning keeps one metric object per name for the whole fit).
+        """
         for name, kwargs, values in logs:
             options = {"batch_size": batch_size, **kwargs}
-            for member, value in zip(self.member_ids, values):
-                self.log(f"member_{member}/{name}", value, **{**options, "prog_bar": False})
+            for i, member in enumerate(self.member_ids):
+                if not self.frozen[i]:
+                    self.log(f"member_{member}/{name}", values[i], **{**options, "prog_bar": False})
             self.log(name, values[0], **{**options, "logger": False})
+
+    # ---------------------------------------------------------- early stops
+    def freeze(self, position: int) -> None:
+        """Member ``position`` (its place in the group) stops training: its weights and buffers stay as they are now."""
+        if self.frozen[position]:
+            return
+        self.frozen[position] = True
+        self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
+
+    def _restore_frozen(self) -> None:
+        """Puts the stopped members' weights and buffers back after a step moved them (they run in the stack all the same)."""
+        with torch.no_grad():
+            for position, values in self._frozen_values.items():
+                for tensor, value in zip((*self.stack.params, *self.stack.buffers()), values):
+                    tensor[position].copy_(value)
 
     # ------------------------------------------------------ vectorize="auto"
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._restore_frozen()
         if "training_step" in self.modes or self._step_mode not in self._timings:
             return
         self._timings[self._step_mode].append(time.perf_counter() - self._step_started)

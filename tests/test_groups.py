@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
+from hqde_lightning.callbacks import QuantumNoise
 from hqde_lightning.embedded import group_blocker
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member_data import member_loader
@@ -105,6 +106,33 @@ def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
     assert not torch.allclose(solo[0]["net.0.weight"], solo[1]["net.0.weight"])
 
 
+class SoloNoise(QuantumNoise):
+    """QuantumNoise of member ``index`` in a plain run (a plain Trainer has no member index)."""
+
+    def __init__(self, index: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.index = index
+
+    def _member_index_in(self, trainer) -> int:
+        return self.index
+
+
+@pytest.mark.parametrize("target", ["weights", "gradients"])
+def test_member_in_group_gets_the_exploration_noise_it_gets_alone(target):
+    """QuantumNoise in a group: one copy per member, each drawing the member's own stream on its own slices."""
+    hparams, noise = dict(optimizer="sgd"), dict(scale=0.05, target=target, seed=3)
+    solo = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        model = Net(**hparams)
+        loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
+        quiet_trainer(**FIT, callbacks=[SoloNoise(i, **noise)]).fit(model, loader)
+        solo.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert_same_members(group_states(hparams, False, callbacks=[QuantumNoise(**noise)]), solo)
+    quiet = group_states(hparams, False)
+    assert not torch.allclose(quiet[0]["net.0.weight"], solo[0]["net.0.weight"])  # the noise changed the weights
+
+
 def test_looped_members_draw_their_own_dropout_masks_as_alone():
     """Looped, each member draws dropout from its own RNG stream: the masks it would draw alone."""
     hparams = dict(optimizer="adam", dropout=0.3)
@@ -174,6 +202,11 @@ def test_one_device_fit_starts_no_ray(monkeypatch, caplog):
     assert results["ensemble/test_acc"] > 0.85
 
 
+class EpochCallback(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+
 class EpochHook(DigitsModule):
     def on_train_epoch_end(self) -> None:
         pass
@@ -184,7 +217,9 @@ def test_group_blocker_names_what_needs_actors():
     assert group_blocker(trainer.strategy, trainer, DigitsModule()) is None
     assert "on_train_epoch_end" in group_blocker(trainer.strategy, trainer, EpochHook())
     stopping = pl.Trainer(strategy=HQDEStrategy(num_members=2), callbacks=[EarlyStopping("val_loss")], logger=False)
-    assert "EarlyStopping" in group_blocker(stopping.strategy, stopping, DigitsModule())
+    assert group_blocker(stopping.strategy, stopping, DigitsModule()) is None  # one copy per member
+    custom = pl.Trainer(strategy=HQDEStrategy(num_members=2), callbacks=[EpochCallback()], logger=False)
+    assert "EpochCallback" in group_blocker(custom.strategy, custom, DigitsModule())
     actors = pl.Trainer(strategy=HQDEStrategy(num_members=2, members_per_worker=1), logger=False)
     assert "members_per_worker=1" in group_blocker(actors.strategy, actors, DigitsModule())
 
@@ -201,3 +236,72 @@ def test_non_elementwise_optimizer_trains_as_actors(ray_session, caplog):
         trainer.fit(LBFGSModule(), datamodule=DigitsDataModule())
     assert "one Ray actor each: the optimizer LBFGS is not element-wise" in caplog.text
     assert strategy.ensemble is not None and strategy.ensemble.num_members == 2
+
+
+def _members_after(epochs: int, sync: str, callbacks=()) -> tuple[HQDEStrategy, pl.Trainer]:
+    # looped: "auto" may pick vmap in one fit and the loop in another, whose results differ in the last bits
+    strategy = HQDEStrategy(num_members=4, sync=sync, seed=1, vectorize=False)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=epochs, callbacks=list(callbacks))
+    pl.seed_everything(0, verbose=False)  # the shared initial weights of elastic members
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    return strategy, trainer
+
+
+def _split_after_first_epoch(sync: str) -> tuple[HQDEStrategy, float, list[int]]:
+    """A 1-epoch fit, a validation accuracy threshold between its members', and the members at or above it."""
+    strategy, trainer = _members_after(1, sync)
+    accuracy = [float(trainer.callback_metrics[f"member_{i}/val_acc"]) for i in range(4)]
+    threshold = (min(accuracy) + max(accuracy)) / 2
+    stopped = [i for i, a in enumerate(accuracy) if a >= threshold]
+    assert 0 < len(stopped) < 4
+    return strategy, threshold, stopped
+
+
+def test_early_stopping_freezes_each_member_on_its_own():
+    """In a group, EarlyStopping stops members one by one: a stopped member keeps its weights; the others train on."""
+    first, threshold, stopped = _split_after_first_epoch("none")
+    strategy, trainer = _members_after(3, "none", [EarlyStopping("val_acc", mode="max", stopping_threshold=threshold)])
+    assert trainer.current_epoch >= 2  # the members still training went on after the others stopped
+    for i in range(4):
+        kept = all(torch.equal(a, b) for a, b in zip(strategy.ensemble.members[i].state_dict().values(), first.ensemble.members[i].state_dict().values()))
+        assert kept == (i in stopped), f"member {i}: stopped after epoch 0: {i in stopped}, kept its epoch-0 weights: {kept}"
+
+
+def test_stopped_members_leave_the_sync_rounds():
+    _, threshold, stopped = _split_after_first_epoch("elastic")
+    strategy, _ = _members_after(3, "elastic", [EarlyStopping("val_acc", mode="max", stopping_threshold=threshold)])
+    rounds = [record.members for record in strategy.sync_history]
+    # EarlyStopping checks at the end of the training epoch, after that epoch's sync: members stopped
+    # at epoch 0 take part in round 0 and in no later one
+    assert rounds[0] == [0, 1, 2, 3]
+    assert rounds[1] == [i for i in range(4) if i not in stopped]
+    assert all(set(later) <= set(earlier) for earlier, later in zip(rounds, rounds[1:]))
+
+
+class SeededDigits(DigitsDataModule):
+    """Digits whose training loader carries a generator: both runtimes give member i the order seeded by (seed, i, epoch)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator())
+
+
+def _fit(tmp_path, name: str, epochs: int, members_per_worker, ckpt_path=None) -> tuple[HQDEStrategy, pl.Trainer]:
+    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, members_per_worker=members_per_worker, vectorize=False)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=epochs, limit_val_batches=0, enable_checkpointing=True, default_root_dir=str(tmp_path / name))
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(DigitsModule(), datamodule=SeededDigits(), ckpt_path=ckpt_path)
+    return strategy, trainer
+
+
+@pytest.mark.parametrize("writer", ["auto", 1], ids=["group-writes", "actors-write"])
+def test_checkpoints_resume_in_either_runtime(ray_session, tmp_path, writer):
+    """A checkpoint written by a member group or by member actors resumes the same members in both runtimes."""
+    _, first = _fit(tmp_path, "first", 1, writer)
+    path = first.checkpoint_callback.best_model_path
+    group, group_trainer = _fit(tmp_path, "group", 2, "auto", path)
+    actors, actors_trainer = _fit(tmp_path, "actors", 2, 1, path)
+    assert group_trainer.current_epoch == actors_trainer.current_epoch == 2
+    assert [r.round for r in group.sync_history] == [r.round for r in actors.sync_history] == [1]
+    for resumed_in_group, resumed_as_actor in zip(group.ensemble.members, actors.ensemble.members):
+        for key, value in resumed_as_actor.state_dict().items():
+            torch.testing.assert_close(resumed_in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)

@@ -114,7 +114,7 @@ class QuantumNoise(Callback):
                 " `QuantumNoise(anneal_epochs=...)`, or use `schedule='constant'`."
             )
         strategy = trainer.strategy
-        self._member_index = getattr(strategy, "member_index", None) or 0
+        self._member_index = self._member_index_in(trainer)
         seed = self.seed if self.seed is not None else (getattr(strategy, "seed", None) or 0)
         self._generator = member_generator(seed, self._member_index)
         self._stepped = False
@@ -128,15 +128,14 @@ class QuantumNoise(Callback):
         if self.target != "gradients":
             return
         batches_done = trainer.fit_loop.epoch_loop.batch_idx + 1
-        self._perturb(trainer, pl_module, _optimizer_gradients(optimizer), batches_done, trainer.global_step + 1)
+        self._perturb(trainer, pl_module, self._gradients(optimizer), batches_done, trainer.global_step + 1)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.target != "weights" or not self._stepped:
             return
         self._stepped = False
-        params = (p for p in pl_module.parameters() if p.requires_grad)
-        self._perturb(trainer, pl_module, params, batch_idx + 1, trainer.global_step)
+        self._perturb(trainer, pl_module, self._weights(pl_module), batch_idx + 1, trainer.global_step)
 
     # ---------------------------------------------------------------- helpers
     def _progress(self, trainer: Trainer, batches_done: int, steps_done: int) -> float:
@@ -167,7 +166,25 @@ class QuantumNoise(Callback):
         assert self._generator is not None, "setup() creates the generator"
         self.current_scale = noise_scale(self.schedule, self.scale, self._progress(trainer, batches_done, steps_done))
         add_noise_(tensors, self.current_scale, self._generator, relative=self.relative)
-        pl_module.log("noise_scale", self.current_scale, on_step=True, on_epoch=False)
+        pl_module.log(self._log_name(), self.current_scale, on_step=True, on_epoch=False)
+
+    def _member_index_in(self, trainer: Trainer) -> int:
+        """The member this callback perturbs: the strategy's ``member_index`` (0 without one)."""
+        return getattr(trainer.strategy, "member_index", None) or 0
+
+    def _log_name(self) -> str:
+        return "noise_scale"
+
+    def _weights(self, pl_module: LightningModule) -> Iterator[Tensor]:
+        """The tensors ``target="weights"`` perturbs: every trainable parameter."""
+        return (p for p in pl_module.parameters() if p.requires_grad)
+
+    def _gradients(self, optimizer: Optimizer) -> Iterator[Tensor]:
+        """The tensors ``target="gradients"`` perturbs: the gradient of every trainable parameter the optimizer steps."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and param.grad is not None:
+                    yield param.grad
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state.get("member_index", 0) != self._member_index:
@@ -205,10 +222,3 @@ def _epoch_limit(trainer: Trainer) -> int | None:
 def _step_limit(trainer: Trainer) -> int | None:
     max_steps = trainer.max_steps
     return None if max_steps is None or max_steps < 0 else max_steps
-
-
-def _optimizer_gradients(optimizer: Optimizer) -> Iterator[Tensor]:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.requires_grad and param.grad is not None:
-                yield param.grad
