@@ -103,26 +103,28 @@ def train_plain(members: int, train: TensorDataset, args: argparse.Namespace) ->
     models = []
     for seed in range(members):
         model = seeded_model(args.data, seed)
-        quiet_trainer(max_epochs=args.epochs, limit_val_batches=0).fit(model, datamodule=TrainData(train, args.batch_size))
-        models.append(model)
+        trainer = quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, limit_val_batches=0)
+        trainer.fit(model, datamodule=TrainData(train, args.batch_size))
+        models.append(model.cpu())
     return mean_probabilities(models)
 
 
 def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
     """The N members stacked with ``torch.func``; member i starts as ``sequential``'s member i and draws its own batch order."""
-    models = [seeded_model(args.data, seed) for seed in range(members)]
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    models = [seeded_model(args.data, seed).to(device) for seed in range(members)]
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     optimizer = torch.optim.SGD(params.values(), lr=models[0].hparams.lr, momentum=0.9)
     generators = [torch.Generator().manual_seed(seed) for seed in range(members)]
-    x, y = train.tensors
+    x, y = (t.to(device) for t in train.tensors)
 
     def loss(p: dict[str, Tensor], b: dict[str, Tensor], xs: Tensor, ys: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(base, (p, b), (xs,)), ys)
 
     base.train()
     for _ in range(args.epochs):
-        orders = torch.stack([torch.randperm(len(x), generator=g) for g in generators])
+        orders = torch.stack([torch.randperm(len(x), generator=g) for g in generators]).to(device)
         for start in range(0, len(x), args.batch_size):
             batch = orders[:, start : start + args.batch_size]
             optimizer.zero_grad()
@@ -131,8 +133,8 @@ def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespac
 
     def predict(inputs: Tensor) -> Tensor:
         base.eval()
-        logits = vmap(lambda p, b: functional_call(base, (p, b), (inputs,)))(params, buffers)
-        return torch.softmax(logits, dim=-1).mean(0)
+        logits = vmap(lambda p, b: functional_call(base, (p, b), (inputs.to(device),)))(params, buffers)
+        return torch.softmax(logits, dim=-1).mean(0).cpu()
 
     return predict
 
@@ -140,9 +142,9 @@ def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespac
 def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
     model = seeded_model(args.data, 0)
     strategy = HQDEStrategy(num_members=members, sync="none", seed=0, **HQDE_MODES[mode])
-    quiet_trainer(strategy=strategy, max_epochs=args.epochs, limit_val_batches=0).fit(model, datamodule=TrainData(train, args.batch_size))
-    ensemble = strategy.ensemble.eval()
-    return ensemble.predict_proba
+    trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0)
+    trainer.fit(model, datamodule=TrainData(train, args.batch_size))
+    return strategy.ensemble.eval().cpu().predict_proba
 
 
 @torch.no_grad()
@@ -163,8 +165,13 @@ def run_one(mode: str, members: int, args: argparse.Namespace) -> dict[str, floa
             predict = train_torch_vmap(members, train, args)
         else:
             predict = train_hqde(mode, members, train, args)
+        if args.accelerator == "gpu":
+            torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_mem_mb": memory.peak / 2**20, "acc": accuracy(predict, test), "threads": torch.get_num_threads()}
+    result = {"wall_s": wall, "peak_mem_mb": memory.peak / 2**20, "acc": accuracy(predict, test), "threads": torch.get_num_threads()}
+    if args.accelerator == "gpu":
+        result["driver_gpu_mem_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    return result
 
 
 def run_isolated(mode: str, members: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +180,7 @@ def run_isolated(mode: str, members: int, args: argparse.Namespace) -> dict[str,
         out = Path(directory) / "result.json"
         command = [
             sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--train-size", str(args.train_size),
-            "--batch-size", str(args.batch_size), "--run", mode, "--members", str(members), "--result-file", str(out),
+            "--batch-size", str(args.batch_size), "--accelerator", args.accelerator, "--run", mode, "--members", str(members), "--result-file", str(out),
         ]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}))
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -240,6 +247,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=20_000, help="training images used (Fashion-MNIST)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--accelerator", default="cpu", choices=["cpu", "gpu"],
+        help="where every mode trains (one device); with gpu, driver_gpu_mem_mb is the run process's peak CUDA memory (member actors' not included)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of every (mode, N), interleaved; the shortest wall time is reported")
     parser.add_argument(
         "--threads", type=int, help="torch threads per process (OMP_NUM_THREADS of every run and its Ray actors); default: torch's own"
@@ -294,7 +305,7 @@ def main() -> None:
     )
     payload = {
         "data": DATASETS[args.data], "model": MODELS[args.data].__name__, "train_images": train_len, "epochs": args.epochs,
-        "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
+        "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
     }
     print(f"wrote {write_results(name, payload)}")
 
