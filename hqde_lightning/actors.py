@@ -39,8 +39,8 @@ from ray import cloudpickle
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import state_to_numpy
-from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, SyncRecord
-from hqde_lightning.topology import CommStats, Executor, Topology, combine_group
+from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
+from hqde_lightning.topology import Executor, Topology, combine_group
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
 
@@ -178,7 +178,7 @@ class Coordinator:
             consensus = state_to_numpy(result.state)
             rnd.result = ray.put(consensus)
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
-            record = self._sync_record(round_id, members, result, time.perf_counter() - started, entries, comm, rnd.step)
+            record = sync_record(round_id, members, result, time.perf_counter() - started, entries, comm, rnd.step, self.topology.name)
             self.history.append(record.as_dict())
             self.events.append(record)
         except Exception as exc:  # every waiting member must hear of it, none may hang
@@ -186,27 +186,6 @@ class Coordinator:
         rnd.payloads.clear()
         rnd.event.set()
         del self.rounds[round_id]  # the waiting members hold the round itself
-
-    def _sync_record(
-        self, round_id: int, members: list[int], result: Any, seconds: float, entries: list[Any], comm: CommStats, step: int | None
-    ) -> SyncRecord:
-        """What round ``round_id`` did: who took part with which weight, the aggregator's diagnostics, bytes and time."""
-        return SyncRecord(
-            round=round_id,
-            members=members,
-            excluded=[members[i] for i in result.excluded],
-            member_weights=[float(w) for w in result.member_weights],
-            scores=[e[1] for e in entries],
-            aggregation_seconds=seconds,
-            topology=self.topology.name,
-            info={k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
-            bytes_received=sum(e[3] for e in entries),
-            fp32_bytes=4 * sum(entries[0][4].values()) * len(entries),
-            comm_rounds=comm.rounds,
-            bytes_moved=comm.bytes_moved,
-            sample_counts=[e[2] for e in entries],
-            step=step,
-        )
 
     def finish(self, member: int) -> None:
         """``member``'s fit ended (or it was dropped): open rounds no longer wait for it or count it."""

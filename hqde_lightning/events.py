@@ -11,10 +11,11 @@ record is built or read, not as a silently missing dictionary key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
-__all__ = ["ClonesEvent", "DistanceEvent", "Event", "FinishedEvent", "HparamsEvent", "MetricsEvent", "Notice", "ProgressEvent", "SyncRecord"]
+__all__ = ["ClonesEvent", "DistanceEvent", "Event", "FinishedEvent", "HparamsEvent", "MetricsEvent", "Notice", "ProgressEvent", "SyncRecord", "sync_record"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,29 @@ class SyncRecord:
 
 #: everything that travels from the members and the coordinator to the driver
 Event = Union[MetricsEvent, HparamsEvent, ProgressEvent, DistanceEvent, FinishedEvent, Notice, ClonesEvent, SyncRecord]
+
+
+def sync_record(
+    round_id: int, members: list[int], result: Any, seconds: float, entries: Sequence[tuple[Any, float | None, int, int, Mapping[str, int]]], comm: Any, step: int | None, topology: str
+) -> SyncRecord:
+    """What round ``round_id`` did: who took part with which weight, the aggregator's diagnostics, bytes and time.
+
+    ``result`` is the topology's ``AggregationResult``, ``comm`` its ``CommStats``; ``entries``
+    holds per member (payload, score, samples, payload bytes, layout).
+    """
+    return SyncRecord(
+        round=round_id,
+        members=members,
+        excluded=[members[i] for i in result.excluded],
+        member_weights=[float(w) for w in result.member_weights],
+        scores=[e[1] for e in entries],
+        aggregation_seconds=seconds,
+        topology=topology,
+        info={k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))},
+        bytes_received=sum(e[3] for e in entries),
+        fp32_bytes=4 * sum(entries[0][4].values()) * len(entries),
+        comm_rounds=comm.rounds,
+        bytes_moved=comm.bytes_moved,
+        sample_counts=[e[2] for e in entries],
+        step=step,
+    )

@@ -35,7 +35,7 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray import cloudpickle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -44,7 +44,9 @@ from hqde_lightning.aggregation import RobustAggregator, Superposition, superpos
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
+from hqde_lightning.embedded import group_blocker, run_group
 from hqde_lightning.forwarder import EventForwarder
+from hqde_lightning.group import GroupUnsupported
 from hqde_lightning.member_pool import MemberPool
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
@@ -55,6 +57,9 @@ from hqde_lightning.topology import aggregate
 __all__ = ["RayEnsembleLauncher"]
 
 _POLL_SECONDS = 0.25
+#: what a fit's members bring back: their results, their final snapshots, the sync state
+_Outcome = tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]
+
 class RayEnsembleLauncher(_Launcher):
     """Launches an ``HQDEStrategy`` fit as parallel member actors (see the module docstring)."""
 
@@ -116,24 +121,14 @@ class RayEnsembleLauncher(_Launcher):
         _prepare_data(model, bound)
         payload = pickle_fit(trainer, function, bound, model)
         try:
-            self._start_ray()
-            self._prepare_data_on_other_nodes(model, bound)
-            # where a sync sets every member to the consensus, equal weights are intended
-            check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
-            # on the head node, whose loss ends the cluster anyway: never lost with a member's node
-            on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
-            coordinator = (
-                ray.remote(Coordinator)
-                .options(num_cpus=0, scheduling_strategy=on_head)
-                .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
-            )
-            self._coordinator = coordinator
-            results = self._run_members(trainer, payload, coordinator)
+            outcome = self._fit_embedded(trainer, model, payload)
+            if outcome is None:
+                outcome = self._fit_actors(trainer, model, bound, payload)
+            results, final_snapshots, strategy.coordinator_state = outcome
             _check_score_metric(strategy.score_metric, results)
-            strategy.coordinator_state = ray.get(coordinator.state_dict.remote())
             self._recover(trainer, model, results)
             # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
-            strategy.keep_final_checkpoints(ray.get(coordinator.latest_snapshots.remote()))
+            strategy.keep_final_checkpoints(final_snapshots)
             self._call_ensemble_hooks(trainer, bound)
         finally:
             with sigint_deferred():  # a second Ctrl-C must not stop the clean-up halfway
@@ -142,6 +137,43 @@ class RayEnsembleLauncher(_Launcher):
                     ray.shutdown()
                     self._started_ray = False
         return None
+
+    def _fit_embedded(self, trainer: Trainer, model: LightningModule, payload: bytes) -> _Outcome | None:
+        """Trains every member as one group in this process, without Ray, when :func:`group_blocker` allows it.
+
+        Returns ``None`` (the members then run as Ray actors, with a line saying why) when it
+        does not, or when the group refuses the module before its first step (``GroupUnsupported``).
+        """
+        strategy = self._strategy
+        blocker = group_blocker(strategy, trainer, model)
+        if blocker is None:
+            strategy.sync_history, strategy.dropped_members = [], []
+            forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
+            try:
+                return run_group(trainer, payload, forwarder)
+            except GroupUnsupported as err:
+                blocker = str(err)
+        if strategy.members_per_worker == "auto":
+            rank_zero_info(f"HQDEStrategy: the members train as one Ray actor each: {blocker}.")
+        return None
+
+    def _fit_actors(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, payload: bytes) -> _Outcome:
+        """Trains the members as Ray actors (one each) with a coordinator actor; returns their results, final snapshots and the coordinator's state."""
+        strategy = self._strategy
+        self._start_ray()
+        self._prepare_data_on_other_nodes(model, bound)
+        # where a sync sets every member to the consensus, equal weights are intended
+        check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+        # on the head node, whose loss ends the cluster anyway: never lost with a member's node
+        on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
+        coordinator = (
+            ray.remote(Coordinator)
+            .options(num_cpus=0, scheduling_strategy=on_head)
+            .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
+        )
+        self._coordinator = coordinator
+        results = self._run_members(trainer, payload, coordinator)
+        return results, ray.get(coordinator.latest_snapshots.remote()), ray.get(coordinator.state_dict.remote())
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
         """Calls ``on_ensemble_fit_end(trainer, strategy, val_dataloaders)`` of callbacks that have it, in the driver.

@@ -19,22 +19,21 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
+from torch.utils.data import DataLoader
 
 from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, read_checkpoint, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
+from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.topology import aggregate
 
@@ -109,69 +108,19 @@ class MemberStrategy(SingleDeviceStrategy):
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:
-        """Gives the training loader the member's own data order.
+        """The training loader with the member's own data order (:func:`~hqde_lightning.member_data.member_loader`).
 
-        With ``bagging=True`` the loader draws the member's bootstrap sample. Otherwise every
-        ``torch.Generator`` the loader carries (its sampler's or batch sampler's ``generator``
-        attribute, and the loader's own ``generator``, from which worker seeds are drawn) is
-        replaced by one seeded from ``(seed, member index, epoch)``, so a loader built with
-        ``shuffle=True, generator=torch.Generator().manual_seed(0)`` no longer gives every member
-        the same order. Samplers without a generator draw from torch's global RNG, which each
-        member seeds with its own seed. Left as they are, with one warning in the driver: a
-        ``SequentialSampler`` (``shuffle=False``: the order you asked for; no warning), custom
-        samplers without a ``generator`` attribute and iterable datasets.
+        A copy of the loader whose generators are re-seeded from ``(seed, member index, epoch)``,
+        or, with ``bagging=True``, a loader over the member's bootstrap sample. Orders the member
+        cannot be given (custom samplers without a ``generator`` attribute, iterable datasets) are
+        named once in the driver.
         """
         if self.lightning_module is None:
             return dataloader
         trainer = self.lightning_module.trainer
         if not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
-        seeds = np.random.SeedSequence([self.seed, self.context.index, trainer.current_epoch]).generate_state(1)
-        generator = torch.Generator().manual_seed(int(seeds[0]))
-        if self.hqde.bagging:
-            dataloader = self._bootstrap_loader(dataloader)
-        else:
-            self._reseed_sampler(dataloader, generator)
-        if isinstance(dataloader.generator, torch.Generator):
-            dataloader.generator = generator
-        return dataloader
-
-    def _bootstrap_loader(self, dataloader: DataLoader) -> DataLoader:
-        """The loader re-built around a ``SubsetRandomSampler`` over the member's bootstrap sample."""
-        dataset = dataloader.dataset
-        if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
-            raise MisconfigurationException(
-                "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
-                f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
-            )
-        rng = np.random.default_rng([self.seed, self.context.index])
-        indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        return _update_dataloader(dataloader, SubsetRandomSampler(indices, generator=generator))
-
-    def _reseed_sampler(self, dataloader: DataLoader, generator: torch.Generator) -> None:
-        """Puts ``generator`` into the sampler that orders ``dataloader``'s batches, when it has one."""
-        if isinstance(dataloader.dataset, IterableDataset):
-            self._warn_driver(
-                f"the training dataset is iterable ({type(dataloader.dataset).__name__}): HQDEStrategy cannot give each member"
-                " its own order, so members read the same stream unless the dataset draws from torch's, numpy's or"
-                " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
-            )
-            return
-        batch_sampler = dataloader.batch_sampler
-        custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
-        sampler = batch_sampler if custom_batches else dataloader.sampler
-        if isinstance(sampler, SequentialSampler):
-            return
-        if isinstance(getattr(sampler, "generator", None), torch.Generator):
-            sampler.generator = generator
-        elif not hasattr(sampler, "generator"):
-            self._warn_driver(
-                f"the training loader's {'batch sampler' if custom_batches else 'sampler'} {type(sampler).__name__} has no"
-                " `generator` attribute, so HQDEStrategy cannot give each member its own order: members share it unless the"
-                " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
-                " attribute (a torch.Generator) to have it re-seeded per member."
-            )
+        return member_loader(dataloader, self.seed, self.context.index, trainer.current_epoch, self.hqde.bagging, self._warn_driver)
 
     def _warn_driver(self, message: str) -> None:
         """Has the driver show ``message`` as a warning (once, however many members send it)."""
@@ -210,7 +159,8 @@ class MemberStrategy(SingleDeviceStrategy):
             for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
                 members[other] = snapshot
         coordinator_state = ray.get(coordinator.state_dict.remote())
-        states = [m["state_dict"] for m in members if m]
+        # the other members' snapshots are on the CPU; this member's own weights may be on its GPU
+        states = [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in m["state_dict"].items()} for m in members if m]
         consensus = aggregate(copy.deepcopy(self.hqde.aggregator), states).state
         return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
 

@@ -29,7 +29,7 @@ from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.topology import Flat, Topology, resolve_topology
-from hqde_lightning.validation import check_bool, check_choice, check_int, check_mapping, check_number, check_optional
+from hqde_lightning.validation import ArgumentError, check_bool, check_choice, check_int, check_mapping, check_number, check_optional
 
 __all__ = ["HQDEStrategy"]
 
@@ -101,6 +101,15 @@ class HQDEStrategy(SingleDeviceStrategy):
         on_member_failure: when a member has used up its restarts: ``"fail"`` stops the fit with
             an error (checkpoints written so far stay intact), ``"continue"`` finishes with the
             other members and says so.
+        members_per_worker: how members share processes. ``"auto"`` (default): on one device
+            (CPU only, or one GPU) without ``ray_address``, every member trains in one member
+            group inside this process, stacked (see :mod:`hqde_lightning.group`), and Ray is not
+            started; a fit the group cannot run (see :func:`~hqde_lightning.embedded.group_blocker`)
+            runs one Ray actor per member instead, saying why. ``1``: one Ray actor per member.
+            Groups of several members inside Ray actors are not available yet.
+        vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
+            members, ``False`` member by member, ``"auto"`` (default) times both on the first
+            training steps and keeps the faster (both are logged).
         accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy
             (checkpoints are written atomically by default).
     """
@@ -128,6 +137,8 @@ class HQDEStrategy(SingleDeviceStrategy):
         seed: int | None = None,
         max_member_restarts: int = 1,
         on_member_failure: FailurePolicy = "fail",
+        members_per_worker: Literal["auto"] | int = "auto",
+        vectorize: Literal["auto"] | bool = "auto",
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
@@ -156,6 +167,14 @@ class HQDEStrategy(SingleDeviceStrategy):
             check_optional(check_int, seed, "seed", 0)
             check_number(member_start_timeout_s, "member_start_timeout_s", 0, open_low=True)
             check_bool(bagging, "bagging")
+            if not (isinstance(vectorize, bool) or vectorize == "auto"):
+                raise ArgumentError("vectorize", vectorize, "one of ['auto', True, False]", "`{name}`: {value!r} is not known; choose {requirement}")
+            if members_per_worker != "auto" and check_int(members_per_worker, "members_per_worker", 1) != 1:
+                raise ArgumentError(
+                    "members_per_worker", members_per_worker, "'auto' or 1",
+                    "`{name}={value!r}`: groups of several members inside Ray actors are not available yet; choose {requirement}"
+                    " ('auto' trains all members stacked in this process on one device)",
+                )
             check_optional(check_choice, member_init, "member_init", MEMBER_INITS)
             _check_ray_init_kwargs(ray_init_kwargs)
             resources_per_member = _check_resources(resources_per_member)
@@ -172,6 +191,8 @@ class HQDEStrategy(SingleDeviceStrategy):
         self.sync_strength = float(sync_strength)
         self.sync_every_n_epochs = sync_every_n_epochs
         self.bagging = bagging
+        self.members_per_worker = members_per_worker
+        self.vectorize = vectorize
         #: ``"independent"`` or ``"shared"`` (the ``None`` default resolved from ``sync``)
         self.member_init = member_init if member_init is not None else ("independent" if sync == "none" else "shared")
         self.score_metric = score_metric

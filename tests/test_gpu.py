@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule
 
+import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
 
 
@@ -24,7 +25,7 @@ class RecordDevice(pl.Callback):
 
 @pytest.mark.gpu
 def test_two_members_share_one_gpu(ray_session, tmp_path):
-    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0)
+    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, members_per_worker=1)
     trainer = pl.Trainer(
         strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, callbacks=[RecordDevice()],
         default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
@@ -42,3 +43,45 @@ def test_more_gpus_than_exist_rejected_at_trainer_time():
     gpus = torch.cuda.device_count()
     with pytest.raises(MisconfigurationException, match="GPUs, but only"):
         pl.Trainer(strategy=HQDEStrategy(num_members=gpus + 1, resources_per_member={"num_gpus": 1}), accelerator="gpu", devices=gpus)
+
+
+class DeviceDigits(DigitsModule):
+    """Logs whether its training step ran on CUDA (inside the group: per member, vectorized)."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("on_cuda", float(self.device.type == "cuda"))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_group_trains_on_one_gpu_without_ray(monkeypatch, tmp_path, vectorize):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a one-GPU fit")
+
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    strategy = HQDEStrategy(num_members=4, sync="elastic", seed=0, vectorize=vectorize)
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+    )
+    trainer.fit(DeviceDigits(), datamodule=DigitsDataModule())
+    assert all(float(trainer.callback_metrics[f"member_{i}/on_cuda"]) == 1.0 for i in range(4))
+    assert [r.round for r in strategy.sync_history] == [0, 1]
+    (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
+    assert results["ensemble/test_acc"] > 0.85
+
+
+@pytest.mark.gpu
+def test_vmap_and_loop_groups_agree_on_gpu(tmp_path):
+    states = {}
+    for vectorize in (True, False):
+        strategy = HQDEStrategy(num_members=3, sync="none", seed=3, vectorize=vectorize)
+        trainer = pl.Trainer(
+            strategy=strategy, accelerator="gpu", devices=1, max_epochs=1, limit_val_batches=0, default_root_dir=str(tmp_path),
+            logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        )
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+        states[vectorize] = [m.state_dict() for m in strategy.ensemble.members]
+    for vmapped, looped in zip(states[True], states[False]):
+        for key in looped:
+            torch.testing.assert_close(vmapped[key].cpu(), looped[key].cpu(), rtol=1e-3, atol=1e-4)

@@ -1,0 +1,270 @@
+"""``MemberGroup``: k members of your ``LightningModule`` trained by one Lightning fit loop.
+
+The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stacking.StackedMembers`:
+
+* ``training_step`` gets one batch per member stacked on dimension 0 (see
+  :mod:`hqde_lightning.member_data`), runs your ``training_step`` for every member (vectorized
+  with ``torch.func.vmap`` or looped, see ``vectorize``) and returns the sum of the members'
+  losses: the members share no parameter, so each member's parameters get exactly the
+  gradient of its own loss;
+* ``validation_step`` runs your ``validation_step`` for every member on the same batch;
+* what your steps log with ``self.log`` is logged once per member as ``member_{i}/<name>``;
+  the group's first member is also logged under the plain name with ``logger=False``, for
+  callbacks that monitor it (``ModelCheckpoint(monitor="val_loss")``);
+* ``configure_optimizers`` runs yours with the stacked parameters in place of your module's, so
+  one optimizer steps all k members. For element-wise optimizers (:data:`ELEMENTWISE_OPTIMIZERS`)
+  that is exactly k independent optimizers; any other raises :class:`GroupUnsupported`;
+* gradient clipping is per member: by norm, each member's gradient norm is clipped on its own.
+
+``vectorize="auto"`` alternates the two ways for the first :data:`PROBE_STEPS` training steps,
+keeps the faster and logs both timings; a step vmap cannot run (``.item()``, data-dependent
+control flow, a torchmetrics object updated inside the step) runs looped, with the reason logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from hqde_lightning.stacking import CapturedLogs, StackedMembers
+
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks"]
+
+Vectorize = Literal["auto"] | bool
+#: optimizers whose update of an element depends on that element's gradient and state only
+ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+    torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+)
+#: ``vectorize="auto"`` times this many training steps (half each way) before it decides
+PROBE_STEPS = 6
+#: hooks of your module that the group runs (data hooks are handed to your module)
+_RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "forward", "test_step", "predict_step")
+_DATA_HOOKS = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data", "setup", "teardown")
+
+
+class GroupUnsupported(Exception):
+    """The module or its configuration cannot be trained as a member group (the reason is the message)."""
+
+
+def unsupported_hooks(module: LightningModule) -> list[str]:
+    """Hooks ``module`` overrides that a member group would not run per member (training, optimizer and batch hooks)."""
+    from lightning.pytorch.core.hooks import CheckpointHooks, DataHooks, ModelHooks
+
+    names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
+    names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "backward", "configure_callbacks"]
+    return sorted({n for n in names if n not in _RUN_HOOKS + _DATA_HOOKS and is_overridden(n, module, LightningModule)})
+
+
+class MemberGroup(LightningModule):
+    """Members ``member_ids`` of ``module``'s ensemble, stacked (see the module docstring).
+
+    Args:
+        module: your module: the template whose methods run (its own weights are not trained).
+        members: one module per member, holding the member's initial weights.
+        member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
+        vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
+        rng_states: per member, the torch RNG state its looped steps draw from.
+    """
+
+    def __init__(
+        self, module: LightningModule, members: Sequence[torch.nn.Module], member_ids: Sequence[int], vectorize: Vectorize = "auto", rng_states: Sequence[Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.stack = StackedMembers(module, members, rng_states)
+        object.__setattr__(self, "module", module)
+        self.member_ids = list(member_ids)
+        self.vectorize = vectorize
+        self._hparams_name = getattr(module, "_hparams_name", None)
+        if hasattr(module, "_hparams"):
+            self._set_hparams(module.hparams)
+            self._hparams_initial = module.hparams_initial
+        self._log_hyperparams = module._log_hyperparams
+        for name in _DATA_HOOKS:
+            if is_overridden(name, module, LightningModule):
+                setattr(self, name, getattr(module, name))
+        #: per step kind, "vmap" or "loop" once decided
+        self.modes: dict[str, str] = {} if vectorize == "auto" else {"training_step": "vmap" if vectorize else "loop"}
+        self._timings: dict[str, list[float]] = {"vmap": [], "loop": []}
+        self._step_started = 0.0
+        self._step_mode = ""
+        #: the members' losses and the per-member batch size of the latest training step
+        self.last_losses = torch.zeros(self.num_members)
+        self.last_batch_size = 0
+
+    @property
+    def num_members(self) -> int:
+        return self.stack.num_members
+
+    def _attach(self) -> None:
+        """Your module sees the group's trainer (``self.current_epoch``, ``self.trainer`` work inside your steps)."""
+        self.module._trainer = self._trainer
+        self.module.train(self.training)
+        if self.module.device != self.device:  # `self.device` inside your steps (the template moved with the stack)
+            self.module.to(self.device)
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses, logs = self._run("training_step", (batch, batch_idx), (0, None), self._training_mode())
+        self.last_losses, self.last_batch_size = losses.detach().float(), _member_batch_size(batch)
+        self._relay(logs, self.last_batch_size)
+        return losses.sum()
+
+    def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> None:
+        mode = self.modes.get("validation_step", self.modes.get("training_step", "vmap"))
+        _, logs = self._run("validation_step", (batch, batch_idx, *args), (None,) * (2 + len(args)), mode)
+        self._relay(logs, extract_batch_size(batch))
+
+    def _training_mode(self) -> str:
+        if "training_step" in self.modes:
+            return self.modes["training_step"]
+        probed = len(self._timings["vmap"]) + len(self._timings["loop"])
+        return "vmap" if probed % 2 == 0 else "loop"
+
+    def _run(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...], mode: str) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
+        """Runs ``method`` for every member; returns the stacked losses and per log name (name, kwargs, per-member values)."""
+        self._attach()
+        self._step_mode = mode
+        if mode == "vmap":
+            saved = None if method in self.modes else [b.clone() for b in self.stack.buffers()]
+            try:
+                out, logs = self.stack.vmap_call(method, args, in_dims)
+                if method != "training_step":  # the training step's mode is set by `vectorize` or the timing
+                    self.modes.setdefault(method, "vmap")
+                return out, [(n, k, list(v)) for n, k, v in zip(logs.names, logs.kwargs, logs.values)]
+            except Exception as err:  # code vmap cannot batch: the loop runs it
+                if saved is None:
+                    raise
+                with torch.no_grad():  # undo what the failed attempt changed (BatchNorm statistics)
+                    for buffer, value in zip(self.stack.buffers(), saved):
+                        buffer.copy_(value)
+                self.modes[method] = "loop"
+                if method == "training_step":
+                    self.modes.setdefault("validation_step", "loop")
+                warn = rank_zero_warn if self.vectorize is True else rank_zero_info
+                warn(f"HQDEStrategy: `{type(self.module).__name__}.{method}` runs member by member: torch.func.vmap cannot run it ({type(err).__name__}: {err}).")
+                self._step_mode = "loop"
+        return self._loop(method, args, in_dims)
+
+    def _loop(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
+        outs: list[Any] = []
+        per_member: list[CapturedLogs] = []
+        for i in range(self.num_members):
+            member_args = tuple(_slice(a, i) if d == 0 else a for a, d in zip(args, in_dims))
+            out, logs = self.stack.call(i, method, member_args)
+            outs.append(out if isinstance(out, Tensor) else torch.zeros((), device=self.device))
+            per_member.append(logs)
+        first = per_member[0]
+        relayed = [(name, kwargs, [m.values[j] for m in per_member]) for j, (name, kwargs) in enumerate(zip(first.names, first.kwargs))]
+        return torch.stack(outs), relayed
+
+    def _relay(self, logs: list[tuple[str, dict[str, Any], Any]], batch_size: int) -> None:
+        """Logs each member's value as ``member_{i}/<name>``; the group's first member's also as ``<name>`` (not sent to loggers)."""
+        for name, kwargs, values in logs:
+            options = {"batch_size": batch_size, **kwargs}
+            for member, value in zip(self.member_ids, values):
+                self.log(f"member_{member}/{name}", value, **{**options, "prog_bar": False})
+            self.log(name, values[0], **{**options, "logger": False})
+
+    # ------------------------------------------------------ vectorize="auto"
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if "training_step" in self.modes or self._step_mode not in self._timings:
+            return
+        self._timings[self._step_mode].append(time.perf_counter() - self._step_started)
+        if len(self._timings["vmap"]) + len(self._timings["loop"]) < PROBE_STEPS:
+            return
+        # the first step each way pays one-off costs (allocations, kernel choice): the rest count
+        vmap_s, loop_s = (sum(t[1:]) / max(len(t) - 1, 1) for t in (self._timings["vmap"], self._timings["loop"]))
+        self.modes["training_step"] = "vmap" if vmap_s <= loop_s else "loop"
+        self.modes.setdefault("validation_step", self.modes["training_step"])
+        rank_zero_info(
+            f"HQDEStrategy: vectorize='auto' timed {self.num_members} members: {vmap_s * 1e3:.1f} ms/step with torch.func.vmap,"
+            f" {loop_s * 1e3:.1f} ms/step looped; training {'vectorized' if self.modes['training_step'] == 'vmap' else 'looped'}."
+        )
+
+    # ------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        """Your ``configure_optimizers`` over the stacked parameters; only element-wise optimizers are accepted."""
+        self._attach()
+        with self.stack.swapped_parameters():
+            config = self.module.configure_optimizers()
+        optimizers, _, _ = _configure_optimizers(config)
+        for optimizer in optimizers:
+            if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+                raise GroupUnsupported(
+                    f"the optimizer {type(optimizer).__name__} is not element-wise (one step over the stacked members would mix"
+                    f" them); members are stacked only with {[o.__name__ for o in ELEMENTWISE_OPTIMIZERS]}"
+                )
+        return config
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clips each member's gradients on its own: by value element-wise, by norm over that member's slices."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        if gradient_clip_algorithm == "value":
+            for grad in grads:
+                grad.clamp_(-gradient_clip_val, gradient_clip_val)
+            return
+        norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1) for g in grads]).norm(2, dim=0)
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+def _slice(batch: Any, index: int) -> Any:
+    """Member ``index``'s part of a stacked batch (every tensor's slice ``index`` on dimension 0)."""
+    return apply_to_collection(batch, Tensor, lambda t: t[index])
+
+
+def _member_batch_size(batch: Any) -> int:
+    """The per-member batch size of a stacked batch (dimension 1 of its tensors)."""
+    return extract_batch_size(_slice(batch, 0))
+
+
+#: optimizer state entries shared by all members (step counts), never split or stacked
+_SHARED_STATE = ("step", "mu_product")
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimizer's parameters in the order of its ``state_dict`` ids."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def member_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], index: int) -> dict[str, Any]:
+    """Member ``index``'s part of ``state`` (``optimizer.state_dict()`` over stacked parameters): a single member's optimizer state."""
+    shapes = [p.shape for p in _params(optimizer)]
+    per_param = {
+        pid: {k: v[index].clone() if isinstance(v, Tensor) and k not in _SHARED_STATE and v.shape == shapes[pid] else v for k, v in entry.items()}
+        for pid, entry in state["state"].items()
+    }
+    return {"state": per_param, "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+def stacked_optimizer_state(optimizer: torch.optim.Optimizer, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The state of ``optimizer`` (over stacked parameters) made of one single-member state per member."""
+    shapes = [p.shape[1:] for p in _params(optimizer)]
+    first = states[0]
+    stacked = {}
+    for pid, entry in first["state"].items():
+        stacked[pid] = {
+            k: torch.stack([s["state"][pid][k] for s in states]) if isinstance(v, Tensor) and k not in _SHARED_STATE and v.shape == shapes[pid] else v
+            for k, v in entry.items()
+        }
+    return {"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])}

@@ -1,0 +1,289 @@
+"""Each member's own training data order, alone or stacked for a member group.
+
+:func:`member_loader` gives the loader member ``index`` trains on: a copy of the user's loader
+whose sampler draws from a generator seeded from ``(seed, index, epoch)`` (or, with bagging, a
+loader over the member's bootstrap sample). The user's loader is never changed, so one loader
+can give any number of members their own loaders.
+
+:func:`group_loader` builds the loaders of the k members of one group and wraps them in a
+:class:`GroupLoader`, which iterates them in lockstep and yields one batch per step whose tensors
+are the k members' batches stacked on a new leading dimension (``[k, B, ...]``).
+:func:`member_batch` takes member ``i``'s batch back out of a stacked one, and
+:func:`group_batch_size` tells its per-member batch size ``B``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_unflatten
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
+
+__all__ = ["GroupLoader", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "stack_batches"]
+
+Warn = Callable[[str], None]
+
+
+def member_loader(
+    loader: DataLoader, seed: int, index: int, epoch: int, bagging: bool, warn: Warn, *, fill_generators: bool = False
+) -> DataLoader:
+    """The loader member ``index`` trains on in epoch ``epoch``: a copy of ``loader`` with the member's own order.
+
+    With ``bagging=True`` the copy draws the member's bootstrap sample: ``len(dataset)`` indices
+    drawn with replacement by ``numpy.random.default_rng([seed, index])``, shuffled by a
+    ``SubsetRandomSampler``. Otherwise every ``torch.Generator`` the loader carries (its sampler's
+    or custom batch sampler's ``generator`` attribute, and the loader's own ``generator``, from
+    which worker seeds are drawn) is replaced in the copy by one generator seeded from
+    ``numpy.random.SeedSequence([seed, index, epoch])``, so a loader built with ``shuffle=True,
+    generator=torch.Generator().manual_seed(0)`` gives each member its own order.
+
+    A ``generator`` attribute that is ``None`` (``shuffle=True`` without a generator: the sampler
+    draws from torch's global RNG) is left as it is, unless ``fill_generators=True``, which puts
+    the member's generator there too, so the order depends on ``(seed, index, epoch)`` only (what
+    members sharing one process and its global RNG need). Left as they are: a
+    ``SequentialSampler`` (``shuffle=False``: the order the user asked for), custom samplers
+    without a ``generator`` attribute and iterable datasets; the last two are reported through
+    ``warn(message)``.
+
+    Raises:
+        MisconfigurationException: ``bagging=True`` with a dataset that is iterable or has no length.
+    """
+    generator = _order_generator(seed, index, epoch)
+    if bagging:
+        copied = _bootstrap_loader(loader, seed, index)
+    else:
+        copied = _copy_loader(loader)
+        if isinstance(loader.dataset, IterableDataset):
+            warn(
+                f"the training dataset is iterable ({type(loader.dataset).__name__}): HQDEStrategy cannot give each member"
+                " its own order, so members read the same stream unless the dataset draws from torch's, numpy's or"
+                " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
+            )
+        else:
+            _reseed_sampler(copied, generator, warn, fill_generators)
+    if isinstance(copied.generator, torch.Generator) or (fill_generators and copied.generator is None):
+        copied.generator = generator
+    return copied
+
+
+def group_loader(loader: Iterable[Any], seed: int, indices: Sequence[int], epoch: int, bagging: bool, warn: Warn) -> GroupLoader:
+    """The :class:`GroupLoader` of the members ``indices`` of one group, each with its own order.
+
+    Member ``i``'s loader is ``member_loader(loader, seed, i, epoch, bagging, warn,
+    fill_generators=True)``: its order depends on ``(seed, i, epoch)`` only, not on which members
+    share the group. An iterable dataset (or an iterable that is not a ``DataLoader``) cannot be
+    copied into independent orders: the members read one shared stream, each batch going to
+    every member, and ``warn`` says so once. Each distinct message reaches ``warn`` once.
+
+    Raises:
+        ValueError: ``indices`` is empty.
+        MisconfigurationException: ``bagging=True`` without a ``DataLoader`` over a map-style dataset.
+    """
+    indices = list(indices)
+    if not indices:
+        raise ValueError("`indices` must name at least one member; got an empty sequence.")
+    warn_once = _once(warn)
+    if not isinstance(loader, DataLoader):
+        if bagging:
+            raise MisconfigurationException(
+                f"`HQDEStrategy(bagging=True)` needs a torch DataLoader over a map-style training dataset; got {type(loader).__name__}."
+            )
+        if len(indices) > 1:
+            warn_once(
+                f"the training loader is a {type(loader).__name__}, not a torch DataLoader: HQDEStrategy cannot copy it, so"
+                f" members {indices}, trained in one process, read one shared stream and train on the same order."
+                " Use a DataLoader over a map-style dataset to give each member its own order."
+            )
+        return GroupLoader([loader] * len(indices))
+    if len(indices) > 1 and isinstance(loader.dataset, IterableDataset) and not bagging:
+        warn_once(
+            f"the training dataset is iterable ({type(loader.dataset).__name__}): members {indices}, trained in one process,"
+            " read one shared stream (each batch goes to every one of them), so they train on the same order. Use a"
+            " map-style dataset (with `__len__` and `__getitem__`) to give each member its own order."
+        )
+        shared = member_loader(loader, seed, indices[0], epoch, bagging, _ignore, fill_generators=True)
+        return GroupLoader([shared] * len(indices))
+    return GroupLoader([member_loader(loader, seed, i, epoch, bagging, warn_once, fill_generators=True) for i in indices])
+
+
+class MemberValues(list):
+    """The k members' values of one non-tensor leaf of a stacked batch (a string, an int, ``None``...), in member order."""
+
+
+class GroupLoader:
+    """Iterates k member loaders in lockstep; each step yields their k batches stacked.
+
+    Every tensor of the stacked batch is the k members' tensors stacked on a new dimension 0
+    (``[k, B, ...]``); tuples, lists, dicts and namedtuples keep their structure, and every other
+    value becomes the :class:`MemberValues` list of the k members' values. A loader object given
+    several times is iterated once per step and its batch goes to each of those members (one
+    shared stream). ``len()`` is the loaders' common length, when they have one.
+
+    Raises:
+        ValueError: no loaders, or loaders of different lengths; while iterating, loaders that
+            end at different steps or members' batches of different structure or shape.
+    """
+
+    def __init__(self, loaders: Sequence[Iterable[Any]]) -> None:
+        if not loaders:
+            raise ValueError("GroupLoader needs at least one member loader; got none.")
+        self.loaders: list[Iterable[Any]] = list(loaders)
+        self._streams: list[Iterable[Any]] = []
+        self._stream_of: list[int] = []  # member position -> index into _streams
+        for item in self.loaders:
+            found = next((s for s, stream in enumerate(self._streams) if stream is item), None)
+            if found is None:
+                self._streams.append(item)
+                found = len(self._streams) - 1
+            self._stream_of.append(found)
+        lengths = [_length(stream) for stream in self._streams]
+        if len({n for n in lengths if n is not None}) > 1:
+            raise ValueError(f"the member loaders of a group must have the same length; got lengths {lengths}.")
+
+    def __len__(self) -> int:
+        return len(self._streams[0])  # type: ignore[arg-type]  # TypeError for loaders without a length, as for theirs
+
+    def __iter__(self) -> Iterator[Any]:
+        iterators = [iter(stream) for stream in self._streams]
+        step = 0
+        while True:
+            batches = [next(it, _END) for it in iterators]
+            ended = [s for s, batch in enumerate(batches) if batch is _END]
+            if len(ended) == len(batches):
+                return
+            if ended:
+                members = [m for m, s in enumerate(self._stream_of) if s in ended]
+                raise ValueError(f"the loaders of members {members} (positions in the group) ended after {step} batches, before the others.")
+            yield stack_batches([batches[s] for s in self._stream_of], step)
+            step += 1
+
+
+def stack_batches(batches: Sequence[Any], step: int = 0) -> Any:
+    """The members' ``batches`` as one batch: tensors stacked on a new dimension 0, other leaves as :class:`MemberValues`.
+
+    ``step`` only names the step in error messages.
+
+    Raises:
+        ValueError: the batches differ in structure, or a tensor's shape differs between members.
+    """
+    flat = [tree_flatten_with_path(batch) for batch in batches]
+    leaves0, spec = flat[0]
+    for member, (_, other) in enumerate(flat[1:], start=1):
+        if other != spec:
+            raise ValueError(f"at step {step} member 0's and member {member}'s batches have different structures: {spec} and {other}.")
+    stacked = []
+    for position, (path, _) in enumerate(leaves0):
+        values = [leaves[position][1] for leaves, _ in flat]
+        tensors = [v for v in values if isinstance(v, Tensor)]
+        if not tensors:
+            stacked.append(MemberValues(values))
+            continue
+        shapes = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]
+        if len(tensors) < len(values) or len(set(shapes)) > 1:
+            raise ValueError(
+                f"at step {step} the members' batches differ at batch{keystr(path)}: shapes {shapes} (one per member)."
+                " A group stacks its members' batches, so each member's batch must have the same size and shape."
+            )
+        stacked.append(torch.stack(tensors))
+    return tree_unflatten(stacked, spec)
+
+
+def member_batch(stacked: Any, i: int) -> Any:
+    """Member ``i``'s own batch from a stacked batch: ``tensor[i]`` of every tensor, ``values[i]`` of every :class:`MemberValues`."""
+    return tree_map(lambda leaf: leaf[i], stacked, is_leaf=lambda node: isinstance(node, MemberValues))
+
+
+def group_batch_size(stacked: Any) -> int:
+    """The per-member batch size ``B`` of a stacked batch, as Lightning infers it from member 0's batch."""
+    return extract_batch_size(member_batch(stacked, 0))
+
+
+def _order_generator(seed: int, index: int, epoch: int) -> torch.Generator:
+    """The generator member ``index`` draws its order of epoch ``epoch`` from."""
+    state = np.random.SeedSequence([seed, index, epoch]).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def _copy_loader(loader: DataLoader) -> DataLoader:
+    """A shallow copy of ``loader`` (same dataset, sampler, collate_fn, workers...) that iterates on its own."""
+    copied = copy.copy(loader)
+    copied._iterator = None  # a persistent-workers loader keeps its iterator here; the copy starts its own
+    return copied
+
+
+def _reseed_sampler(copied: DataLoader, generator: torch.Generator, warn: Warn, fill: bool) -> None:
+    """Puts ``generator`` into a copy of the sampler that orders ``copied``'s batches, when it has one."""
+    batch_sampler = copied.batch_sampler
+    custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
+    sampler = batch_sampler if custom_batches else copied.sampler
+    if isinstance(sampler, SequentialSampler):
+        return
+    if not hasattr(sampler, "generator"):
+        warn(
+            f"the training loader's {'batch sampler' if custom_batches else 'sampler'} {type(sampler).__name__} has no"
+            " `generator` attribute, so HQDEStrategy cannot give each member its own order: members share it unless the"
+            " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
+            " attribute (a torch.Generator) to have it re-seeded per member."
+        )
+        return
+    if not (isinstance(sampler.generator, torch.Generator) or (fill and sampler.generator is None)):
+        return
+    reseeded = copy.copy(sampler)
+    reseeded.generator = generator
+    # DataLoader refuses to set its samplers once built; the copy is ours, so its attributes are set directly
+    if custom_batches:
+        vars(copied)["batch_sampler"] = reseeded
+        return
+    vars(copied)["sampler"] = reseeded
+    if batch_sampler is not None:
+        batches = copy.copy(batch_sampler)
+        batches.sampler = reseeded
+        vars(copied)["batch_sampler"] = batches
+
+
+def _bootstrap_loader(loader: DataLoader, seed: int, index: int) -> DataLoader:
+    """``loader`` re-built around a ``SubsetRandomSampler`` over member ``index``'s bootstrap sample."""
+    dataset = loader.dataset
+    if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
+        raise MisconfigurationException(
+            "`HQDEStrategy(bagging=True)` needs a map-style training dataset with a length;"
+            f" got {type(dataset).__name__}. Use `bagging=False` for iterable datasets."
+        )
+    rng = np.random.default_rng([seed, index])
+    indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    return _update_dataloader(loader, SubsetRandomSampler(indices, generator=generator))
+
+
+def _length(stream: Iterable[Any]) -> int | None:
+    """``len(stream)``, or ``None`` when it has none."""
+    try:
+        return len(stream)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
+
+
+def _once(warn: Warn) -> Warn:
+    """``warn``, passing each distinct message on once."""
+    seen: set[str] = set()
+
+    def warn_once(message: str) -> None:
+        if message not in seen:
+            seen.add(message)
+            warn(message)
+
+    return warn_once
+
+
+def _ignore(message: str) -> None:
+    """A ``warn`` that drops the message."""
+
+
+_END = object()

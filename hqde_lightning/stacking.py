@@ -1,0 +1,261 @@
+"""k copies of one ``nn.Module`` held as stacked tensors, and calls of its methods per copy.
+
+:class:`StackedMembers` keeps the parameters and buffers of k members of the same architecture
+stacked on a new leading dimension of size k (member ``i`` is slice ``i``). A method of the
+template module (``training_step``, ``validation_step``, ``forward``...) runs for every member
+in one of two ways:
+
+* **vectorized** (:meth:`StackedMembers.vmap_call`): ``torch.func.vmap`` over (parameters,
+  buffers, inputs) of ``torch.func.functional_call`` — one batched kernel per op for all k
+  members, with ``randomness="different"`` (each member draws its own dropout masks).
+  In-place buffer updates (BatchNorm running statistics) land in each member's own slice.
+* **looped** (:meth:`StackedMembers.call`): ``functional_call`` with member ``i``'s slices, one
+  member after another. Each member draws from its own torch RNG stream, so dropout masks are
+  the ones the member would draw if it trained alone with its seed; submodules that are
+  torchmetrics ``Metric`` objects are swapped for member ``i``'s own copy.
+
+Both give every parameter slice exactly the gradient member ``i`` would get alone. Calls of
+``self.log``/``self.log_dict`` inside the method are captured (:func:`capture_logs`) so that
+the caller can log each member's values under its own name.
+
+Plain torch (and torchmetrics' ``Metric`` type): no Lightning, no Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torchmetrics import Metric
+
+__all__ = ["CapturedLogs", "StackedMembers", "capture_logs"]
+
+
+@dataclass
+class CapturedLogs:
+    """What one call of a member method logged: names with their keyword arguments, and the values."""
+
+    names: list[str] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+
+    def record(self, name: str, value: Any, **kwargs: Any) -> None:
+        if name in self.names:
+            raise ValueError(f"`self.log({name!r}, ...)` was called twice in one step")
+        self.names.append(name)
+        self.kwargs.append(kwargs)
+        self.values.append(value if isinstance(value, (Tensor, Metric)) else torch.tensor(float(value)))
+
+    def record_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self.record(name, value, **kwargs)
+
+
+@contextmanager
+def capture_logs(module: nn.Module) -> Iterator[CapturedLogs]:
+    """Replaces ``module.log``/``module.log_dict`` by recorders while the block runs."""
+    logs = CapturedLogs()
+    module.log = logs.record  # type: ignore[method-assign]
+    module.log_dict = logs.record_dict  # type: ignore[method-assign]
+    try:
+        yield logs
+    finally:
+        del module.log
+        del module.log_dict
+
+
+class _MethodCaller(nn.Module):
+    """Lets ``functional_call`` run any method of ``module`` (it only calls ``forward``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, method)(*args, **kwargs)
+
+
+class StackedMembers(nn.Module):
+    """The parameters and buffers of ``members`` stacked on dimension 0, callable per member.
+
+    Args:
+        template: a module of the members' architecture whose methods are run (its own
+            parameter and buffer values are never used; it is not a submodule of this one).
+        members: k modules with ``template``'s parameter and buffer names and shapes.
+        rng_states: per member, the torch CPU RNG state its looped calls start from (default:
+            copies of the current state).
+    """
+
+    def __init__(self, template: nn.Module, members: Sequence[nn.Module], rng_states: Sequence[Tensor] | None = None) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("StackedMembers needs at least one member")
+        object.__setattr__(self, "template", template)
+        object.__setattr__(self, "_caller", _MethodCaller(template))
+        self.num_members = len(members)
+        self.param_names = [name for name, _ in template.named_parameters()]
+        self.buffer_names = [name for name, _ in template.named_buffers()]
+        self.params = nn.ParameterList()
+        for name in self.param_names:
+            slices = [dict(m.named_parameters())[name] for m in members]
+            self.params.append(nn.Parameter(torch.stack([s.detach() for s in slices]).clone(), requires_grad=slices[0].requires_grad))
+        for j, name in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer_{j}", torch.stack([dict(m.named_buffers())[name] for m in members]).clone())
+        # every state_dict key of the template (tied parameters appear under each of their names)
+        aliases = {id(p): n for n, p in template.named_parameters()}
+        self._state_keys = {name: ("param", self.param_names.index(aliases[id(p)])) for name, p in template.named_parameters(remove_duplicate=False)}
+        for name, _ in template.named_buffers():
+            self._state_keys[name] = ("buffer", self.buffer_names.index(name))
+        self.state_keys = [k for k in template.state_dict() if k in self._state_keys]
+        # torchmetrics objects hold state outside parameters and buffers: one copy per member
+        self.metric_paths = [path for path, sub in template.named_modules() if isinstance(sub, Metric) and path]
+        self.metrics = nn.ModuleList(
+            nn.ModuleList(copy.deepcopy(template.get_submodule(path)) for path in self.metric_paths) for _ in range(self.num_members)
+        )
+        states = list(rng_states) if rng_states is not None else [torch.get_rng_state() for _ in members]
+        self.rng_states = [s.clone() for s in states]
+        self.cuda_rng_states: list[Tensor | None] = [None] * self.num_members
+
+    # ----------------------------------------------------------------- state
+    def stacked(self, key: str) -> Tensor:
+        """The stacked tensor of ``template.state_dict()`` entry ``key``."""
+        kind, j = self._state_keys[key]
+        return self.params[j] if kind == "param" else getattr(self, f"buffer_{j}")
+
+    def member_state_dict(self, index: int) -> dict[str, Tensor]:
+        """Member ``index``'s ``state_dict`` under the template's keys (views of the stacked tensors)."""
+        return {key: self.stacked(key)[index].detach() for key in self.state_keys}
+
+    def load_member_state_dict(self, index: int, state: Mapping[str, Tensor]) -> None:
+        """Copies ``state`` (the template's keys) into member ``index``'s slices."""
+        missing = [k for k in self.state_keys if k not in state]
+        if missing:
+            raise KeyError(f"member state is missing {missing[:5]}")
+        with torch.no_grad():
+            for key in self.state_keys:
+                self.stacked(key)[index].copy_(torch.as_tensor(state[key]))
+
+    def _named(self, index: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        params = {f"module.{n}": (p if index is None else p[index]) for n, p in zip(self.param_names, self.params)}
+        buffers = {f"module.{n}": (getattr(self, f"buffer_{j}") if index is None else getattr(self, f"buffer_{j}")[index]) for j, n in enumerate(self.buffer_names)}
+        return params, buffers
+
+    # ----------------------------------------------------------------- calls
+    def vmap_call(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Any, CapturedLogs]:
+        """Runs ``template.<method>(*args)`` for all members at once with ``torch.func.vmap``.
+
+        ``in_dims`` says per argument which dimension holds the members (``0``) or that it is
+        shared (``None``). Returns the stacked result (the loss, or a dict's ``"loss"``) and the
+        captured logs with each value stacked over the members.
+
+        Raises whatever vmap raises for code it cannot batch (``.item()``, data-dependent
+        control flow, in-place updates of unbatched tensors such as a torchmetrics state).
+        """
+        params, buffers = self._named()
+        names: list[CapturedLogs] = []
+        # metrics updated under vmap would keep batched tensors: the call gets throwaway copies, and fails if it updated one
+        scratch = [copy.deepcopy(self.template.get_submodule(path)) for path in self.metric_paths]
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Any, tuple[Tensor, ...]]:
+            with capture_logs(self.template) as logs:
+                out = functional_call(self._caller, (p, b), (method, *inputs))
+            if any(isinstance(v, Metric) for v in logs.values):
+                raise RuntimeError(f"`{method}` logs a torchmetrics Metric object, which vmap cannot batch")
+            names.append(logs)
+            loss = _loss_of(out)
+            return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values)
+
+        with self._swapped_metrics(scratch):
+            out, values = vmap(one, in_dims=(0, 0, *in_dims), randomness="different")(params, buffers, *args)
+        updated = [path for path, metric in zip(self.metric_paths, scratch) if metric._update_count]
+        if updated:
+            raise RuntimeError(f"`{method}` updates the torchmetrics Metric {updated}, which vmap cannot batch")
+        logs = names[0]
+        logs.values = list(values)
+        return out, logs
+
+    def call(self, index: int, method: str, args: tuple[Any, ...]) -> tuple[Any, CapturedLogs]:
+        """Runs ``template.<method>(*args)`` for member ``index`` alone (its slices, RNG stream and metric copies)."""
+        params, buffers = self._named(index)
+        with self._member_rng(index), self._member_metrics(index), capture_logs(self.template) as logs:
+            out = functional_call(self._caller, (params, buffers), (method, *args))
+        return _loss_of(out), logs
+
+    @contextmanager
+    def _member_rng(self, index: int) -> Iterator[None]:
+        """Member ``index``'s own torch RNG stream (CPU, and the current CUDA device's when used) during the block."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        outer = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state() if cuda else None
+        torch.set_rng_state(self.rng_states[index])
+        if cuda and self.cuda_rng_states[index] is not None:
+            torch.cuda.set_rng_state(self.cuda_rng_states[index])
+        elif cuda:  # the member's first CUDA draw: its CUDA stream is seeded from its own CPU stream
+            torch.cuda.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        try:
+            yield
+        finally:
+            self.rng_states[index] = torch.get_rng_state()
+            if cuda:
+                self.cuda_rng_states[index] = torch.cuda.get_rng_state()
+                torch.cuda.set_rng_state(outer_cuda)
+            torch.set_rng_state(outer)
+
+    def _member_metrics(self, index: int) -> Any:
+        """Member ``index``'s copies of the template's torchmetrics submodules in place during the block."""
+        return self._swapped_metrics(list(self.metrics[index]))
+
+    @contextmanager
+    def _swapped_metrics(self, metrics: Sequence[nn.Module]) -> Iterator[None]:
+        """``metrics`` (one per torchmetrics submodule of the template) stand in the template's place during the block."""
+        originals = [self.template.get_submodule(path) for path in self.metric_paths]
+        for path, metric in zip(self.metric_paths, metrics):
+            _set_submodule(self.template, path, metric)
+        try:
+            yield
+        finally:
+            for path, metric in zip(self.metric_paths, originals):
+                _set_submodule(self.template, path, metric)
+
+    # ------------------------------------------------------------ optimizers
+    @contextmanager
+    def swapped_parameters(self) -> Iterator[None]:
+        """The stacked parameters stand in the template's place during the block.
+
+        ``template.configure_optimizers()`` called inside builds its optimizer (and parameter
+        groups, by name) over the stacked parameters: one optimizer for all members.
+        """
+        owners = []
+        for name, stacked in zip(self.param_names, self.params):
+            parent, _, leaf = name.rpartition(".")
+            owner = self.template.get_submodule(parent)
+            owners.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = stacked
+        try:
+            yield
+        finally:
+            for owner, leaf, original in owners:
+                owner._parameters[leaf] = original
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> StackedMembers:
+        # the template moves with the stack (its non-parameter tensors, its `device`)
+        self.template._apply(fn)
+        return super()._apply(fn, recurse)
+
+
+def _loss_of(out: Any) -> Any:
+    """The loss of a step's output: the output itself, or its ``"loss"`` entry."""
+    if isinstance(out, Mapping):
+        return out["loss"]
+    return out
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent), leaf, module)

@@ -1,0 +1,203 @@
+"""Member groups: k members stacked in one process train exactly as each would alone.
+
+Member ``i`` trained inside a group (vectorized with vmap, and looped) is compared with member
+``i`` trained alone by a plain Lightning ``Trainer`` from the same initial weights (its seed)
+and the same data order (``member_data.member_loader``), after several optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+from models import DigitsDataModule, DigitsModule, digits, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hqde_lightning.launcher as launcher
+from hqde_lightning import HQDEStrategy
+from hqde_lightning.embedded import group_blocker
+from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
+from hqde_lightning.member_data import member_loader
+
+SEED = 7
+MEMBERS = 3
+
+
+class Net(pl.LightningModule):
+    """An MLP with optional BatchNorm and dropout; the optimizer is chosen by name."""
+
+    def __init__(self, optimizer: str = "adam", batchnorm: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # no bias before BatchNorm: its gradient is rounding noise, which Adam turns into full steps
+        layers: list[nn.Module] = [nn.Linear(64, 32, bias=not batchnorm)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(32))
+        layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 10)]
+        self.net = nn.Sequential(*layers)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def train_loader() -> DataLoader:
+    x, y = digits()
+    # the loader's own generator: every draw of a member's order comes from it, none from the global RNG
+    return DataLoader(TensorDataset(x[:640], y[:640]), batch_size=32, shuffle=True, generator=torch.Generator())
+
+
+FIT = dict(max_epochs=2, limit_train_batches=8, limit_val_batches=0)
+
+
+def solo_states(hparams: dict, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+    """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer."""
+    states = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        model = Net(**hparams)
+        loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
+        quiet_trainer(**FIT, **trainer_kwargs).fit(model, loader)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return states
+
+
+def group_states(hparams: dict, vectorize: bool, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    quiet_trainer(strategy=strategy, **FIT, **trainer_kwargs).fit(Net(**hparams), train_loader())
+    return [m.state_dict() for m in strategy.ensemble.members]
+
+
+def assert_same_members(group: list[dict], solo: list[dict]) -> None:
+    for i, (g, s) in enumerate(zip(group, solo)):
+        assert g.keys() == s.keys()
+        for key in s:
+            torch.testing.assert_close(g[key], s[key], rtol=1e-4, atol=1e-5, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize(
+    "hparams, trainer_kwargs",
+    [
+        (dict(optimizer="adam"), {}),
+        (dict(optimizer="sgd"), {}),
+        (dict(optimizer="sgd", batchnorm=False), dict(accumulate_grad_batches=2)),
+        (dict(optimizer="adam"), dict(gradient_clip_val=0.05)),
+    ],
+    ids=["adam+batchnorm", "sgd-momentum+batchnorm", "accumulate-2", "clip-norm"],
+)
+def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
+    solo = solo_states(hparams, **trainer_kwargs)
+    assert_same_members(group_states(hparams, vectorize, **trainer_kwargs), solo)
+    # the members really differ (own initial weights, own data order)
+    assert not torch.allclose(solo[0]["net.0.weight"], solo[1]["net.0.weight"])
+
+
+def test_looped_members_draw_their_own_dropout_masks_as_alone():
+    """Looped, each member draws dropout from its own RNG stream: the masks it would draw alone."""
+    hparams = dict(optimizer="adam", dropout=0.3)
+    assert_same_members(group_states(hparams, vectorize=False), solo_states(hparams))
+
+
+def test_vectorized_dropout_differs_per_member():
+    """With vmap (``randomness="different"``) identical members on identical data still draw different masks."""
+    model = Net(dropout=0.5, batchnorm=False)
+    group = MemberGroup(model, [model, model], [0, 1], vectorize=True)
+    x = torch.ones(2, 16, 64)
+    y = torch.zeros(2, 16, dtype=torch.long)
+    group.train()
+    losses, _ = group.stack.vmap_call("training_step", ((x, y), 0), (0, None))
+    assert losses[0] != losses[1]
+
+
+def test_gradient_clipping_by_norm_is_per_member():
+    """Each member's gradients are clipped as ``clip_grad_norm_`` clips them when it trains alone."""
+    group = MemberGroup(Net(), [Net(), Net()], [0, 1], vectorize=True)
+    for p in group.stack.params:  # member 0's gradient norm is far below the threshold, member 1's far above
+        p.grad = torch.randn_like(p) * torch.tensor([0.001, 100.0]).reshape(-1, *[1] * (p.dim() - 1))
+    expected = []
+    for i in range(2):
+        alone = [nn.Parameter(p[i].detach().clone()) for p in group.stack.params]
+        for q, p in zip(alone, group.stack.params):
+            q.grad = p.grad[i].clone()
+        torch.nn.utils.clip_grad_norm_(alone, 1.0)
+        expected.append([q.grad for q in alone])
+    group.configure_gradient_clipping(torch.optim.SGD(group.stack.params, lr=0.1), gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for i in range(2):
+        for p, want in zip(group.stack.params, expected[i]):
+            torch.testing.assert_close(p.grad[i], want)
+    norms = [float(torch.linalg.vector_norm(torch.stack([p.grad[i].norm() for p in group.stack.params]))) for i in range(2)]
+    assert norms[0] < 0.1 and abs(norms[1] - 1.0) < 1e-4
+
+
+def test_optimizer_state_splits_into_member_states_and_back():
+    group = MemberGroup(Net(), [Net(), Net()], [0, 1], vectorize=True)
+    optimizer = torch.optim.Adam(group.stack.params, lr=0.01)
+    for p in group.stack.params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = optimizer.state_dict()
+    members = [member_optimizer_state(optimizer, state, i) for i in range(2)]
+    first = members[0]["state"][0]
+    assert first["exp_avg"].shape == group.stack.params[0].shape[1:] and first["step"].shape == ()
+    rebuilt = stacked_optimizer_state(optimizer, members)
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(rebuilt["state"][pid][key], value)
+
+
+def test_one_device_fit_starts_no_ray(monkeypatch, caplog):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a one-device fit")
+
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    strategy = HQDEStrategy(num_members=4, sync="elastic", seed=0)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=2)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert "vectorize='auto' timed 4 members" in caplog.text
+    assert [r.round for r in strategy.sync_history] == [0, 1]
+    assert {f"member_{i}/val_acc" for i in range(4)} <= set(trainer.callback_metrics)
+    (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
+    assert results["ensemble/test_acc"] > 0.85
+
+
+class EpochHook(DigitsModule):
+    def on_train_epoch_end(self) -> None:
+        pass
+
+
+def test_group_blocker_names_what_needs_actors():
+    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2), logger=False)
+    assert group_blocker(trainer.strategy, trainer, DigitsModule()) is None
+    assert "on_train_epoch_end" in group_blocker(trainer.strategy, trainer, EpochHook())
+    stopping = pl.Trainer(strategy=HQDEStrategy(num_members=2), callbacks=[EarlyStopping("val_loss")], logger=False)
+    assert "EarlyStopping" in group_blocker(stopping.strategy, stopping, DigitsModule())
+    actors = pl.Trainer(strategy=HQDEStrategy(num_members=2, members_per_worker=1), logger=False)
+    assert "members_per_worker=1" in group_blocker(actors.strategy, actors, DigitsModule())
+
+
+class LBFGSModule(DigitsModule):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+
+def test_non_elementwise_optimizer_trains_as_actors(ray_session, caplog):
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(LBFGSModule(), datamodule=DigitsDataModule())
+    assert "one Ray actor each: the optimizer LBFGS is not element-wise" in caplog.text
+    assert strategy.ensemble is not None and strategy.ensemble.num_members == 2
