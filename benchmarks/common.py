@@ -97,6 +97,14 @@ class SmallCNN(SimpleClassifier):
         )
 
 
+class ReluMLP(SimpleClassifier):
+    """Flatten, ``Linear(in_features, hidden)``, ReLU, ``Linear(hidden, 10)``: the digits MLP (64 -> 64 -> 10 by default)."""
+
+    def __init__(self, lr: float = 0.05, in_features: int = 64, hidden: int = 64) -> None:
+        super().__init__(lr=lr)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
 class TreeMemory:
     """Samples the resident memory of this process and all its descendants; keeps the peak (bytes).
 

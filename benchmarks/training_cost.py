@@ -1,83 +1,321 @@
-"""Benchmark 1, training cost: HQDEStrategy vs the same members trained one after another vs one model.
+"""Benchmark 1, training cost: HQDE member groups and member actors vs the same members trained one after another.
 
-For N members, same data, same model, same epochs, in one run:
-* ``hqde``: ``Trainer(strategy=HQDEStrategy(num_members=N, sync="none"))``, Ray start-up included
-  (what a user's script pays);
-* ``sequential``: N plain Lightning ``Trainer``s, one after another;
-* ``single``: one plain ``Trainer`` (the N = 1 sequential run).
+For N members, same data, same model, same epochs, in one run; every (mode, N) runs in a fresh
+Python process of its own (so no run inherits another's memory, threads or Ray instance) and is
+timed from building the model(s) to the end of the fit, Ray's start-up and shut-down included:
 
-Reports wall time, samples/s (training samples processed by all members per second) and the peak
-resident memory of the whole process tree (this process, Ray's daemons and the member actors).
+* ``single``: one plain Lightning ``Trainer`` (seed 0), run once;
+* ``sequential``: N plain ``Trainer``s one after another, seeds 0..N-1 (the reference);
+* ``torch-vmap``: plain PyTorch, no Lightning: the N members stacked with ``torch.func``
+  (``stack_module_state`` + ``functional_call`` + ``vmap``), each member its own data order, one
+  SGD with momentum over the stack (what the model's ``configure_optimizers`` uses);
+* ``hqde``: ``HQDEStrategy(num_members=N, sync="none")`` with its defaults
+  (``members_per_worker="auto"``, ``vectorize="auto"``);
+* ``hqde-vmap`` / ``hqde-loop``: every member in one group in this process, no Ray
+  (``members_per_worker="auto"``), the step vectorized with ``vmap`` (``vectorize=True``) or
+  looped over the members (``vectorize=False``);
+* ``hqde-actors``: one Ray actor per member (``members_per_worker=1``).
 
-Run: ``python benchmarks/training_cost.py`` (Fashion-MNIST, needs ``apt-get install -y dataset-fashion-mnist``)
-or ``python benchmarks/training_cost.py --data digits``; ``--quick`` is the CI smoke setting.
+Reports wall time, samples/s (training samples processed by all members per second), the peak
+resident memory of the whole process tree (the run's process, Ray's daemons and the member
+actors), the ensemble's test accuracy (the argmax of the members' mean softmax probabilities),
+and wall time, memory and accuracy against ``sequential`` with the same N. The issue's targets
+are marked for its two cases: ``--data digits --members 8 --epochs 10`` (wall <= 0.7x) and
+``--data fashion-mnist --members 4 --epochs 1 --train-size 5000`` (wall <= 0.9x); both with
+memory <= 1.5x and accuracy within 2 points.
+
+Models: ``ReluMLP`` (64 -> 64 -> 10) on digits, ``SmallCNN`` on Fashion-MNIST; batches of 128.
+
+Run: ``python benchmarks/training_cost.py --data digits`` (10 epochs) or
+``python benchmarks/training_cost.py --data fashion-mnist`` (5,000 images, 1 epoch; needs
+``apt-get install -y dataset-fashion-mnist``), N = 1, 2, 4, 8 by default; writes
+``results/training_cost_<data>.json`` and ``.png``. ``--quick`` is the CI smoke setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.data import DataLoader, TensorDataset
 
-from common import DATASETS, RESULTS, ImageData, SmallCNN, TreeMemory, bar_plot, load_data, machine, print_table, quiet_trainer, write_results
+from common import DATASETS, RESULTS, ReluMLP, SimpleClassifier, SmallCNN, TreeMemory, bar_plot, load_data, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
 
+MODELS: dict[str, Callable[[], SimpleClassifier]] = {"digits": ReluMLP, "fashion-mnist": SmallCNN}
+#: HQDEStrategy keyword arguments of each HQDE mode (besides ``num_members``, ``sync="none"``, ``seed=0``)
+HQDE_MODES: dict[str, dict[str, Any]] = {
+    "hqde": {},
+    "hqde-vmap": {"members_per_worker": "auto", "vectorize": True},
+    "hqde-loop": {"members_per_worker": "auto", "vectorize": False},
+    "hqde-actors": {"members_per_worker": 1},
+}
+MODES = ("single", "sequential", "torch-vmap", *HQDE_MODES)
+#: the issue's target cases: (data, members, epochs, training images or None for all) -> largest wall-time ratio to ``sequential``
+TARGETS: dict[tuple[str, int, int, int | None], float] = {("digits", 8, 10, None): 0.7, ("fashion-mnist", 4, 1, 5000): 0.9}
+MAX_MEMORY_RATIO, MAX_ACCURACY_POINTS = 1.5, 2.0
 
-def run_hqde(members: int, args: argparse.Namespace) -> dict:
-    data = ImageData(args.data, train_size=args.train_size)
-    pl.seed_everything(0, verbose=False)
-    strategy = HQDEStrategy(num_members=members, sync="none", seed=0)
+#: a function from test inputs to the ensemble's class probabilities
+Predict = Callable[[Tensor], Tensor]
+
+
+class TrainData(pl.LightningDataModule):
+    """The training set, already in memory (loaded before the clock starts), in shuffled batches."""
+
+    def __init__(self, train: TensorDataset, batch_size: int) -> None:
+        super().__init__()
+        self.train, self.batch_size = train, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+
+def seeded_model(data: str, seed: int) -> SimpleClassifier:
+    """A fresh model built under ``seed``, with the global RNGs then reset to ``seed`` (as an HQDE member is before its fit)."""
+    pl.seed_everything(seed, verbose=False)
+    model = MODELS[data]()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    return model
+
+
+def mean_probabilities(models: list[torch.nn.Module]) -> Predict:
+    def predict(x: Tensor) -> Tensor:
+        return torch.stack([torch.softmax(m.eval()(x), dim=-1) for m in models]).mean(0)
+
+    return predict
+
+
+def train_plain(members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
+    """N plain Trainers one after another (``single``: N = 1)."""
+    models = []
+    for seed in range(members):
+        model = seeded_model(args.data, seed)
+        trainer = quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, limit_val_batches=0)
+        trainer.fit(model, datamodule=TrainData(train, args.batch_size))
+        models.append(model.cpu())
+    return mean_probabilities(models)
+
+
+def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
+    """The N members stacked with ``torch.func``; member i starts as ``sequential``'s member i and draws its own batch order."""
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    models = [seeded_model(args.data, seed).to(device) for seed in range(members)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    optimizer = torch.optim.SGD(params.values(), lr=models[0].hparams.lr, momentum=0.9)
+    generators = [torch.Generator().manual_seed(seed) for seed in range(members)]
+    x, y = (t.to(device) for t in train.tensors)
+
+    def loss(p: dict[str, Tensor], b: dict[str, Tensor], xs: Tensor, ys: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(base, (p, b), (xs,)), ys)
+
+    base.train()
+    for _ in range(args.epochs):
+        orders = torch.stack([torch.randperm(len(x), generator=g) for g in generators]).to(device)
+        for start in range(0, len(x), args.batch_size):
+            batch = orders[:, start : start + args.batch_size]
+            optimizer.zero_grad()
+            vmap(loss, randomness="different")(params, buffers, x[batch], y[batch]).sum().backward()
+            optimizer.step()
+
+    def predict(inputs: Tensor) -> Tensor:
+        base.eval()
+        logits = vmap(lambda p, b: functional_call(base, (p, b), (inputs.to(device),)))(params, buffers)
+        return torch.softmax(logits, dim=-1).mean(0).cpu()
+
+    return predict
+
+
+def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
+    model = seeded_model(args.data, 0)
+    strategy = HQDEStrategy(num_members=members, sync="none", seed=0, **HQDE_MODES[mode])
+    trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0)
+    trainer.fit(model, datamodule=TrainData(train, args.batch_size))
+    return strategy.ensemble.eval().cpu().predict_proba
+
+
+@torch.no_grad()
+def accuracy(predict: Predict, test: TensorDataset) -> float:
+    x, y = test.tensors
+    correct = sum(int((predict(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(1000), y.split(1000)))
+    return correct / len(y)
+
+
+def run_one(mode: str, members: int, args: argparse.Namespace) -> dict[str, float]:
+    """Trains ``members`` members in ``mode`` in this process: wall time, peak memory of the process tree, ensemble test accuracy."""
+    train, _, test = load_data(args.data, args.train_size)
     with TreeMemory() as memory:
         started = time.perf_counter()
-        quiet_trainer(strategy=strategy, max_epochs=args.epochs, limit_val_batches=0).fit(SmallCNN(), datamodule=data)
+        if mode in ("single", "sequential"):
+            predict = train_plain(members, train, args)
+        elif mode == "torch-vmap":
+            predict = train_torch_vmap(members, train, args)
+        else:
+            predict = train_hqde(mode, members, train, args)
+        if args.accelerator == "gpu":
+            torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_mem_mb": memory.peak / 2**20}
+    result = {"wall_s": wall, "peak_mem_mb": memory.peak / 2**20, "acc": accuracy(predict, test), "threads": torch.get_num_threads()}
+    if args.accelerator == "gpu":
+        result["driver_gpu_mem_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    return result
 
 
-def run_sequential(members: int, args: argparse.Namespace) -> dict:
-    data = ImageData(args.data, train_size=args.train_size)
-    with TreeMemory() as memory:
-        started = time.perf_counter()
-        for index in range(members):
-            pl.seed_everything(index, verbose=False)
-            quiet_trainer(max_epochs=args.epochs, limit_val_batches=0).fit(SmallCNN(), datamodule=data)
-        wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_mem_mb": memory.peak / 2**20}
+def run_isolated(mode: str, members: int, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_one` in a fresh Python process; on failure the row holds the last lines of its error output."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "result.json"
+        command = [
+            sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--train-size", str(args.train_size),
+            "--batch-size", str(args.batch_size), "--accelerator", args.accelerator, "--run", mode, "--members", str(members), "--result-file", str(out),
+        ]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not out.exists():
+            error = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            print(f"{mode} with {members} members failed (exit {proc.returncode}):\n{error}", flush=True)
+            return {"error": error}
+        result = json.loads(out.read_text())
+        # what HQDEStrategy said about its choices (vectorize="auto"'s timings, a fallback to Ray actors or to the loop)
+        notes = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "HQDEStrategy:" in line]
+        return {**result, "notes": notes} if notes else result
 
 
-def main() -> None:
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of a (mode, N): the shortest wall time (the run least slowed down by
+    other work on the machine), the largest peak memory, the first run's accuracy; the error of the
+    first failed run, if any."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {
+        "wall_s": min(r["wall_s"] for r in runs), "peak_mem_mb": max(r["peak_mem_mb"] for r in runs), "acc": runs[0]["acc"],
+        "wall_runs_s": [r["wall_s"] for r in runs], "threads": runs[0]["threads"], "notes": runs[0].get("notes", []),
+    }
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Adds wall-time and memory ratios and the accuracy difference (points) to ``sequential`` of the same N."""
+    reference = {r["members"]: r for r in rows if r["mode"] == "sequential" and "wall_s" in r}
+    for row in rows:
+        ref = reference.get(row["members"])
+        if ref is None or row["mode"] in ("sequential", "single") or "wall_s" not in row:
+            continue
+        row["wall/seq"] = row["wall_s"] / ref["wall_s"]
+        row["mem/seq"] = row["peak_mem_mb"] / ref["peak_mem_mb"]
+        row["acc-seq_pts"] = 100 * (row["acc"] - ref["acc"])
+
+
+def check_targets(rows: list[dict[str, Any]], args: argparse.Namespace, train_len: int) -> list[dict[str, Any]]:
+    """The issue's targets for the HQDE rows of a target case (none when this run is not one)."""
+    checks = []
+    for (data, members, epochs, size), max_wall in TARGETS.items():
+        if (data, epochs) != (args.data, args.epochs) or (size is not None and size != train_len):
+            continue
+        for row in rows:
+            if row["members"] != members or row["mode"] not in HQDE_MODES or "wall/seq" not in row:
+                continue
+            met = {
+                f"wall <= {max_wall}x": row["wall/seq"] <= max_wall,
+                f"memory <= {MAX_MEMORY_RATIO}x": row["mem/seq"] <= MAX_MEMORY_RATIO,
+                f"accuracy within {MAX_ACCURACY_POINTS:.0f} points": abs(row["acc-seq_pts"]) <= MAX_ACCURACY_POINTS,
+            }
+            checks.append({"case": f"{data}, {members} members, {epochs} epochs, {train_len} images", "mode": row["mode"], "met": met})
+            verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in met.items())
+            print(
+                f"target ({checks[-1]['case']}) {row['mode']}: wall {row['wall/seq']:.2f}x, memory {row['mem/seq']:.2f}x,"
+                f" accuracy {row['acc-seq_pts']:+.1f} points -> {verdicts}"
+            )
+    return checks
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist", choices=sorted(DATASETS))
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=20_000, help="training images used (Fashion-MNIST)")
-    parser.add_argument("--quick", action="store_true", help="tiny CI smoke run: digits, 1-2 members, 1 epoch")
-    args = parser.parse_args()
-    if args.quick:
-        args.data, args.members, args.epochs = "digits", [1, 2], 1
-    train_len = len(load_data(args.data, args.train_size)[0])
-    rows = []
-    for members in args.members:
-        sequential = run_sequential(members, args)
-        hqde = run_hqde(members, args)
-        samples = members * args.epochs * train_len
-        for mode, result in (("sequential", sequential), ("hqde", hqde)):
-            rows.append({"members": members, "mode": mode, **result, "samples_per_s": samples / result["wall_s"]})
-        rows[-1]["hqde/sequential"] = hqde["wall_s"] / sequential["wall_s"]
-        print_table(rows, ["members", "mode", "wall_s", "samples_per_s", "peak_mem_mb", "hqde/sequential"])
-        print()
-    single = next(r for r in rows if r["members"] == min(args.members) and r["mode"] == "sequential")
-    print(f"data: {DATASETS[args.data]}; {train_len} training images, {args.epochs} epochs; machine: {machine()}")
-    print(f"single model ({min(args.members)} member, plain Trainer): {single['wall_s']:.1f} s, {single['peak_mem_mb']:.0f} MiB")
-    name = "training_cost" + ("_quick" if args.quick else "")
-    members = [str(m) for m in args.members]
-    bar_plot(
-        RESULTS / f"{name}.png", f"Training cost ({args.data}, {args.epochs} epochs)", members,
-        {mode: [r["wall_s"] for r in rows if r["mode"] == mode] for mode in ("sequential", "hqde")}, "wall time (s) by number of members",
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE", help=f"subset of {list(MODES)}")
+    parser.add_argument("--epochs", type=int, help="default: the issue's target cases, 10 on digits, 1 on Fashion-MNIST")
+    parser.add_argument("--train-size", type=int, default=5000, help="training images used (Fashion-MNIST)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--accelerator", default="cpu", choices=["cpu", "gpu"],
+        help="where every mode trains (one device); with gpu, driver_gpu_mem_mb is the run process's peak CUDA memory (member actors' not included)",
     )
-    path = write_results(name, {"data": DATASETS[args.data], "train_images": train_len, "epochs": args.epochs, "machine": machine(), "rows": rows})
-    print(f"wrote {path}")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every (mode, N), interleaved; the shortest wall time is reported")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per process (OMP_NUM_THREADS of every run and its Ray actors); default: torch's own"
+        " (the cores). On a machine shared with other work, 1 avoids the threads' busy-waiting for a core that is busy elsewhere",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny CI smoke run: digits, 2 members, 1 epoch, every mode")
+    parser.add_argument("--run", choices=MODES, help=argparse.SUPPRESS)  # one (mode, N) in this process (see run_isolated)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.quick:
+        args.data, args.members, args.epochs = "digits", [2], 1
+    if args.epochs is None:
+        args.epochs = 10 if args.data == "digits" else 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.run is not None:
+        Path(args.result_file).write_text(json.dumps(run_one(args.run, args.members[0], args)))
+        return
+    train_len = len(load_data(args.data, args.train_size)[0])
+    load_before = os.getloadavg()
+    settings = [(1, "single")] if "single" in args.modes else []
+    settings += [(members, mode) for members in args.members for mode in args.modes if mode != "single"]
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {setting: [] for setting in settings}
+    for repeat in range(args.repeats):
+        for members, mode in settings:
+            if any("error" in r for r in runs[members, mode]):
+                continue  # failed once: not run again
+            runs[members, mode].append(result := run_isolated(mode, members, args))
+            if "error" not in result:
+                print(f"run {repeat + 1}/{args.repeats}, {mode} with {members} members: {json.dumps({k: round(v, 3) for k, v in result.items() if k != 'notes'})}", flush=True)
+                for note in result.get("notes", []):
+                    print(f"    {note}", flush=True)
+    rows = [{"members": members, "mode": mode, **best_of(runs[members, mode])} for members, mode in settings]
+    for row in rows:
+        if "wall_s" in row:
+            row["samples_per_s"] = row["members"] * args.epochs * train_len / row["wall_s"]
+    compare(rows)
+    print()
+    print_table(rows, ["members", "mode", "wall_s", "samples_per_s", "peak_mem_mb", "acc", "wall/seq", "mem/seq", "acc-seq_pts"])
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"\ndata: {DATASETS[args.data]}; model {MODELS[args.data].__name__}; {train_len} training images, {args.epochs} epochs, batches of {args.batch_size};"
+          f" wall time: the shortest of {args.repeats} run(s); torch threads per process: {args.threads or 'torch default'}")
+    print(f"machine: {machine()}; load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+    targets = check_targets(rows, args, train_len)
+    name = "training_cost_" + ("quick" if args.quick else args.data)
+    modes = [m for m in args.modes if m != "single"]
+    bar_plot(
+        RESULTS / f"{name}.png", f"Training cost ({args.data}, {MODELS[args.data].__name__}, {train_len} images, {args.epochs} epochs)",
+        [str(m) for m in args.members],
+        {mode: [r.get("wall_s", float("nan")) for r in rows if r["mode"] == mode] for mode in modes}, "wall time (s) by number of members",
+    )
+    payload = {
+        "data": DATASETS[args.data], "model": MODELS[args.data].__name__, "train_images": train_len, "epochs": args.epochs,
+        "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
+    }
+    print(f"wrote {write_results(name, payload)}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ SCRIPTS = {
     "robustness": ({"machine", "accuracy", "aggregation", "epochs", "members"}, True),
 }
 ROW_KEYS = {
+    "training_cost": {"members", "mode", "wall_s", "samples_per_s", "peak_mem_mb", "acc"},
     "accuracy_calibration": {"config", "seeds", "acc_mean", "acc_std", "nll_mean", "ece_mean", "disagreement_mean", "member_acc_mean"},
     "communication": {"setting", "syncs", "KiB_per_sync", "total_KiB", "bytes/fp32", "acc_mean", "acc_std", "acc_cost_mean"},
 }
