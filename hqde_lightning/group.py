@@ -175,18 +175,25 @@ class MemberGroup(LightningModule):
     def _relay(self, logs: list[tuple[str, dict[str, Any], Any]], batch_size: int) -> None:
         """Logs each training member's value as ``member_{i}/<name>``, and the group's first member's also as ``<name>`` (not sent to loggers).
 
-        The plain name is logged for values reduced over the epoch (what checkpoint and
-        learning-rate callbacks monitor); per-step-only training values are not, since each
-        ``self.log`` call costs Lightning about half a millisecond. Stopped members log nothing
+        Each ``self.log`` call costs Lightning about half a millisecond, so per-step-only training
+        values are logged only at the steps Lightning writes to the loggers (their
+        ``member_{i}/...`` entries in ``trainer.callback_metrics`` are then as of the latest such
+        step), and the plain name only for values reduced over the epoch (what checkpoint and
+        learning-rate callbacks monitor) or shown in the progress bar. Stopped members log nothing
         more under their own names; the plain name stays the first member's, stopped or not
         (Lightning keeps one metric object per name for the whole fit).
         """
+        # a value logged per step only (Lightning's default in `training_step`) reaches the loggers
+        # every `log_every_n_steps` steps: the members' values are logged at those steps only
+        writing = not self.training or self.trainer._logger_connector.should_update_logs
         for name, kwargs, values in logs:
             options = {"batch_size": batch_size, **kwargs}
-            for i, member in enumerate(self.member_ids):
-                if not self.frozen[i]:
-                    self.log(f"member_{member}/{name}", values[i], **{**options, "prog_bar": False})
-            if not self.training or options.get("on_epoch", False) or options.get("prog_bar", False):
+            epoch_level = options.get("on_epoch", not self.training)
+            if writing or epoch_level or not options.get("on_step", self.training):
+                for i, member in enumerate(self.member_ids):
+                    if not self.frozen[i]:
+                        self.log(f"member_{member}/{name}", values[i], **{**options, "prog_bar": False})
+            if epoch_level or options.get("prog_bar", False):
                 self.log(name, values[0], **{**options, "logger": False})
 
     # ---------------------------------------------------------- early stops
