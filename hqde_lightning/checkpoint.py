@@ -49,6 +49,7 @@ from lightning.fabric.utilities.types import _PATH
 from torch import Tensor
 
 __all__ = [
+    "member_resume_checkpoint",
     "HQDE_KEY",
     "AtomicCheckpointIO",
     "capture_rng_states",
@@ -343,3 +344,20 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
         random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
+    """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
+
+    An empty entry (a member that never reported a state) resumes from the checkpoint's top
+    level (the consensus). An entry holding weights only (written by older versions) is
+    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
+    since the top level's optimizer state is not this member's.
+    """
+    if not entry:
+        return checkpoint
+    if "pytorch-lightning_version" in entry:
+        return entry
+    warnings.warn(f"HQDEStrategy: member {index}'s checkpoint entry holds its weights only; it resumes with them, the run's progress and a fresh optimizer state.", UserWarning, stacklevel=2)
+    top = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
+    return {**top, **entry, "optimizer_states": [], "lr_schedulers": []}

@@ -5,10 +5,9 @@ device, no ``ray_address``, and nothing the group cannot run per member); :func:
 runs it. The user's ``Trainer`` is copied (as the Ray path pickles it for its actors) and the
 copy fits a :class:`~hqde_lightning.group.MemberGroup` with:
 
-* :class:`GroupStrategy`: Lightning's single-device strategy that gives the training loader one
-  own data order per member (:func:`~hqde_lightning.member_data.group_loader`) and reads and
-  writes whole-ensemble checkpoints in the same format as the Ray path (one full Lightning
-  checkpoint per member; the consensus at the top level);
+* :class:`~hqde_lightning.group_strategy.GroupStrategy`: Lightning's single-device strategy that
+  gives each member its own data order and reads and writes whole-ensemble checkpoints in the
+  same format as the Ray path;
 * :class:`GroupSync`: the epoch-end sync, in this process: the members' weights go through the
   same codec, topology and aggregator as in the coordinator, and each member applies ``sync``.
 
@@ -25,26 +24,21 @@ import time
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from ray import cloudpickle
-from torch.utils.data import DataLoader
 
 from hqde_lightning.actors import MemberResult, _is_scalar
-from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, read_checkpoint, seal_checkpoint, state_digest
+from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
-from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state, unsupported_hooks
-from hqde_lightning.member import MEMBER_KEY, reinitialise, sync_state
-from hqde_lightning.member_data import group_loader
+from hqde_lightning.group import MemberGroup, unsupported_hooks
+from hqde_lightning.group_strategy import GroupStrategy
+from hqde_lightning.member import reinitialise, sync_state
 from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
-from hqde_lightning.member_strategy import _member_resume_checkpoint
-from hqde_lightning.topology import LocalExecutor, aggregate
+from hqde_lightning.topology import LocalExecutor
 
-__all__ = ["GroupStrategy", "GroupSync", "group_blocker", "run_group"]
+__all__ = ["GroupSync", "group_blocker", "run_group"]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
 #: driver, or get one copy per member (EarlyStopping, QuantumNoise); any other callback
@@ -192,107 +186,6 @@ class GroupSync(Callback):
         for i, member in enumerate(self.group.member_ids):
             groups.setdefault(state_digest(self.group.stack.member_state_dict(i)), []).append(member)
         self.forwarder.handle([ClonesEvent(members, epoch) for members in groups.values() if len(members) > 1])
-
-
-class GroupStrategy(SingleDeviceStrategy):
-    """The strategy of the trainer copy that fits a member group in this process (see the module docstring)."""
-
-    strategy_name = "hqde_group"
-
-    def __init__(self, hqde: Any, group: MemberGroup, sync: GroupSync) -> None:
-        device = torch.device("cuda", torch.cuda.current_device()) if isinstance(hqde.accelerator, CUDAAccelerator) else torch.device("cpu")
-        super().__init__(device=device, accelerator=hqde.accelerator, checkpoint_io=hqde.checkpoint_io, precision_plugin=hqde.precision_plugin)
-        self.hqde = hqde
-        self.group = group
-        self.sync = sync
-
-    @property
-    def seed(self) -> int:
-        """The run's seed (member ``i``'s own seed is ``seed + i``)."""
-        return self.hqde.seed
-
-    @property
-    def num_members(self) -> int:
-        return self.hqde.num_members
-
-    def install(self, trainer: Trainer) -> None:
-        """Makes this the strategy of ``trainer`` before its fit starts (values logged before are dropped)."""
-        trainer._accelerator_connector.strategy = self
-        for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
-            loop._results.clear()
-
-    def process_dataloader(self, dataloader: object) -> object:
-        """The training loader becomes one loader yielding every member's own batch, stacked."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
-            return dataloader
-        warn = lambda message: self.sync.forwarder.handle([Notice(0, f"HQDEStrategy: {message}", warning=True)])  # noqa: E731
-        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn)
-
-    # ----------------------------------------------------------- checkpoints
-    def member_checkpoint(self, checkpoint: dict[str, Any], i: int) -> dict[str, Any]:
-        """Member ``i``'s full Lightning checkpoint cut out of the group's ``checkpoint``."""
-        trainer = self.lightning_module.trainer
-        epoch = trainer.current_epoch
-        entry = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "state_dict", "optimizer_states")}
-        entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
-        entry["optimizer_states"] = [member_optimizer_state(opt, state, i) for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))]
-        if "callbacks" in checkpoint:  # a member copy's state goes under the key its callback has with actors
-            copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
-            entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
-            entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
-        round_id = epoch if self.sync.synced_epoch == epoch else epoch - 1
-        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": round_id, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
-        return entry
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Writes the whole ensemble: each member's entry, the consensus as the top-level ``state_dict``."""
-        members = [self.member_checkpoint(checkpoint, i) for i in range(self.group.num_members)]
-        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), [m["state_dict"] for m in members]).state
-        top = {**{k: v for k, v in members[0].items() if k != MEMBER_KEY}, "state_dict": consensus}
-        section = ensemble_section(self.hqde, members, None, None, self.sync.sync_state())
-        self.checkpoint_io.save_checkpoint(seal_checkpoint(top, section), filepath, storage_options=storage_options)
-
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Resumes every member from its entry of an HQDE checkpoint (or all from a plain checkpoint's weights)."""
-        load = super().load_checkpoint
-        checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
-        section = checkpoint.get(HQDE_KEY)
-        k = self.group.num_members
-        if section is None:
-            entries = [checkpoint] * k
-        else:
-            if int(section["num_members"]) != self.hqde.num_members:
-                raise MisconfigurationException(
-                    f"{checkpoint_path} holds {section['num_members']} members but `HQDEStrategy(num_members={self.hqde.num_members})`;"
-                    f" resume with `num_members={section['num_members']}`."
-                )
-            entries = [_member_resume_checkpoint(checkpoint, section["members"][m], m) for m in self.group.member_ids]
-            self.sync.load_sync_state(section.get("coordinator") or {})
-        for i, entry in enumerate(entries):
-            self.group.stack.load_member_state_dict(i, entry["state_dict"])
-            rng = entry.get(MEMBER_KEY, {}).get("rng", {}).get("torch")
-            if rng is not None:
-                self.group.stack.rng_states[i] = torch.as_tensor(rng, dtype=torch.uint8).cpu()
-        lead = {k: v for k, v in entries[0].items() if k not in (HQDE_KEY, MEMBER_KEY)}
-        if "callbacks" in lead:  # each member copy resumes from its member's entry
-            copies = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, MemberCopy)]
-            lead["callbacks"] = {k: v for k, v in lead["callbacks"].items() if k not in {cb.original_state_key for cb in copies}}
-            for cb in copies:
-                state = entries[cb.position].get("callbacks", {}).get(cb.original_state_key)
-                if state is not None:
-                    lead["callbacks"][cb.state_key] = state
-        lead["state_dict"] = self.group.state_dict()
-        lead["member_optimizer_states"] = [e.get("optimizer_states", []) for e in entries]
-        return lead
-
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        per_member = checkpoint.get("member_optimizer_states")
-        if per_member is None:
-            return super().load_optimizer_state_dict(checkpoint)
-        for n, optimizer in enumerate(self.optimizers):
-            if all(len(states) > n for states in per_member):
-                optimizer.load_state_dict(stacked_optimizer_state(optimizer, [states[n] for states in per_member]))
 
 
 def run_group(trainer: Trainer, payload: bytes, forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:

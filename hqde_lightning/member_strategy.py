@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, read_checkpoint, seal_checkpoint
+from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, member_resume_checkpoint, read_checkpoint, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
@@ -189,7 +189,7 @@ class MemberStrategy(SingleDeviceStrategy):
                     f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
                     f" resume with `num_members={saved}`."
                 )
-            checkpoint = _member_resume_checkpoint(checkpoint, section["members"][index], index)
+            checkpoint = member_resume_checkpoint(checkpoint, section["members"][index], index)
             if index == 0 and section.get("coordinator"):
                 self.context.coordinator.load_state_dict.remote(section["coordinator"])
         if MEMBER_KEY in checkpoint:
@@ -198,20 +198,3 @@ class MemberStrategy(SingleDeviceStrategy):
 
     def __repr__(self) -> str:
         return f"MemberStrategy(member_index={self.context.index}, device={self.root_device})"
-
-
-def _member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
-    """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
-
-    An empty entry (a member that never reported a state) resumes from the checkpoint's top
-    level (the consensus). An entry holding weights only (written by older versions) is
-    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
-    since the top level's optimizer state is not this member's.
-    """
-    if not entry:
-        return checkpoint
-    if "pytorch-lightning_version" in entry:
-        return entry
-    rank_zero_warn(f"HQDEStrategy: member {index}'s checkpoint entry holds its weights only; it resumes with them, the run's progress and a fresh optimizer state.")
-    top = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
-    return {**top, **entry, "optimizer_states": [], "lr_schedulers": []}
