@@ -20,9 +20,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -33,11 +31,12 @@ from hqde_lightning.member import MEMBER_KEY
 from hqde_lightning.member_callbacks import MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.topology import aggregate
+from hqde_lightning.worker_strategy import WorkerStrategy
 
 __all__ = ["GroupStrategy"]
 
 
-class GroupStrategy(SingleDeviceStrategy):
+class GroupStrategy(WorkerStrategy):
     """The strategy of the trainer copy that fits ``group`` (see the module docstring).
 
     Args:
@@ -51,25 +50,9 @@ class GroupStrategy(SingleDeviceStrategy):
 
     def __init__(self, hqde: Any, group: MemberGroup, sync: Any) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if isinstance(hqde.accelerator, CUDAAccelerator) else torch.device("cpu")
-        super().__init__(device=device, accelerator=hqde.accelerator, checkpoint_io=hqde.checkpoint_io, precision_plugin=hqde.precision_plugin)
-        self.hqde = hqde
+        super().__init__(hqde, device)
         self.group = group
         self.sync = sync
-
-    @property
-    def seed(self) -> int:
-        """The run's seed (member ``i``'s own seed is ``seed + i``)."""
-        return self.hqde.seed
-
-    @property
-    def num_members(self) -> int:
-        return self.hqde.num_members
-
-    def install(self, trainer: Trainer) -> None:
-        """Makes this the strategy of ``trainer`` before its fit starts (values logged before are dropped)."""
-        trainer._accelerator_connector.strategy = self
-        for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
-            loop._results.clear()
 
     def process_dataloader(self, dataloader: object) -> object:
         """The training loader becomes one loader yielding every member's own batch, stacked."""

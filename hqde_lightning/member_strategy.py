@@ -22,9 +22,7 @@ from typing import Any
 import ray
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -36,11 +34,12 @@ from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.topology import aggregate
+from hqde_lightning.worker_strategy import WorkerStrategy
 
 __all__ = ["MemberStrategy"]
 
 
-class MemberStrategy(SingleDeviceStrategy):
+class MemberStrategy(WorkerStrategy):
     """Member ``context.index``'s single-device strategy, configured by the run's :class:`HQDEStrategy`.
 
     Args:
@@ -55,36 +54,16 @@ class MemberStrategy(SingleDeviceStrategy):
     def __init__(self, hqde: HQDEStrategy, context: MemberContext, member_sync: MemberSync) -> None:
         # inside a member, Ray's CUDA_VISIBLE_DEVICES shows the member's own GPU as device 0
         device = torch.device("cuda", 0) if isinstance(hqde.accelerator, CUDAAccelerator) else torch.device("cpu")
-        super().__init__(device=device, accelerator=hqde.accelerator, checkpoint_io=hqde.checkpoint_io, precision_plugin=hqde.precision_plugin)
-        self.hqde = hqde
+        super().__init__(hqde, device)
         self.context = context
         self._member_sync = member_sync
         # the epoch this member was last confirmed as the checkpoint writer for
         self._writer_epoch: int | None = None
 
-    def install(self, trainer: Trainer) -> None:
-        """Makes this the strategy of ``trainer`` (whose strategy is :attr:`hqde`), before its fit starts.
-
-        Values logged before (a ``Tuner`` run in the driver) are dropped: Lightning keeps the
-        strategy's ``reduce`` with each logged key and refuses the same key logged with another.
-        """
-        trainer._accelerator_connector.strategy = self
-        for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
-            loop._results.clear()
-
     @property
     def member_index(self) -> int:
         """This member's position in the ensemble."""
         return self.context.index
-
-    @property
-    def num_members(self) -> int:
-        return self.hqde.num_members
-
-    @property
-    def seed(self) -> int:
-        """The run's seed (this member's own seed is ``seed + member_index``)."""
-        return self.hqde.seed
 
     # ----------------------------------------------------------- writer role
     @property
