@@ -97,6 +97,8 @@ class MemberGroup(LightningModule):
         #: per step kind, "vmap" or "loop" once decided
         self.modes: dict[str, str] = {} if vectorize == "auto" else {"training_step": "vmap" if vectorize else "loop"}
         self._timings: dict[str, list[float]] = {"vmap": [], "loop": []}
+        #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
+        self._vmapped: set[str] = set()
         self._step_started = 0.0
         self._step_mode = ""
         #: the members' losses and the per-member batch size of the latest training step
@@ -140,9 +142,11 @@ class MemberGroup(LightningModule):
         self._attach()
         self._step_mode = mode
         if mode == "vmap":
-            saved = None if method in self.modes else [b.clone() for b in self.stack.buffers()]
+            # until vmap has run a method once, a failure falls back to the loop: the buffers are kept to undo it
+            saved = None if method in self._vmapped else [b.clone() for b in self.stack.buffers()]
             try:
                 out, logs = self.stack.vmap_call(method, args, in_dims)
+                self._vmapped.add(method)
                 if method != "training_step":  # the training step's mode is set by `vectorize` or the timing
                     self.modes.setdefault(method, "vmap")
                 return out, [(n, k, list(v)) for n, k, v in zip(logs.names, logs.kwargs, logs.values)]

@@ -32,7 +32,7 @@ MEMBERS = 3
 class Net(pl.LightningModule):
     """An MLP with optional BatchNorm and dropout; the optimizer is chosen by name."""
 
-    def __init__(self, optimizer: str = "adam", batchnorm: bool = True, dropout: float = 0.0) -> None:
+    def __init__(self, optimizer: str = "adam", batchnorm: bool = True, dropout: float = 0.0, scheduler: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         # no bias before BatchNorm: its gradient is rounding noise, which Adam turns into full steps
@@ -50,8 +50,12 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.hparams.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=0.01)
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        if not self.hparams.scheduler:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5), "interval": "step"}}
 
 
 def train_loader() -> DataLoader:
@@ -96,8 +100,10 @@ def assert_same_members(group: list[dict], solo: list[dict]) -> None:
         (dict(optimizer="sgd"), {}),
         (dict(optimizer="sgd", batchnorm=False), dict(accumulate_grad_batches=2)),
         (dict(optimizer="adam"), dict(gradient_clip_val=0.05)),
+        (dict(optimizer="sgd", scheduler=True), {}),
+        (dict(optimizer="adam"), dict(precision="bf16-mixed")),
     ],
-    ids=["adam+batchnorm", "sgd-momentum+batchnorm", "accumulate-2", "clip-norm"],
+    ids=["adam+batchnorm", "sgd-momentum+batchnorm", "accumulate-2", "clip-norm", "step-lr-scheduler", "bf16-mixed"],
 )
 def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
     solo = solo_states(hparams, **trainer_kwargs)
