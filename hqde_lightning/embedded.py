@@ -34,18 +34,18 @@ from hqde_lightning.codec import apply_sync, distance_to_consensus, payload_layo
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
-from hqde_lightning.member import reinitialise, sync_state
+from hqde_lightning.member import SyncCodec, reinitialise, sync_state
 from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
 from hqde_lightning.topology import LocalExecutor
 
 __all__ = ["GroupSync", "group_blocker", "run_group"]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
-#: driver, or get one copy per member (EarlyStopping, QuantumNoise); any other callback
-#: (StochasticWeightAveraging, AdaptiveQuantization, your own) acts on one module's weights or
-#: metrics and runs inside each member's actor
+#: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization); any
+#: other callback (StochasticWeightAveraging, ByzantineMembers, your own) acts on one module's
+#: weights or metrics and runs inside each member's actor
 GROUP_CALLBACKS = (
-    "EarlyStopping", "QuantumNoise",  # replaced by one copy per member (hqde_lightning.member_callbacks)
+    "EarlyStopping", "QuantumNoise", "AdaptiveQuantization",  # one copy per member (hqde_lightning.member_callbacks)
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
     "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram",
@@ -157,7 +157,9 @@ class GroupSync(Callback):
         members = [group.member_ids[i] for i in training]
         keys = list(sync_state(group.module))
         states = [{k: stack.stacked(k)[i].detach() for k in keys} for i in training]
-        payloads = [state_to_numpy(s) for s in states]
+        # a member's codec (its AdaptiveQuantization copy) encodes what it sends; without one, raw numpy arrays
+        codecs = {cb.position: cb for cb in reversed(trainer.callbacks) if isinstance(cb, MemberCopy) and isinstance(cb, SyncCodec)}
+        payloads = [codecs[i].encode_for_sync(trainer, group, dict(s)) if i in codecs else state_to_numpy(s) for i, s in zip(training, states)]
         scores = [self.score(trainer, i) for i in training]
         counts = max(self._num_samples, 1)
         entries = [(p, s, counts, payload_nbytes(p), payload_layout(p)) for p, s in zip(payloads, scores)]

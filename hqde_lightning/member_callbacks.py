@@ -11,6 +11,9 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
 * :class:`MemberQuantumNoise`: ``QuantumNoise`` drawing from member ``i``'s own generator and
   perturbing member ``i``'s slices of the stacked parameters (or gradients), logged as
   ``member_{i}/noise_scale``.
+* :class:`MemberAdaptiveQuantization`: ``AdaptiveQuantization`` encoding member ``i``'s weights
+  for the group's sync (bit widths ranked by member ``i``'s own gradients, its own error
+  feedback), logged as ``member_{i}/quant/...``.
 
 Each copy keeps the original's state key in :attr:`MemberCopy.original_state_key`, so that
 whole-ensemble checkpoints hold each member's callback state under the key it has with actors.
@@ -29,9 +32,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hqde_lightning.callbacks.noise import QuantumNoise
+from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import MemberGroup
 
-__all__ = ["MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise", "member_callbacks"]
+__all__ = ["MemberAdaptiveQuantization", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise", "member_callbacks"]
 
 
 class MemberCopy:
@@ -102,12 +106,32 @@ class MemberQuantumNoise(MemberCopy, QuantumNoise):
         return (g[self.position] for g in super()._gradients(optimizer))
 
 
+class MemberAdaptiveQuantization(MemberCopy, AdaptiveQuantization):
+    """``AdaptiveQuantization`` for one member: it encodes that member's weights (ranked by its own gradients) with its own error feedback."""
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.original_state_key}[member_{self.member_id}]"
+
+    def _member_index_in(self, trainer: pl.Trainer) -> int:
+        return self.member_id
+
+    def _log_name(self, name: str) -> str:
+        return f"member_{self.member_id}/quant/{name}"
+
+    def _named_gradients(self, pl_module: pl.LightningModule) -> Iterator[tuple[str, Tensor]]:
+        stack = self.group.stack
+        return ((name, p.grad[self.position]) for name, p in zip(stack.param_names, stack.params) if p.grad is not None)
+
+
 #: the callbacks a member group replaces by one copy per member
-_COPIES: dict[type[Callback], type[MemberCopy]] = {EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise}
+_COPIES: dict[type[Callback], type[MemberCopy]] = {
+    EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
+}
 
 
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
-    """``callbacks`` with each ``EarlyStopping`` and ``QuantumNoise`` (exactly those classes) replaced by one copy per member."""
+    """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise`` and ``AdaptiveQuantization`` (exactly those classes) replaced by one copy per member."""
     out: list[Callback] = []
     for callback in callbacks:
         member_copy = _COPIES.get(type(callback))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
-from hqde_lightning.callbacks import QuantumNoise
+from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.embedded import group_blocker
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member_data import member_loader
@@ -311,3 +311,20 @@ def test_checkpoints_resume_in_either_runtime(ray_session, tmp_path, writer):
     for resumed_in_group, resumed_as_actor in zip(group.ensemble.members, actors.ensemble.members):
         for key, value in resumed_as_actor.state_dict().items():
             torch.testing.assert_close(resumed_in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_sync_in_a_group_matches_member_actors(ray_session, tmp_path):
+    """AdaptiveQuantization in a group: each member encodes its own weights as its actor would; the bytes shrink alike."""
+    runs = {}
+    for members_per_worker in ("auto", 1):
+        strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, members_per_worker=members_per_worker, vectorize=False)
+        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_val_batches=0, callbacks=[AdaptiveQuantization(warmup_syncs=0)])
+        pl.seed_everything(0, verbose=False)
+        trainer.fit(DigitsModule(hidden=64), datamodule=SeededDigits())
+        runs[members_per_worker] = strategy
+    group, actors = runs["auto"], runs[1]
+    for g, a in zip(group.sync_history, actors.sync_history):
+        assert g.bytes_received == a.bytes_received < 0.5 * g.fp32_bytes
+    for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
+        for key, value in as_actor.state_dict().items():
+            torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)

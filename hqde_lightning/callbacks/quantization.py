@@ -9,6 +9,7 @@ A thin Lightning wrapper over :mod:`hqde_lightning.compression` that implements 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class AdaptiveQuantization(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._member_index = getattr(trainer.strategy, "member_index", None) or 0
+        self._member_index = self._member_index_in(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
@@ -110,9 +111,8 @@ class AdaptiveQuantization(Callback):
         total = trainer.num_training_batches
         if not math.isinf(total) and trainer.fit_loop.epoch_loop.batch_idx + 1 < total:
             return
-        for name, param in pl_module.named_parameters():
-            if param.grad is not None:
-                self._grad_magnitudes[name] = param.grad.detach().abs()
+        for name, grad in self._named_gradients(pl_module):
+            self._grad_magnitudes[name] = grad.detach().abs()
 
     # ------------------------------------------------------------- SyncCodec
     def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> EncodedState:
@@ -140,8 +140,19 @@ class AdaptiveQuantization(Callback):
         self.num_syncs += 1
         self.last_stats = _stats(payload, sent, decoded)
         for name, value in self.last_stats.items():
-            pl_module.log(f"quant/{name}", value, on_step=False, on_epoch=True, batch_size=1)
+            pl_module.log(self._log_name(name), value, on_step=False, on_epoch=True, batch_size=1)
         return payload
+
+    def _member_index_in(self, trainer: Trainer) -> int:
+        """The member whose weights this callback encodes: the strategy's ``member_index`` (0 without one)."""
+        return getattr(trainer.strategy, "member_index", None) or 0
+
+    def _log_name(self, name: str) -> str:
+        return f"quant/{name}"
+
+    def _named_gradients(self, pl_module: LightningModule) -> Iterator[tuple[str, Tensor]]:
+        """``(state-dict name, gradient)`` of every parameter that has a gradient."""
+        return ((name, param.grad) for name, param in pl_module.named_parameters() if param.grad is not None)
 
     # ------------------------------------------------------------------ state
     @override
