@@ -86,8 +86,8 @@ class MemberEarlyStopping(MemberCopy, EarlyStopping):
             trainer.should_stop = all(self.group.frozen)
 
 
-class MemberQuantumNoise(MemberCopy, QuantumNoise):
-    """``QuantumNoise`` for one member: its own noise stream on its own slices of the stack."""
+class _IndexedCopy(MemberCopy):
+    """A copy of a callback that keys its state by member index (``QuantumNoise``, ``AdaptiveQuantization``)."""
 
     @property
     def state_key(self) -> str:
@@ -95,6 +95,10 @@ class MemberQuantumNoise(MemberCopy, QuantumNoise):
 
     def _member_index_in(self, trainer: pl.Trainer) -> int:
         return self.member_id
+
+
+class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
+    """``QuantumNoise`` for one member: its own noise stream on its own slices of the stack."""
 
     def _log_name(self) -> str:
         return f"member_{self.member_id}/noise_scale"
@@ -106,15 +110,8 @@ class MemberQuantumNoise(MemberCopy, QuantumNoise):
         return (g[self.position] for g in super()._gradients(optimizer))
 
 
-class MemberAdaptiveQuantization(MemberCopy, AdaptiveQuantization):
+class MemberAdaptiveQuantization(_IndexedCopy, AdaptiveQuantization):
     """``AdaptiveQuantization`` for one member: it encodes that member's weights (ranked by its own gradients) with its own error feedback."""
-
-    @property
-    def state_key(self) -> str:
-        return f"{self.original_state_key}[member_{self.member_id}]"
-
-    def _member_index_in(self, trainer: pl.Trainer) -> int:
-        return self.member_id
 
     def _log_name(self, name: str) -> str:
         return f"member_{self.member_id}/quant/{name}"
