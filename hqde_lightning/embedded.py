@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -190,11 +191,13 @@ class GroupSync(Callback):
         self.forwarder.handle([ClonesEvent(members, epoch) for members in groups.values() if len(members) > 1])
 
 
-def run_group(trainer: Trainer, payload: bytes, forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
+def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
     """Fits every member of ``trainer.strategy``'s ensemble as one group in this process.
 
-    ``payload`` is the pickled fit (:func:`~hqde_lightning.pickling.pickle_fit`). Returns the
-    members' results, their final snapshots and the sync state (aggregator state, history).
+    ``payload`` is the pickled fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`),
+    ``data`` the fit's data arguments (``datamodule``, ``train_dataloaders``...), used as they are.
+    Returns the members' results, their final snapshots and the sync state (aggregator state,
+    history).
 
     Raises:
         GroupUnsupported: before any training step, when the group cannot run this module (e.g.
@@ -203,7 +206,7 @@ def run_group(trainer: Trainer, payload: bytes, forwarder: Any) -> tuple[list[Me
     hqde = trainer.strategy
     copy_trainer, function_name, args, kwargs = cloudpickle.loads(payload)
     function = getattr(copy_trainer, function_name)
-    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound = inspect.signature(function).bind(*args, **kwargs, **data)
     model: LightningModule = bound.arguments["model"]
     resuming = bound.arguments.get("ckpt_path") is not None
     members, rng_states = [], []

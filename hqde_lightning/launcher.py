@@ -57,6 +57,8 @@ from hqde_lightning.topology import aggregate
 __all__ = ["RayEnsembleLauncher"]
 
 _POLL_SECONDS = 0.25
+#: the arguments of ``Trainer.fit`` that carry data (a member group uses them without copying)
+_DATA_ARGUMENTS = ("train_dataloaders", "val_dataloaders", "datamodule")
 #: what a fit's members bring back: their results, their final snapshots, the sync state
 _Outcome = tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]
 
@@ -119,11 +121,10 @@ class RayEnsembleLauncher(_Launcher):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
-        payload = pickle_fit(trainer, function, bound, model)
         try:
-            outcome = self._fit_embedded(trainer, model, payload)
+            outcome = self._fit_embedded(trainer, model, function, bound)
             if outcome is None:
-                outcome = self._fit_actors(trainer, model, bound, payload)
+                outcome = self._fit_actors(trainer, model, bound, pickle_fit(trainer, function, bound, model))
             results, final_snapshots, strategy.coordinator_state = outcome
             _check_score_metric(strategy.score_metric, results)
             self._recover(trainer, model, results)
@@ -138,19 +139,23 @@ class RayEnsembleLauncher(_Launcher):
                     self._started_ray = False
         return None
 
-    def _fit_embedded(self, trainer: Trainer, model: LightningModule, payload: bytes) -> _Outcome | None:
+    def _fit_embedded(self, trainer: Trainer, model: LightningModule, function: Callable, bound: inspect.BoundArguments) -> _Outcome | None:
         """Trains every member as one group in this process, without Ray, when :func:`group_blocker` allows it.
 
-        Returns ``None`` (the members then run as Ray actors, with a line saying why) when it
-        does not, or when the group refuses the module before its first step (``GroupUnsupported``).
+        The group fits a copy of the trainer and the module; your data objects are used as they
+        are (a plain fit calls their ``setup`` too), so the data is never copied. Returns ``None``
+        (the members then run as Ray actors, with a line saying why) when it cannot, or when the
+        group refuses the module before its first step (``GroupUnsupported``).
         """
         strategy = self._strategy
         blocker = group_blocker(strategy, trainer, model)
         if blocker is None:
             strategy.sync_history, strategy.dropped_members = [], []
             forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
+            data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
+            without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
             try:
-                return run_group(trainer, payload, forwarder)
+                return run_group(trainer, pickle_fit(trainer, function, without_data, model), data, forwarder)
             except GroupUnsupported as err:
                 blocker = str(err)
         if strategy.members_per_worker == "auto":
