@@ -1,7 +1,9 @@
-"""The 60-second tour: 4 members of an ordinary LightningModule trained as Ray actors.
+"""The 60-second tour: 4 members of an ordinary LightningModule, trained stacked in this process.
 
+On one device (here the CPU) ``HQDEStrategy`` trains all members as one member group in this
+process, without Ray; the script prints the wall time of the fit and the test.
 Data: scikit-learn's bundled digits (1,797 8×8 images, 10 classes; no download).
-Run: ``python examples/quick_start.py`` (about 20 s on 2 idle CPU cores, Ray start-up included).
+Run: ``python examples/quick_start.py`` (about 7 s on 2 CPU cores, plus ~5 s of imports).
 """
 
 from __future__ import annotations
