@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits_data import SimpleClassifier, digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: where the Fashion-MNIST files are: the Debian package's folder, or ``$FASHION_MNIST_DIR``
+FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DATASETS = {
     "digits": "scikit-learn digits: 1,797 8x8 grey images, 10 classes (BSD-3), bundled with scikit-learn",
     "fashion-mnist": "Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, 10 classes (MIT), Debian package dataset-fashion-mnist",
