@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits_data import SimpleClassifier, digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: where the Fashion-MNIST files are: the Debian package's folder, or ``$FASHION_MNIST_DIR``
+FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DATASETS = {
     "digits": "scikit-learn digits: 1,797 8x8 grey images, 10 classes (BSD-3), bundled with scikit-learn",
     "fashion-mnist": "Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, 10 classes (MIT), Debian package dataset-fashion-mnist",
@@ -251,15 +252,17 @@ def error_bars(axis: Any, labels: list[str], means: list[float], stds: list[floa
     return bars
 
 
-def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
-    """A grouped bar chart of ``series`` (name -> one value per label), saved as PNG."""
-    with figure(path, None, 1, (max(6.0, 0.9 * len(labels) * max(1, len(series))), 4.0)) as axis:
+def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False, width_per_bar: float = 0.9) -> Path:
+    """A grouped bar chart of ``series`` (name -> one value per label), saved as PNG; ``log``: logarithmic y axis."""
+    with figure(path, None, 1, (max(6.0, width_per_bar * len(labels) * max(1, len(series))), 4.0)) as axis:
         width = 0.8 / max(1, len(series))
         for offset, (name, values) in enumerate(series.items()):
             axis.bar([i + offset * width for i in range(len(labels))], values, width=width, label=name)
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
         axis.set_xticklabels(labels, rotation=30, ha="right")
         axis.set_ylabel(ylabel)
+        if log:
+            axis.set_yscale("log")
         axis.set_title(title)
         axis.legend()
     return path

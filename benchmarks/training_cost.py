@@ -243,6 +243,16 @@ def check_targets(rows: list[dict[str, Any]], args: argparse.Namespace, train_le
     return checks
 
 
+def plot(rows: list[dict[str, Any]], args: argparse.Namespace, train_len: int, path: Path) -> None:
+    """Wall time per mode (``single`` left out) by number of members, on a log scale (actors cost tens of times more)."""
+    modes = [m for m in args.modes if m != "single"]
+    bar_plot(
+        path, f"Training cost: {args.data}, {MODELS[args.data].__name__}, {train_len} images, {args.epochs} epoch(s), {args.threads or 'default'} torch thread(s)",
+        [str(m) for m in args.members], {mode: [r.get("wall_s", float("nan")) for r in rows if r["mode"] == mode] for mode in modes},
+        "wall time (s), log scale, by number of members", log=True, width_per_bar=0.45,
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist", choices=sorted(DATASETS))
@@ -305,12 +315,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     targets = check_targets(rows, args, train_len)
     name = "training_cost_" + ("quick" if args.quick else args.data)
-    modes = [m for m in args.modes if m != "single"]
-    bar_plot(
-        RESULTS / f"{name}.png", f"Training cost ({args.data}, {MODELS[args.data].__name__}, {train_len} images, {args.epochs} epochs)",
-        [str(m) for m in args.members],
-        {mode: [r.get("wall_s", float("nan")) for r in rows if r["mode"] == mode] for mode in modes}, "wall time (s) by number of members",
-    )
+    plot(rows, args, train_len, RESULTS / f"{name}.png")
     payload = {
         "data": DATASETS[args.data], "model": MODELS[args.data].__name__, "train_images": train_len, "epochs": args.epochs,
         "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
