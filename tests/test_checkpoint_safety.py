@@ -39,10 +39,14 @@ def _trainer(strategy: HQDEStrategy, root, **kwargs) -> pl.Trainer:
 
 @pytest.fixture(scope="module")
 def robust_fit(ray_session, tmp_path_factory):
-    """3 members, elastic sync with the Byzantine defence, quantized sync, noise; checkpoints every 5 steps."""
+    """3 members as actors, elastic sync with the Byzantine defence, quantized sync, noise; checkpoints every 5 steps.
+
+    Member actors: these tests are about what the writing member puts into checkpoints for the
+    others (their latest snapshots); a member group holds every member itself (tests/test_groups.py).
+    """
     root = tmp_path_factory.mktemp("robust")
     checkpoints = ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=5, save_top_k=-1)
-    strategy = HQDEStrategy(num_members=3, sync="elastic", outlier_threshold=3.0, seed=5)
+    strategy = HQDEStrategy(num_members=3, sync="elastic", outlier_threshold=3.0, seed=5, members_per_worker=1)
     callbacks = [checkpoints, AdaptiveQuantization(), QuantumNoise(scale=1e-3)]
     trainer = _trainer(strategy, root, max_epochs=2, callbacks=callbacks)
     model, dm = DigitsModule(), DigitsDataModule()
@@ -134,10 +138,10 @@ def test_resume_after_driver_save_continues_each_member(ray_session, tmp_path):
 
 
 def test_step_checkpoint_in_the_first_resumed_epoch_holds_every_member(robust_fit, tmp_path):
-    """Resumed members post their starting state, so a mid-epoch save before any sync of the new run does not wait for one."""
+    """Resumed member actors post their starting state, so a mid-epoch save before any sync of the new run does not wait for one."""
     driver_path = robust_fit[-1]  # written after 2 epochs
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5, save_top_k=-1)
-    strategy = HQDEStrategy(num_members=3, sync="elastic", outlier_threshold=3.0, seed=5)
+    strategy = HQDEStrategy(num_members=3, sync="elastic", outlier_threshold=3.0, seed=5, members_per_worker=1)
     trainer = _trainer(strategy, tmp_path, max_epochs=3, callbacks=[checkpoints, AdaptiveQuantization(), QuantumNoise(scale=1e-3)])
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=driver_path)
     assert trainer.current_epoch == 3

@@ -328,3 +328,25 @@ def test_quantized_sync_in_a_group_matches_member_actors(ray_session, tmp_path):
     for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
         for key, value in as_actor.state_dict().items():
             torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_group_step_checkpoint_holds_every_member_as_of_that_step(tmp_path):
+    """A mid-epoch checkpoint written by a group holds every member's own state at that very step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+    from hqde_lightning.ensemble import Ensemble
+
+    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=5, vectorize=False)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5, save_top_k=-1)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, enable_checkpointing=True, callbacks=[checkpoints, AdaptiveQuantization(), QuantumNoise(scale=1e-3)])
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    path = str(tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
+    section = load_checkpoint_file(path)[HQDE_KEY]
+    assert [m["global_step"] for m in section["members"]] == [5, 5, 5]
+    weights = [m["state_dict"]["net.0.weight"] for m in section["members"]]
+    assert not torch.equal(weights[0], weights[1])  # each member's own weights
+    # each member's noise and quantization state sits under the key it has with actors
+    assert all({"QuantumNoise", "AdaptiveQuantization"} <= set(m["callbacks"]) for m in section["members"])
+    assert [m["callbacks"]["QuantumNoise"]["member_index"] for m in section["members"]] == [0, 1, 2]
+    assert Ensemble.load_from_checkpoint(path, DigitsModule).num_members == 3
