@@ -32,6 +32,7 @@ __all__ = [
     "SYNC_MODES",
     "Payload",
     "apply_sync",
+    "apply_sync_",
     "decode_payload",
     "distance_to_consensus",
     "payload_layout",
@@ -192,3 +193,15 @@ def apply_sync(state: Mapping[str, Tensor], consensus: Mapping[str, Tensor | np.
         else:
             out[key] = torch.add(current, _like(value, current) - current, alpha=alpha)
     return out
+
+
+def apply_sync_(state: Mapping[str, Tensor], consensus: Mapping[str, Tensor | np.ndarray], mode: str, alpha: float) -> None:
+    """:func:`apply_sync` written into ``state``'s tensors, one entry at a time.
+
+    The sync's peak memory stays one tensor above the model's (what a member applies at each
+    sync point, in its actor or in a member group).
+    """
+    with torch.no_grad():
+        for key, value in consensus.items():
+            (updated,) = apply_sync({key: state[key]}, {key: value}, mode, alpha).values()
+            state[key].copy_(updated)

@@ -31,11 +31,11 @@ from ray import cloudpickle
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.checkpoint import state_digest
-from hqde_lightning.codec import apply_sync, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
+from hqde_lightning.codec import apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
-from hqde_lightning.member import SyncCodec, reinitialise, sync_state
+from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
 from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
 from hqde_lightning.topology import LocalExecutor
 
@@ -140,14 +140,10 @@ class GroupSync(Callback):
 
     def score(self, trainer: Trainer, i: int) -> float | None:
         """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch."""
-        if self.hqde.score_metric is not None:
-            value = trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{self.hqde.score_metric}")
-            if value is None:
-                return None
-            return float(value) if self.hqde.score_mode == "max" else -float(value)
-        if self._loss_sum is None or self._num_batches == 0:
-            return None
-        return -float(self._loss_sum[i]) / self._num_batches
+        name = self.hqde.score_metric
+        metric = None if name is None else trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{name}")
+        loss_sum = None if self._loss_sum is None else self._loss_sum[i]
+        return confidence(name, metric, self.hqde.score_mode, loss_sum, self._num_batches)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:
         """One sync round: every member's weights through the topology and aggregator, then ``sync`` applied to each."""
@@ -174,12 +170,9 @@ class GroupSync(Callback):
         self.history.append(record.as_dict())
         self._num_samples = 0
         events: list[Any] = [record]
-        with torch.no_grad():
-            for member, state in zip(members, states):
-                events.append(DistanceEvent(member, step, distance_to_consensus(state, consensus)))
-                for key, value in consensus.items():
-                    (updated,) = apply_sync({key: state[key]}, {key: value}, self.hqde.sync, self.hqde.sync_strength).values()
-                    state[key].copy_(updated)
+        for member, state in zip(members, states):
+            events.append(DistanceEvent(member, step, distance_to_consensus(state, consensus)))
+            apply_sync_(state, consensus, self.hqde.sync, self.hqde.sync_strength)
         self.forwarder.handle(events)
 
     def _report_clones(self, epoch: int) -> None:

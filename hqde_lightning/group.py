@@ -254,7 +254,7 @@ class MemberGroup(LightningModule):
         """Clips each member's gradients on its own: by value element-wise, by norm over that member's slices."""
         if not gradient_clip_val:
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in _params(optimizer) if p.grad is not None]
         if not grads:
             return
         if gradient_clip_algorithm == "value":

@@ -6,7 +6,7 @@
   sent and is never one epoch stale), it encodes the member's floating-point and complex
   weights (:func:`sync_state`) as a :mod:`hqde_lightning.codec` payload, sends it to the
   coordinator, waits for the consensus and applies the sync mode
-  (:func:`~hqde_lightning.codec.apply_sync`); then it posts a snapshot (its full Lightning
+  (:func:`~hqde_lightning.codec.apply_sync_`); then it posts a snapshot (its full Lightning
   checkpoint and RNG states) that the member writing checkpoints puts into whole-ensemble
   checkpoints. It also posts one when training starts and one when the fit ends, and reports
   progress.
@@ -33,10 +33,10 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
-from hqde_lightning.codec import SYNC_MODES, apply_sync, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
+from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 
-__all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "sync_state", "tree_to_cpu"]
+__all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
 MEMBER_KEY = "hqde_member"
 _PROGRESS_INTERVAL_S = 0.5
@@ -166,6 +166,23 @@ class MirrorLogger(Logger):
             self._coordinator.emit.remote(HparamsEvent(self._logger_index, params))
 
 
+def confidence(score_metric: str | None, metric: Any, score_mode: str, loss_sum: Any, num_batches: int) -> float | None:
+    """A member's confidence for the aggregator (higher is better).
+
+    With a ``score_metric``: its logged value ``metric`` (negated for ``score_mode="min"``;
+    ``None`` when it was not logged). Without one: −(``loss_sum`` / ``num_batches``), the mean
+    training loss since the epoch started (``None`` before the first batch).
+    """
+    if score_metric is not None:
+        if metric is None:
+            return None
+        value = float(metric)
+        return value if score_mode == "max" else -value
+    if loss_sum is None or num_batches == 0:
+        return None
+    return -float(loss_sum) / num_batches
+
+
 class MemberSync(Callback):
     """Epoch-end weight synchronisation and snapshots for one member (private to the strategy)."""
 
@@ -236,15 +253,8 @@ class MemberSync(Callback):
 
     def score(self, trainer: Trainer) -> float | None:
         """This member's confidence for the aggregator: the monitored metric, or −mean train loss."""
-        if self.ctx.score_metric is not None:
-            value = trainer.callback_metrics.get(self.ctx.score_metric)
-            if value is None:
-                return None
-            value = float(value)
-            return value if self.ctx.score_mode == "max" else -value
-        if self._loss_sum is None or self._num_batches == 0:
-            return None
-        return -float(self._loss_sum.item()) / self._num_batches
+        metric = None if self.ctx.score_metric is None else trainer.callback_metrics.get(self.ctx.score_metric)
+        return confidence(self.ctx.score_metric, metric, self.ctx.score_mode, self._loss_sum, self._num_batches)
 
     def _sync_point(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -274,10 +284,7 @@ class MemberSync(Callback):
         consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
         self._num_samples = 0
         distance = distance_to_consensus(state, consensus)
-        with torch.no_grad():  # one entry at a time: the sync's peak memory stays one tensor above the model's
-            for key, value in consensus.items():
-                (updated,) = apply_sync({key: state[key]}, {key: value}, self.ctx.sync, self.ctx.sync_strength).values()
-                state[key].copy_(updated)
+        apply_sync_(state, consensus, self.ctx.sync, self.ctx.sync_strength)
         # sent to the driver's loggers (as ``member_{i}/hqde/distance_to_consensus``), not logged in the
         # member: the user's callbacks and ``trainer.callback_metrics`` see the user's metrics only
         self.ctx.coordinator.emit.remote(DistanceEvent(self.ctx.index, step, distance))
