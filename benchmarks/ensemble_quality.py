@@ -24,13 +24,18 @@ all 10,000 test images. ``--quick`` (the CI smoke setting, < 1 min) uses the sci
 with uniform noise as the OOD set instead, and needs neither.
 
 Run: ``python benchmarks/ensemble_quality.py`` (3 seeds, 10 epochs: hours on a small CPU
-machine), e.g. ``--seeds 0 --epochs 3 --train-size 10000`` for a reduced run.
+machine), e.g. ``--seeds 0 --epochs 3 --train-size 10000`` for a reduced run. Every finished
+(row, seed) is appended to ``results/ensemble_quality_runs.jsonl`` with its settings; a later run
+with the same settings (epochs, members, train size, data) reuses those and trains only what is
+missing, so the seeds of a long run can be trained one session at a time (``--seeds 1``, then
+``--seeds 0 1 2`` builds the table from all three). ``--fresh`` ignores the saved runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -113,6 +118,39 @@ def train(label: str, seed: int, args: argparse.Namespace) -> tuple[Ensemble, fl
     return strategy.ensemble, time.perf_counter() - started
 
 
+def train_and_evaluate(label: str, seed: int, run_seed: int, names: list[str], args: argparse.Namespace, data: tuple) -> list[dict]:
+    """Trains row ``label`` for one seed and evaluates it (and, for ``none``, its calibrated copy): one run record per name."""
+    test_loader, ood_loader, val_set = data
+    ensemble, wall = train(label, run_seed, args)
+    results = {label: (ensemble, wall)}
+    if CALIBRATED in names:
+        calibrated = copy.deepcopy(ensemble)
+        started = time.perf_counter()
+        calibrated.calibrate(DataLoader(val_set, batch_size=1000))
+        results[CALIBRATED] = (calibrated, wall + time.perf_counter() - started)
+    finished = []
+    for name, (model, seconds) in results.items():
+        values, bins = evaluate(model, test_loader, ood_loader)
+        values["wall_s"] = seconds
+        values["temperature"] = float(model.temperature)
+        finished.append({"config": name, "seed": seed, **values, "reliability": {k: v.tolist() for k, v in bins.items()}})
+        print(f"{name:>18} seed {seed}: " + ", ".join(f"{k} {values[k]:.4f}" for k in METRICS[:-1]) + f", {seconds:.0f} s", flush=True)
+    return finished
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What makes two runs of a (row, seed) comparable: a saved run is reused only if these match."""
+    return {"data": args.data, "epochs": args.epochs, "members": args.members, "train_size": args.train_size}
+
+
+def saved_runs(path: Path, wanted: dict) -> dict[tuple[str, int], dict]:
+    """The runs in ``path`` (one JSON object per line) trained with the settings ``wanted``, by (row, seed)."""
+    if not path.exists():
+        return {}
+    runs = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {(run["config"], run["seed"]): run for run in runs if run.get("settings") == wanted}
+
+
 def summarise(label: str, runs: list[dict[str, float]]) -> dict:
     """Mean and sample standard deviation (0 for one seed) of every metric over the seeds."""
     row: dict = {"config": label, "seeds": len(runs)}
@@ -163,7 +201,11 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=55_000, help="training images used (Fashion-MNIST; at most 55,000)")
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW", help=f"subset of {ROWS} ({CALIBRATED} needs none)")
     parser.add_argument("--quick", action="store_true", help=f"CI smoke: digits with uniform-noise OOD, 1 seed, 1 epoch, 2 members, {QUICK_ROWS}")
+    parser.add_argument("--fresh", action="store_true", help="train every (row, seed) again instead of reusing the saved runs with the same settings")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, the cores); 1 on a machine shared with other work")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.data = "fashion-mnist"
     if args.quick:
         args.data, args.seeds, args.epochs, args.members, args.rows = "digits", [0], 1, 2, QUICK_ROWS
@@ -177,29 +219,32 @@ def main() -> None:
     train_set, val_set, test_set = load_data(args.data, args.train_size)
     ood_set, ood_description = ood_inputs(args.quick, test_set.tensors[0])
     test_loader, ood_loader = DataLoader(test_set, batch_size=1000), DataLoader(ood_set, batch_size=1000)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    suffix = "_quick" if args.quick else ""
+    runs_path = RESULTS / "ensemble_quality_runs.jsonl"
+    saved = {} if args.fresh or args.quick else saved_runs(runs_path, settings(args))
     per_row: dict[str, list[dict[str, float]]] = {label: [] for label in ROWS if label in args.rows}
     runs, reliability = [], {}
     for seed in args.seeds:
         run_seed = seed * args.members  # member i of an ensemble uses run_seed + i: the seeds' member sets do not overlap
         for label in [r for r in TRAINED if r in args.rows]:
-            ensemble, wall = train(label, run_seed, args)
-            results = {label: (ensemble, wall)}
-            if label == "none" and CALIBRATED in args.rows:
-                calibrated = copy.deepcopy(ensemble)
-                started = time.perf_counter()
-                calibrated.calibrate(DataLoader(val_set, batch_size=1000))
-                results[CALIBRATED] = (calibrated, wall + time.perf_counter() - started)
-            for name, (model, seconds) in results.items():
-                values, bins = evaluate(model, test_loader, ood_loader)
-                values["wall_s"] = seconds
-                values["temperature"] = float(model.temperature)
-                per_row[name].append(values)
-                runs.append({"config": name, "seed": seed, **values})
-                if seed == args.seeds[0] and name in ("single", "none", CALIBRATED):
-                    reliability[name] = bins
-                print(f"{name:>18} seed {seed}: " + ", ".join(f"{k} {values[k]:.4f}" for k in METRICS[:-1]) + f", {seconds:.0f} s", flush=True)
-    ray.shutdown()
+            names = [label, CALIBRATED] if label == "none" and CALIBRATED in args.rows else [label]
+            if all((name, seed) in saved for name in names):
+                finished = [saved[(name, seed)] for name in names]
+                print(f"{label:>18} seed {seed}: reusing the saved run(s) from {runs_path.name}", flush=True)
+            else:
+                finished = train_and_evaluate(label, seed, run_seed, names, args, (test_loader, ood_loader, val_set))
+                if not args.quick:  # the smoke run saves nothing for later runs
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    with runs_path.open("a") as file:
+                        for run in finished:
+                            file.write(json.dumps({**run, "settings": settings(args), "machine": machine()}) + "\n")
+            for run in finished:
+                values = {k: run[k] for k in (*METRICS, "temperature")}
+                per_row[run["config"]].append(values)
+                runs.append({"config": run["config"], "seed": seed, **values})
+                if seed == args.seeds[0] and run["config"] in ("single", "none", CALIBRATED):
+                    reliability[run["config"]] = {k: torch.tensor(v) for k, v in run["reliability"].items()}
+    ray.shutdown()  # a no-op unless some fit needed Ray actors (the member groups run without it)
 
     rows = [summarise(label, values) for label, values in per_row.items()]
     targets = check_targets(rows)
@@ -210,7 +255,6 @@ def main() -> None:
         print_table([{"config": label, **{k: "met" if ok else "not met" for k, ok in marks.items()}} for label, marks in targets.items()], ["config", *TARGETS])
     description = f"{DATASETS[args.data]}; {len(train_set)} train / {len(val_set)} validation / {len(test_set)} test images; OOD: {ood_description}"
     print(f"data: {description}; machine: {machine()}")
-    suffix = "_quick" if args.quick else ""
     name = f"ensemble_quality{suffix}"
     figure, reliability_figure = RESULTS / f"{name}.png", RESULTS / f"ensemble_quality_reliability{suffix}.png"
     title = f"SmallCNN, {args.data}, {len(train_set)} train images, {args.epochs} epoch(s), {args.members} members, {len(args.seeds)} seed(s)"
