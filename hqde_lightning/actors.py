@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,10 +238,10 @@ class Coordinator:
             await event.wait()
         return answer
 
-    async def snapshots_at(self, round_id: int, exclude: int | None = None) -> dict[int, dict[str, Any]]:
-        """Waits until every active member but ``exclude`` posted a snapshot of round ``round_id`` or later."""
-        await self._until(lambda: all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active if m != exclude))
-        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items()) if m != exclude}
+    async def snapshots_at(self, round_id: int, exclude: Collection[int] = ()) -> dict[int, dict[str, Any]]:
+        """Waits until every active member not in ``exclude`` (the asking actor's own) posted a snapshot of round ``round_id`` or later."""
+        await self._until(lambda: all(m in self.snapshots and self.snapshots[m][0] >= round_id for m in self.active if m not in exclude))
+        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items()) if m not in exclude}
 
     async def is_writer(self, member: int, epoch: int) -> bool:
         """Whether ``member`` writes the ensemble's checkpoints during ``epoch``.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_stat
 from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
 from hqde_lightning.topology import LocalExecutor
 
-__all__ = ["GroupSync", "group_blocker", "run_group"]
+__all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group"]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
 #: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization); any
@@ -54,17 +54,11 @@ GROUP_CALLBACKS = (
 
 
 def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> str | None:
-    """Why this fit cannot train its members as one group in this process, or ``None`` when it can."""
-    if strategy.members_per_worker != "auto":
-        return f"`members_per_worker={strategy.members_per_worker}` asks for one Ray actor per member"
-    if strategy.ray_address is not None:
-        return "`ray_address` is set"
-    if strategy.resources_per_member:
-        return "`resources_per_member` is set"
+    """Why the members of this fit cannot share a process as a member group, or ``None`` when they can."""
+    if strategy.members_per_worker == 1:
+        return "`members_per_worker=1` asks for one Ray actor per member"
     if strategy.on_member_failure == "continue":
         return "`on_member_failure='continue'` keeps each member in its own process, so that one can fail alone"
-    if isinstance(trainer.accelerator, CUDAAccelerator) and torch.cuda.device_count() > 1:
-        return f"{torch.cuda.device_count()} GPUs are visible (one actor per member spreads the members over them)"
     if not model.automatic_optimization:
         return "the module uses manual optimization"
     hooks = unsupported_hooks(model)
@@ -73,6 +67,22 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     member_side = [type(cb).__name__ for cb in trainer.callbacks if not _group_callback(cb)]
     if member_side:
         return f"the callbacks {member_side} act on each member's own module"
+    return None
+
+
+def embedded_blocker(strategy: Any, trainer: Trainer) -> str | None:
+    """Why a member group cannot train every member in this process, without Ray, or ``None`` when it can.
+
+    The members then train in Ray actors (see :func:`~hqde_lightning.resources.worker_members`).
+    """
+    if strategy.members_per_worker != "auto":
+        return f"`members_per_worker={strategy.members_per_worker}` asks for Ray actors"
+    if strategy.ray_address is not None:
+        return "`ray_address` is set"
+    if strategy.resources_per_member:
+        return "`resources_per_member` is set"
+    if isinstance(trainer.accelerator, CUDAAccelerator) and torch.cuda.device_count() > 1:
+        return f"{torch.cuda.device_count()} GPUs are visible (one Ray actor per GPU)"
     return None
 
 
@@ -146,7 +156,7 @@ class GroupSync(Callback):
         return confidence(name, metric, self.hqde.score_mode, loss_sum, self._num_batches)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:
-        """One sync round: every member's weights through the topology and aggregator, then ``sync`` applied to each."""
+        """One sync round: every training member's weights to the consensus (:meth:`_consensus`), then ``sync`` applied to each."""
         group, stack = self.group, self.group.stack
         training = [i for i in range(group.num_members) if not group.frozen[i]]  # stopped members leave the rounds
         if not training:
@@ -158,22 +168,27 @@ class GroupSync(Callback):
         codecs = {cb.position: cb for cb in reversed(trainer.callbacks) if isinstance(cb, MemberCopy) and isinstance(cb, SyncCodec)}
         payloads = [codecs[i].encode_for_sync(trainer, group, dict(s)) if i in codecs else state_to_numpy(s) for i, s in zip(training, states)]
         scores = [self.score(trainer, i) for i in training]
-        counts = max(self._num_samples, 1)
-        entries = [(p, s, counts, payload_nbytes(p), payload_layout(p)) for p, s in zip(payloads, scores)]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
-        started = time.perf_counter()
-        result, comm = self.hqde.topology.reduce(
-            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, [counts] * len(entries), LocalExecutor(), entries[0][4], members
-        )
-        consensus = state_to_numpy(result.state)
-        record = sync_record(epoch, members, result, time.perf_counter() - started, entries, comm, step, self.hqde.topology.name)
-        self.history.append(record.as_dict())
+        consensus, events = self._consensus(epoch, members, payloads, scores, max(self._num_samples, 1), step)
         self._num_samples = 0
-        events: list[Any] = [record]
         for member, state in zip(members, states):
             events.append(DistanceEvent(member, step, distance_to_consensus(state, consensus)))
             apply_sync_(state, consensus, self.hqde.sync, self.hqde.sync_strength)
         self.forwarder.handle(events)
+
+    def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: int, step: int) -> tuple[dict[str, Any], list[Any]]:
+        """Reduces the round's ``payloads`` (one per member of ``members``) here, through the run's topology and aggregator.
+
+        Returns the consensus (numpy arrays) and the events for the driver (the round's record).
+        """
+        entries = [(p, s, num_samples, payload_nbytes(p), payload_layout(p)) for p, s in zip(payloads, scores)]
+        started = time.perf_counter()
+        result, comm = self.hqde.topology.reduce(
+            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, [num_samples] * len(entries), LocalExecutor(), entries[0][4], members
+        )
+        record = sync_record(epoch, members, result, time.perf_counter() - started, entries, comm, step, self.hqde.topology.name)
+        self.history.append(record.as_dict())
+        return state_to_numpy(result.state), [record]
 
     def _report_clones(self, epoch: int) -> None:
         """After the first epoch: warns about members holding identical weights (they train as copies)."""
@@ -198,12 +213,32 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
     """
     hqde = trainer.strategy
     copy_trainer, function_name, args, kwargs = cloudpickle.loads(payload)
-    function = getattr(copy_trainer, function_name)
-    bound = inspect.signature(function).bind(*args, **kwargs, **data)
+    bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
+    copy_trainer.loggers = trainer.loggers
+    results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder))
+    return results, sync.final, sync.sync_state()
+
+
+def fit_group(
+    hqde: Any,
+    trainer: Trainer,
+    function_name: str,
+    bound: inspect.BoundArguments,
+    member_ids: Sequence[int],
+    forwarder: Any,
+    make_sync: Callable[[MemberGroup], GroupSync],
+    strategy_cls: type[GroupStrategy] = GroupStrategy,
+) -> tuple[list[MemberResult], GroupSync]:
+    """Fits members ``member_ids`` of ``hqde``'s ensemble as one group with ``trainer``, a copy of the user's (loggers set).
+
+    Each member is a copy of the fit's module under its own seed (re-initialised for
+    ``member_init="independent"`` unless the fit resumes); ``make_sync`` builds the group's sync
+    callback, ``strategy_cls`` its strategy. Returns the members' results and the sync callback.
+    """
     model: LightningModule = bound.arguments["model"]
     resuming = bound.arguments.get("ckpt_path") is not None
     members, rng_states = [], []
-    for i in range(hqde.num_members):
+    for i in member_ids:
         seed_everything(hqde.seed + i, workers=True, verbose=False)
         member = copy.deepcopy(model)
         if hqde.member_init == "independent" and not resuming:
@@ -211,20 +246,19 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
-    group = MemberGroup(model, members, range(hqde.num_members), hqde.vectorize, rng_states)
+    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states)
     del members
     bound.arguments["model"] = group
-    sync = GroupSync(hqde, group, forwarder)
-    GroupStrategy(hqde, group, sync).install(copy_trainer)
-    copy_trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
-    copy_trainer.loggers = trainer.loggers
-    copy_trainer.callbacks = [sync] + member_callbacks(copy_trainer.callbacks, group)
-    seed_everything(hqde.seed, workers=True, verbose=False)
-    function(*bound.args, **bound.kwargs)
-    metrics = copy_trainer.callback_metrics
-    callbacks_state = {cb.state_key: cb.state_dict() for cb in copy_trainer.callbacks if cb is not sync and cb.state_dict()}
-    # your callbacks in the driver take the state of the first member's copy (as from member 0 with actors)
-    callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in copy_trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
+    sync = make_sync(group)
+    strategy_cls(hqde, group, sync).install(trainer)
+    trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
+    trainer.callbacks = [sync] + member_callbacks(trainer.callbacks, group)
+    seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
+    getattr(trainer, function_name)(*bound.args, **bound.kwargs)
+    metrics = trainer.callback_metrics
+    callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
+    # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)
+    callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"
@@ -233,10 +267,10 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
                 index=member,
                 state_dict=state_to_numpy(group.stack.member_state_dict(i)),
                 callback_metrics={k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and _is_scalar(v)},
-                fit_loop_state=copy_trainer.fit_loop.state_dict(),
+                fit_loop_state=trainer.fit_loop.state_dict(),
                 callbacks_state=callbacks_state,
-                trainer_state=copy_trainer.state,
-                score=sync.score(copy_trainer, i),
+                trainer_state=trainer.state,
+                score=sync.score(trainer, i),
             )
         )
-    return results, sync.final, sync.sync_state()
+    return results, sync

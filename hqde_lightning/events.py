@@ -20,12 +20,18 @@ __all__ = ["ClonesEvent", "DistanceEvent", "Event", "FinishedEvent", "HparamsEve
 
 @dataclass(frozen=True)
 class MetricsEvent:
-    """Metrics member ``member`` logged to its stand-in for the user's logger number ``logger_index``."""
+    """Metrics member ``member`` logged to its stand-in for the user's logger number ``logger_index``.
+
+    From a group actor, ``group`` lists the members it trains and the row is the group's: its
+    keys already carry the ``member_{i}/`` prefixes (other keys, such as ``epoch``, are shown as
+    the writer's).
+    """
 
     member: int
     logger_index: int
     metrics: dict[str, float | int]
     step: int | None
+    group: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,9 @@ class EventForwarder:
         for event in events:
             if isinstance(event, MetricsEvent):
                 self.last_step = max(self.last_step, event.step or 0)
-                row = {f"member_{event.member}/{k}": v for k, v in event.metrics.items()}
-                if "epoch" in event.metrics and event.member == self._writer():
-                    row["epoch"] = event.metrics["epoch"]
-                loggers[event.logger_index].log_metrics(row, event.step)
+                row = self._row(event)
+                if row:
+                    loggers[event.logger_index].log_metrics(row, event.step)
             elif isinstance(event, FinishedEvent):
                 self._finished.add(event.member)
             elif isinstance(event, DistanceEvent):
@@ -92,6 +91,16 @@ class EventForwarder:
                     logger.log_metrics(_sync_summary(event), self.last_step if event.step is None else event.step)
             else:
                 raise TypeError(f"HQDEStrategy: unknown event {event!r} from the members")
+
+    def _row(self, event: MetricsEvent) -> dict[str, float | int]:
+        """A member's row under ``member_{i}/``; a group actor's row as it is. Only the writer's rows keep plain keys (``epoch``)."""
+        if event.group is None:
+            row = {f"member_{event.member}/{k}": v for k, v in event.metrics.items()}
+            if "epoch" in event.metrics and event.member == self._writer():
+                row["epoch"] = event.metrics["epoch"]
+            return row
+        writes = self._writer() in event.group
+        return {k: v for k, v in event.metrics.items() if k.startswith("member_") or writes}
 
     def _warn_clones(self, members: list[int], round_id: int) -> None:
         if self.strategy.member_init == "shared":

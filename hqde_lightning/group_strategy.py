@@ -78,11 +78,19 @@ class GroupStrategy(WorkerStrategy):
         entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": round_id, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
         return entry
 
+    def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+        """One entry per member of the ensemble, by index: the group's members cut out of ``checkpoint``, ``{}`` for others."""
+        entries: list[dict[str, Any]] = [{} for _ in range(self.hqde.num_members)]
+        for i, member in enumerate(self.group.member_ids):
+            entries[member] = self.member_checkpoint(checkpoint, i)
+        return entries
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Writes the whole ensemble: each member's entry, the consensus as the top-level ``state_dict``."""
-        members = [self.member_checkpoint(checkpoint, i) for i in range(self.group.num_members)]
-        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), [m["state_dict"] for m in members]).state
-        top = {**{k: v for k, v in members[0].items() if k != MEMBER_KEY}, "state_dict": consensus}
+        members = self.ensemble_entries(checkpoint)
+        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), [m["state_dict"] for m in members if m]).state
+        own = members[self.group.member_ids[0]]
+        top = {**{k: v for k, v in own.items() if k != MEMBER_KEY}, "state_dict": consensus}
         section = ensemble_section(self.hqde, members, None, None, self.sync.sync_state())
         self.checkpoint_io.save_checkpoint(seal_checkpoint(top, section), filepath, storage_options=storage_options)
 

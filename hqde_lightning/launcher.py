@@ -44,14 +44,14 @@ from hqde_lightning.aggregation import RobustAggregator, Superposition, superpos
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
-from hqde_lightning.embedded import group_blocker, run_group
+from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
 from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
 from hqde_lightning.member_pool import MemberPool
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
 from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, sigint_deferred, start_ray
-from hqde_lightning.resources import member_options
+from hqde_lightning.resources import worker_members, worker_options
 from hqde_lightning.topology import aggregate
 
 __all__ = ["RayEnsembleLauncher"]
@@ -122,9 +122,14 @@ class RayEnsembleLauncher(_Launcher):
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
         try:
-            outcome = self._fit_embedded(trainer, model, function, bound)
+            blocker, outcome = group_blocker(strategy, trainer, model), None
+            if blocker is None:
+                try:
+                    outcome = self._fit_embedded(trainer, function, bound)
+                except GroupUnsupported as err:
+                    blocker = str(err)
             if outcome is None:
-                outcome = self._fit_actors(trainer, model, bound, pickle_fit(trainer, function, bound, model))
+                outcome = self._fit_workers(trainer, model, bound, function, blocker)
             results, final_snapshots, strategy.coordinator_state = outcome
             _check_score_metric(strategy.score_metric, results)
             self._recover(trainer, model, results)
@@ -139,33 +144,47 @@ class RayEnsembleLauncher(_Launcher):
                     self._started_ray = False
         return None
 
-    def _fit_embedded(self, trainer: Trainer, model: LightningModule, function: Callable, bound: inspect.BoundArguments) -> _Outcome | None:
-        """Trains every member as one group in this process, without Ray, when :func:`group_blocker` allows it.
+    def _fit_embedded(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> _Outcome | None:
+        """Trains every member as one group in this process, without Ray, when :func:`embedded_blocker` allows it.
 
         The group fits a copy of the trainer and the module; your data objects are used as they
         are (a plain fit calls their ``setup`` too), so the data is never copied. Returns ``None``
-        (the members then run as Ray actors, with a line saying why) when it cannot, or when the
-        group refuses the module before its first step (``GroupUnsupported``).
+        (the members then run in Ray actors) when it cannot; raises ``GroupUnsupported`` when the
+        group refuses the module before its first step.
         """
         strategy = self._strategy
-        blocker = group_blocker(strategy, trainer, model)
-        if blocker is None:
-            strategy.sync_history, strategy.dropped_members = [], []
-            forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
-            data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
-            without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
-            try:
-                return run_group(trainer, pickle_fit(trainer, function, without_data, model), data, forwarder)
-            except GroupUnsupported as err:
-                blocker = str(err)
-        if strategy.members_per_worker == "auto":
-            rank_zero_info(f"HQDEStrategy: the members train as one Ray actor each: {blocker}.")
-        return None
+        if embedded_blocker(strategy, trainer) is not None:
+            return None
+        strategy.sync_history, strategy.dropped_members = [], []
+        forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
+        data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
+        without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
+        return run_group(trainer, pickle_fit(trainer, function, without_data, bound.arguments["model"]), data, forwarder)
 
-    def _fit_actors(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, payload: bytes) -> _Outcome:
-        """Trains the members as Ray actors (one each) with a coordinator actor; returns their results, final snapshots and the coordinator's state."""
+    def _fit_workers(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, function: Callable, blocker: str | None) -> _Outcome:
+        """Trains the members in Ray actors: member groups (:func:`~hqde_lightning.resources.worker_members`) unless
+        ``blocker`` says why the members cannot share a process, or a group refuses the module (``GroupUnsupported``);
+        then one member per actor, with a line saying why (unless ``members_per_worker=1`` asked for it)."""
         strategy = self._strategy
+        payload = pickle_fit(trainer, function, bound, model)
         self._start_ray()
+        if blocker is None:
+            workers = worker_members(strategy)
+            if any(len(members) > 1 for members in workers):
+                try:
+                    return self._fit_actors(trainer, model, bound, payload, workers)
+                except GroupUnsupported as err:
+                    self.kill()
+                    blocker = str(err)
+            else:
+                blocker = embedded_blocker(strategy, trainer)
+        if blocker is not None and strategy.members_per_worker != 1:
+            rank_zero_info(f"HQDEStrategy: the members train as one Ray actor each: {blocker}.")
+        return self._fit_actors(trainer, model, bound, payload, [[i] for i in range(strategy.num_members)])
+
+    def _fit_actors(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, payload: bytes, workers: list[list[int]]) -> _Outcome:
+        """Trains the members as Ray actors (``workers``: the members of each) with a coordinator actor; returns their results, final snapshots and the coordinator's state."""
+        strategy = self._strategy
         self._prepare_data_on_other_nodes(model, bound)
         # where a sync sets every member to the consensus, equal weights are intended
         check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
@@ -177,7 +196,7 @@ class RayEnsembleLauncher(_Launcher):
             .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
         )
         self._coordinator = coordinator
-        results = self._run_members(trainer, payload, coordinator)
+        results = self._run_members(trainer, payload, coordinator, workers)
         return results, ray.get(coordinator.latest_snapshots.remote()), ray.get(coordinator.state_dict.remote())
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
@@ -241,13 +260,13 @@ class RayEnsembleLauncher(_Launcher):
             self._started_ray = True
         start_ray(self._strategy.ray_address, self._strategy.ray_init_kwargs)
 
-    def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any) -> list[MemberResult]:
-        """Runs the members in a :class:`~hqde_lightning.member_pool.MemberPool` until every one finished or was given up on."""
+    def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any, workers: list[list[int]]) -> list[MemberResult]:
+        """Runs the actors in a :class:`~hqde_lightning.member_pool.MemberPool` until every member finished or was given up on."""
         strategy = self._strategy
-        options, threads = member_options(strategy)
+        options, threads = worker_options(strategy, workers)
         mirrors = [_mirror(logger) for logger in trainer.loggers]
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
-        self._pool = MemberPool(strategy, coordinator, payload, options, threads, mirrors, EventForwarder(trainer, strategy, progress))
+        self._pool = MemberPool(strategy, coordinator, payload, workers, options, threads, mirrors, EventForwarder(trainer, strategy, progress))
         strategy.sync_history = []
         strategy.dropped_members = self._pool.dropped
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -127,12 +127,14 @@ class MemberContext:
 class MirrorLogger(Logger):
     """Inside a member: looks like one of the user's loggers, forwards everything to the driver."""
 
-    def __init__(self, mirror: Mapping[str, Any], logger_index: int, member_index: int, coordinator: Any) -> None:
+    def __init__(self, mirror: Mapping[str, Any], logger_index: int, member_index: int, coordinator: Any, group: Sequence[int] | None = None) -> None:
         super().__init__()
         self._mirror = dict(mirror)
         self._logger_index = logger_index
         self._member_index = member_index
         self._coordinator = coordinator
+        #: the members of a group actor (whose rows carry ``member_{i}/`` keys already), or ``None`` for one member
+        self._group = None if group is None else tuple(group)
 
     @property
     def name(self) -> str | None:
@@ -158,10 +160,10 @@ class MirrorLogger(Logger):
         # numbers as Lightning hands them to a logger: integers (``epoch``) stay integers
         values = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
         values = {k: v if isinstance(v, int) else float(v) for k, v in values.items()}
-        self._coordinator.emit.remote(MetricsEvent(self._member_index, self._logger_index, values, step))
+        self._coordinator.emit.remote(MetricsEvent(self._member_index, self._logger_index, values, step, self._group))
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        if self._member_index == 0:
+        if self._member_index == 0 or (self._group is not None and 0 in self._group):
             params = vars(params) if isinstance(params, Namespace) else dict(params)
             self._coordinator.emit.remote(HparamsEvent(self._logger_index, params))
 

@@ -135,7 +135,7 @@ class MemberStrategy(WorkerStrategy):
         if self.num_members > 1:
             if round_id != epoch:
                 rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of their last epoch end (or their start).")
-            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, index)).items():
+            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, [index])).items():
                 members[other] = snapshot
         coordinator_state = ray.get(coordinator.state_dict.remote())
         # the other members' snapshots are on the CPU; this member's own weights may be on its GPU

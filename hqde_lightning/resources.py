@@ -2,7 +2,7 @@
 
 Called by ``HQDEStrategy`` when the ``Trainer`` is built (:func:`check_devices`, and
 :func:`check_resources` when Ray is already connected) and by the launcher when the members
-start (:func:`member_options`). The packing maths is in :mod:`hqde_lightning.placement`.
+start (:func:`worker_members`, :func:`worker_options`). The packing maths is in :mod:`hqde_lightning.placement`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -20,7 +21,7 @@ from hqde_lightning.ray_runtime import alive_nodes, connect_ray, driver_pythonpa
 if TYPE_CHECKING:
     from hqde_lightning.strategy import HQDEStrategy
 
-__all__ = ["check_devices", "check_resources", "member_options", "member_request"]
+__all__ = ["check_devices", "check_resources", "member_request", "worker_members", "worker_options"]
 
 
 def check_devices(strategy: HQDEStrategy) -> None:
@@ -110,11 +111,64 @@ def check_resources(strategy: HQDEStrategy) -> dict[str, Any]:
         ) from None
     return request
 
-def member_options(strategy: HQDEStrategy) -> tuple[dict[str, Any], int]:
-    """Each member actor's Ray options (:func:`check_resources`'s request and, on this machine, the driver's
-    import path) and its number of torch threads (its whole CPUs, at least 1)."""
-    options = check_resources(strategy)
+def worker_members(strategy: HQDEStrategy) -> list[list[int]]:
+    """The members each Ray actor of a fit trains, by member index (Ray must be started).
+
+    ``members_per_worker=k``: k members per actor in index order (the last actor may hold fewer).
+    ``"auto"``: one member per actor when ``resources_per_member`` is set; otherwise one actor per
+    GPU (the Trainer's devices, or the cluster's GPUs with ``ray_address``) or, on CPUs, per
+    alive Ray node that has CPUs, with the members split evenly. A fit whose members cannot share a process
+    (:func:`~hqde_lightning.embedded.group_blocker`) does not ask: it runs one member per actor.
+    """
+    n, k = strategy.num_members, strategy.members_per_worker
+    if k != "auto":
+        return [list(range(start, min(start + k, n))) for start in range(0, n, k)]
+    if strategy.resources_per_member:
+        workers = n
+    elif isinstance(strategy.accelerator, CUDAAccelerator):
+        workers = _available_gpus(strategy, len(strategy.parallel_devices or []))
+    else:
+        workers = sum(1 for node in alive_nodes() if node.resources.get("CPU", 0.0) > 0)
+    workers = max(1, min(n, workers))
+    return [[int(m) for m in part] for part in np.array_split(np.arange(n), workers)]
+
+
+def worker_options(strategy: HQDEStrategy, workers: list[list[int]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Each actor's Ray options and torch threads, for actors training ``workers`` (member indices per actor).
+
+    One member per actor: :func:`check_resources`'s request for each. Several: a whole GPU each
+    on CUDA (never a fraction), the largest equal CPU share that packs the actors onto the nodes,
+    and ``resources_per_member`` (CPUs and custom resources) times the actor's members. On this
+    machine the options carry the driver's import path; the threads are the actor's whole CPUs
+    (at least 1).
+
+    Raises:
+        MisconfigurationException: when the actors cannot be packed onto the alive nodes.
+    """
+    if all(len(members) == 1 for members in workers):
+        request = check_resources(strategy)
+        requests = [dict(request) for _ in workers]
+    else:
+        nodes = alive_nodes()
+        cuda = isinstance(strategy.accelerator, CUDAAccelerator)
+        hosts = [n for n in nodes if n.resources.get("GPU", 0.0) >= 1.0] if cuda else nodes
+        share = default_share([float(n.resources.get("CPU", 0.0)) for n in hosts or nodes], len(workers))
+        requests = []
+        for members in workers:
+            request = {"num_cpus": share}
+            request.update({k: v * len(members) for k, v in strategy.resources_per_member.items() if v is not None})
+            if cuda:
+                request["num_gpus"] = 1
+            requests.append(request)
+        try:
+            check_members_fit([ray_resources(r) for r in requests], nodes)
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"HQDEStrategy cannot place its {len(workers)} actors of {[len(w) for w in workers]} members: {err}."
+                " Lower `resources_per_member`, change `members_per_worker`, or add nodes to the cluster."
+            ) from None
+    threads = [max(1, math.floor(r["num_cpus"])) if r.get("num_cpus") else 1 for r in requests]
     if strategy.ray_address is None:
-        options["runtime_env"] = {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
-    threads = max(1, math.floor(options["num_cpus"])) if options.get("num_cpus") else 1
-    return options, threads
+        for request in requests:
+            request["runtime_env"] = {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
+    return requests, threads

@@ -105,8 +105,12 @@ class HQDEStrategy(SingleDeviceStrategy):
             (CPU only, or one GPU) without ``ray_address``, every member trains in one member
             group inside this process, stacked (see :mod:`hqde_lightning.group`), and Ray is not
             started; a fit the group cannot run (see :func:`~hqde_lightning.embedded.group_blocker`)
-            runs one Ray actor per member instead, saying why. ``1``: one Ray actor per member.
-            Groups of several members inside Ray actors are not available yet.
+            runs in Ray actors instead: with several GPUs one actor per GPU (a whole GPU each), on a
+            Ray cluster (``ray_address``) one per GPU or, on CPUs, per node, each training its
+            share of the members as a group (see :mod:`hqde_lightning.group_actor`); one actor per
+            member when ``resources_per_member`` is set or the members cannot share a process
+            (saying why). An int ``k``: Ray actors of ``k`` members each (``1``: one per member;
+            with ``k`` > 1 CPUs and custom ``resources_per_member`` are multiplied by ``k``).
         vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
             members, ``False`` member by member, ``"auto"`` (default) times both on the first
             training steps and keeps the faster (both are logged).
@@ -169,15 +173,17 @@ class HQDEStrategy(SingleDeviceStrategy):
             check_bool(bagging, "bagging")
             if not (isinstance(vectorize, bool) or vectorize == "auto"):
                 raise ArgumentError("vectorize", vectorize, "one of ['auto', True, False]", "`{name}`: {value!r} is not known; choose {requirement}")
-            if members_per_worker != "auto" and check_int(members_per_worker, "members_per_worker", 1) != 1:
-                raise ArgumentError(
-                    "members_per_worker", members_per_worker, "'auto' or 1",
-                    "`{name}={value!r}`: groups of several members inside Ray actors are not available yet; choose {requirement}"
-                    " ('auto' trains all members stacked in this process on one device)",
-                )
+            if members_per_worker != "auto":
+                check_int(members_per_worker, "members_per_worker", 1)
             check_optional(check_choice, member_init, "member_init", MEMBER_INITS)
             _check_ray_init_kwargs(ray_init_kwargs)
             resources_per_member = _check_resources(resources_per_member)
+            if members_per_worker not in ("auto", 1) and resources_per_member.get("num_gpus"):
+                raise ArgumentError(
+                    "resources_per_member", resources_per_member, "no 'num_gpus' with `members_per_worker` > 1",
+                    "`{name}={value!r}`: an actor of several members (`members_per_worker` > 1) trains them on one whole GPU"
+                    " of its own; drop 'num_gpus', or use `members_per_worker=1` for a GPU share per member",
+                )
         if ray_address is not None and not isinstance(ray_address, str):
             raise InvalidArgument(f"`HQDEStrategy(ray_address={ray_address!r})`: pass an address string such as 'auto' or 'head:6379', or None.")
         if score_metric is not None and not isinstance(score_metric, str):

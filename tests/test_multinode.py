@@ -140,6 +140,37 @@ def _spread(root: str) -> dict[str, Any]:
         cluster.shutdown()
 
 
+def _groups_per_node(root: str) -> dict[str, Any]:
+    """4 members with ``members_per_worker="auto"`` on a CPU-less head and two workers of 2 CPUs: one group actor per worker."""
+    import ray
+    from models import DigitsDataModule, DigitsModule
+    from ray.cluster_utils import Cluster
+
+    from hqde_lightning import HQDEStrategy
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=2).node_id for _ in range(2)]
+        strategy = HQDEStrategy(num_members=4, sync="elastic", seed=0, ray_address=cluster.address)
+        trainer = pl.Trainer(
+            strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=1, default_root_dir=root,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+        rounds = [record.members for record in strategy.sync_history]
+        return {"nodes": dict(strategy._launcher.member_nodes), "workers": workers, "epoch": trainer.current_epoch, "rounds": rounds}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_member_groups_one_actor_per_node(tmp_path):
+    result = _in_fresh_process(_groups_per_node, str(tmp_path))
+    assert result["epoch"] == 1 and result["rounds"] == [[0, 1, 2, 3]]
+    nodes = result["nodes"]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and {nodes[0], nodes[2]} == set(result["workers"]), "members 0-1 on one worker, 2-3 on the other"
+
+
 def test_members_spread_over_nodes(tmp_path):
     result = _in_fresh_process(_spread, str(tmp_path))
     assert result["epoch"] == 1
