@@ -14,7 +14,9 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
 * ``hqde-vmap`` / ``hqde-loop``: every member in one group in this process, no Ray
   (``members_per_worker="auto"``), the step vectorized with ``vmap`` (``vectorize=True``) or
   looped over the members (``vectorize=False``);
-* ``hqde-actors``: one Ray actor per member (``members_per_worker=1``).
+* ``hqde-actors``: one Ray actor per member (``members_per_worker=1``);
+* ``hqde-2actors``: two Ray actors, each training half of the members as a member group
+  (``members_per_worker=ceil(N/2)``), as on two GPUs or two nodes.
 
 Reports wall time, samples/s (training samples processed by all members per second), the peak
 resident memory of the whole process tree (the run's process, Ray's daemons and the member
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +66,7 @@ HQDE_MODES: dict[str, dict[str, Any]] = {
     "hqde-vmap": {"members_per_worker": "auto", "vectorize": True},
     "hqde-loop": {"members_per_worker": "auto", "vectorize": False},
     "hqde-actors": {"members_per_worker": 1},
+    "hqde-2actors": {"members_per_worker": "half"},  # ceil(N / 2) members in each of two actors
 }
 MODES = ("single", "sequential", "torch-vmap", *HQDE_MODES)
 #: the issue's target cases: (data, members, epochs, training images or None for all) -> largest wall-time ratio to ``sequential``
@@ -142,7 +146,10 @@ def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespac
 
 def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
     model = seeded_model(args.data, 0)
-    strategy = HQDEStrategy(num_members=members, sync="none", seed=0, **HQDE_MODES[mode])
+    kwargs = dict(HQDE_MODES[mode])
+    if kwargs.get("members_per_worker") == "half":
+        kwargs["members_per_worker"] = math.ceil(members / 2)
+    strategy = HQDEStrategy(num_members=members, sync="none", seed=0, **kwargs)
     trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0)
     trainer.fit(model, datamodule=TrainData(train, args.batch_size))
     return strategy.ensemble.eval().cpu().predict_proba

@@ -1,15 +1,17 @@
 """The embedded runtime: on one device, every member trains in one member group in the driver, without Ray.
 
-:func:`group_blocker` says whether a fit can run that way (``members_per_worker="auto"``, one
-device, no ``ray_address``, and nothing the group cannot run per member); :func:`run_group`
-runs it. The user's ``Trainer`` is copied (as the Ray path pickles it for its actors) and the
-copy fits a :class:`~hqde_lightning.group.MemberGroup` with:
+:func:`group_blocker` says whether the members of a fit can share a process at all (nothing the
+group cannot run per member), :func:`embedded_blocker` whether that process can be the driver
+(``members_per_worker="auto"``, one device, no ``ray_address``); :func:`run_group` runs it. The
+user's ``Trainer`` is copied (as the Ray path pickles it for its actors) and the copy fits a
+:class:`~hqde_lightning.group.MemberGroup` (:func:`fit_group`, which group actors run too) with:
 
 * :class:`~hqde_lightning.group_strategy.GroupStrategy`: Lightning's single-device strategy that
   gives each member its own data order and reads and writes whole-ensemble checkpoints in the
   same format as the Ray path;
 * :class:`GroupSync`: the epoch-end sync, in this process: the members' weights go through the
-  same codec, topology and aggregator as in the coordinator, and each member applies ``sync``.
+  same codec, topology and aggregator as in the coordinator, and each member applies ``sync``
+  (:class:`~hqde_lightning.group_actor.RemoteGroupSync` sends them to the coordinator instead).
 
 The copy logs to your loggers directly (``member_{i}/...`` and Lightning's plain ``epoch``) and
 shows Lightning's own progress bar. What comes back is one
@@ -44,7 +46,7 @@ __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_g
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
 #: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization); any
 #: other callback (StochasticWeightAveraging, ByzantineMembers, your own) acts on one module's
-#: weights or metrics and runs inside each member's actor
+#: weights or metrics and runs inside each member's own actor
 GROUP_CALLBACKS = (
     "EarlyStopping", "QuantumNoise", "AdaptiveQuantization",  # one copy per member (hqde_lightning.member_callbacks)
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",

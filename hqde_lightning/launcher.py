@@ -1,17 +1,21 @@
-"""``RayEnsembleLauncher``: runs ``Trainer.fit`` as one Lightning fit loop per member in Ray actors.
+"""``RayEnsembleLauncher``: runs ``Trainer.fit`` for every member, in this process or in Ray actors.
 
 ``launch(fit)`` in the driver:
 
-1. starts Ray locally if it is not running (or joins ``ray_address``; see
+1. when the members can share one process and that can be this one (one device, no
+   ``ray_address``: :mod:`hqde_lightning.embedded`), trains them all as one member group here,
+   without Ray; otherwise:
+2. starts Ray locally if it is not running (or joins ``ray_address``; see
    :mod:`hqde_lightning.ray_runtime`),
-2. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled
+3. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled
    (:mod:`hqde_lightning.pickling`),
-3. starts a coordinator actor and hands the members to a
-   :class:`~hqde_lightning.member_pool.MemberPool`, which starts ``num_members`` member actors
-   with their resources (:mod:`hqde_lightning.resources`) and restarts dead ones,
-4. while they train, forwards their metrics to your loggers (``member_{i}/...``,
+4. starts a coordinator actor and hands the members to a
+   :class:`~hqde_lightning.member_pool.MemberPool`, which starts one actor per member or per
+   member group (:func:`~hqde_lightning.resources.worker_members`) with its resources and
+   restarts dead ones,
+5. while they train, forwards their metrics to your loggers (``member_{i}/...``,
    ``ensemble/...``) and shows their progress (:mod:`hqde_lightning.forwarder`),
-5. when they finish, puts the consensus weights into your module, builds
+6. when they finish, puts the consensus weights into your module, builds
    ``strategy.ensemble`` and restores the trainer's epoch, step, metrics, callback states and
    status as a normal ``fit`` leaves them.
 

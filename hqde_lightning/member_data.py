@@ -24,9 +24,9 @@ from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_s
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_unflatten
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler, TensorDataset, default_collate
 
-__all__ = ["GroupLoader", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "stack_batches"]
+__all__ = ["GatheredGroupLoader", "GroupLoader", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "stack_batches"]
 
 Warn = Callable[[str], None]
 
@@ -110,7 +110,8 @@ def group_loader(loader: Iterable[Any], seed: int, indices: Sequence[int], epoch
         )
         shared = member_loader(loader, seed, indices[0], epoch, bagging, _ignore, fill_generators=True)
         return GroupLoader([shared] * len(indices))
-    return GroupLoader([member_loader(loader, seed, i, epoch, bagging, warn_once, fill_generators=True) for i in indices])
+    loaders = [member_loader(loader, seed, i, epoch, bagging, warn_once, fill_generators=True) for i in indices]
+    return GatheredGroupLoader(loaders) if all(map(_gatherable, loaders)) else GroupLoader(loaders)
 
 
 class MemberValues(list):
@@ -163,6 +164,55 @@ class GroupLoader:
                 raise ValueError(f"the loaders of members {members} (positions in the group) ended after {step} batches, before the others.")
             yield stack_batches([batches[s] for s in self._stream_of], step)
             step += 1
+
+
+class GatheredGroupLoader(GroupLoader):
+    """A :class:`GroupLoader` over member loaders that read one in-memory ``TensorDataset`` (see :func:`_gatherable`).
+
+    Each step takes the k members' next index batches from their own loaders' samplers and
+    gathers them with one indexing per tensor (``tensor[indices]``, indices ``[k, B]``) instead of
+    k·B ``__getitem__`` calls, k collations and a stack. The batches are the ones
+    :class:`GroupLoader` yields, a list of ``[k, B, ...]`` tensors as the default collation makes
+    them; on a GPU, where a small model's step is short, this keeps the data from costing more
+    than the step.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        # a DataLoader's iterator draws its base seed from the loader's generator before the sampler runs: so does this
+        iterators = [iter(stream) for stream in self._streams]
+        tensors = self._streams[0].dataset.tensors  # type: ignore[attr-defined]
+        step = 0
+        while True:
+            indices = [next(it._sampler_iter, _END) for it in iterators]  # type: ignore[attr-defined]
+            ended = [s for s, batch in enumerate(indices) if batch is _END]
+            if len(ended) == len(indices):
+                return
+            sizes = [len(batch) if batch is not _END else 0 for batch in indices]
+            if ended or len(set(sizes)) > 1:
+                raise ValueError(
+                    f"at step {step} the members' batches have sizes {[sizes[s] for s in self._stream_of]} (one per member)."
+                    " A group stacks its members' batches, so each member's batch must have the same size."
+                )
+            gather = torch.as_tensor([indices[s] for s in self._stream_of])
+            yield [tensor[gather] for tensor in tensors]
+            step += 1
+
+
+def _gatherable(loader: Iterable[Any]) -> bool:
+    """Whether a member loader reads an in-memory ``TensorDataset`` in the main process with the default collation.
+
+    Then :class:`GatheredGroupLoader` can gather the members' batches itself: a ``DataLoader``
+    over exactly a ``TensorDataset``, batches from a batch sampler, no worker processes, the
+    default ``collate_fn`` and no pinned memory.
+    """
+    return (
+        isinstance(loader, DataLoader)
+        and type(loader.dataset) is TensorDataset
+        and loader.batch_sampler is not None
+        and loader.num_workers == 0
+        and loader.collate_fn is default_collate
+        and not loader.pin_memory
+    )
 
 
 def stack_batches(batches: Sequence[Any], step: int = 0) -> Any:

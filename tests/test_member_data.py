@@ -14,7 +14,7 @@ from models import DigitsDataModule, quiet_trainer
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SubsetRandomSampler, TensorDataset
 
-from hqde_lightning.member_data import GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader
+from hqde_lightning.member_data import GatheredGroupLoader, GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader
 
 Sample = namedtuple("Sample", ["x", "y"])
 
@@ -308,3 +308,35 @@ def test_lightning_fits_on_a_group_loader(tmp_path):
     assert model.sizes == [64] * 18 + [48]
     assert trainer.global_step == 19
     assert not torch.equal(model.heads[0].weight, model.heads[1].weight)
+
+
+def _fail(message: str) -> None:
+    raise AssertionError(f"unexpected warning: {message}")
+
+
+@pytest.mark.parametrize("bagging", [False, True], ids=["own-order", "bagging"])
+@pytest.mark.parametrize(
+    "options",
+    [{"shuffle": True}, {"shuffle": True, "generator": torch.Generator().manual_seed(3)}, {"shuffle": False}, {"shuffle": True, "drop_last": True}],
+    ids=["global-rng", "generator", "sequential", "drop-last"],
+)
+def test_gathered_group_batches_are_the_stacked_member_batches(options, bagging):
+    """Over a TensorDataset, the group gathers its members' batches itself; they are exactly the member loaders' batches, stacked."""
+    loader = DataLoader(TensorDataset(torch.randn(300, 4), torch.randint(0, 10, (300,))), batch_size=64, **options)
+    for epoch in (0, 1):
+        gathered = group_loader(loader, 5, [0, 2, 3], epoch, bagging, _fail)
+        assert isinstance(gathered, GatheredGroupLoader)
+        stacked = GroupLoader([member_loader(loader, 5, i, epoch, bagging, _fail, fill_generators=True) for i in [0, 2, 3]])
+        fast, reference = list(gathered), list(stacked)
+        assert len(fast) == len(reference) == len(gathered) > 0
+        for a, b in zip(fast, reference):
+            assert type(a) is type(b) is list and len(a) == len(b) == 2
+            for x, y in zip(a, b):
+                assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_loaders_the_group_cannot_gather_are_stacked():
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 10, (64,)))
+    for loader in (DataLoader(data, batch_size=16, collate_fn=lambda batch: batch), DataLoader(data, batch_size=16, num_workers=1), DataLoader(list(data), batch_size=16)):
+        group = group_loader(loader, 0, [0, 1], 0, False, _fail)
+        assert type(group) is GroupLoader
