@@ -44,11 +44,11 @@ from hqde_lightning.topology import LocalExecutor
 __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group"]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
-#: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization); any
-#: other callback (StochasticWeightAveraging, ByzantineMembers, your own) acts on one module's
-#: weights or metrics and runs inside each member's own actor
+#: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization,
+#: ByzantineMembers); any other callback (StochasticWeightAveraging, PerformanceMonitor, your own)
+#: acts on one module's weights or metrics and runs inside each member's own actor
 GROUP_CALLBACKS = (
-    "EarlyStopping", "QuantumNoise", "AdaptiveQuantization",  # one copy per member (hqde_lightning.member_callbacks)
+    "EarlyStopping", "QuantumNoise", "AdaptiveQuantization", "ByzantineMembers",  # one copy per member (hqde_lightning.member_callbacks)
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
     "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram",

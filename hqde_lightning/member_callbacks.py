@@ -14,6 +14,8 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
 * :class:`MemberAdaptiveQuantization`: ``AdaptiveQuantization`` encoding member ``i``'s weights
   for the group's sync (bit widths ranked by member ``i``'s own gradients, its own error
   feedback), logged as ``member_{i}/quant/...``.
+* :class:`MemberByzantine`: ``ByzantineMembers`` corrupting what member ``i`` sends when ``i`` is
+  one of its Byzantine members.
 
 Each copy keeps the original's state key in :attr:`MemberCopy.original_state_key`, so that
 whole-ensemble checkpoints hold each member's callback state under the key it has with actors.
@@ -31,11 +33,12 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hqde_lightning.callbacks.byzantine import ByzantineMembers
 from hqde_lightning.callbacks.noise import QuantumNoise
 from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import MemberGroup
 
-__all__ = ["MemberAdaptiveQuantization", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise", "member_callbacks"]
+__all__ = ["MemberAdaptiveQuantization", "MemberByzantine", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise", "member_callbacks"]
 
 
 class MemberCopy:
@@ -121,14 +124,20 @@ class MemberAdaptiveQuantization(_IndexedCopy, AdaptiveQuantization):
         return ((name, p.grad[self.position]) for name, p in zip(stack.param_names, stack.params) if p.grad is not None)
 
 
+class MemberByzantine(_IndexedCopy, ByzantineMembers):
+    """``ByzantineMembers`` for one member: it corrupts what that member sends when the member is one of the Byzantine ones."""
+
+
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
+    ByzantineMembers: MemberByzantine,
 }
 
 
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
-    """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise`` and ``AdaptiveQuantization`` (exactly those classes) replaced by one copy per member."""
+    """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
+    (exactly those classes) replaced by one copy per member."""
     out: list[Callback] = []
     for callback in callbacks:
         member_copy = _COPIES.get(type(callback))

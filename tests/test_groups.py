@@ -350,3 +350,24 @@ def test_group_step_checkpoint_holds_every_member_as_of_that_step(tmp_path):
     assert all({"QuantumNoise", "AdaptiveQuantization"} <= set(m["callbacks"]) for m in section["members"])
     assert [m["callbacks"]["QuantumNoise"]["member_index"] for m in section["members"]] == [0, 1, 2]
     assert Ensemble.load_from_checkpoint(path, DigitsModule).num_members == 3
+
+
+def test_byzantine_members_in_a_group_send_what_their_actors_send(ray_session):
+    """ByzantineMembers in a group: member 1's copy corrupts only member 1's payload, and the rounds match member actors'."""
+    from hqde_lightning.callbacks import ByzantineMembers
+
+    runs = {}
+    for members_per_worker in ("auto", 1):
+        strategy = HQDEStrategy(num_members=3, sync="elastic", aggregator="geometric_median", seed=0, members_per_worker=members_per_worker, vectorize=False)
+        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_val_batches=0, callbacks=[ByzantineMembers([1], attack="scale")])
+        pl.seed_everything(0, verbose=False)
+        trainer.fit(DigitsModule(), datamodule=SeededDigits())
+        runs[members_per_worker] = strategy
+    group, actors = runs["auto"], runs[1]
+    assert [r.members for r in group.sync_history] == [r.members for r in actors.sync_history] == [[0, 1, 2]] * 2
+    for g, a in zip(group.sync_history, actors.sync_history):
+        assert g.member_weights == pytest.approx(a.member_weights, abs=1e-4)
+        assert g.member_weights[1] < min(g.member_weights[0], g.member_weights[2]), "the scaled member is outvoted"
+    for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
+        for key, value in as_actor.state_dict().items():
+            torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)

@@ -55,7 +55,7 @@ class ByzantineMembers(Callback):
 
     def encode_for_sync(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Tensor]) -> dict[str, np.ndarray]:
         """The member's weights as numpy arrays, corrupted when this member is Byzantine."""
-        index = getattr(trainer.strategy, "member_index", None)
+        index = self._member_index_in(trainer)
         arrays = state_to_numpy(state)
         if index not in self.members:
             return arrays
@@ -63,6 +63,10 @@ class ByzantineMembers(Callback):
         for key, value in arrays.items():
             arrays[key] = self._corrupt(value, rng)
         return arrays
+
+    def _member_index_in(self, trainer: Trainer) -> int | None:
+        """The index of the member whose weights are being sent (a member group's copies answer for their member)."""
+        return getattr(trainer.strategy, "member_index", None)
 
     def _corrupt(self, value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.attack == "sign_flip":
