@@ -285,6 +285,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.quick:
         args.data, args.members, args.epochs = "digits", [2], 1
+    if args.accelerator == "gpu" and torch.cuda.device_count() < 2 and "hqde-2actors" in args.modes:
+        args.modes.remove("hqde-2actors")  # each of its actors takes a whole GPU
+        print("hqde-2actors left out: its two actors need two GPUs")
     if args.epochs is None:
         args.epochs = 10 if args.data == "digits" else 1
     return args

@@ -106,6 +106,8 @@ class MemberGroup(LightningModule):
         self.last_batch_size = 0
         #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
         self.frozen = [False] * self.num_members
+        #: per stopped member (its place in the group), the epoch it stopped in (its last trained epoch)
+        self.frozen_at: dict[int, int] = {}
         self._frozen_values: dict[int, list[Tensor]] = {}
 
     @property
@@ -206,6 +208,7 @@ class MemberGroup(LightningModule):
         if self.frozen[position]:
             return
         self.frozen[position] = True
+        self.frozen_at[position] = self.trainer.current_epoch if self._trainer is not None else 0
         self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
 
     def _restore_frozen(self) -> None:

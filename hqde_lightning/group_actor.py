@@ -136,12 +136,14 @@ class RemoteGroupSync(GroupSync):
         return ray.get(consensus_ref), []
 
     def _finish_frozen(self, trainer: Trainer, epoch: int) -> None:
-        """Members frozen since the last epoch end (early stopping) post their final snapshot and leave the rounds."""
+        """Members frozen since the last epoch end (early stopping) post their final snapshot and leave the rounds.
+
+        Each snapshot is a checkpoint dump of the group (one per stopped member: rare, and the
+        group's state is what a snapshot cuts the member out of).
+        """
         stopped = [i for i in range(self.group.num_members) if self.group.frozen[i] and self.group.member_ids[i] not in self.finished]
-        if not stopped:
-            return
-        self._post_snapshots(trainer, epoch - 1, stopped, final=True)
-        for i in stopped:
+        for i in stopped:  # a member's snapshot round is its last trained epoch: the one it stopped in
+            self._post_snapshots(trainer, self.group.frozen_at.get(i, epoch - 1), [i], final=True)
             self.finish(self.group.member_ids[i])
 
     def finish(self, member: int) -> None:
