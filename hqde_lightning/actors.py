@@ -124,6 +124,8 @@ class Coordinator:
         self.snapshots: dict[int, tuple[int, Any]] = {}
         #: members whose final snapshot (the end of their fit) has arrived
         self.done: set[int] = set()
+        #: those final snapshots
+        self.finals: dict[int, dict[str, Any]] = {}
         self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
@@ -201,12 +203,18 @@ class Coordinator:
         """Keeps ``member``'s latest snapshot (copied out of the object store, so it outlives the member).
 
         ``round_id`` is the last epoch the snapshot's member finished (-1 before its first);
-        ``final`` marks the snapshot taken when the member's fit ended.
+        ``final`` marks the snapshot taken when the member's fit ended. A final snapshot that
+        trained no step past the member's last epoch-end snapshot is kept apart (for
+        :meth:`latest_snapshots`): writers pairing round ``round_id`` and restarts keep reading the
+        epoch end's, whichever of the two a writer's timing would otherwise have found.
         """
         previous = self.snapshots.get(member)
-        if previous is None or previous[0] <= round_id:
-            self.snapshots[member] = (round_id, tree_to_cpu(snapshot))
+        copied = tree_to_cpu(snapshot)
+        unchanged = final and previous is not None and previous[0] == round_id and previous[1].get("global_step") == snapshot.get("global_step")
+        if (previous is None or previous[0] <= round_id) and not unchanged:
+            self.snapshots[member] = (round_id, copied)
         if final:
+            self.finals[member] = copied
             self.done.add(member)
         self._notify_snapshot()
         if self.check_clones and round_id >= 0 and member not in self.first_fingerprints:  # after its first epoch, not its start
@@ -273,7 +281,7 @@ class Coordinator:
 
     def latest_snapshots(self) -> dict[int, dict[str, Any]]:
         """Every member's latest snapshot (the final one for members whose fit ended)."""
-        return {m: snapshot for m, (_, snapshot) in sorted(self.snapshots.items())}
+        return {m: self.finals.get(m, snapshot) for m, (_, snapshot) in sorted(self.snapshots.items())}
 
     # --------------------------------------------------------- driver channel
     def emit(self, event: Event) -> None:

@@ -218,3 +218,20 @@ def test_member_speed_is_measured_from_progress_reports():
     forwarder.forget(0)
     forwarder.handle([ProgressEvent(member=0, epoch=0, batch=1, total=10, loss=0.5)])  # a restarted member starts counting again
     assert forwarder._first_report[0][1] == 1
+
+
+def test_a_final_snapshot_without_new_steps_does_not_replace_the_epoch_end_one():
+    """A writer pairing round 0 gets the member's epoch-end snapshot whether or not the member's fit-end snapshot arrived first
+    (their loops differ: resuming from them would give the member different data orders); the driver gets the final one."""
+    import asyncio
+
+    coordinator = Coordinator(2, resolve_aggregator("mean"), resolve_topology("flat"), check_clones=False)
+    epoch_end = {"global_step": 19, "loops": "epoch end", "state_dict": {}}
+    coordinator.post_snapshot(1, 0, epoch_end)
+    coordinator.post_snapshot(1, 0, {"global_step": 19, "loops": "fit ended", "state_dict": {}}, final=True)
+    assert asyncio.run(coordinator.snapshots_at(0, [0]))[1]["loops"] == "epoch end"
+    assert coordinator.latest_snapshot(1)["loops"] == "epoch end"
+    assert coordinator.latest_snapshots()[1]["loops"] == "fit ended" and 1 in coordinator.done
+    coordinator.post_snapshot(0, 0, {"global_step": 19, "loops": "epoch end", "state_dict": {}})
+    coordinator.post_snapshot(0, 0, {"global_step": 23, "loops": "stopped mid-epoch", "state_dict": {}}, final=True)
+    assert coordinator.latest_snapshot(0)["loops"] == "stopped mid-epoch", "steps trained after the epoch end count"
