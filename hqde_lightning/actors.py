@@ -24,7 +24,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from hqde_lightning.topology import Executor, Topology, combine_group
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
 
-__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor"]
+__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "worker_fit"]
 
 
 class MemberInterrupted(Exception):
@@ -378,15 +379,8 @@ class MemberActor:
         seed_everything(context.seed, workers=True, verbose=False)
         if hqde.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
-        try:
+        with worker_fit(trainer, f"member {context.index}'s", restart_dir):
             _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
-        except SystemExit:  # Lightning's answer to KeyboardInterrupt, after its graceful shutdown
-            if not trainer.interrupted:
-                raise
-            raise MemberInterrupted(f"member {context.index}'s fit was interrupted (KeyboardInterrupt)") from None
-        finally:
-            if restart_dir is not None:
-                shutil.rmtree(restart_dir, ignore_errors=True)
         context.coordinator.emit.remote(FinishedEvent(context.index))
         context.coordinator.finish.remote(context.index)
         callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
@@ -399,6 +393,22 @@ class MemberActor:
             trainer_state=trainer.state,
             score=sync.score(trainer),
         )
+
+
+@contextmanager
+def worker_fit(trainer: Any, whose: str, restart_dir: str | None) -> Iterator[None]:
+    """Around the fit in a member or group actor: Lightning's ``SystemExit`` after its graceful shutdown on
+    ``KeyboardInterrupt`` becomes :class:`MemberInterrupted` (``whose`` names the members), and a restarted
+    actor's temporary ``restart_dir`` is removed when the fit ends."""
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        raise MemberInterrupted(f"{whose} fit was interrupted (KeyboardInterrupt)") from None
+    finally:
+        if restart_dir is not None:
+            shutil.rmtree(restart_dir, ignore_errors=True)
 
 
 def _prepared_in_driver() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from ray import cloudpickle
 
-from hqde_lightning.actors import MemberActor, MemberInterrupted, MemberResult
+from hqde_lightning.actors import MemberActor, MemberResult, worker_fit
 from hqde_lightning.checkpoint import AtomicCheckpointIO, ensemble_section, seal_checkpoint
 from hqde_lightning.codec import payload_layout, payload_nbytes
 from hqde_lightning.embedded import GroupSync, fit_group
@@ -43,6 +42,7 @@ from hqde_lightning.events import Event, FinishedEvent, ProgressEvent
 from hqde_lightning.group import MemberGroup
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import MEMBER_KEY, MirrorLogger, tree_to_cpu
+from hqde_lightning.worker_strategy import CheckpointWriter
 
 __all__ = ["CoordinatorChannel", "GroupActor", "GroupActorStrategy", "GroupContext", "RemoteGroupSync"]
 
@@ -184,24 +184,13 @@ class GroupActorStrategy(GroupStrategy):
     def __init__(self, hqde: Any, group: MemberGroup, sync: RemoteGroupSync) -> None:
         super().__init__(hqde, group, sync)
         self.coordinator = sync.coordinator
-        self._writer_epoch: int | None = None
+        self._writer = CheckpointWriter(sync.coordinator, min(group.member_ids))
 
     @property
     def is_global_zero(self) -> bool:
         """Whether this group writes checkpoints now: it holds the lowest-index member that trains in the current epoch
-        (``Coordinator.is_writer`` of the group's lowest member); a group that became the writer stays it."""
-        lowest = min(self.group.member_ids)
-        if lowest == 0:
-            return True
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        epoch = trainer.current_epoch if trainer is not None else 0
-        if self._writer_epoch == epoch:
-            return True
-        if ray.get(self.coordinator.is_writer.remote(lowest, epoch)):
-            self._writer_epoch = epoch
-            return True
-        return False
+        (see :class:`~hqde_lightning.worker_strategy.CheckpointWriter`)."""
+        return self._writer.holds(self)
 
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
         """This group's members from ``checkpoint``, every other member from its latest snapshot of the same sync round."""
@@ -256,15 +245,8 @@ class GroupActor(MemberActor):
             syncs.append(RemoteGroupSync(hqde, group, channel))
             return syncs[0]
 
-        try:
+        with worker_fit(trainer, f"members {ids}'", restart_dir):
             results, _ = fit_group(hqde, trainer, function_name, bound, ids, channel, make_sync, GroupActorStrategy)
-        except SystemExit:  # Lightning's answer to KeyboardInterrupt, after its graceful shutdown
-            if not trainer.interrupted:
-                raise
-            raise MemberInterrupted(f"members {ids}' fit was interrupted (KeyboardInterrupt)") from None
-        finally:
-            if restart_dir is not None:
-                shutil.rmtree(restart_dir, ignore_errors=True)
         for member in ids:
             syncs[0].finish(member)
         return results

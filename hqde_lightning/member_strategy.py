@@ -34,7 +34,7 @@ from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.topology import aggregate
-from hqde_lightning.worker_strategy import WorkerStrategy
+from hqde_lightning.worker_strategy import CheckpointWriter, WorkerStrategy
 
 __all__ = ["MemberStrategy"]
 
@@ -57,8 +57,7 @@ class MemberStrategy(WorkerStrategy):
         super().__init__(hqde, device)
         self.context = context
         self._member_sync = member_sync
-        # the epoch this member was last confirmed as the checkpoint writer for
-        self._writer_epoch: int | None = None
+        self._writer = CheckpointWriter(context.coordinator, context.index)
 
     @property
     def member_index(self) -> int:
@@ -68,22 +67,9 @@ class MemberStrategy(WorkerStrategy):
     # ----------------------------------------------------------- writer role
     @property
     def is_global_zero(self) -> bool:
-        """Whether this member writes checkpoints now: the lowest-index member that trains in the current epoch.
-
-        The role moves to the next member when member 0 stops early or is given up on
-        (``Coordinator.is_writer``); a member that became the writer stays it.
-        """
-        if self.context.index == 0:
-            return True
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        epoch = trainer.current_epoch if trainer is not None else 0
-        if self._writer_epoch == epoch:
-            return True
-        if ray.get(self.context.coordinator.is_writer.remote(self.context.index, epoch)):
-            self._writer_epoch = epoch  # lower members have finished
-            return True
-        return False
+        """Whether this member writes checkpoints now: the lowest-index member that trains in the current epoch (see
+        :class:`~hqde_lightning.worker_strategy.CheckpointWriter`)."""
+        return self._writer.holds(self)
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 
-__all__ = ["WorkerStrategy"]
+__all__ = ["CheckpointWriter", "WorkerStrategy"]
 
 
 class WorkerStrategy(SingleDeviceStrategy):
@@ -44,3 +45,35 @@ class WorkerStrategy(SingleDeviceStrategy):
         trainer._accelerator_connector.strategy = self
         for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
             loop._results.clear()
+
+
+class CheckpointWriter:
+    """Whether a worker in a Ray actor writes the ensemble's checkpoints now (its strategy's ``is_global_zero``).
+
+    The writer of an epoch is the worker holding the lowest-index member that trains in it:
+    member 0's while it runs, then the next one's when member 0 stops early or is given up on
+    (``Coordinator.is_writer``). A worker that became the writer stays it for the epoch.
+
+    Args:
+        coordinator: handle of the fit's coordinator actor.
+        member: the lowest-index member the worker trains.
+    """
+
+    def __init__(self, coordinator: Any, member: int) -> None:
+        self.coordinator = coordinator
+        self.member = member
+        self._epoch: int | None = None
+
+    def holds(self, strategy: Strategy) -> bool:
+        """Whether the worker of ``strategy`` writes checkpoints in its trainer's current epoch."""
+        if self.member == 0:
+            return True
+        module = strategy.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if self._epoch == epoch:
+            return True
+        if ray.get(self.coordinator.is_writer.remote(self.member, epoch)):
+            self._epoch = epoch  # the lower members have finished
+            return True
+        return False
