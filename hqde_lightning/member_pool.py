@@ -266,7 +266,8 @@ def _describe(workers: list[list[int]], options: list[dict[str, Any]]) -> str:
         parts.append(f"{first['num_gpus']:g} GPU")
     if all(len(w) == 1 for w in workers):
         return f"with {' + '.join(parts)} each"
-    return f"as {len(workers)} actors of {[len(w) for w in workers]} members, each with {' + '.join(parts)}"
+    actors = f"{len(workers)} actor{'s' if len(workers) > 1 else ''}"
+    return f"as {actors} of {[len(w) for w in workers]} members, each with {' + '.join(parts)}"
 
 
 def _member_error(members: list[int], err: Exception) -> BaseException:
