@@ -210,9 +210,10 @@ class Coordinator:
         epoch end's, whichever of the two a writer's timing would otherwise have found.
         """
         previous = self.snapshots.get(member)
-        copied = tree_to_cpu(snapshot)
         unchanged = final and previous is not None and previous[0] == round_id and previous[1].get("global_step") == snapshot.get("global_step")
-        if (previous is None or previous[0] <= round_id) and not unchanged:
+        latest = (previous is None or previous[0] <= round_id) and not unchanged
+        copied = tree_to_cpu(snapshot) if latest or final else None  # a late, older snapshot is not copied at all
+        if latest:
             self.snapshots[member] = (round_id, copied)
         if final:
             self.finals[member] = copied

@@ -42,7 +42,7 @@ from hqde_lightning.events import Event, FinishedEvent, ProgressEvent
 from hqde_lightning.group import MemberGroup
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import MEMBER_KEY, MirrorLogger, tree_to_cpu
-from hqde_lightning.worker_strategy import CheckpointWriter
+from hqde_lightning.worker_strategy import CheckpointWriter, checkpoint_round
 
 __all__ = ["CoordinatorChannel", "GroupActor", "GroupActorStrategy", "GroupContext", "RemoteGroupSync"]
 
@@ -115,15 +115,13 @@ class RemoteGroupSync(GroupSync):
             return
         self._finish_frozen(trainer, epoch)  # before the round: the coordinator must not wait for them
         super().on_train_epoch_end(trainer, pl_module)
-        training = [i for i in range(self.group.num_members) if self.group.member_ids[i] not in self.finished]
-        self._post_snapshots(trainer, epoch, training)
+        self._post_snapshots(trainer, epoch, self._unfinished())
         if self._loss_sum is not None:
             self._report_progress(trainer, self._num_batches, self._loss_sum / max(self._num_batches, 1))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
-        remaining = [i for i in range(self.group.num_members) if self.group.member_ids[i] not in self.finished]
-        self._post_snapshots(trainer, trainer.current_epoch - 1, remaining, final=True)
+        self._post_snapshots(trainer, trainer.current_epoch - 1, self._unfinished(), final=True)
 
     # ---------------------------------------------------------------- helpers
     def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: int, step: int) -> tuple[dict[str, Any], list[Any]]:
@@ -141,10 +139,14 @@ class RemoteGroupSync(GroupSync):
         Each snapshot is a checkpoint dump of the group (one per stopped member: rare, and the
         group's state is what a snapshot cuts the member out of).
         """
-        stopped = [i for i in range(self.group.num_members) if self.group.frozen[i] and self.group.member_ids[i] not in self.finished]
+        stopped = [i for i in self._unfinished() if self.group.frozen[i]]
         for i in stopped:  # a member's snapshot round is its last trained epoch: the one it stopped in
             self._post_snapshots(trainer, self.group.frozen_at.get(i, epoch - 1), [i], final=True)
             self.finish(self.group.member_ids[i])
+
+    def _unfinished(self) -> list[int]:
+        """The positions in the group of the members whose fit has not ended here."""
+        return [i for i, member in enumerate(self.group.member_ids) if member not in self.finished]
 
     def finish(self, member: int) -> None:
         """``member``'s fit ended: the driver hears of it and open rounds no longer wait for it."""
@@ -196,8 +198,7 @@ class GroupActorStrategy(GroupStrategy):
         """This group's members from ``checkpoint``, every other member from its latest snapshot of the same sync round."""
         entries = super().ensemble_entries(checkpoint)
         own = set(self.group.member_ids)
-        trainer = self.lightning_module.trainer
-        round_id = trainer.current_epoch if self.sync.synced_epoch == trainer.current_epoch else trainer.current_epoch - 1
+        round_id = checkpoint_round(self.lightning_module.trainer.current_epoch, self.sync.synced_epoch)
         for other, snapshot in ray.get(self.coordinator.snapshots_at.remote(round_id, sorted(own))).items():
             entries[other] = snapshot
         return entries
@@ -239,16 +240,10 @@ class GroupActor(MemberActor):
         unwanted: tuple[type, ...] = (ProgressBar,) if 0 in ids else (ProgressBar, ModelSummary)
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         channel = CoordinatorChannel(coordinator)
-        syncs: list[RemoteGroupSync] = []
-
-        def make_sync(group: MemberGroup) -> RemoteGroupSync:
-            syncs.append(RemoteGroupSync(hqde, group, channel))
-            return syncs[0]
-
         with worker_fit(trainer, f"members {ids}'", restart_dir):
-            results, _ = fit_group(hqde, trainer, function_name, bound, ids, channel, make_sync, GroupActorStrategy)
+            results, sync = fit_group(hqde, trainer, function_name, bound, ids, channel, lambda group: RemoteGroupSync(hqde, group, channel), GroupActorStrategy)
         for member in ids:
-            syncs[0].finish(member)
+            sync.finish(member)
         return results
 
 

@@ -31,7 +31,7 @@ from hqde_lightning.member import MEMBER_KEY
 from hqde_lightning.member_callbacks import MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.topology import aggregate
-from hqde_lightning.worker_strategy import WorkerStrategy
+from hqde_lightning.worker_strategy import WorkerStrategy, checkpoint_round
 
 __all__ = ["GroupStrategy"]
 
@@ -74,8 +74,7 @@ class GroupStrategy(WorkerStrategy):
             copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
             entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
-        round_id = epoch if self.sync.synced_epoch == epoch else epoch - 1
-        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": round_id, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
+        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": checkpoint_round(epoch, self.sync.synced_epoch), "rng": {"torch": self.group.stack.rng_states[i].clone()}}
         return entry
 
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.topology import aggregate
-from hqde_lightning.worker_strategy import CheckpointWriter, WorkerStrategy
+from hqde_lightning.worker_strategy import CheckpointWriter, WorkerStrategy, checkpoint_round
 
 __all__ = ["MemberStrategy"]
 
@@ -109,10 +109,7 @@ class MemberStrategy(WorkerStrategy):
         trainer = self.lightning_module.trainer
         index = self.context.index
         epoch = trainer.current_epoch
-        # the members' snapshots of round r are taken at the end of epoch r; a save before this
-        # epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round r - 1
-        # (round -1: the snapshots every member posts when its training starts)
-        round_id = epoch if self._member_sync.synced_epoch == epoch else epoch - 1
+        round_id = checkpoint_round(epoch, self._member_sync.synced_epoch)
         own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
         own[MEMBER_KEY] = {"index": index, "round": round_id, "rng": capture_rng_states()}
         members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]

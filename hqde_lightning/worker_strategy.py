@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 
-__all__ = ["CheckpointWriter", "WorkerStrategy"]
+__all__ = ["CheckpointWriter", "WorkerStrategy", "checkpoint_round"]
 
 
 class WorkerStrategy(SingleDeviceStrategy):
@@ -45,6 +45,17 @@ class WorkerStrategy(SingleDeviceStrategy):
         trainer._accelerator_connector.strategy = self
         for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop):
             loop._results.clear()
+
+
+def checkpoint_round(epoch: int, synced_epoch: int) -> int:
+    """The sync round a checkpoint written now, in epoch ``epoch``, pairs with.
+
+    The members' snapshots of round r are taken at the end of epoch r, after its sync point
+    (``synced_epoch`` is the last epoch whose sync point the worker passed). A save before this
+    epoch's sync point (a mid-epoch, step-based checkpoint) can only pair with round ``epoch - 1``
+    (round -1: the snapshots every member posts when its training starts).
+    """
+    return epoch if synced_epoch == epoch else epoch - 1
 
 
 class CheckpointWriter:
