@@ -138,7 +138,7 @@ def worker_options(strategy: HQDEStrategy, workers: list[list[int]]) -> tuple[li
 
     One member per actor: :func:`check_resources`'s request for each. Several: a whole GPU each
     on CUDA (never a fraction), the largest equal CPU share that packs the actors onto the nodes,
-    and ``resources_per_member`` (CPUs and custom resources) times the actor's members. On this
+    and ``resources_per_member`` (CPUs, memory and custom resources) times the actor's members. On this
     machine the options carry the driver's import path; the threads are the actor's whole CPUs
     (at least 1).
 
@@ -156,7 +156,7 @@ def worker_options(strategy: HQDEStrategy, workers: list[list[int]]) -> tuple[li
         requests = []
         for members in workers:
             request = {"num_cpus": share}
-            request.update({k: v * len(members) for k, v in strategy.resources_per_member.items() if v is not None})
+            request.update(_scaled(strategy.resources_per_member, len(members)))
             if cuda:
                 request["num_gpus"] = 1
             requests.append(request)
@@ -172,3 +172,14 @@ def worker_options(strategy: HQDEStrategy, workers: list[list[int]]) -> tuple[li
         for request in requests:
             request["runtime_env"] = {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
     return requests, threads
+
+
+def _scaled(per_member: dict[str, Any], k: int) -> dict[str, Any]:
+    """``resources_per_member`` for an actor of ``k`` members: every number, and every custom resource, times ``k``."""
+    out: dict[str, Any] = {}
+    for key, value in per_member.items():
+        if isinstance(value, dict):
+            out[key] = {name: amount * k for name, amount in value.items()}
+        elif value is not None:
+            out[key] = value * k
+    return out

@@ -110,7 +110,7 @@ class HQDEStrategy(SingleDeviceStrategy):
             share of the members as a group (see :mod:`hqde_lightning.group_actor`); one actor per
             member when ``resources_per_member`` is set or the members cannot share a process
             (saying why). An int ``k``: Ray actors of ``k`` members each (``1``: one per member;
-            with ``k`` > 1 CPUs and custom ``resources_per_member`` are multiplied by ``k``).
+            with ``k`` > 1 the CPUs, memory and custom resources of ``resources_per_member`` are multiplied by ``k``).
         vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
             members, ``False`` member by member, ``"auto"`` (default) times both on the first
             training steps and keeps the faster (both are logged).

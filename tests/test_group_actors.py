@@ -155,6 +155,21 @@ def test_worker_members_split_the_members(monkeypatch):
     assert _planned(monkeypatch, "auto", num_members=3, gpus=4) == [[0], [1], [2]]
 
 
+def test_group_actor_requests_scale_the_per_member_resources(monkeypatch):
+    """An actor of k members asks for k times each member's CPUs, memory and custom resources; actors that fit nowhere fail early."""
+    from hqde_lightning.placement import NodeCapacity
+
+    node = NodeCapacity("n1", {"CPU": 4.0, "memory": 8e9, "disk": 4.0})
+    monkeypatch.setattr(resources, "alive_nodes", lambda: [node])
+    per_member = {"num_cpus": 0.5, "memory": 1e9, "resources": {"disk": 1.0}}
+    strategy = SimpleNamespace(resources_per_member=per_member, accelerator=CPUAccelerator(), ray_address="cluster")
+    requests, threads = resources.worker_options(strategy, [[0, 1], [2]])
+    assert requests == [{"num_cpus": 1.0, "memory": 2e9, "resources": {"disk": 2.0}}, {"num_cpus": 0.5, "memory": 1e9, "resources": {"disk": 1.0}}]
+    assert threads == [1, 1]
+    with pytest.raises(MisconfigurationException, match=r"cannot place its 2 actors of \[4, 1\] members"):
+        resources.worker_options(strategy, [[0, 1, 2, 3], [4]])  # 4 + 1 disk on a node of 4
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, "two"])
 def test_bad_members_per_worker(value):
     with pytest.raises(ValueError, match="members_per_worker"):
