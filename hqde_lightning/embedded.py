@@ -39,6 +39,7 @@ from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
 from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
+from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
 __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group"]
@@ -127,6 +128,7 @@ class GroupSync(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches = None, 0
+        start_epoch(trainer.train_dataloader, trainer.current_epoch)  # the members' orders of this epoch, resumed or not
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         losses = self.group.last_losses

@@ -35,6 +35,7 @@ from torch import Tensor
 from hqde_lightning.checkpoint import capture_rng_states
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
+from hqde_lightning.member_data import start_epoch
 
 __all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
@@ -223,6 +224,7 @@ class MemberSync(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches = None, 0
+        start_epoch(trainer.train_dataloader, trainer.current_epoch)  # this epoch's order, resumed or not
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

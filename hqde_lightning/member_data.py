@@ -3,7 +3,10 @@
 :func:`member_loader` gives the loader member ``index`` trains on: a copy of the user's loader
 whose sampler draws from a generator seeded from ``(seed, index, epoch)`` (or, with bagging, a
 loader over the member's bootstrap sample). The user's loader is never changed, so one loader
-can give any number of members their own loaders.
+can give any number of members their own loaders. Its :class:`MemberOrder` re-seeds the
+generators at the start of every epoch (:func:`start_epoch`), so a member's order in an epoch
+depends on ``(seed, index, epoch)`` only: a fit resumed from a checkpoint reads the orders the
+uninterrupted fit would have read.
 
 :func:`group_loader` builds the loaders of the k members of one group and wraps them in a
 :class:`GroupLoader`, which iterates them in lockstep and yields one batch per step whose tensors
@@ -26,7 +29,10 @@ from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_unflatten
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler, TensorDataset, default_collate
 
-__all__ = ["GatheredGroupLoader", "GroupLoader", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "stack_batches"]
+__all__ = [
+    "GatheredGroupLoader", "GroupLoader", "MemberOrder", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader",
+    "stack_batches", "start_epoch",
+]
 
 Warn = Callable[[str], None]
 
@@ -40,9 +46,10 @@ def member_loader(
     drawn with replacement by ``numpy.random.default_rng([seed, index])``, shuffled by a
     ``SubsetRandomSampler``. Otherwise every ``torch.Generator`` the loader carries (its sampler's
     or custom batch sampler's ``generator`` attribute, and the loader's own ``generator``, from
-    which worker seeds are drawn) is replaced in the copy by one generator seeded from
-    ``numpy.random.SeedSequence([seed, index, epoch])``, so a loader built with ``shuffle=True,
-    generator=torch.Generator().manual_seed(0)`` gives each member its own order.
+    which worker seeds are drawn) is replaced in the copy by the member's own, seeded from
+    ``numpy.random.SeedSequence([seed, index, epoch, role])``, so a loader built with
+    ``shuffle=True, generator=torch.Generator().manual_seed(0)`` gives each member its own order.
+    The copy's ``member_order`` (a :class:`MemberOrder`) re-seeds them for a later epoch.
 
     A ``generator`` attribute that is ``None`` (``shuffle=True`` without a generator: the sampler
     draws from torch's global RNG) is left as it is, unless ``fill_generators=True``, which puts
@@ -55,9 +62,9 @@ def member_loader(
     Raises:
         MisconfigurationException: ``bagging=True`` with a dataset that is iterable or has no length.
     """
-    generator = _order_generator(seed, index, epoch)
+    order = MemberOrder(seed, index)
     if bagging:
-        copied = _bootstrap_loader(loader, seed, index)
+        copied = _bootstrap_loader(loader, seed, index, order.sampler)
     else:
         copied = _copy_loader(loader)
         if isinstance(loader.dataset, IterableDataset):
@@ -67,10 +74,46 @@ def member_loader(
                 " Python's global RNG (seeded per member). Shuffle inside the dataset with such a draw, or use a map-style dataset."
             )
         else:
-            _reseed_sampler(copied, generator, warn, fill_generators)
+            _reseed_sampler(copied, order.sampler, warn, fill_generators)
     if isinstance(copied.generator, torch.Generator) or (fill_generators and copied.generator is None):
-        copied.generator = generator
+        copied.generator = order.loader
+    order.start_epoch(epoch)
+    copied.member_order = order
     return copied
+
+
+class MemberOrder:
+    """The generators of member ``index``'s loader, seeded per epoch from ``(seed, index, epoch)``.
+
+    ``sampler`` orders the batches (the sampler's or batch sampler's ``generator``), ``loader``
+    is the loader's own ``generator``, from which a ``DataLoader`` iterator draws its workers'
+    base seed when it starts. They are two generators so that the order does not depend on
+    whether that draw came before the epoch's re-seeding: Lightning starts the first epoch's
+    iterator (and a resumed fit's) before ``on_train_epoch_start``, later ones after it.
+    """
+
+    def __init__(self, seed: int, index: int) -> None:
+        self.seed, self.index = seed, index
+        self.sampler = torch.Generator()
+        self.loader = torch.Generator()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Seeds both generators for ``epoch``: the state an uninterrupted fit and a resumed one both start it from."""
+        for role, generator in enumerate((self.sampler, self.loader)):
+            state = np.random.SeedSequence([self.seed, self.index, epoch, role]).generate_state(1)
+            generator.manual_seed(int(state[0]))
+
+
+def start_epoch(loader: object, epoch: int) -> None:
+    """Re-seeds the member orders in ``loader`` (a member loader, or a group loader's member loaders) for ``epoch``.
+
+    Called from ``on_train_epoch_start`` with ``trainer.train_dataloader``; loaders that are not
+    member loaders are left alone.
+    """
+    for each in loader.loaders if isinstance(loader, GroupLoader) else [loader]:
+        order = getattr(each, "member_order", None)
+        if isinstance(order, MemberOrder):
+            order.start_epoch(epoch)
 
 
 def group_loader(loader: Iterable[Any], seed: int, indices: Sequence[int], epoch: int, bagging: bool, warn: Warn) -> GroupLoader:
@@ -255,12 +298,6 @@ def group_batch_size(stacked: Any) -> int:
     return extract_batch_size(member_batch(stacked, 0))
 
 
-def _order_generator(seed: int, index: int, epoch: int) -> torch.Generator:
-    """The generator member ``index`` draws its order of epoch ``epoch`` from."""
-    state = np.random.SeedSequence([seed, index, epoch]).generate_state(1)
-    return torch.Generator().manual_seed(int(state[0]))
-
-
 def _copy_loader(loader: DataLoader) -> DataLoader:
     """A shallow copy of ``loader`` (same dataset, sampler, collate_fn, workers...) that iterates on its own."""
     copied = copy.copy(loader)
@@ -298,8 +335,8 @@ def _reseed_sampler(copied: DataLoader, generator: torch.Generator, warn: Warn, 
         vars(copied)["batch_sampler"] = batches
 
 
-def _bootstrap_loader(loader: DataLoader, seed: int, index: int) -> DataLoader:
-    """``loader`` re-built around a ``SubsetRandomSampler`` over member ``index``'s bootstrap sample."""
+def _bootstrap_loader(loader: DataLoader, seed: int, index: int, generator: torch.Generator) -> DataLoader:
+    """``loader`` re-built around a ``SubsetRandomSampler`` over member ``index``'s bootstrap sample, shuffled by ``generator``."""
     dataset = loader.dataset
     if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
         raise MisconfigurationException(
@@ -308,7 +345,6 @@ def _bootstrap_loader(loader: DataLoader, seed: int, index: int) -> DataLoader:
         )
     rng = np.random.default_rng([seed, index])
     indices = rng.integers(0, len(dataset), size=len(dataset)).tolist()
-    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     return _update_dataloader(loader, SubsetRandomSampler(indices, generator=generator))
 
 

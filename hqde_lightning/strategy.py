@@ -113,7 +113,8 @@ class HQDEStrategy(SingleDeviceStrategy):
             with ``k`` > 1 the CPUs, memory and custom resources of ``resources_per_member`` are multiplied by ``k``).
         vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
             members, ``False`` member by member, ``"auto"`` (default) times both on the first
-            training steps and keeps the faster (both are logged).
+            training steps, and for a module with convolutions also the loop with the members'
+            convolution weights laid out channels-last, and keeps the fastest (all are logged).
         accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy
             (checkpoints are written atomically by default).
     """

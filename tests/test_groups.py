@@ -23,7 +23,7 @@ from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.embedded import group_blocker
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
-from hqde_lightning.member_data import member_loader
+from hqde_lightning.member_data import member_loader, start_epoch
 
 SEED = 7
 MEMBERS = 3
@@ -58,6 +58,20 @@ class Net(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5), "interval": "step"}}
 
 
+class ConvNet(Net):
+    """A small CNN on the 8x8 digits (the same steps and optimizers as :class:`Net`)."""
+
+    def __init__(self, optimizer: str = "sgd", **kwargs) -> None:
+        super().__init__(optimizer=optimizer, **kwargs)  # `Net`'s hyperparameters: the members are rebuilt from them
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[:4](x)
+
+
 def train_loader() -> DataLoader:
     x, y = digits()
     # the loader's own generator: every draw of a member's order comes from it, none from the global RNG
@@ -67,21 +81,28 @@ def train_loader() -> DataLoader:
 FIT = dict(max_epochs=2, limit_train_batches=8, limit_val_batches=0)
 
 
-def solo_states(hparams: dict, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+class MemberOrderEpochs(pl.Callback):
+    """What HQDE's strategies do with a member's loader at each epoch's start: seed its order of that epoch."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start_epoch(trainer.train_dataloader, trainer.current_epoch)
+
+
+def solo_states(hparams: dict, module: type[Net] = Net, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
     """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer."""
     states = []
     for i in range(MEMBERS):
         pl.seed_everything(SEED + i, verbose=False)
-        model = Net(**hparams)
+        model = module(**hparams)
         loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-        quiet_trainer(**FIT, **trainer_kwargs).fit(model, loader)
+        quiet_trainer(**FIT, callbacks=[MemberOrderEpochs()], **trainer_kwargs).fit(model, loader)
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return states
 
 
-def group_states(hparams: dict, vectorize: bool, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+def group_states(hparams: dict, vectorize: bool | str, module: type[Net] = Net, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
-    quiet_trainer(strategy=strategy, **FIT, **trainer_kwargs).fit(Net(**hparams), train_loader())
+    quiet_trainer(strategy=strategy, **FIT, **trainer_kwargs).fit(module(**hparams), train_loader())
     return [m.state_dict() for m in strategy.ensemble.members]
 
 
@@ -112,6 +133,76 @@ def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
     assert not torch.allclose(solo[0]["net.0.weight"], solo[1]["net.0.weight"])
 
 
+class ChannelsLastConvNet(ConvNet):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.to(memory_format=torch.channels_last)
+
+
+def test_channels_last_module_trains_in_a_looped_group_as_alone():
+    """A module moved to channels-last keeps that layout in the group: looped, its members train exactly as alone."""
+    hparams = dict(optimizer="sgd")
+    assert_same_members(group_states(hparams, False, ChannelsLastConvNet), solo_states(hparams, ChannelsLastConvNet))
+
+
+def test_auto_times_channels_last_convolutions_and_members_still_train_as_alone(caplog):
+    """``vectorize="auto"`` also times a CNN's loop with channels-last weights, switching layouts between steps.
+
+    With gradients accumulated over two steps, a switch falls between a gradient's two halves
+    and after momentum exists. Channels-last convolutions round differently, and training
+    amplifies it: a plain model moved to channels-last ends these 16 steps up to 2e-4 away
+    from the contiguous one (measured), hence the tolerance; losing a gradient half or the
+    momentum at a switch moves weights by more than 1e-2.
+    """
+    hparams = dict(optimizer="sgd")
+    with caplog.at_level(logging.INFO):
+        group = group_states(hparams, "auto", ConvNet, accumulate_grad_batches=2)
+    assert "ms/step loop, channels-last" in caplog.text
+    solo = solo_states(hparams, ConvNet, accumulate_grad_batches=2)
+    for i, (g, s) in enumerate(zip(group, solo)):
+        for key in s:
+            torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+def test_channels_last_lays_out_each_members_convolution_weights():
+    group = MemberGroup(ConvNet(), [ConvNet(), ConvNet()], [0, 1], vectorize=False)
+    stack = group.stack
+    optimizer = torch.optim.SGD(stack.params, lr=0.1, momentum=0.9)
+    for p in stack.params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    params = list(stack.params)
+    before = [(p.detach().clone(), p.grad.clone(), optimizer.state[p]["momentum_buffer"].clone()) for p in params]
+    x = torch.randn(4, 64)
+    contiguous_features, _ = stack.call(1, "features", (x,))
+    assert not stack.channels_last and contiguous_features.is_contiguous()
+
+    stack.set_channels_last(True, [optimizer])
+    assert stack.channels_last and list(stack.params) == params  # the same parameter objects: the optimizer still steps them
+    for p, (value, grad, momentum) in zip(params, before):
+        laid_out = [p, p.grad, optimizer.state[p]["momentum_buffer"]]
+        for tensor, want in zip(laid_out, (value, grad, momentum)):
+            torch.testing.assert_close(tensor, want, rtol=0, atol=0)
+            if p.dim() == 5:  # a convolution weight: every member's slice is channels-last
+                assert all(tensor[i].is_contiguous(memory_format=torch.channels_last) and tensor[i].stride(1) == 1 for i in range(2))
+    features, _ = stack.call(1, "features", (x,))
+    assert features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+    torch.testing.assert_close(features, contiguous_features)
+
+    stack.set_channels_last(False, [optimizer])
+    assert all(t.is_contiguous() for p in params for t in (p, p.grad, optimizer.state[p]["momentum_buffer"]))
+
+
+def test_a_channels_last_module_is_stacked_channels_last():
+    """Your module's own layout is kept: ``vectorize="auto"`` then times vmap and the loop in it."""
+    template = ConvNet().to(memory_format=torch.channels_last)
+    group = MemberGroup(template, [ConvNet(), ConvNet()], [0, 1])
+    assert group.stack.channels_last
+    weight = group.stack.params[0]
+    assert weight.dim() == 5 and weight[1].is_contiguous(memory_format=torch.channels_last)
+    assert MemberGroup(ConvNet(), [ConvNet(), ConvNet()], [0, 1]).stack.channels_last is False
+
+
 class SoloNoise(QuantumNoise):
     """QuantumNoise of member ``index`` in a plain run (a plain Trainer has no member index)."""
 
@@ -132,7 +223,7 @@ def test_member_in_group_gets_the_exploration_noise_it_gets_alone(target):
         pl.seed_everything(SEED + i, verbose=False)
         model = Net(**hparams)
         loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-        quiet_trainer(**FIT, callbacks=[SoloNoise(i, **noise)]).fit(model, loader)
+        quiet_trainer(**FIT, callbacks=[MemberOrderEpochs(), SoloNoise(i, **noise)]).fit(model, loader)
         solo.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     assert_same_members(group_states(hparams, False, callbacks=[QuantumNoise(**noise)]), solo)
     quiet = group_states(hparams, False)
@@ -301,16 +392,21 @@ def _fit(tmp_path, name: str, epochs: int, members_per_worker, ckpt_path=None) -
 
 @pytest.mark.parametrize("writer", ["auto", 1], ids=["group-writes", "actors-write"])
 def test_checkpoints_resume_in_either_runtime(ray_session, tmp_path, writer):
-    """A checkpoint written by a member group or by member actors resumes the same members in both runtimes."""
+    """A checkpoint written by a member group or by member actors resumes, in both runtimes, the members of an uninterrupted fit.
+
+    The second epoch's data orders are the uninterrupted fit's (``member_data.start_epoch``).
+    """
     _, first = _fit(tmp_path, "first", 1, writer)
     path = first.checkpoint_callback.best_model_path
     group, group_trainer = _fit(tmp_path, "group", 2, "auto", path)
     actors, actors_trainer = _fit(tmp_path, "actors", 2, 1, path)
+    whole, _ = _fit(tmp_path, "whole", 2, "auto")
     assert group_trainer.current_epoch == actors_trainer.current_epoch == 2
     assert [r.round for r in group.sync_history] == [r.round for r in actors.sync_history] == [1]
-    for resumed_in_group, resumed_as_actor in zip(group.ensemble.members, actors.ensemble.members):
-        for key, value in resumed_as_actor.state_dict().items():
+    for resumed_in_group, resumed_as_actor, uninterrupted in zip(group.ensemble.members, actors.ensemble.members, whole.ensemble.members):
+        for key, value in uninterrupted.state_dict().items():
             torch.testing.assert_close(resumed_in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(resumed_as_actor.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_quantized_sync_in_a_group_matches_member_actors(ray_session, tmp_path):

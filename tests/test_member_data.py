@@ -14,7 +14,9 @@ from models import DigitsDataModule, quiet_trainer
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SubsetRandomSampler, TensorDataset
 
-from hqde_lightning.member_data import GatheredGroupLoader, GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader
+from hqde_lightning.member_data import (
+    GatheredGroupLoader, GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader, start_epoch,
+)
 
 Sample = namedtuple("Sample", ["x", "y"])
 
@@ -94,13 +96,52 @@ def _warnings() -> tuple[list[str], object]:
 
 
 def test_member_order_is_the_seeded_shuffle_of_seed_index_epoch():
-    """A shuffled loader with a fixed generator: each member's order comes from SeedSequence([seed, index, epoch])."""
+    """A shuffled loader with a fixed generator: each member's order comes from SeedSequence([seed, index, epoch, 0])."""
     for index, epoch in [(0, 0), (1, 0), (1, 3)]:
-        state = np.random.SeedSequence([5, index, epoch]).generate_state(1)
-        generator = torch.Generator().manual_seed(int(state[0]))
-        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's worker base seed comes first
-        expected = torch.randperm(10, generator=generator).tolist()
+        state = np.random.SeedSequence([5, index, epoch, 0]).generate_state(1)
+        expected = torch.randperm(10, generator=torch.Generator().manual_seed(int(state[0]))).tolist()
         assert _order(member_loader(_shuffled(), 5, index, epoch, False, print)) == expected
+
+
+def _epoch_orders(build, epochs: range, member: int = 0) -> list[list[int]]:
+    """Member ``member``'s order in each of ``epochs`` from one loader built at the first, as Lightning iterates it.
+
+    Lightning starts the first epoch's iterator before ``on_train_epoch_start`` (where the
+    strategies call ``start_epoch``) and later epochs' iterators after it.
+    """
+    loader = build(epochs[0])
+    orders = []
+    for epoch in epochs:
+        if epoch == epochs[0]:
+            iterator = iter(loader)
+            start_epoch(loader, epoch)
+        else:
+            start_epoch(loader, epoch)
+            iterator = iter(loader)
+        steps = list(iterator)
+        orders.append([int(v) for step in steps for v in (member_batch(step, member) if isinstance(loader, GroupLoader) else step)[0]])
+    return orders
+
+
+@pytest.mark.parametrize("bagging", [False, True], ids=["own-order", "bagging"])
+@pytest.mark.parametrize("kind", ["member", "gathered-group", "stacked-group"])
+def test_a_loader_built_at_a_later_epoch_reads_the_uninterrupted_order(kind, bagging):
+    """A fit resumed at epoch 2 reads member orders identical to those of a fit that ran from epoch 0."""
+    loader = _shuffled(n=40, batch_size=8)
+    if kind == "stacked-group":  # not gatherable: collated in the loaders
+        loader = DataLoader(_indices(40), batch_size=8, shuffle=True, collate_fn=lambda batch: [torch.stack([b[0] for b in batch])])
+    builders = {
+        "member": lambda epoch: member_loader(loader, 5, 1, epoch, bagging, _fail),
+        "gathered-group": lambda epoch: group_loader(loader, 5, [0, 1], epoch, bagging, _fail),
+        "stacked-group": lambda epoch: group_loader(loader, 5, [0, 1], epoch, bagging, _fail),
+    }
+    build = builders[kind]
+    uninterrupted = _epoch_orders(build, range(0, 4), member=1)
+    resumed = _epoch_orders(build, range(2, 4), member=1)
+    assert resumed == uninterrupted[2:]
+    assert len({tuple(o) for o in uninterrupted}) == 4, "every epoch has its own order"
+    if kind != "member":
+        assert isinstance(build(0), GatheredGroupLoader) == (kind == "gathered-group")
 
 
 def test_member_orders_differ_between_members_and_are_reproducible():
