@@ -46,13 +46,13 @@ __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_g
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
 #: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization,
-#: ByzantineMembers); any other callback (StochasticWeightAveraging, PerformanceMonitor, your own)
+#: ByzantineMembers); any other callback (StochasticWeightAveraging, your own)
 #: acts on one module's weights or metrics and runs inside each member's own actor
 GROUP_CALLBACKS = (
     "EarlyStopping", "QuantumNoise", "AdaptiveQuantization", "ByzantineMembers",  # one copy per member (hqde_lightning.member_callbacks)
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
     "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
-    "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram",
+    "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
 )
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+import hqde_lightning.launcher as launcher
 from hqde_lightning import Ensemble, HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, EnsembleSelection, PerformanceMonitor, QuantumNoise
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
@@ -243,6 +244,24 @@ def test_monitor_falls_back_to_getrusage_without_psutil(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------- HQDE ensembles
+def test_monitor_runs_in_a_member_group_without_ray(tmp_path, monkeypatch):
+    """In a member group the monitor logs each member's own samples and the group's shared step time and memory."""
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("PerformanceMonitor sent the members to Ray actors")
+
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    monitor = PerformanceMonitor(log_every_n_steps=5)
+    _, _, _, dm = _hqde_fit(tmp_path, 3, "none", [monitor], max_epochs=1)
+    rows = monitor.summary["members"]
+    assert [m["member"] for m in rows] == [0, 1, 2]
+    assert all(m["samples_per_sec"] > 0 and m["step_time_ms"] > 0 and m["cpu_rss_mb"] > 0 for m in rows)
+    assert len({m["step_time_ms"] for m in rows}) == len({m["cpu_rss_mb"] for m in rows}) == 1, "one process, one step"
+    # each member counts its own batch of `dm.batch_size` per step (the stacked batch's first dimension is the members)
+    per_step = [m["samples_per_sec"] * m["step_time_ms"] / 1000 for m in rows]
+    assert all(0.2 * dm.batch_size <= n <= dm.batch_size * 1.0001 for n in per_step), per_step
+
+
 @pytest.fixture(scope="module")
 def noise_fits(ray_session, tmp_path_factory):
     """Two 2-member independent fits from one shared start on identically ordered data: without and with noise."""

@@ -15,6 +15,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from hqde_lightning.group import MemberGroup
+from hqde_lightning.member_data import group_batch_size
 from hqde_lightning.misconfiguration import lightning_arguments
 from hqde_lightning.validation import check_int, check_optional
 
@@ -38,7 +40,10 @@ class PerformanceMonitor(Callback):
     - ``perf/cuda_max_allocated_mb``: ``torch.cuda.max_memory_allocated`` when the module is on
       a CUDA device.
 
-    With ``HQDEStrategy`` these reach your loggers as ``member_{i}/perf/...``. When the fit ends,
+    With ``HQDEStrategy`` these reach your loggers as ``member_{i}/perf/...``. Members trained
+    together in a member group share one process and one step: each member's
+    ``samples_per_sec`` counts its own samples (the group's are their sum), and its
+    ``step_time_ms`` and memory are the group's. When the fit ends,
     the driver prints a table of every member's final values and of every sync round (bytes
     moved, their float32 equivalent, aggregation time, members excluded by the aggregator),
     with ``rich`` when it is installed and as plain text otherwise, and keeps it in
@@ -88,8 +93,8 @@ class PerformanceMonitor(Callback):
         now = time.perf_counter()
         self._busy_seconds += now - self._batch_start
         self._batches += 1
-        try:
-            self._samples += int(extract_batch_size(batch))
+        try:  # a group's batch holds each member's batch: a member's samples are one of them
+            self._samples += int(group_batch_size(batch) if isinstance(pl_module, MemberGroup) else extract_batch_size(batch))
         except Exception:  # batches Lightning cannot size count as one sample
             self._samples += 1
         window = self.log_every_n_steps or trainer.log_every_n_steps or 1
@@ -112,8 +117,11 @@ class PerformanceMonitor(Callback):
         device = pl_module.device
         if device.type == "cuda":
             metrics["perf/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False)
+        # in a member group the values are each training member's (its samples, the group's step and memory)
+        prefixes = [f"member_{m}/" for m, frozen in zip(pl_module.member_ids, pl_module.frozen) if not frozen] if isinstance(pl_module, MemberGroup) else [""]
+        for prefix in prefixes:
+            for name, value in metrics.items():
+                pl_module.log(prefix + name, value, on_step=True, on_epoch=False)
         self._reset_window()
 
     def _reset_window(self) -> None:
