@@ -38,22 +38,11 @@ from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_recor
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
-from hqde_lightning.member_callbacks import MemberCopy, member_callbacks
+from hqde_lightning.member_callbacks import MemberCopy, callback_blocker, member_callbacks, runs_per_member
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
 __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group"]
-
-#: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
-#: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization,
-#: ByzantineMembers); any other callback (StochasticWeightAveraging, your own)
-#: acts on one module's weights or metrics and runs inside each member's own actor
-GROUP_CALLBACKS = (
-    "EarlyStopping", "QuantumNoise", "AdaptiveQuantization", "ByzantineMembers",  # one copy per member (hqde_lightning.member_callbacks)
-    "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
-    "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
-    "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
-)
 
 
 def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> str | None:
@@ -66,10 +55,10 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
         return "the module uses manual optimization"
     hooks = unsupported_hooks(model)
     if hooks:
-        return f"{type(model).__name__} overrides {hooks}, which a member group does not run per member"
-    member_side = [type(cb).__name__ for cb in trainer.callbacks if not _group_callback(cb)]
+        return f"{type(model).__name__} overrides {hooks}, which act on the whole module or its checkpoints (a member group runs a fit's `on_*` hooks per member)"
+    member_side = [why for why in map(callback_blocker, trainer.callbacks) if why is not None]
     if member_side:
-        return f"the callbacks {member_side} act on each member's own module"
+        return "; ".join(member_side)
     return None
 
 
@@ -87,12 +76,6 @@ def embedded_blocker(strategy: Any, trainer: Trainer) -> str | None:
     if isinstance(trainer.accelerator, CUDAAccelerator) and torch.cuda.device_count() > 1:
         return f"{torch.cuda.device_count()} GPUs are visible (one Ray actor per GPU)"
     return None
-
-
-def _group_callback(callback: Callback) -> bool:
-    """Whether ``callback`` is one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own class, not a subclass)."""
-    name, module = type(callback).__name__, type(callback).__module__
-    return name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks"))
 
 
 class GroupSync(Callback):
@@ -250,7 +233,7 @@ def fit_group(
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
-    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states)
+    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=any(map(runs_per_member, trainer.callbacks)))
     del members
     bound.arguments["model"] = group
     sync = make_sync(group)

@@ -14,7 +14,16 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
 * ``configure_optimizers`` runs yours with the stacked parameters in place of your module's, so
   one optimizer steps all k members. For element-wise optimizers (:data:`ELEMENTWISE_OPTIMIZERS`)
   that is exactly k independent optimizers; any other raises :class:`GroupUnsupported`;
-* gradient clipping is per member: by norm, each member's gradient norm is clipped on its own.
+* gradient clipping is per member: by norm, each member's gradient norm is clipped on its own;
+* the hooks of your module that a fit calls (:data:`MEMBER_HOOKS`: ``on_train_epoch_end``,
+  ``on_validation_epoch_end``, batch hooks...) run once per member, as that member
+  (:meth:`MemberGroup.each_member`): its weights, metrics, RNG stream and its own copies of your
+  module's attributes, so that the Lightning 2 pattern of collecting step outputs in
+  ``self.outputs`` and reducing them at the epoch end works per member. What they log is logged
+  as ``member_{i}/<name>``, and ``trainer.callback_metrics`` shows them the member's own values
+  under the plain names. Steps of such a module (or with callbacks of yours, see
+  :mod:`hqde_lightning.member_callbacks`) run member by member: vmap cannot keep per-member
+  attributes.
 
 ``vectorize="auto"`` times the ways to run a step, one after another, for the first training
 steps (:data:`PROBE_STEPS_PER_WAY` each), keeps the fastest and logs every timing. The ways are vmap and
@@ -29,7 +38,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -41,9 +51,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.member_data import group_batch_size, member_batch
-from hqde_lightning.stacking import CapturedLogs, StackedMembers
+from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks"]
+__all__ = [
+    "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+]
 
 Vectorize = Literal["auto"] | bool
 #: optimizers whose update of an element depends on that element's gradient and state only
@@ -58,6 +70,17 @@ WAYS: dict[str, tuple[str, bool]] = {"vmap": ("vmap", False), "loop": ("loop", F
 #: hooks of your module that the group runs (data hooks are handed to your module)
 _RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "forward", "test_step", "predict_step")
 _DATA_HOOKS = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data", "setup", "teardown")
+#: hooks of your module (and of callbacks) that a fit calls and a group runs once per member, as that member
+MEMBER_HOOKS = (
+    "on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_validation_start", "on_validation_end",
+    "on_train_epoch_start", "on_train_epoch_end", "on_validation_epoch_start", "on_validation_epoch_end",
+    "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
+    "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+)
+#: hooks that still run for a member that stopped early (its own fit would end with them)
+_END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception")
+#: attributes every ``LightningModule`` has (the others are yours: each member keeps its own, see ``MEMBER_HOOKS``)
+_LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
 
 
 class GroupUnsupported(Exception):
@@ -70,7 +93,8 @@ def unsupported_hooks(module: LightningModule) -> list[str]:
 
     names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
     names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "backward", "configure_callbacks"]
-    return sorted({n for n in names if n not in _RUN_HOOKS + _DATA_HOOKS and is_overridden(n, module, LightningModule)})
+    never_in_fit = [n for n in names if "test" in n or "predict" in n]
+    return sorted({n for n in names if n not in _RUN_HOOKS + _DATA_HOOKS + MEMBER_HOOKS + tuple(never_in_fit) and is_overridden(n, module, LightningModule)})
 
 
 class MemberGroup(LightningModule):
@@ -82,13 +106,28 @@ class MemberGroup(LightningModule):
         member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
         vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
         rng_states: per member, the torch RNG state its looped steps draw from.
+        member_callbacks: whether callbacks run as each member (:meth:`each_member`): the members
+            then keep their own attributes and steps run member by member, as for a module with
+            :data:`MEMBER_HOOKS`.
     """
 
     def __init__(
-        self, module: LightningModule, members: Sequence[torch.nn.Module], member_ids: Sequence[int], vectorize: Vectorize = "auto", rng_states: Sequence[Tensor] | None = None
+        self,
+        module: LightningModule,
+        members: Sequence[torch.nn.Module],
+        member_ids: Sequence[int],
+        vectorize: Vectorize = "auto",
+        rng_states: Sequence[Tensor] | None = None,
+        member_callbacks: bool = False,
     ) -> None:
         super().__init__()
         self.stack = StackedMembers(module, members, rng_states)
+        #: your module's hooks that run once per member
+        self.hooks = {name for name in MEMBER_HOOKS if is_overridden(name, module, LightningModule)}
+        #: whether hooks run per member, each member keeping its own attributes
+        self.per_member = bool(self.hooks) or member_callbacks
+        if self.per_member:
+            self.stack.member_attributes = [{k: v for k, v in vars(m).items() if k not in _LIGHTNING_ATTRIBUTES} for m in members]
         object.__setattr__(self, "module", module)
         self.member_ids = list(member_ids)
         self.vectorize = vectorize
@@ -108,12 +147,18 @@ class MemberGroup(LightningModule):
         self._ways = [w for w in WAYS if not WAYS[w][1] or (self.stack.has_convolutions and not self._channels_last)]
         self._timings: dict[str, list[float]] = {w: [] for w in self._ways}
         self._way: str | None = None
+        if self.per_member:
+            self._loop_only(vectorize)
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
         self._vmapped: set[str] = set()
         self._step_started = 0.0
         #: the members' losses and the per-member batch size of the latest training step
         self.last_losses = torch.zeros(self.num_members)
         self.last_batch_size = 0
+        #: the index of the member a hook, callback or looped step runs as now (``trainer.strategy.member_index``), else ``None``
+        self.current_member: int | None = None
+        #: per member, what your latest looped step returned (the ``outputs`` of batch-end hooks)
+        self.last_outputs: list[Any] = [None] * self.num_members
         #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
         self.frozen = [False] * self.num_members
         #: per stopped member (its place in the group), the epoch it stopped in (its last trained epoch)
@@ -182,6 +227,21 @@ class MemberGroup(LightningModule):
                     self.modes[method] = "loop"
         return self._loop(method, args, in_dims)
 
+    def _loop_only(self, vectorize: Vectorize) -> None:
+        """Steps run member by member, as hooks that run per member need (each member's attributes are its own)."""
+        self.modes["validation_step"] = "loop"
+        if "vmap" in self._ways:
+            self._ways.remove("vmap")
+            del self._timings["vmap"]
+        why = "hooks run once per member, each with its own attributes, which torch.func.vmap cannot keep apart"
+        if vectorize is True:
+            rank_zero_warn(f"HQDEStrategy: `vectorize=True` is ignored: {why}; the steps run member by member.")
+            self.modes["training_step"] = "loop"
+        elif vectorize == "auto":
+            rank_zero_info(f"HQDEStrategy: `{type(self.module).__name__}`'s steps run member by member: {why}.")
+            if len(self._ways) < 2:
+                self.modes["training_step"] = "loop"
+
     def _no_vmap(self) -> None:
         """The training step failed under vmap: it runs looped (``vectorize="auto"`` times the other ways, if several)."""
         self.modes["validation_step"] = "loop"
@@ -200,8 +260,14 @@ class MemberGroup(LightningModule):
         per_member: list[CapturedLogs] = []
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
-            out, logs = self.stack.call(i, method, member_args)
-            outs.append(out if isinstance(out, Tensor) else torch.zeros((), device=self.device))
+            self.current_member = self.member_ids[i]
+            try:
+                out, logs = self.stack.call(i, method, member_args)
+            finally:
+                self.current_member = None
+            self.last_outputs[i] = _detached(out)
+            loss = loss_of(out)
+            outs.append(loss if isinstance(loss, Tensor) else torch.zeros((), device=self.device))
             per_member.append(logs)
         first = per_member[0]
         relayed = [(name, kwargs, [m.values[j] for m in per_member]) for j, (name, kwargs) in enumerate(zip(first.names, first.kwargs))]
@@ -231,6 +297,120 @@ class MemberGroup(LightningModule):
             if epoch_level or options.get("prog_bar", False):
                 self.log(name, values[0], **{**options, "logger": False})
 
+    # -------------------------------------------------------- per-member hooks
+    def each_member(self, hook: str, call: Callable[[LightningModule, tuple[Any, ...]], Any], args: tuple[Any, ...] = (), positions: Sequence[int] | None = None) -> list[Any]:
+        """Runs ``call(member, member_args)`` as each member in ``positions`` (default: all) for ``hook``; returns the results.
+
+        ``member`` is your module as that member (:meth:`~hqde_lightning.stacking.StackedMembers.as_member`),
+        ``member_args`` the hook's ``args`` as the member's own fit would pass them (its batch, its step's
+        outputs, its loss), ``trainer.callback_metrics`` show the member's ``member_{i}/<name>`` values under the
+        plain names, and what it logs is logged as ``member_{i}/<name>`` (the first member's also as
+        ``<name>``, not sent to loggers, for callbacks that monitor it). Members that stopped early are
+        skipped, except for the hooks that end a fit.
+        """
+        self._attach()
+        positions = range(self.num_members) if positions is None else positions
+        positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
+        results, per_member = [], []
+        for i in positions:
+            self.current_member = self.member_ids[i]
+            try:
+                with self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+                    results.append(call(member, self._member_args(hook, i, args)))
+            finally:
+                self.current_member = None
+            per_member.append(logs)
+        batch_size = _hook_batch_size(hook, args)
+        for i, logs in zip(positions, per_member):
+            for name, kwargs, value in zip(logs.names, logs.kwargs, logs.values):
+                options = kwargs if batch_size is None else {"batch_size": batch_size, **kwargs}
+                if not self.frozen[i]:
+                    self.log(f"member_{self.member_ids[i]}/{name}", value, **{**options, "prog_bar": False})
+                if i == 0:
+                    self.log(name, value, **{**options, "logger": False})
+        return results
+
+    def _member_args(self, hook: str, i: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A hook's arguments as member ``i``'s own fit passes them."""
+        if hook == "on_train_batch_start":
+            return (member_batch(args[0], i), *args[1:])
+        if hook == "on_train_batch_end":
+            outputs = self.last_outputs[i]
+            return ({"loss": outputs} if isinstance(outputs, Tensor) else outputs, member_batch(args[1], i), *args[2:])
+        if hook == "on_validation_batch_end":
+            return (self.last_outputs[i], *args[1:])
+        if hook == "on_before_backward":
+            return (self.last_losses[i],)
+        return args
+
+    @contextmanager
+    def _member_metrics(self, i: int) -> Iterator[None]:
+        """``trainer.callback_metrics`` (and the logged and progress-bar metrics) as member ``i`` sees them during the block."""
+        trainer = self._trainer
+        if trainer is None:
+            yield
+            return
+        connector = trainer._logger_connector
+        trainer._logger_connector = _MemberMetrics(connector, f"member_{self.member_ids[i]}/")
+        try:
+            yield
+        finally:
+            trainer._logger_connector = connector
+
+    def _hook(self, hook: str, *args: Any) -> list[Any]:
+        """Your module's ``hook`` once per member (when you override it)."""
+        if hook not in self.hooks:
+            return []
+        return self.each_member(hook, lambda member, member_args: getattr(member, hook)(*member_args), args)
+
+    def on_fit_start(self) -> None:
+        self._hook("on_fit_start")
+
+    def on_fit_end(self) -> None:
+        self._hook("on_fit_end")
+
+    def on_train_start(self) -> None:
+        self._hook("on_train_start")
+
+    def on_train_end(self) -> None:
+        self._hook("on_train_end")
+
+    def on_validation_start(self) -> None:
+        self._hook("on_validation_start")
+
+    def on_validation_end(self) -> None:
+        self._hook("on_validation_end")
+
+    def on_train_epoch_start(self) -> None:
+        self._hook("on_train_epoch_start")
+
+    def on_train_epoch_end(self) -> None:
+        self._hook("on_train_epoch_end")
+
+    def on_validation_epoch_start(self) -> None:
+        self._hook("on_validation_epoch_start")
+
+    def on_validation_epoch_end(self) -> None:
+        self._hook("on_validation_epoch_end")
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, *args: Any) -> None:
+        self._hook("on_validation_batch_start", batch, batch_idx, *args)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        self._hook("on_validation_batch_end", outputs, batch, batch_idx, *args)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self._hook("on_before_backward", loss)
+
+    def on_after_backward(self) -> None:
+        self._hook("on_after_backward")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hook("on_before_optimizer_step", optimizer)
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hook("on_before_zero_grad", optimizer)
+
     # ---------------------------------------------------------- early stops
     def freeze(self, position: int) -> None:
         """Member ``position`` (its place in the group) stops training: its weights and buffers stay as they are now."""
@@ -248,11 +428,15 @@ class MemberGroup(LightningModule):
                     tensor[position].copy_(value)
 
     # ------------------------------------------------------ vectorize="auto"
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        skips = self._hook("on_train_batch_start", batch, batch_idx)
         self._step_started = time.perf_counter()
+        # a hook that returns -1 skips the rest of the epoch: in a group, once every member's does
+        return -1 if skips and all(skip == -1 for skip in skips) else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._restore_frozen()
+        self._hook("on_train_batch_end", outputs, batch, batch_idx)
         if "training_step" in self.modes or self._way is None:
             return
         self._timings[self._way].append(time.perf_counter() - self._step_started)
@@ -298,6 +482,55 @@ class MemberGroup(LightningModule):
         scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+class _MemberMetrics:
+    """A trainer's logger connector as one member sees it: its ``<prefix><name>`` metrics under the plain names."""
+
+    def __init__(self, connector: Any, prefix: str) -> None:
+        self._connector = connector
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connector, name)
+
+    def _as_member(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        shared = {k: v for k, v in metrics.items() if not k.startswith("member_")}
+        return {**shared, **{k[len(self._prefix):]: v for k, v in metrics.items() if k.startswith(self._prefix)}}
+
+    @property
+    def callback_metrics(self) -> dict[str, Any]:
+        return self._as_member(self._connector.callback_metrics)
+
+    @property
+    def logged_metrics(self) -> dict[str, Any]:
+        return self._as_member(self._connector.logged_metrics)
+
+    @property
+    def progress_bar_metrics(self) -> dict[str, Any]:
+        return self._as_member(self._connector.progress_bar_metrics)
+
+
+def _hook_batch_size(hook: str, args: tuple[Any, ...]) -> int | None:
+    """The per-member batch size of a batch hook (what its ``self.log`` calls weigh epoch means by), else ``None``."""
+    if hook == "on_train_batch_start":
+        return group_batch_size(args[0])
+    if hook == "on_train_batch_end":
+        return group_batch_size(args[1])
+    if hook == "on_validation_batch_start":
+        return extract_batch_size(args[0])
+    if hook == "on_validation_batch_end":
+        return extract_batch_size(args[1])
+    return None
+
+
+def _detached(out: Any) -> Any:
+    """A step's output as hooks get it, its tensors detached."""
+    if isinstance(out, Tensor):
+        return out.detach()
+    if isinstance(out, Mapping):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items()}
+    return out
 
 
 #: optimizer state entries shared by all members (step counts), never split or stacked

@@ -54,6 +54,18 @@ class GroupStrategy(WorkerStrategy):
         self.group = group
         self.sync = sync
 
+    @property
+    def member_index(self) -> int:
+        """The index of the member whose hook, callback or looped step runs now (see :meth:`~hqde_lightning.group.MemberGroup.each_member`).
+
+        Raises:
+            AttributeError: outside those: the group's own code (and a vmapped step) runs for all its members.
+        """
+        member = self.group.current_member
+        if member is None:
+            raise AttributeError(f"`member_index` is only set while a hook, callback or looped step runs as one member; this group trains members {self.group.member_ids}")
+        return member
+
     def process_dataloader(self, dataloader: object) -> object:
         """The training loader becomes one loader yielding every member's own batch, stacked."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -74,7 +86,9 @@ class GroupStrategy(WorkerStrategy):
             copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
             entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
-        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": checkpoint_round(epoch, self.sync.synced_epoch), "rng": {"torch": self.group.stack.rng_states[i].clone()}}
+        # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
+        sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
+        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
         return entry
 
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:

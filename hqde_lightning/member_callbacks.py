@@ -15,7 +15,20 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
   for the group's sync (bit widths ranked by member ``i``'s own gradients, its own error
   feedback), logged as ``member_{i}/quant/...``.
 * :class:`MemberByzantine`: ``ByzantineMembers`` corrupting what member ``i`` sends when ``i`` is
-  one of its Byzantine members.
+  one of its Byzantine members;
+* :class:`MemberCallback`: any callback of yours (a ``Callback`` subclass that is none of
+  Lightning's), each of its hooks run with ``pl_module`` as member ``i``
+  (:meth:`~hqde_lightning.group.MemberGroup.each_member`: the member's weights, gradients,
+  metrics and attributes, its batch and step outputs, its ``trainer.callback_metrics``; what it
+  logs becomes ``member_{i}/<name>``). Setting ``trainer.should_stop`` stops that member, as
+  ``EarlyStopping`` does.
+
+The callbacks that read the trainer's state, write checkpoints or act in the driver
+(:data:`GROUP_CALLBACKS`) run once for the group. Lightning's other callbacks
+(``StochasticWeightAveraging``, ``BackboneFinetuning``, ``ModelPruning``...) change the
+optimizers or the module's structure, and callbacks that write into checkpoints
+(``on_save_checkpoint``/``on_load_checkpoint``) have no per-member checkpoint to write into: with
+those, each member trains in its own Ray actor (:func:`callback_blocker` says why).
 
 Each copy keeps the original's state key in :attr:`MemberCopy.original_state_key`, so that
 whole-ensemble checkpoints hold each member's callback state under the key it has with actors.
@@ -24,21 +37,57 @@ whole-ensemble checkpoints hold each member's callback state under the key it ha
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback
 from torch import Tensor
 from torch.optim import Optimizer
 
 from hqde_lightning.callbacks.byzantine import ByzantineMembers
 from hqde_lightning.callbacks.noise import QuantumNoise
 from hqde_lightning.callbacks.quantization import AdaptiveQuantization
-from hqde_lightning.group import MemberGroup
+from hqde_lightning.group import MEMBER_HOOKS, MemberGroup
 
-__all__ = ["MemberAdaptiveQuantization", "MemberByzantine", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise", "member_callbacks"]
+__all__ = [
+    "GROUP_CALLBACKS", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
+    "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
+]
+
+#: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
+#: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization,
+#: ByzantineMembers); your own callbacks run as each member (:class:`MemberCallback`)
+GROUP_CALLBACKS = (
+    "EarlyStopping", "QuantumNoise", "AdaptiveQuantization", "ByzantineMembers",  # one copy per member
+    "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
+    "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
+    "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
+)
+#: hooks of your callbacks that a fit calls (besides :data:`~hqde_lightning.group.MEMBER_HOOKS`), run as each member
+_CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
+
+
+def is_group_callback(callback: Callback) -> bool:
+    """Whether ``callback`` is one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own class, not a subclass)."""
+    name, module = type(callback).__name__, type(callback).__module__
+    return name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks"))
+
+
+def callback_blocker(callback: Callback) -> str | None:
+    """Why ``callback`` cannot run in a member group, or ``None`` when it can (once, or as each member)."""
+    if is_group_callback(callback):
+        return None
+    builtin = next((c for c in type(callback).__mro__ if c not in (Callback, LambdaCallback) and c.__module__.startswith(("lightning.", "hqde_lightning."))), None)
+    if builtin is type(callback):
+        return f"{builtin.__name__} acts on one module's optimizers, structure or weights"
+    if builtin is not None:
+        return f"{type(callback).__name__} derives from {builtin.__name__}, which acts on one module as a whole"
+    writes = [n for n in ("on_save_checkpoint", "on_load_checkpoint") if _overrides(callback, n)]
+    if writes:
+        return f"{type(callback).__name__} overrides {writes}, and a member group's checkpoint holds no member's own to write into"
+    return None
 
 
 class MemberCopy:
@@ -67,6 +116,12 @@ class MemberCopy:
     def _for_member(self) -> None:
         """Adapts the copied settings to the member (e.g. the monitored metric's name)."""
 
+    def _stop_member(self, trainer: pl.Trainer, stopping: bool) -> None:
+        """The copy set ``trainer.should_stop`` (it was ``stopping`` before): its member stops; the fit, once all have."""
+        if trainer.should_stop and not stopping:
+            self.group.freeze(self.position)
+            trainer.should_stop = all(self.group.frozen)
+
     def __deepcopy__(self, memo: dict) -> Any:  # the group is shared, not copied
         clone = type(self).__new__(type(self))
         clone.__dict__.update({k: v if k == "group" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
@@ -84,9 +139,7 @@ class MemberEarlyStopping(MemberCopy, EarlyStopping):
             return
         stopping = trainer.should_stop
         super()._run_early_stopping_check(trainer)
-        if trainer.should_stop and not stopping:
-            self.group.freeze(self.position)
-            trainer.should_stop = all(self.group.frozen)
+        self._stop_member(trainer, stopping)
 
 
 class _IndexedCopy(MemberCopy):
@@ -128,6 +181,48 @@ class MemberByzantine(_IndexedCopy, ByzantineMembers):
     """``ByzantineMembers`` for one member: it corrupts what that member sends when the member is one of the Byzantine ones."""
 
 
+class MemberCallback(_IndexedCopy, Callback):
+    """Your callback for one member: each hook it overrides runs as that member (see the module docstring)."""
+
+    callback: Callback
+    #: the hooks the callback overrides (the others cost nothing)
+    overridden: frozenset[str]
+
+    @classmethod
+    def of(cls, original: Callback, group: MemberGroup, position: int) -> MemberCallback:
+        member = cls.__new__(cls)
+        member.callback = copy.deepcopy(original)
+        member.group, member.position, member.original_state_key = group, position, original.state_key
+        member.overridden = frozenset(n for n in (*MEMBER_HOOKS, *_CALLBACK_HOOKS) if _overrides(original, n))
+        return member
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.callback.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.callback.load_state_dict(state_dict)
+
+    def _run(self, hook: str, trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+        if hook not in self.overridden:
+            return
+        stopping = trainer.should_stop
+        method = getattr(self.callback, hook)
+        self.group.each_member(hook, lambda member, member_args: method(trainer, member, *member_args), args, [self.position])
+        self._stop_member(trainer, stopping)
+
+
+def _member_hook(hook: str) -> Callable[..., None]:
+    def run(self: MemberCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._run(hook, trainer, (*args, *kwargs.values()))  # Lightning passes `stage` by name, the rest in order
+
+    run.__name__ = hook
+    return run
+
+
+for _hook in (*MEMBER_HOOKS, *_CALLBACK_HOOKS):  # every hook a fit calls, run as the member
+    setattr(MemberCallback, _hook, _member_hook(_hook))
+
+
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
@@ -135,12 +230,23 @@ _COPIES: dict[type[Callback], type[MemberCopy]] = {
 }
 
 
+def _overrides(callback: Callback, hook: str) -> bool:
+    """Whether ``callback`` has its own ``hook`` (by its class, or set on it as ``LambdaCallback`` does)."""
+    method = getattr(callback, hook)
+    return getattr(method, "__func__", method) is not getattr(Callback, hook)
+
+
+def runs_per_member(callback: Callback) -> bool:
+    """Whether a member group runs ``callback`` as each member (a :class:`MemberCallback` per member)."""
+    return not is_group_callback(callback) and callback_blocker(callback) is None
+
+
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
     """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
-    (exactly those classes) replaced by one copy per member."""
+    (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member."""
     out: list[Callback] = []
     for callback in callbacks:
-        member_copy = _COPIES.get(type(callback))
+        member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
         if member_copy is None:
             out.append(callback)
         else:

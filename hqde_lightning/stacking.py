@@ -12,7 +12,8 @@ in one of two ways:
 * **looped** (:meth:`StackedMembers.call`): ``functional_call`` with member ``i``'s slices, one
   member after another. Each member draws from its own torch RNG stream, so dropout masks are
   the ones the member would draw if it trained alone with its seed; submodules that are
-  torchmetrics ``Metric`` objects are swapped for member ``i``'s own copy.
+  torchmetrics ``Metric`` objects are swapped for member ``i``'s own copy, and so are the
+  template's plain attributes when the members keep their own (:attr:`StackedMembers.member_attributes`).
 
 Both give every parameter slice exactly the gradient member ``i`` would get alone.
 
@@ -23,6 +24,10 @@ the convolution kernels differ at float rounding). A template whose 4-D weights 
 channels-last (``module.to(memory_format=torch.channels_last)``) is stacked that way. Calls of
 ``self.log``/``self.log_dict`` inside the method are captured (:func:`capture_logs`) so that
 the caller can log each member's values under its own name.
+
+:meth:`StackedMembers.as_member` makes the template member ``i`` for a block of code that is not
+a step (a hook, a callback): member ``i``'s slices (and their gradients) in place of its
+parameters and buffers, its metric copies, attributes and RNG stream.
 
 Plain torch (and torchmetrics' ``Metric`` type): no Lightning, no Ray.
 """
@@ -40,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics import Metric
 
-__all__ = ["CapturedLogs", "StackedMembers", "capture_logs"]
+__all__ = ["CapturedLogs", "StackedMembers", "capture_logs", "loss_of"]
 
 
 @dataclass
@@ -131,6 +136,8 @@ class StackedMembers(nn.Module):
         self.rng_states = [s.clone() for s in states]
         self.cuda_rng_states: list[Tensor | None] = [None] * self.num_members
         self._scratch_metrics: list[nn.Module] | None = None
+        #: per member, its own values of the template's plain attributes (``None``: the members share the template's)
+        self.member_attributes: list[dict[str, Any]] | None = None
 
     # ----------------------------------------------------------------- state
     def stacked(self, key: str) -> Tensor:
@@ -204,7 +211,7 @@ class StackedMembers(nn.Module):
             if any(isinstance(v, Metric) for v in logs.values):
                 raise RuntimeError(f"`{method}` logs a torchmetrics Metric object, which vmap cannot batch")
             names.append(logs)
-            loss = _loss_of(out)
+            loss = loss_of(out)
             return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values)
 
         try:
@@ -221,11 +228,62 @@ class StackedMembers(nn.Module):
         return out, logs
 
     def call(self, index: int, method: str, args: tuple[Any, ...]) -> tuple[Any, CapturedLogs]:
-        """Runs ``template.<method>(*args)`` for member ``index`` alone (its slices, RNG stream and metric copies)."""
+        """Runs ``template.<method>(*args)`` for member ``index`` alone (its slices, RNG stream, metric copies and
+        attributes); returns the method's output and the captured logs."""
         params, buffers = self._named(index)
-        with self._member_rng(index), self._member_metrics(index), capture_logs(self.template) as logs:
+        with self._member_rng(index), self._member_metrics(index), self._member_attributes(index), capture_logs(self.template) as logs:
             out = functional_call(self._caller, (params, buffers), (method, *args))
-        return _loss_of(out), logs
+        return out, logs
+
+    @contextmanager
+    def as_member(self, index: int) -> Iterator[nn.Module]:
+        """The template as member ``index`` during the block, for code that is not a step (hooks, callbacks).
+
+        Its parameters are member ``index``'s slices (``nn.Parameter`` views: in-place changes
+        reach the stack) with the slices of the stacked gradients as ``.grad``; its buffers,
+        metrics, attributes and torch RNG stream are the member's. Yields the template.
+        """
+        swapped = []
+        for name, stacked in zip(self.param_names, self.params):
+            view = nn.Parameter(stacked.detach()[index], requires_grad=stacked.requires_grad)
+            if stacked.grad is not None:
+                view.grad = stacked.grad[index]
+            swapped.append((name, "_parameters", view))
+        swapped += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
+        originals = []
+        for name, kind, value in swapped:
+            parent, _, leaf = name.rpartition(".")
+            owner = self.template.get_submodule(parent)
+            originals.append((getattr(owner, kind), leaf, getattr(owner, kind)[leaf]))
+            getattr(owner, kind)[leaf] = value
+        try:
+            with self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
+                yield self.template
+        finally:
+            for table, leaf, original in originals:
+                table[leaf] = original
+
+    @contextmanager
+    def _member_attributes(self, index: int) -> Iterator[None]:
+        """Member ``index``'s own plain attributes on the template during the block (kept for it afterwards, rebound or not)."""
+        if self.member_attributes is None:
+            yield
+            return
+        own, attributes = self.member_attributes[index], self.template.__dict__
+        outer = {name: attributes.get(name, _ABSENT) for name in own}
+        before = set(attributes)
+        attributes.update(own)
+        try:
+            yield
+        finally:
+            for name in set(attributes) - before - set(own):  # set by the member for the first time: its own too
+                outer[name] = _ABSENT
+            for name, value in outer.items():
+                own[name] = attributes.pop(name, _ABSENT)
+                if value is not _ABSENT:
+                    attributes[name] = value
+            for name in [n for n, v in own.items() if v is _ABSENT]:  # deleted by the member
+                del own[name]
 
     @contextmanager
     def _member_rng(self, index: int) -> Iterator[None]:
@@ -289,7 +347,11 @@ class StackedMembers(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _loss_of(out: Any) -> Any:
+#: an attribute the template did not have
+_ABSENT = object()
+
+
+def loss_of(out: Any) -> Any:
     """The loss of a step's output: the output itself, or its ``"loss"`` entry."""
     if isinstance(out, Mapping):
         return out["loss"]

@@ -42,7 +42,7 @@ class RecordStrategy(pl.Callback):
 @pytest.fixture(scope="module")
 def fit(ray_session, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("architecture"))
-    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=3)
+    strategy = HQDEStrategy(num_members=2, sync="elastic", seed=3, members_per_worker=1)  # one member actor each
     trainer = pl.Trainer(
         strategy=strategy, max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[RecordStrategy(folder)],
         default_root_dir=folder, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -99,14 +99,15 @@ class RecordStart(pl.Callback):
 
 
 def test_resume_after_driver_save_continues_each_member(ray_session, tmp_path):
-    strategy = HQDEStrategy(num_members=2, sync="none", seed=9)
+    # member actors: `RecordStart` reads `trainer.optimizers`, which in a member group is the stacked optimizer
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=9, members_per_worker=1)
     trainer = _trainer(strategy, tmp_path, max_epochs=1, enable_checkpointing=False)
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     path = str(tmp_path / "after_fit.ckpt")
     trainer.save_checkpoint(path)
     saved = load_checkpoint_file(path)[HQDE_KEY]["members"]
 
-    resumed = HQDEStrategy(num_members=2, sync="none", seed=9)
+    resumed = HQDEStrategy(num_members=2, sync="none", seed=9, members_per_worker=1)
     trainer = _trainer(resumed, tmp_path, max_epochs=2, enable_checkpointing=False, callbacks=[RecordStart(str(tmp_path))])
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=path)
     assert trainer.current_epoch == 2 and trainer.global_step == 2 * 19
@@ -128,7 +129,7 @@ def test_resume_after_driver_save_continues_each_member(ray_session, tmp_path):
     legacy[HQDE_KEY]["members"] = [{"state_dict": m["state_dict"]} for m in legacy[HQDE_KEY]["members"]]
     legacy_path = str(tmp_path / "weights_only_entries.ckpt")
     torch.save(legacy, legacy_path)
-    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=9), tmp_path, max_epochs=2, enable_checkpointing=False, callbacks=[RecordStart(str(tmp_path))])
+    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=9, members_per_worker=1), tmp_path, max_epochs=2, enable_checkpointing=False, callbacks=[RecordStart(str(tmp_path))])
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=legacy_path)
     assert trainer.current_epoch == 2
     for index, entry in enumerate(saved):

@@ -90,10 +90,10 @@ def plain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logged(ray_session, tmp_path_factory):
-    """A 2-member elastic fit logging to a CSVLogger and a TensorBoardLogger."""
+    """A 2-member elastic fit of member actors logging to a CSVLogger and a TensorBoardLogger."""
     tmp = tmp_path_factory.mktemp("logged")
     loggers = [CSVLogger(str(tmp), name="csv"), TensorBoardLogger(str(tmp), name="tb")]
-    strategy = HQDEStrategy(num_members=2, sync="elastic", sync_strength=0.5, seed=3)
+    strategy = HQDEStrategy(num_members=2, sync="elastic", sync_strength=0.5, seed=3, members_per_worker=1)
     trainer = pl.Trainer(strategy=strategy, **_options(tmp, logger=loggers, callbacks=_callbacks(tmp)))
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     return trainer, strategy, tmp
@@ -131,7 +131,7 @@ def test_sync_rows_after_resume_continue_the_steps(logged, tmp_path):
     trainer, _, tmp = logged
     last = os.path.join(str(tmp / "ckpt"), "last.ckpt")
     logger = CSVLogger(str(tmp_path), name="resumed")
-    resumed = pl.Trainer(strategy=HQDEStrategy(num_members=2, sync="elastic", sync_strength=0.5, seed=3), **_options(tmp_path, max_epochs=EPOCHS + 1, logger=logger))
+    resumed = pl.Trainer(strategy=HQDEStrategy(num_members=2, sync="elastic", sync_strength=0.5, seed=3, members_per_worker=1), **_options(tmp_path, max_epochs=EPOCHS + 1, logger=logger))
     resumed.fit(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=last, weights_only=False)
     rows = _rows(logger.log_dir)
     assert _steps(rows, "ensemble/sync_round") == [56]
@@ -204,7 +204,7 @@ def _recorded(path: str) -> list[tuple[int, str, str]]:
 
 def test_member_error_runs_on_exception_in_member_and_reaches_driver(ray_session, tmp_path):
     record = str(tmp_path / "exceptions.tsv")
-    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2), callbacks=[RecordException(record)], default_root_dir=str(tmp_path))
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, members_per_worker=1), callbacks=[RecordException(record)], default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="raised by training_step at batch 2"):
         trainer.fit(FailingModule(ValueError), datamodule=DigitsDataModule())
     assert trainer.interrupted
@@ -217,7 +217,7 @@ def test_member_error_runs_on_exception_in_member_and_reaches_driver(ray_session
 
 def test_keyboard_interrupt_in_member_ends_the_fit_as_a_plain_fit(ray_session, tmp_path):
     record = str(tmp_path / "exceptions.tsv")
-    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2), callbacks=[RecordException(record)], default_root_dir=str(tmp_path))
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, members_per_worker=1), callbacks=[RecordException(record)], default_root_dir=str(tmp_path))
     handler = signal.getsignal(signal.SIGINT)
     try:
         # a plain fit answers KeyboardInterrupt with its graceful shutdown and `sys.exit(1)`
@@ -262,7 +262,7 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         trainer = pl.Trainer(
-            strategy=HQDEStrategy(num_members=2, sync="elastic", aggregator=SlowMean()), max_epochs=2, logger=False,
+            strategy=HQDEStrategy(num_members=2, sync="elastic", aggregator=SlowMean(), members_per_worker=1), max_epochs=2, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[MarkTraining()],
         )
         trainer.fit(DigitsModule(), datamodule=DigitsDataModule())

@@ -81,7 +81,8 @@ class RecordResumePath(pl.Callback):
 
 
 def _fit(tmp_path, callbacks, **strategy_kwargs):
-    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=4, **strategy_kwargs)
+    """A 3-member fit of member actors (the callbacks kill a member's own actor)."""
+    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=4, members_per_worker=1, **strategy_kwargs)
     trainer = pl.Trainer(
         strategy=strategy, max_epochs=3, callbacks=callbacks, default_root_dir=str(tmp_path),
         logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -102,7 +102,8 @@ def _node_removed_mid_fit(root: str, worker_cpus: list[int]) -> dict[str, Any]:
     try:
         workers = {cluster.add_node(num_cpus=cpus).node_id: None for cpus in worker_cpus}
         nodes = {node.node_id: node for node in cluster.worker_nodes}
-        strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, ray_address=cluster.address, member_start_timeout_s=120)
+        # one actor per member: the callback blocks member 1's own process
+        strategy = HQDEStrategy(num_members=2, sync="elastic", seed=0, ray_address=cluster.address, member_start_timeout_s=120, members_per_worker=1)
         marker = os.path.join(root, "member_1_waits")
         thread, outcome = _fit_in_thread(strategy, [BlockAfterMarker(marker)], root)
         launcher = strategy._launcher
@@ -212,7 +213,7 @@ def _raylet_dies(root: str) -> dict[str, Any]:
     """A fit on the Ray instance the package starts itself (``ray_address=None``) whose raylet dies mid-fit."""
     from hqde_lightning import HQDEStrategy
 
-    thread, outcome = _fit_in_thread(HQDEStrategy(num_members=2, seed=0), [KillRaylet()], root)
+    thread, outcome = _fit_in_thread(HQDEStrategy(num_members=2, seed=0, members_per_worker=1), [KillRaylet()], root)
     thread.join(SCENARIO_TIMEOUT_S)
     return outcome
 

@@ -1,0 +1,243 @@
+"""Your module's hooks and your own callbacks in a member group: they run once per member, as that member.
+
+The references are the two other ways the same members train: each member alone with a plain
+``Trainer`` (its seed, its data order), and each member in its own Ray actor, where hooks and
+callbacks run in the member's own process. A group must give every member what those give it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint, StochasticWeightAveraging
+from models import DigitsDataModule, DigitsModule, quiet_trainer
+from test_groups import FIT, MEMBERS, SEED, Net, SeededDigits, assert_same_members, group_states, solo_states
+
+from hqde_lightning import HQDEStrategy
+from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.embedded import group_blocker
+from hqde_lightning.group import MemberGroup
+
+
+class HookedNet(Net):
+    """Hooks whose state lives in plain attributes, drawn from the RNG and read by the steps."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step_losses: list[torch.Tensor] = []
+        self.epoch_means: list[float] = []
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.jitter = 0.05 * torch.randn(())  # each member's own RNG stream, each member's own attribute
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x + self.jitter), y)
+        self.step_losses.append(loss.detach())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("grad_norm", torch.cat([p.grad.flatten() for p in self.parameters()]).norm())
+
+    def on_train_epoch_end(self) -> None:
+        self.epoch_means.append(float(torch.stack(self.step_losses).mean()))
+        self.log("epoch_mean_loss", self.epoch_means[-1])
+        self.step_losses.clear()
+
+
+def test_hooks_with_attribute_state_run_per_member_as_alone(caplog):
+    """Member i's hooks see its own attributes, RNG stream and gradients: it trains exactly as alone."""
+    solo = solo_states({}, HookedNet)
+    with caplog.at_level(logging.INFO):
+        assert_same_members(group_states({}, "auto", HookedNet), solo)
+    assert "`HookedNet`'s steps run member by member" in caplog.text  # in a group, not in actors
+    assert_same_members(group_states({}, False, HookedNet), solo)
+
+
+class Recorder(pl.Callback):
+    """What a typical callback of yours does: read metrics, read the module, log, keep state."""
+
+    def __init__(self) -> None:
+        self.val_acc: list[float] = []
+        self.weight_norms: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batch_sizes.append(len(batch[0]))
+        self.losses.append(float(outputs["loss"]))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
+        norm = float(pl_module.net[0].weight.norm())
+        self.weight_norms.append(norm)
+        pl_module.log("first_layer_norm", norm)
+
+    def state_dict(self) -> dict:
+        return {"val_acc": list(self.val_acc)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.val_acc = list(state_dict["val_acc"])
+
+
+class OutputsModule(DigitsModule):
+    """The Lightning 2 pattern: collect step outputs in a list, reduce them at the epoch end."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.correct: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.correct.append((self(x).argmax(-1) == y).float())
+        return super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_acc_from_outputs", torch.cat(self.correct).mean())
+        self.correct.clear()
+
+
+def _fit(members_per_worker, callbacks, tmp_path=None) -> tuple[HQDEStrategy, pl.Trainer]:
+    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=0, members_per_worker=members_per_worker, vectorize=False)
+    where = {} if tmp_path is None else dict(enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer = quiet_trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **where)
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(OutputsModule(), datamodule=SeededDigits())
+    return strategy, trainer
+
+
+def test_hooks_and_callbacks_in_a_group_give_what_member_actors_give(ray_session, tmp_path, caplog):
+    """The same fit in a group and as member actors: same members, same per-member values from hooks and callbacks."""
+    with caplog.at_level(logging.INFO):
+        group, group_trainer = _fit("auto", [Recorder()], tmp_path)
+    assert "one Ray actor each" not in caplog.text
+    actors, actors_trainer = _fit(1, [Recorder()])
+    for i in range(3):
+        for name in ("val_acc", "val_acc_from_outputs", "first_layer_norm"):
+            key = f"member_{i}/{name}"
+            assert float(group_trainer.callback_metrics[key]) == pytest.approx(float(actors_trainer.callback_metrics[key]), abs=1e-4), key
+        # the hook reduced the member's own outputs: it agrees with the member's torchmetrics accuracy
+        assert float(group_trainer.callback_metrics[f"member_{i}/val_acc_from_outputs"]) == pytest.approx(float(group_trainer.callback_metrics[f"member_{i}/val_acc"]), abs=1e-6)
+    values = [float(group_trainer.callback_metrics[f"member_{i}/first_layer_norm"]) for i in range(3)]
+    assert len(set(values)) == 3  # each member's own weights, not one module's
+    for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
+        for key, value in as_actor.state_dict().items():
+            torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    # each member's copy kept its own state: the whole-ensemble checkpoint holds it under the callback's own key
+    section = load_checkpoint_file(group_trainer.checkpoint_callback.best_model_path)[HQDE_KEY]
+    recorded = [m["callbacks"]["Recorder"]["val_acc"] for m in section["members"]]
+    assert [r[-1] for r in recorded] == pytest.approx([float(group_trainer.callback_metrics[f"member_{i}/val_acc"]) for i in range(3)], abs=1e-6)
+
+
+class BatchRecorder(pl.Callback):
+    """Records, in a list every copy shares, what each ``on_train_batch_end`` call gets."""
+
+    calls: list[tuple[int, int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.calls.append((batch_idx, len(batch[0]), float(outputs["loss"])))
+
+
+def test_callback_copies_get_their_members_batch_and_outputs():
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[BatchRecorder()])
+    copies = []
+    original = MemberGroup.each_member
+
+    def spy(self, hook, call, args=(), positions=None):
+        copies.append(hook)
+        return original(self, hook, call, args, positions)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MemberGroup, "each_member", spy)
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert copies.count("on_train_batch_end") == 2 * 3  # one call per member and step; hooks it does not override cost nothing
+    assert set(copies) == {"on_train_batch_end"}
+    calls = BatchRecorder.calls
+    assert [c[0] for c in calls] == [0, 0, 1, 1, 2, 2]
+    assert {c[1] for c in calls} == {DigitsDataModule().batch_size}  # the member's own batch, not the stacked one
+    assert all(a[2] != b[2] for a, b in zip(calls[::2], calls[1::2]))  # each member's own loss
+
+
+class StopBelow(pl.Callback):
+    """Stops its member's fit once the member's validation accuracy reaches ``threshold``."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if float(trainer.callback_metrics["val_acc"]) >= self.threshold:
+            trainer.should_stop = True
+
+
+def test_a_callback_that_stops_the_fit_stops_its_member_only():
+    first = HQDEStrategy(num_members=4, sync="none", seed=1, vectorize=False)
+    trainer = quiet_trainer(strategy=first, max_epochs=1)
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    accuracy = [float(trainer.callback_metrics[f"member_{i}/val_acc"]) for i in range(4)]
+    threshold = (min(accuracy) + max(accuracy)) / 2
+    stopped = [i for i, a in enumerate(accuracy) if a >= threshold]
+    assert 0 < len(stopped) < 4
+    strategy = HQDEStrategy(num_members=4, sync="none", seed=1, vectorize=False)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=3, callbacks=[StopBelow(threshold)])
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert trainer.current_epoch >= 2
+    for i in range(4):
+        kept = all(torch.equal(a, b) for a, b in zip(strategy.ensemble.members[i].state_dict().values(), first.ensemble.members[i].state_dict().values()))
+        assert kept == (i in stopped), f"member {i}"
+
+
+class Seen:
+    """A list that survives the pickling of the fit (the group trains a copy of your trainer and its callbacks)."""
+
+    norms: list[float] = []
+
+
+def test_lambda_callback_runs_per_member():
+    callback = LambdaCallback(on_train_epoch_end=lambda trainer, pl_module: Seen.norms.append(float(pl_module.net[0].weight.norm())))
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[callback]).fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert Seen.norms == pytest.approx([float(m.net[0].weight.norm()) for m in strategy.ensemble.members])
+
+
+class SavesIntoCheckpoint(pl.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["extra"] = 1
+
+
+class MyCheckpoint(ModelCheckpoint):
+    pass
+
+
+class SavesModule(DigitsModule):
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["extra"] = 1
+
+
+class HooksForTests(DigitsModule):
+    def on_test_epoch_end(self) -> None:
+        pass
+
+
+def test_group_blocker_names_what_a_group_cannot_run_per_member():
+    def blocker(module=None, callbacks=()):
+        trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2), callbacks=list(callbacks), logger=False)
+        return group_blocker(trainer.strategy, trainer, module or DigitsModule())
+
+    assert blocker(callbacks=[Recorder(), LambdaCallback(on_fit_start=print)]) is None
+    assert blocker(HookedNet()) is None
+    assert blocker(HooksForTests()) is None  # a fit never calls test hooks
+    assert "StochasticWeightAveraging acts on one module" in blocker(callbacks=[StochasticWeightAveraging(swa_lrs=0.01)])
+    assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
+    assert "SavesIntoCheckpoint overrides ['on_save_checkpoint']" in blocker(callbacks=[SavesIntoCheckpoint()])
+    assert "overrides ['on_save_checkpoint']" in blocker(SavesModule())
+
+
+def test_vectorize_true_with_per_member_hooks_warns_and_loops():
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=True)
+    with pytest.warns(UserWarning, match="`vectorize=True` is ignored"):
+        quiet_trainer(strategy=strategy, **FIT).fit(HookedNet(), datamodule=DigitsDataModule())
