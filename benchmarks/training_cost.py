@@ -17,6 +17,10 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
 * ``hqde-vmap`` / ``hqde-loop``: every member in one group in this process, no Ray
   (``members_per_worker="auto"``), the step vectorized with ``vmap`` (``vectorize=True``) or
   looped over the members (``vectorize=False``);
+* ``hqde-callback``: ``hqde`` with a callback of your own (:class:`WeightNorms`, logging the first
+  layer's weight norm at every epoch end): a group runs it once per member, as that member, and
+  then runs the steps member by member (vmap cannot keep a module's attributes apart per member);
+  before, any such callback sent the fit to one Ray actor per member;
 * ``hqde-actors``: one Ray actor per member (``members_per_worker=1``);
 * ``hqde-2actors``: two Ray actors, each training half of the members as a member group
   (``members_per_worker=ceil(N/2)``), as on two GPUs or two nodes.
@@ -74,6 +78,7 @@ HQDE_MODES: dict[str, dict[str, Any]] = {
     "hqde": {},
     "hqde-vmap": {"members_per_worker": "auto", "vectorize": True},
     "hqde-loop": {"members_per_worker": "auto", "vectorize": False},
+    "hqde-callback": {"callbacks": True},  # the defaults, with `WeightNorms` in the Trainer's callbacks
     "hqde-actors": {"members_per_worker": 1},
     "hqde-2actors": {"members_per_worker": "half"},  # ceil(N / 2) members in each of two actors
 }
@@ -98,6 +103,14 @@ class TrainData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+
+class WeightNorms(pl.Callback):
+    """A typical callback of your own: logs the first layer's weight norm at every epoch end."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first = next(pl_module.parameters())
+        pl_module.log("first_weight_norm", first.detach().norm())
 
 
 def seeded_model(data: str, seed: int) -> SimpleClassifier:
@@ -164,8 +177,9 @@ def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Nam
     kwargs = dict(HQDE_MODES[mode])
     if kwargs.get("members_per_worker") == "half":
         kwargs["members_per_worker"] = math.ceil(members / 2)
+    callbacks = [WeightNorms()] if kwargs.pop("callbacks", False) else []
     strategy = HQDEStrategy(num_members=members, sync="none", seed=args.seed, **kwargs)
-    trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0)
+    trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, datamodule=TrainData(train, args.batch_size))
     return strategy.ensemble.eval().cpu().predict_proba
 

@@ -233,7 +233,7 @@ def fit_group(
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
-    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=any(map(runs_per_member, trainer.callbacks)))
+    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in trainer.callbacks if runs_per_member(cb)])
     del members
     bound.arguments["model"] = group
     sync = make_sync(group)

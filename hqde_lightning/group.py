@@ -106,9 +106,9 @@ class MemberGroup(LightningModule):
         member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
         vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
         rng_states: per member, the torch RNG state its looped steps draw from.
-        member_callbacks: whether callbacks run as each member (:meth:`each_member`): the members
-            then keep their own attributes and steps run member by member, as for a module with
-            :data:`MEMBER_HOOKS`.
+        member_callbacks: the names of the callbacks that run as each member (:meth:`each_member`):
+            with any, the members keep their own attributes and steps run member by member, as for
+            a module that overrides :data:`MEMBER_HOOKS`.
     """
 
     def __init__(
@@ -118,14 +118,14 @@ class MemberGroup(LightningModule):
         member_ids: Sequence[int],
         vectorize: Vectorize = "auto",
         rng_states: Sequence[Tensor] | None = None,
-        member_callbacks: bool = False,
+        member_callbacks: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.stack = StackedMembers(module, members, rng_states)
         #: your module's hooks that run once per member
         self.hooks = {name for name in MEMBER_HOOKS if is_overridden(name, module, LightningModule)}
         #: whether hooks run per member, each member keeping its own attributes
-        self.per_member = bool(self.hooks) or member_callbacks
+        self.per_member = bool(self.hooks or member_callbacks)
         if self.per_member:
             self.stack.member_attributes = [{k: v for k, v in vars(m).items() if k not in _LIGHTNING_ATTRIBUTES} for m in members]
         object.__setattr__(self, "module", module)
@@ -148,7 +148,7 @@ class MemberGroup(LightningModule):
         self._timings: dict[str, list[float]] = {w: [] for w in self._ways}
         self._way: str | None = None
         if self.per_member:
-            self._loop_only(vectorize)
+            self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
         self._vmapped: set[str] = set()
         self._step_started = 0.0
@@ -227,13 +227,12 @@ class MemberGroup(LightningModule):
                     self.modes[method] = "loop"
         return self._loop(method, args, in_dims)
 
-    def _loop_only(self, vectorize: Vectorize) -> None:
-        """Steps run member by member, as hooks that run per member need (each member's attributes are its own)."""
+    def _loop_only(self, vectorize: Vectorize, hooks: list[str], callbacks: list[str]) -> None:
+        """Steps run member by member, as ``hooks`` of your module and ``callbacks`` that run per member need."""
         self.modes["validation_step"] = "loop"
-        if "vmap" in self._ways:
-            self._ways.remove("vmap")
-            del self._timings["vmap"]
-        why = "hooks run once per member, each with its own attributes, which torch.func.vmap cannot keep apart"
+        self._drop_vmap()
+        what = " and ".join(f"the {kind} {names}" for kind, names in (("hooks", hooks), ("callbacks", callbacks)) if names)
+        why = f"{what} run once per member, each member with its own attributes, which torch.func.vmap cannot keep apart"
         if vectorize is True:
             rank_zero_warn(f"HQDEStrategy: `vectorize=True` is ignored: {why}; the steps run member by member.")
             self.modes["training_step"] = "loop"
@@ -246,14 +245,18 @@ class MemberGroup(LightningModule):
         """The training step failed under vmap: it runs looped (``vectorize="auto"`` times the other ways, if several)."""
         self.modes["validation_step"] = "loop"
         self._way = None  # this step's time includes the failed attempt
-        if "vmap" in self._ways:
-            self._ways.remove("vmap")
-            del self._timings["vmap"]
+        self._drop_vmap()
         if self.vectorize is not True and len(self._ways) > 1:
             return
         self.modes["training_step"] = "loop"
         if self._ways:
             self.stack.set_channels_last(WAYS[self._ways[0]][1] or self._channels_last, self.trainer.optimizers)
+
+    def _drop_vmap(self) -> None:
+        """``vectorize="auto"`` no longer times the vmap way."""
+        if "vmap" in self._ways:
+            self._ways.remove("vmap")
+            del self._timings["vmap"]
 
     def _loop(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
         outs: list[Any] = []

@@ -114,7 +114,7 @@ _LOOPBACK_FIT = textwrap.dedent(
             self.found = found
 
     sockets = Sockets()
-    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=0), max_epochs=1, limit_train_batches=2,
+    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=0, members_per_worker=1), max_epochs=1, limit_train_batches=2,
                          callbacks=[sockets], logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
