@@ -361,58 +361,10 @@ class MemberGroup(LightningModule):
             trainer._logger_connector = connector
 
     def _hook(self, hook: str, *args: Any) -> list[Any]:
-        """Your module's ``hook`` once per member (when you override it)."""
+        """Your module's ``hook`` once per member, when you override it (the group's :data:`MEMBER_HOOKS` call this)."""
         if hook not in self.hooks:
             return []
         return self.each_member(hook, lambda member, member_args: getattr(member, hook)(*member_args), args)
-
-    def on_fit_start(self) -> None:
-        self._hook("on_fit_start")
-
-    def on_fit_end(self) -> None:
-        self._hook("on_fit_end")
-
-    def on_train_start(self) -> None:
-        self._hook("on_train_start")
-
-    def on_train_end(self) -> None:
-        self._hook("on_train_end")
-
-    def on_validation_start(self) -> None:
-        self._hook("on_validation_start")
-
-    def on_validation_end(self) -> None:
-        self._hook("on_validation_end")
-
-    def on_train_epoch_start(self) -> None:
-        self._hook("on_train_epoch_start")
-
-    def on_train_epoch_end(self) -> None:
-        self._hook("on_train_epoch_end")
-
-    def on_validation_epoch_start(self) -> None:
-        self._hook("on_validation_epoch_start")
-
-    def on_validation_epoch_end(self) -> None:
-        self._hook("on_validation_epoch_end")
-
-    def on_validation_batch_start(self, batch: Any, batch_idx: int, *args: Any) -> None:
-        self._hook("on_validation_batch_start", batch, batch_idx, *args)
-
-    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
-        self._hook("on_validation_batch_end", outputs, batch, batch_idx, *args)
-
-    def on_before_backward(self, loss: Tensor) -> None:
-        self._hook("on_before_backward", loss)
-
-    def on_after_backward(self) -> None:
-        self._hook("on_after_backward")
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._hook("on_before_optimizer_step", optimizer)
-
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        self._hook("on_before_zero_grad", optimizer)
 
     # ---------------------------------------------------------- early stops
     def freeze(self, position: int) -> None:
@@ -485,6 +437,20 @@ class MemberGroup(LightningModule):
         scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+def _run_member_hook(hook: str) -> Callable[..., Any]:
+    def run(self: MemberGroup, *args: Any) -> None:
+        self._hook(hook, *args)
+
+    run.__name__ = hook
+    return run
+
+
+# the group's own batch hooks call yours (:meth:`MemberGroup.on_train_batch_start` / ``_end``); the others are only yours
+for _name in MEMBER_HOOKS:
+    if _name not in ("on_train_batch_start", "on_train_batch_end"):
+        setattr(MemberGroup, _name, _run_member_hook(_name))
 
 
 class _MemberMetrics:
