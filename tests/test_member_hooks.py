@@ -111,15 +111,18 @@ def _fit(members_per_worker, callbacks, tmp_path=None) -> tuple[HQDEStrategy, pl
 
 
 def test_hooks_and_callbacks_in_a_group_give_what_member_actors_give(ray_session, tmp_path, caplog):
-    """The same fit in a group and as member actors: same members, same per-member values from hooks and callbacks."""
+    """The same fit in a group, as member actors and as group actors (members 0-1 and 2): same members,
+    same per-member values from hooks and callbacks."""
     with caplog.at_level(logging.INFO):
         group, group_trainer = _fit("auto", [Recorder()], tmp_path)
     assert "one Ray actor each" not in caplog.text
     actors, actors_trainer = _fit(1, [Recorder()])
+    _, group_actors_trainer = _fit(2, [Recorder()])
     for i in range(3):
         for name in ("val_acc", "val_acc_from_outputs", "first_layer_norm"):
             key = f"member_{i}/{name}"
             assert float(group_trainer.callback_metrics[key]) == pytest.approx(float(actors_trainer.callback_metrics[key]), abs=1e-4), key
+            assert float(group_actors_trainer.callback_metrics[key]) == pytest.approx(float(actors_trainer.callback_metrics[key]), abs=1e-4), key
         # the hook reduced the member's own outputs: it agrees with the member's torchmetrics accuracy
         assert float(group_trainer.callback_metrics[f"member_{i}/val_acc_from_outputs"]) == pytest.approx(float(group_trainer.callback_metrics[f"member_{i}/val_acc"]), abs=1e-6)
     values = [float(group_trainer.callback_metrics[f"member_{i}/first_layer_norm"]) for i in range(3)]
