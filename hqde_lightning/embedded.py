@@ -38,7 +38,7 @@ from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_recor
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
-from hqde_lightning.member_callbacks import MemberCopy, callback_blocker, member_callbacks, runs_per_member
+from hqde_lightning.member_callbacks import GroupSWA, MemberCopy, callback_blocker, member_callbacks, runs_per_member
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
@@ -246,6 +246,7 @@ def fit_group(
     callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
     # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)
     callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
+    callbacks_state.update({cb.state_key: cb.member_state(cb.state_dict(), 0) for cb in trainer.callbacks if isinstance(cb, GroupSWA)})
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"

@@ -28,7 +28,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member import MEMBER_KEY
-from hqde_lightning.member_callbacks import MemberCopy
+from hqde_lightning.member_callbacks import GroupSWA, MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.topology import aggregate
 from hqde_lightning.worker_strategy import WorkerStrategy, checkpoint_round
@@ -86,6 +86,8 @@ class GroupStrategy(WorkerStrategy):
             copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
             entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
+            for swa in (cb for cb in trainer.callbacks if isinstance(cb, GroupSWA) and cb.state_key in entry["callbacks"]):
+                entry["callbacks"][swa.state_key] = swa.member_state(entry["callbacks"][swa.state_key], i)
         # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
         sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
         entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
@@ -136,6 +138,10 @@ class GroupStrategy(WorkerStrategy):
                 state = entries[cb.position].get("callbacks", {}).get(cb.original_state_key)
                 if state is not None:
                     lead["callbacks"][cb.state_key] = state
+            for swa in (cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, GroupSWA)):
+                states = [e.get("callbacks", {}).get(swa.state_key) for e in entries]
+                if all(state is not None for state in states):
+                    lead["callbacks"][swa.state_key] = swa.stacked_state(states)
         lead["state_dict"] = self.group.state_dict()
         lead["member_optimizer_states"] = [e.get("optimizer_states", []) for e in entries]
         return lead

@@ -24,9 +24,11 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
   ``EarlyStopping`` does.
 
 The callbacks that read the trainer's state, write checkpoints or act in the driver
-(:data:`GROUP_CALLBACKS`) run once for the group. Lightning's other callbacks
-(``StochasticWeightAveraging``, ``BackboneFinetuning``, ``ModelPruning``...) change the
-optimizers or the module's structure, and callbacks that write into checkpoints
+(:data:`GROUP_CALLBACKS`) run once for the group. ``StochasticWeightAveraging`` runs once for the
+group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
+over the stacked parameters they are exactly each member's own. Lightning's other callbacks
+(``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure,
+and callbacks that write into checkpoints
 (``on_save_checkpoint``/``on_load_checkpoint``) have no per-member checkpoint to write into: with
 those, each member trains in its own Ray actor (:func:`callback_blocker` says why).
 
@@ -40,10 +42,12 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
+
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback
-from torch import Tensor
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, StochasticWeightAveraging
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hqde_lightning.callbacks.byzantine import ByzantineMembers
@@ -52,7 +56,7 @@ from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import MEMBER_HOOKS, MemberGroup
 
 __all__ = [
-    "GROUP_CALLBACKS", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
+    "GROUP_CALLBACKS", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
     "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
 ]
 
@@ -64,6 +68,7 @@ GROUP_CALLBACKS = (
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
     "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
+    "StochasticWeightAveraging",  # once for the group, as `GroupSWA`
 )
 #: hooks of your callbacks that a fit calls (besides :data:`~hqde_lightning.group.MEMBER_HOOKS`), run as each member
 _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
@@ -223,6 +228,77 @@ for _hook in (*MEMBER_HOOKS, *_CALLBACK_HOOKS):  # every hook a fit calls, run a
     setattr(MemberCallback, _hook, _member_hook(_hook))
 
 
+class GroupSWA(StochasticWeightAveraging):
+    """Your ``StochasticWeightAveraging`` for a whole member group (build it with :meth:`of`).
+
+    Lightning's callback runs over the group module as it is: its parameters are the stacked
+    ones, and the running average (element-wise), the weight transfer and the SWALR schedule of
+    the group's element-wise optimizer are each member's own. What this class adds:
+
+    * BatchNorm: the modules are your module's (the template's), their statistics the stacked
+      buffers: the statistics are reset per member, the template's modules get ``momentum=None``,
+      and the update epoch runs member by member (vmap cannot read ``num_batches_tracked``);
+    * members that stopped early keep their own weights, as their actors' fits do;
+    * checkpoints: each member's entry holds the state its actor's callback would write
+      (:meth:`member_state`: the member's averaged weights under your module's keys), and a
+      group resumes from those entries (:meth:`stacked_state`).
+    """
+
+    group: MemberGroup
+
+    @classmethod
+    def of(cls, original: StochasticWeightAveraging, group: MemberGroup) -> GroupSWA:
+        swa = cls.__new__(cls)
+        swa.__dict__.update(copy.deepcopy(original.__dict__))
+        swa.group = group
+        return swa
+
+    @property
+    def state_key(self) -> str:
+        return "StochasticWeightAveraging"
+
+    def pl_module_contains_batch_norm(self, pl_module: pl.LightningModule) -> bool:  # type: ignore[override]
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.group.module.modules())
+
+    def reset_batch_norm_and_save_state(self, pl_module: pl.LightningModule) -> None:
+        stack, self.momenta = self.group.stack, {}
+        with torch.no_grad():
+            for path, module in self.group.module.named_modules():
+                if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    continue
+                prefix = f"{path}." if path else ""
+                stack.stacked(f"{prefix}running_mean").zero_()
+                stack.stacked(f"{prefix}running_var").fill_(1.0)
+                stack.stacked(f"{prefix}num_batches_tracked").zero_()
+                self.momenta[module] = module.momentum
+                module.momentum = None
+        self.group.modes["training_step"] = "loop"
+        self.group._restore_frozen()
+
+    def transfer_weights(self, src_pl_module: pl.LightningModule, dst_pl_module: pl.LightningModule) -> None:  # type: ignore[override]
+        super().transfer_weights(src_pl_module, dst_pl_module)
+        self.group._restore_frozen()
+
+    def member_state(self, state: dict[str, Any], position: int) -> dict[str, Any]:
+        """The state the member at ``position`` would have in its own actor: its averaged weights under your module's keys."""
+        average = self._average_model
+        if not isinstance(average, MemberGroup) or state.get("average_model_state") is None:
+            return state
+        weights = {k: v.detach().cpu().clone() for k, v in average.stack.member_state_dict(position).items()}
+        return {**state, "average_model_state": weights}
+
+    def stacked_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The group's state from each member's own (:meth:`member_state`), one per member in group order."""
+        return {**states[0], "average_model_state": [s.get("average_model_state") for s in states]}
+
+    def _load_average_model_state(self, model_state: Any) -> None:
+        if self._average_model is None or not isinstance(model_state, list):
+            return super()._load_average_model_state(model_state)
+        for position, state in enumerate(model_state):
+            if state is not None:
+                self._average_model.stack.load_member_state_dict(position, state)
+
+
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
@@ -243,11 +319,14 @@ def runs_per_member(callback: Callback) -> bool:
 
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
     """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
-    (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member."""
+    (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member, and
+    ``StochasticWeightAveraging`` by :class:`GroupSWA`."""
     out: list[Callback] = []
     for callback in callbacks:
         member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
-        if member_copy is None:
+        if type(callback) is StochasticWeightAveraging:
+            out.append(GroupSWA.of(callback, group))
+        elif member_copy is None:
             out.append(callback)
         else:
             out += [member_copy.of(callback, group, i) for i in range(group.num_members)]

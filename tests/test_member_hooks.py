@@ -13,8 +13,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint, StochasticWeightAveraging
-from models import DigitsDataModule, DigitsModule, quiet_trainer
+from lightning.pytorch.callbacks import BackboneFinetuning, LambdaCallback, ModelCheckpoint, StochasticWeightAveraging
+from models import DigitsDataModule, DigitsModule, TanhDigitsModule, quiet_trainer
 from test_groups import FIT, MEMBERS, SEED, Net, SeededDigits, assert_same_members, group_states, solo_states
 
 from hqde_lightning import HQDEStrategy
@@ -234,7 +234,8 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert blocker(callbacks=[Recorder(), LambdaCallback(on_fit_start=print)]) is None
     assert blocker(HookedNet()) is None
     assert blocker(HooksForTests()) is None  # a fit never calls test hooks
-    assert "StochasticWeightAveraging acts on one module" in blocker(callbacks=[StochasticWeightAveraging(swa_lrs=0.01)])
+    assert blocker(callbacks=[StochasticWeightAveraging(swa_lrs=0.01)]) is None  # once for the group (GroupSWA)
+    assert "BackboneFinetuning acts on one module" in blocker(callbacks=[BackboneFinetuning()])
     assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
     assert "SavesIntoCheckpoint overrides ['on_save_checkpoint']" in blocker(callbacks=[SavesIntoCheckpoint()])
     assert "overrides ['on_save_checkpoint']" in blocker(SavesModule())
@@ -244,3 +245,44 @@ def test_vectorize_true_with_per_member_hooks_warns_and_loops():
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=True)
     with pytest.warns(UserWarning, match="`vectorize=True` is ignored"):
         quiet_trainer(strategy=strategy, **FIT).fit(HookedNet(), datamodule=DigitsDataModule())
+
+
+def _swa_fit(module: type[pl.LightningModule], members_per_worker, vectorize=False, **trainer_kwargs) -> HQDEStrategy:
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0, members_per_worker=members_per_worker, vectorize=vectorize)
+    swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1)
+    options = dict(max_epochs=3, limit_val_batches=0, **trainer_kwargs)
+    ckpt_path = options.pop("ckpt_path", None)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[swa, *options.pop("callbacks", [])], **options)
+    trainer.fit(module(), datamodule=SeededDigits(), ckpt_path=ckpt_path)
+    return strategy
+
+
+def _assert_same_ensembles(a: HQDEStrategy, b: HQDEStrategy, atol: float = 1e-5) -> None:
+    for i, (x, y) in enumerate(zip(a.ensemble.members, b.ensemble.members)):
+        for key, value in y.state_dict().items():
+            torch.testing.assert_close(x.state_dict()[key], value, rtol=1e-4, atol=atol, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+@pytest.mark.parametrize("module", [TanhDigitsModule, DigitsModule], ids=["no-batchnorm", "batchnorm"])
+def test_swa_in_a_group_gives_each_member_its_own_average(ray_session, tmp_path, module, caplog):
+    """StochasticWeightAveraging over the stacked members: each member ends with the average its own actor's SWA computes
+    (with BatchNorm, the statistics recomputed per member in the extra epoch); group checkpoints resume in actors."""
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1)
+    with caplog.at_level(logging.INFO):
+        group = _swa_fit(module, "auto", callbacks=[checkpoints], enable_checkpointing=True)
+    assert "one Ray actor each" not in caplog.text
+    actors = _swa_fit(module, 1)
+    _assert_same_ensembles(group, actors)
+    without_swa = HQDEStrategy(num_members=2, sync="none", seed=0, vectorize=False)
+    quiet_trainer(strategy=without_swa, max_epochs=3, limit_val_batches=0).fit(module(), datamodule=SeededDigits())
+    moved = float((group.ensemble.members[0].net[0].weight - without_swa.ensemble.members[0].net[0].weight).norm())
+    assert moved > 1e-3, "SWA changed the weights"
+    # a group checkpoint in the SWA window: each member's entry holds its own average under the module's keys
+    path = str(tmp_path / "epoch=1-step=38.ckpt")
+    entries = load_checkpoint_file(path)[HQDE_KEY]["members"]
+    averages = [e["callbacks"]["StochasticWeightAveraging"]["average_model_state"] for e in entries]
+    assert set(averages[0]) == set(module().state_dict()) and not torch.equal(averages[0]["net.0.weight"], averages[1]["net.0.weight"])
+    if module is TanhDigitsModule:  # resumed as member actors, the fit ends where the uninterrupted one does
+        _assert_same_ensembles(_swa_fit(module, 1, ckpt_path=path), actors)
+    else:  # vmap steps, then the statistics epoch member by member
+        _assert_same_ensembles(_swa_fit(module, "auto", vectorize=True), actors, atol=1e-4)
