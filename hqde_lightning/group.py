@@ -157,7 +157,7 @@ class MemberGroup(LightningModule):
         self.last_batch_size = 0
         #: the index of the member a hook, callback or looped step runs as now (``trainer.strategy.member_index``), else ``None``
         self.current_member: int | None = None
-        #: per member, what your latest looped step returned (the ``outputs`` of batch-end hooks)
+        #: per member, what your latest looped step returned (the ``outputs`` of batch-end hooks; kept when hooks run per member)
         self.last_outputs: list[Any] = [None] * self.num_members
         #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
         self.frozen = [False] * self.num_members
@@ -263,12 +263,10 @@ class MemberGroup(LightningModule):
         per_member: list[CapturedLogs] = []
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
-            self.current_member = self.member_ids[i]
-            try:
+            with self._running_as(i):
                 out, logs = self.stack.call(i, method, member_args)
-            finally:
-                self.current_member = None
-            self.last_outputs[i] = _detached(out)
+            if self.per_member:  # the `outputs` of the members' batch-end hooks
+                self.last_outputs[i] = _detached(out)
             loss = loss_of(out)
             outs.append(loss if isinstance(loss, Tensor) else torch.zeros((), device=self.device))
             per_member.append(logs)
@@ -316,12 +314,8 @@ class MemberGroup(LightningModule):
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
         results, per_member = [], []
         for i in positions:
-            self.current_member = self.member_ids[i]
-            try:
-                with self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
-                    results.append(call(member, self._member_args(hook, i, args)))
-            finally:
-                self.current_member = None
+            with self._running_as(i), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+                results.append(call(member, self._member_args(hook, i, args)))
             per_member.append(logs)
         batch_size = _hook_batch_size(hook, args)
         for i, logs in zip(positions, per_member):
@@ -345,6 +339,15 @@ class MemberGroup(LightningModule):
         if hook == "on_before_backward":
             return (self.last_losses[i],)
         return args
+
+    @contextmanager
+    def _running_as(self, i: int) -> Iterator[None]:
+        """Member ``i``'s index is :attr:`current_member` (``trainer.strategy.member_index``) during the block."""
+        self.current_member = self.member_ids[i]
+        try:
+            yield
+        finally:
+            self.current_member = None
 
     @contextmanager
     def _member_metrics(self, i: int) -> Iterator[None]:

@@ -323,10 +323,11 @@ def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[
     ``StochasticWeightAveraging`` by :class:`GroupSWA`."""
     out: list[Callback] = []
     for callback in callbacks:
-        member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
         if type(callback) is StochasticWeightAveraging:
             out.append(GroupSWA.of(callback, group))
-        elif member_copy is None:
+            continue
+        member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
+        if member_copy is None:
             out.append(callback)
         else:
             out += [member_copy.of(callback, group, i) for i in range(group.num_members)]

@@ -243,25 +243,15 @@ class StackedMembers(nn.Module):
         reach the stack) with the slices of the stacked gradients as ``.grad``; its buffers,
         metrics, attributes and torch RNG stream are the member's. Yields the template.
         """
-        swapped = []
+        tensors = []
         for name, stacked in zip(self.param_names, self.params):
             view = nn.Parameter(stacked.detach()[index], requires_grad=stacked.requires_grad)
             if stacked.grad is not None:
                 view.grad = stacked.grad[index]
-            swapped.append((name, "_parameters", view))
-        swapped += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
-        originals = []
-        for name, kind, value in swapped:
-            parent, _, leaf = name.rpartition(".")
-            owner = self.template.get_submodule(parent)
-            originals.append((getattr(owner, kind), leaf, getattr(owner, kind)[leaf]))
-            getattr(owner, kind)[leaf] = value
-        try:
-            with self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
-                yield self.template
-        finally:
-            for table, leaf, original in originals:
-                table[leaf] = original
+            tensors.append((name, "_parameters", view))
+        tensors += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
+        with self._in_template(tensors), self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
+            yield self.template
 
     @contextmanager
     def _member_attributes(self, index: int) -> Iterator[None]:
@@ -329,17 +319,24 @@ class StackedMembers(nn.Module):
         ``template.configure_optimizers()`` called inside builds its optimizer (and parameter
         groups, by name) over the stacked parameters: one optimizer for all members.
         """
-        owners = []
-        for name, stacked in zip(self.param_names, self.params):
+        with self._in_template([(name, "_parameters", stacked) for name, stacked in zip(self.param_names, self.params)]):
+            yield
+
+    @contextmanager
+    def _in_template(self, tensors: Sequence[tuple[str, str, Tensor]]) -> Iterator[None]:
+        """Each ``(name, table, tensor)``: ``tensor`` stands as the template's parameter or buffer ``name``
+        (``table`` is ``"_parameters"`` or ``"_buffers"``) during the block."""
+        originals = []
+        for name, table, tensor in tensors:
             parent, _, leaf = name.rpartition(".")
-            owner = self.template.get_submodule(parent)
-            owners.append((owner, leaf, owner._parameters[leaf]))
-            owner._parameters[leaf] = stacked
+            entries = getattr(self.template.get_submodule(parent), table)
+            originals.append((entries, leaf, entries[leaf]))
+            entries[leaf] = tensor
         try:
             yield
         finally:
-            for owner, leaf, original in owners:
-                owner._parameters[leaf] = original
+            for entries, leaf, original in originals:
+                entries[leaf] = original
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> StackedMembers:
         # the template moves with the stack (its non-parameter tensors, its `device`)
