@@ -13,7 +13,9 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   callbacks that monitor it (``ModelCheckpoint(monitor="val_loss")``);
 * ``configure_optimizers`` runs yours with the stacked parameters in place of your module's, so
   one optimizer steps all k members. For element-wise optimizers (:data:`ELEMENTWISE_OPTIMIZERS`)
-  that is exactly k independent optimizers; any other raises :class:`GroupUnsupported`;
+  that is exactly k independent optimizers; any other raises :class:`GroupUnsupported`. Each
+  learning-rate scheduler has one copy per member, and each member keeps its own learning rates
+  (a ``ReduceLROnPlateau`` follows each member's own metric; see :mod:`hqde_lightning.member_lr`);
 * gradient clipping is per member: by norm, each member's gradient norm is clipped on its own;
 * the hooks of your module that a fit calls (:data:`MEMBER_HOOKS`: ``on_train_epoch_end``,
   ``on_validation_epoch_end``, batch hooks...) run once per member, as that member
@@ -21,9 +23,9 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   module's attributes, so that the Lightning 2 pattern of collecting step outputs in
   ``self.outputs`` and reducing them at the epoch end works per member. What they log is logged
   as ``member_{i}/<name>``, and ``trainer.callback_metrics`` shows them the member's own values
-  under the plain names. Steps of such a module (or with callbacks of yours, see
-  :mod:`hqde_lightning.member_callbacks`) run member by member: vmap cannot keep per-member
-  attributes.
+  under the plain names; setting ``trainer.should_stop`` stops that member only. Steps of such a
+  module (or with callbacks of yours, see :mod:`hqde_lightning.member_callbacks`) run member by
+  member: vmap cannot keep per-member attributes.
 
 ``vectorize="auto"`` times the ways to run a step, one after another, for the first training
 steps (:data:`PROBE_STEPS_PER_WAY` each), keeps the fastest and logs every timing. The ways are vmap and
@@ -39,18 +41,20 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.member_data import group_batch_size, member_batch
+from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
@@ -68,7 +72,7 @@ PROBE_STEPS_PER_WAY = 3
 #: the ways ``vectorize="auto"`` times: how the step runs, and whether 4-D weights are laid out channels-last
 WAYS: dict[str, tuple[str, bool]] = {"vmap": ("vmap", False), "loop": ("loop", False), "loop, channels-last": ("loop", True)}
 #: hooks of your module that the group runs (data hooks are handed to your module)
-_RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "forward", "test_step", "predict_step")
+_RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "lr_scheduler_step", "forward", "test_step", "predict_step")
 _DATA_HOOKS = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data", "setup", "teardown")
 #: hooks of your module (and of callbacks) that a fit calls and a group runs once per member, as that member
 MEMBER_HOOKS = (
@@ -79,6 +83,8 @@ MEMBER_HOOKS = (
 )
 #: hooks that still run for a member that stopped early (its own fit would end with them)
 _END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception")
+#: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
+_WITHIN_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "training_step")
 #: attributes every ``LightningModule`` has (the others are yours: each member keeps its own, see ``MEMBER_HOOKS``)
 _LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
 
@@ -92,7 +98,7 @@ def unsupported_hooks(module: LightningModule) -> list[str]:
     from lightning.pytorch.core.hooks import CheckpointHooks, DataHooks, ModelHooks
 
     names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
-    names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "backward", "configure_callbacks"]
+    names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "backward", "configure_callbacks"]
     never_in_fit = [n for n in names if "test" in n or "predict" in n]
     return sorted({n for n in names if n not in _RUN_HOOKS + _DATA_HOOKS + MEMBER_HOOKS + tuple(never_in_fit) and is_overridden(n, module, LightningModule)})
 
@@ -157,6 +163,15 @@ class MemberGroup(LightningModule):
         self.last_batch_size = 0
         #: the index of the member a hook, callback or looped step runs as now (``trainer.strategy.member_index``), else ``None``
         self.current_member: int | None = None
+        #: that member's place in the group, else ``None``
+        self.current_position: int | None = None
+        #: each member's learning rates (set up with the optimizers)
+        self.learning_rates: MemberLearningRates | None = None
+        #: the metrics a ``ReduceLROnPlateau`` follows (each member's own value, see :meth:`lr_scheduler_step`)
+        self._monitored: set[str] = set()
+        #: the members that stop once the training batch that runs now has made its update, and once Lightning lets a fit stop
+        self._stopping: set[int] = set()
+        self._held: set[int] = set()
         #: per member, what your latest looped step returned (the ``outputs`` of batch-end hooks; kept when hooks run per member)
         self.last_outputs: list[Any] = [None] * self.num_members
         #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
@@ -263,7 +278,7 @@ class MemberGroup(LightningModule):
         per_member: list[CapturedLogs] = []
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
-            with self._running_as(i):
+            with self._running_as(i, method in _WITHIN_BATCH):
                 out, logs = self.stack.call(i, method, member_args)
             if self.per_member:  # the `outputs` of the members' batch-end hooks
                 self.last_outputs[i] = _detached(out)
@@ -291,7 +306,8 @@ class MemberGroup(LightningModule):
         for name, kwargs, values in logs:
             options = {"batch_size": batch_size, **kwargs}
             epoch_level = options.get("on_epoch", not self.training)
-            if writing or epoch_level or not options.get("on_step", self.training):
+            # a value a `ReduceLROnPlateau` follows is every member's own at every step
+            if writing or epoch_level or not options.get("on_step", self.training) or name in self._monitored or f"{name}_step" in self._monitored:
                 for i, member in enumerate(self.member_ids):
                     if not self.frozen[i]:
                         self.log(f"member_{member}/{name}", values[i], **{**options, "prog_bar": False})
@@ -307,21 +323,22 @@ class MemberGroup(LightningModule):
         outputs, its loss), ``trainer.callback_metrics`` show the member's ``member_{i}/<name>`` values under the
         plain names, and what it logs is logged as ``member_{i}/<name>`` (the first member's also as
         ``<name>``, not sent to loggers, for callbacks that monitor it). Members that stopped early are
-        skipped, except for the hooks that end a fit.
+        skipped, except for the hooks that end a fit. Setting ``trainer.should_stop`` stops the member
+        only (:meth:`stop_member`).
         """
         self._attach()
         positions = range(self.num_members) if positions is None else positions
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
-        results, per_member = [], []
+        results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
-            with self._running_as(i), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+            with self._running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
                 results.append(call(member, self._member_args(hook, i, args)))
             per_member.append(logs)
         batch_size = _hook_batch_size(hook, args)
-        for i, logs in zip(positions, per_member):
+        for i, logs, was_stopped in zip(positions, per_member, stopped):  # a member that stops in this hook still logs what it logged
             for name, kwargs, value in zip(logs.names, logs.kwargs, logs.values):
                 options = kwargs if batch_size is None else {"batch_size": batch_size, **kwargs}
-                if not self.frozen[i]:
+                if not was_stopped:
                     self.log(f"member_{self.member_ids[i]}/{name}", value, **{**options, "prog_bar": False})
                 if i == 0:
                     self.log(name, value, **{**options, "logger": False})
@@ -341,13 +358,50 @@ class MemberGroup(LightningModule):
         return args
 
     @contextmanager
-    def _running_as(self, i: int) -> Iterator[None]:
-        """Member ``i``'s index is :attr:`current_member` (``trainer.strategy.member_index``) during the block."""
-        self.current_member = self.member_ids[i]
+    def _running_as(self, i: int, within_batch: bool = False) -> Iterator[None]:
+        """Code runs as member ``i`` (its place in the group) during the block.
+
+        Its index is :attr:`current_member` (``trainer.strategy.member_index``), the optimizers show
+        and take its learning rates (:class:`~hqde_lightning.member_lr.MemberLearningRates`), and
+        setting ``trainer.should_stop`` stops this member only (:meth:`stop_member`; ``within_batch``:
+        the code runs inside a training batch, whose update the member still makes).
+        """
+        self.current_member, self.current_position = self.member_ids[i], i
+        trainer = self._trainer
+        stopping = trainer is not None and trainer.should_stop
+        rates = self.learning_rates.as_member(i) if self.learning_rates is not None else nullcontext()
         try:
-            yield
+            with rates:
+                yield
         finally:
-            self.current_member = None
+            self.current_member = self.current_position = None
+            if trainer is not None:
+                self.stop_member(i, stopping, within_batch)
+
+    def stop_member(self, position: int, stopping: bool, within_batch: bool = False) -> None:
+        """Code running as member ``position`` set ``trainer.should_stop`` (it was ``stopping`` before): that member stops.
+
+        The fit stops once every member has. A member that asks inside a training batch (in its
+        step, or a batch-start, backward or optimizer hook) stops after the batch's update, as its
+        own fit would.
+        """
+        trainer = self.trainer
+        if not trainer.should_stop or stopping:
+            return
+        if within_batch:
+            self._stopping.add(position)
+        else:
+            self._held.add(position)
+            self._release_stops()
+        trainer.should_stop = all(self.frozen[j] or j in self._stopping or j in self._held for j in range(self.num_members))
+
+    def _release_stops(self) -> None:
+        """The members that asked to stop stop now, if Lightning lets a fit stop (``min_epochs``, ``min_steps`` met);
+        until then they train on, as in their own fits."""
+        if self._held and self.trainer.fit_loop._can_stop_early:
+            for position in sorted(self._held):
+                self.freeze(position)
+            self._held.clear()
 
     @contextmanager
     def _member_metrics(self, i: int) -> Iterator[None]:
@@ -386,6 +440,10 @@ class MemberGroup(LightningModule):
                     tensor[position].copy_(value)
 
     # ------------------------------------------------------ vectorize="auto"
+    def on_train_epoch_start(self) -> None:
+        self._release_stops()  # `min_epochs` met at the end of the last epoch: a member held back stops before this one
+        self._hook("on_train_epoch_start")
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         skips = self._hook("on_train_batch_start", batch, batch_idx)
         self._step_started = time.perf_counter()
@@ -394,6 +452,9 @@ class MemberGroup(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._restore_frozen()
+        self._held |= self._stopping
+        self._stopping.clear()
+        self._release_stops()
         self._hook("on_train_batch_end", outputs, batch, batch_idx)
         if "training_step" in self.modes or self._way is None:
             return
@@ -412,18 +473,69 @@ class MemberGroup(LightningModule):
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
-        """Your ``configure_optimizers`` over the stacked parameters; only element-wise optimizers are accepted."""
+        """Your ``configure_optimizers`` over the stacked parameters; only element-wise optimizers are accepted.
+
+        Every learning-rate scheduler becomes one copy per member (:class:`~hqde_lightning.member_lr.MemberSchedulers`),
+        as do the schedulers it keeps in attributes of your module when hooks run per member: each
+        member's learning rates follow its own metric and its own hooks' calls.
+        """
         self._attach()
+        before = dict(vars(self.module))
         with self.stack.swapped_parameters():
             config = self.module.configure_optimizers()
-        optimizers, _, _ = _configure_optimizers(config)
+        optimizers, schedulers, monitor = _configure_optimizers(config)
         for optimizer in optimizers:
             if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
                 raise GroupUnsupported(
                     f"the optimizer {type(optimizer).__name__} is not element-wise (one step over the stacked members would mix"
                     f" them); members are stacked only with {[o.__name__ for o in ELEMENTWISE_OPTIMIZERS]}"
                 )
-        return config
+        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+        self._monitored = {c.monitor for c in configs if c.reduce_on_plateau}
+        if self._monitored and any(isinstance(cb, StochasticWeightAveraging) for cb in self.trainer.callbacks):
+            raise GroupUnsupported("StochasticWeightAveraging anneals each member from its own learning rate, which a `ReduceLROnPlateau` sets per member")
+        self.learning_rates = MemberLearningRates(optimizers, self.num_members)
+        kept = {n: v for n, v in vars(self.module).items() if before.get(n) is not v and _schedules(v, optimizers)} if self.per_member else {}
+        copies = {id(s): member_copies(s, optimizers, self.num_members) for s in [c.scheduler for c in configs] + list(kept.values())}
+        for name, value in kept.items():
+            for own, member_copy in zip(self.stack.member_attributes, copies[id(value)]):
+                own[name] = member_copy
+        current = lambda: self.current_position  # noqa: E731
+        member_configs = [{**vars(c), "scheduler": MemberSchedulers(copies[id(c.scheduler)], current, c.monitor if c.reduce_on_plateau else None)} for c in configs]
+        return (optimizers, member_configs) if member_configs else optimizers
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hook("on_before_optimizer_step", optimizer)
+        if self.learning_rates is not None:  # the last code before the update: the members' rates as they are now
+            self.learning_rates.prepare_step(optimizer)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None) -> None:
+        """One step of the stacked optimizer, each member moving with its own learning rates (see :mod:`~hqde_lightning.member_lr`)."""
+        optimizer.step(closure=optimizer_closure)
+        if self.learning_rates is not None:
+            self.learning_rates.finish_step()
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Steps each member's copy of ``scheduler`` as that member (with its own value of a monitored metric).
+
+        A scheduler over the whole group (``StochasticWeightAveraging``'s) is stepped once.
+        """
+        yours = is_overridden("lr_scheduler_step", self.module, LightningModule)
+        if not isinstance(scheduler, MemberSchedulers):
+            (self.module if yours else super()).lr_scheduler_step(scheduler, metric)
+            return
+        for i in (i for i in range(self.num_members) if not self.frozen[i]):
+            value = metric
+            if scheduler.monitor is not None:
+                value = self.trainer.callback_metrics.get(f"member_{self.member_ids[i]}/{scheduler.monitor}")
+                if value is None:
+                    rank_zero_warn(f"HQDEStrategy: member {self.member_ids[i]} logged no `{scheduler.monitor}`: its learning rate is not updated.")
+                    continue
+            if yours:
+                self.each_member("lr_scheduler_step", lambda member, _, value=value: member.lr_scheduler_step(scheduler, value), positions=[i])
+            else:
+                with self._running_as(i):
+                    super().lr_scheduler_step(scheduler, value)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
         """Clips each member's gradients on its own: by value element-wise, by norm over that member's slices."""
@@ -452,7 +564,7 @@ def _run_member_hook(hook: str) -> Callable[..., Any]:
 
 # the group's own batch hooks call yours (:meth:`MemberGroup.on_train_batch_start` / ``_end``); the others are only yours
 for _name in MEMBER_HOOKS:
-    if _name not in ("on_train_batch_start", "on_train_batch_end"):
+    if _name not in ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_before_optimizer_step"):
         setattr(MemberGroup, _name, _run_member_hook(_name))
 
 
@@ -535,3 +647,8 @@ def stacked_optimizer_state(optimizer: torch.optim.Optimizer, states: Sequence[d
             for k, v in entry.items()
         }
     return {"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])}
+
+
+def _schedules(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether ``value`` is a learning-rate scheduler of one of ``optimizers`` (it has a ``step`` and steps one of them)."""
+    return callable(getattr(value, "step", None)) and any(getattr(value, "optimizer", None) is opt for opt in optimizers)

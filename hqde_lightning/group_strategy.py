@@ -30,6 +30,7 @@ from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_op
 from hqde_lightning.member import MEMBER_KEY
 from hqde_lightning.member_callbacks import GroupSWA, MemberCopy
 from hqde_lightning.member_data import group_loader
+from hqde_lightning.member_lr import MEMBER_STATES
 from hqde_lightning.topology import aggregate
 from hqde_lightning.worker_strategy import WorkerStrategy, checkpoint_round
 
@@ -82,6 +83,12 @@ class GroupStrategy(WorkerStrategy):
         entry = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "state_dict", "optimizer_states")}
         entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
         entry["optimizer_states"] = [member_optimizer_state(opt, state, i) for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))]
+        rates = self.group.learning_rates
+        for n, state in enumerate(entry["optimizer_states"]):  # the member's own learning rates
+            if rates is not None:
+                state["param_groups"] = rates.member_param_groups(n, i, state["param_groups"])
+        if "lr_schedulers" in checkpoint:  # the member's own copy of each scheduler
+            entry["lr_schedulers"] = [s[MEMBER_STATES][i] if isinstance(s, dict) and MEMBER_STATES in s else s for s in checkpoint["lr_schedulers"]]
         if "callbacks" in checkpoint:  # a member copy's state goes under the key its callback has with actors
             copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
             entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
@@ -142,6 +149,9 @@ class GroupStrategy(WorkerStrategy):
                 states = [e.get("callbacks", {}).get(swa.state_key) for e in entries]
                 if all(state is not None for state in states):
                     lead["callbacks"][swa.state_key] = swa.stacked_state(states)
+        schedulers = [e.get("lr_schedulers", []) for e in entries]
+        if "lr_schedulers" in lead:  # each member's copy of a scheduler resumes from its member's entry
+            lead["lr_schedulers"] = [{MEMBER_STATES: [states[n] for states in schedulers]} for n in range(min(map(len, schedulers)))]
         lead["state_dict"] = self.group.state_dict()
         lead["member_optimizer_states"] = [e.get("optimizer_states", []) for e in entries]
         return lead
@@ -153,3 +163,5 @@ class GroupStrategy(WorkerStrategy):
         for n, optimizer in enumerate(self.optimizers):
             if all(len(states) > n for states in per_member):
                 optimizer.load_state_dict(stacked_optimizer_state(optimizer, [states[n] for states in per_member]))
+                if self.group.learning_rates is not None:
+                    self.group.learning_rates.load(n, [states[n]["param_groups"] for states in per_member])

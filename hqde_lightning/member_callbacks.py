@@ -121,12 +121,6 @@ class MemberCopy:
     def _for_member(self) -> None:
         """Adapts the copied settings to the member (e.g. the monitored metric's name)."""
 
-    def _stop_member(self, trainer: pl.Trainer, stopping: bool) -> None:
-        """The copy set ``trainer.should_stop`` (it was ``stopping`` before): its member stops; the fit, once all have."""
-        if trainer.should_stop and not stopping:
-            self.group.freeze(self.position)
-            trainer.should_stop = all(self.group.frozen)
-
     def __deepcopy__(self, memo: dict) -> Any:  # the group is shared, not copied
         clone = type(self).__new__(type(self))
         clone.__dict__.update({k: v if k == "group" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
@@ -144,7 +138,7 @@ class MemberEarlyStopping(MemberCopy, EarlyStopping):
             return
         stopping = trainer.should_stop
         super()._run_early_stopping_check(trainer)
-        self._stop_member(trainer, stopping)
+        self.group.stop_member(self.position, stopping)
 
 
 class _IndexedCopy(MemberCopy):
@@ -210,10 +204,8 @@ class MemberCallback(_IndexedCopy, Callback):
     def _run(self, hook: str, trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
         if hook not in self.overridden:
             return
-        stopping = trainer.should_stop
         method = getattr(self.callback, hook)
         self.group.each_member(hook, lambda member, member_args: method(trainer, member, *member_args), args, [self.position])
-        self._stop_member(trainer, stopping)
 
 
 def _member_hook(hook: str) -> Callable[..., None]:
