@@ -58,7 +58,7 @@ from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, memb
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
-    "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
 Vectorize = Literal["auto"] | bool
@@ -81,8 +81,11 @@ MEMBER_HOOKS = (
     "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
     "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
 )
-#: hooks that still run for a member that stopped early (its own fit would end with them)
-_END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception")
+#: hooks of your module (and of callbacks) that write into and read from a checkpoint: a group runs them
+#: once per member, as that member, on the member's own entry of whole-ensemble checkpoints
+CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
+#: hooks that still run for a member that stopped early (its own fit would end with them, and it is still checkpointed)
+_END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception", *CHECKPOINT_HOOKS)
 #: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
 _WITHIN_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "training_step")
 #: attributes every ``LightningModule`` has (the others are yours: each member keeps its own, see ``MEMBER_HOOKS``)
@@ -100,7 +103,8 @@ def unsupported_hooks(module: LightningModule) -> list[str]:
     names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
     names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "backward", "configure_callbacks"]
     never_in_fit = [n for n in names if "test" in n or "predict" in n]
-    return sorted({n for n in names if n not in _RUN_HOOKS + _DATA_HOOKS + MEMBER_HOOKS + tuple(never_in_fit) and is_overridden(n, module, LightningModule)})
+    run = _RUN_HOOKS + _DATA_HOOKS + MEMBER_HOOKS + CHECKPOINT_HOOKS + tuple(never_in_fit)
+    return sorted({n for n in names if n not in run and is_overridden(n, module, LightningModule)})
 
 
 class MemberGroup(LightningModule):
@@ -129,7 +133,7 @@ class MemberGroup(LightningModule):
         super().__init__()
         self.stack = StackedMembers(module, members, rng_states)
         #: your module's hooks that run once per member
-        self.hooks = {name for name in MEMBER_HOOKS if is_overridden(name, module, LightningModule)}
+        self.hooks = {name for name in MEMBER_HOOKS + CHECKPOINT_HOOKS if is_overridden(name, module, LightningModule)}
         #: whether hooks run per member, each member keeping its own attributes
         self.per_member = bool(self.hooks or member_callbacks)
         if self.per_member:
@@ -169,6 +173,8 @@ class MemberGroup(LightningModule):
         self.learning_rates: MemberLearningRates | None = None
         #: the metrics a ``ReduceLROnPlateau`` follows (each member's own value, see :meth:`lr_scheduler_step`)
         self._monitored: set[str] = set()
+        #: per member, its entry of the checkpoint being resumed (for the checkpoint hooks; kept until the fit starts)
+        self.loaded_entries: list[dict[str, Any]] | None = None
         #: the members that stop once the training batch that runs now has made its update, and once Lightning lets a fit stop
         self._stopping: set[int] = set()
         self._held: set[int] = set()
@@ -440,6 +446,23 @@ class MemberGroup(LightningModule):
                     tensor[position].copy_(value)
 
     # ------------------------------------------------------ vectorize="auto"
+    # ---------------------------------------------------------- checkpoints
+    def save_member_checkpoint(self, entry: dict[str, Any], position: int) -> None:
+        """Your module's ``on_save_checkpoint``, as the member at ``position``, on its own ``entry`` of a whole-ensemble checkpoint."""
+        if "on_save_checkpoint" in self.hooks:
+            self.each_member("on_save_checkpoint", lambda member, _: member.on_save_checkpoint(entry), positions=[position])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Your module's ``on_load_checkpoint`` as each member, on the member's own entry, before its weights are loaded."""
+        if "on_load_checkpoint" in self.hooks:
+            entries = self.loaded_entries or [checkpoint] * self.num_members
+            for i, entry in enumerate(entries):
+                self.each_member("on_load_checkpoint", lambda member, _, entry=entry: member.on_load_checkpoint(entry), positions=[i])
+
+    def on_fit_start(self) -> None:
+        self.loaded_entries = None  # every checkpoint hook has seen its entry
+        self._hook("on_fit_start")
+
     def on_train_epoch_start(self) -> None:
         self._release_stops()  # `min_epochs` met at the end of the last epoch: a member held back stops before this one
         self._hook("on_train_epoch_start")
@@ -564,7 +587,7 @@ def _run_member_hook(hook: str) -> Callable[..., Any]:
 
 # the group's own batch hooks call yours (:meth:`MemberGroup.on_train_batch_start` / ``_end``); the others are only yours
 for _name in MEMBER_HOOKS:
-    if _name not in ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_before_optimizer_step"):
+    if _name not in ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_before_optimizer_step", "on_fit_start"):
         setattr(MemberGroup, _name, _run_member_hook(_name))
 
 

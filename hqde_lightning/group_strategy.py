@@ -28,7 +28,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member import MEMBER_KEY
-from hqde_lightning.member_callbacks import GroupSWA, MemberCopy
+from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.member_lr import MEMBER_STATES
 from hqde_lightning.topology import aggregate
@@ -98,6 +98,10 @@ class GroupStrategy(WorkerStrategy):
         # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
         sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
         entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
+        # your callbacks' and module's own additions, as member i, in the order a plain fit calls them
+        for cb in (cb for cb in trainer.callbacks if isinstance(cb, MemberCallback) and cb.position == i):
+            cb.save_into(trainer, entry)
+        self.group.save_member_checkpoint(entry, i)
         return entry
 
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,8 +126,8 @@ class GroupStrategy(WorkerStrategy):
         checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
         k = self.group.num_members
-        if section is None:
-            entries = [checkpoint] * k
+        if section is None:  # a plain checkpoint: each member gets its own copy of it (your `on_load_checkpoint` may change it)
+            entries = [{**checkpoint, "state_dict": dict(checkpoint["state_dict"])} for _ in range(k)]
         else:
             if int(section["num_members"]) != self.hqde.num_members:
                 raise MisconfigurationException(
@@ -132,8 +136,8 @@ class GroupStrategy(WorkerStrategy):
                 )
             entries = [member_resume_checkpoint(checkpoint, section["members"][m], m) for m in self.group.member_ids]
             self.sync.load_sync_state(section.get("coordinator") or {})
+        self.group.loaded_entries = entries  # the weights load after your `on_load_checkpoint` (load_model_state_dict)
         for i, entry in enumerate(entries):
-            self.group.stack.load_member_state_dict(i, entry["state_dict"])
             rng = entry.get(MEMBER_KEY, {}).get("rng", {}).get("torch")
             if rng is not None:
                 self.group.stack.rng_states[i] = torch.as_tensor(rng, dtype=torch.uint8).cpu()
@@ -152,9 +156,17 @@ class GroupStrategy(WorkerStrategy):
         schedulers = [e.get("lr_schedulers", []) for e in entries]
         if "lr_schedulers" in lead:  # each member's copy of a scheduler resumes from its member's entry
             lead["lr_schedulers"] = [{MEMBER_STATES: [states[n] for states in schedulers]} for n in range(min(map(len, schedulers)))]
-        lead["state_dict"] = self.group.state_dict()
         lead["member_optimizer_states"] = [e.get("optimizer_states", []) for e in entries]
         return lead
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Each member's weights from its own entry of the checkpoint being resumed (after your ``on_load_checkpoint`` saw it)."""
+        entries = self.group.loaded_entries
+        if entries is None:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        for i, entry in enumerate(entries):
+            self.group.stack.load_member_state_dict(i, entry["state_dict"])
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         per_member = checkpoint.get("member_optimizer_states")

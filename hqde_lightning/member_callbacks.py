@@ -27,10 +27,10 @@ The callbacks that read the trainer's state, write checkpoints or act in the dri
 (:data:`GROUP_CALLBACKS`) run once for the group. ``StochasticWeightAveraging`` runs once for the
 group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
 over the stacked parameters they are exactly each member's own. Lightning's other callbacks
-(``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure,
-and callbacks that write into checkpoints
-(``on_save_checkpoint``/``on_load_checkpoint``) have no per-member checkpoint to write into: with
-those, each member trains in its own Ray actor (:func:`callback_blocker` says why).
+(``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure:
+with those, each member trains in its own Ray actor (:func:`callback_blocker` says why). Your
+callbacks' ``on_save_checkpoint``/``on_load_checkpoint`` run as each member on the member's own
+entry of whole-ensemble checkpoints, as they do in member actors.
 
 Each copy keeps the original's state key in :attr:`MemberCopy.original_state_key`, so that
 whole-ensemble checkpoints hold each member's callback state under the key it has with actors.
@@ -53,7 +53,7 @@ from torch.optim import Optimizer
 from hqde_lightning.callbacks.byzantine import ByzantineMembers
 from hqde_lightning.callbacks.noise import QuantumNoise
 from hqde_lightning.callbacks.quantization import AdaptiveQuantization
-from hqde_lightning.group import MEMBER_HOOKS, MemberGroup
+from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
 
 __all__ = [
     "GROUP_CALLBACKS", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
@@ -89,9 +89,6 @@ def callback_blocker(callback: Callback) -> str | None:
         return f"{builtin.__name__} acts on one module's optimizers, structure or weights"
     if builtin is not None:
         return f"{type(callback).__name__} derives from {builtin.__name__}, which acts on one module as a whole"
-    writes = [n for n in ("on_save_checkpoint", "on_load_checkpoint") if _overrides(callback, n)]
-    if writes:
-        return f"{type(callback).__name__} overrides {writes}, and a member group's checkpoint holds no member's own to write into"
     return None
 
 
@@ -192,8 +189,20 @@ class MemberCallback(_IndexedCopy, Callback):
         member = cls.__new__(cls)
         member.callback = copy.deepcopy(original)
         member.group, member.position, member.original_state_key = group, position, original.state_key
-        member.overridden = frozenset(n for n in (*MEMBER_HOOKS, *_CALLBACK_HOOKS) if _overrides(original, n))
+        member.overridden = frozenset(n for n in (*MEMBER_HOOKS, *_CALLBACK_HOOKS, *CHECKPOINT_HOOKS) if _overrides(original, n))
         return member
+
+    def save_into(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+        """The callback's ``on_save_checkpoint``, as its member, on the member's own ``entry`` of a whole-ensemble checkpoint."""
+        if "on_save_checkpoint" in self.overridden:
+            self.group.each_member("on_save_checkpoint", lambda member, _: self.callback.on_save_checkpoint(trainer, member, entry), positions=[self.position])
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The callback's ``on_load_checkpoint``, as its member, on the member's own entry of the checkpoint being resumed."""
+        if "on_load_checkpoint" not in self.overridden:
+            return
+        entry = checkpoint if self.group.loaded_entries is None else self.group.loaded_entries[self.position]
+        self.group.each_member("on_load_checkpoint", lambda member, _: self.callback.on_load_checkpoint(trainer, member, entry), positions=[self.position])
 
     def state_dict(self) -> dict[str, Any]:
         return self.callback.state_dict()
