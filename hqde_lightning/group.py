@@ -185,6 +185,9 @@ class MemberGroup(LightningModule):
         #: per stopped member (its place in the group), the epoch it stopped in (its last trained epoch)
         self.frozen_at: dict[int, int] = {}
         self._frozen_values: dict[int, list[Tensor]] = {}
+        self._frozen_states: dict[int, list[tuple[int, int, str, Tensor]]] = {}
+        #: per stopped member, its optimizers' step counts when it stopped (shared by the stack), by (optimizer, parameter id, key)
+        self.frozen_steps: dict[int, dict[tuple[int, int, str], Any]] = {}
 
     @property
     def num_members(self) -> int:
@@ -431,21 +434,33 @@ class MemberGroup(LightningModule):
 
     # ---------------------------------------------------------- early stops
     def freeze(self, position: int) -> None:
-        """Member ``position`` (its place in the group) stops training: its weights and buffers stay as they are now."""
+        """Member ``position`` (its place in the group) stops training: its weights, buffers and optimizer state stay as they are now."""
         if self.frozen[position]:
             return
         self.frozen[position] = True
         self.frozen_at[position] = self.trainer.current_epoch if self._trainer is not None else 0
         self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
+        # its optimizer state as of its last update: its slices are put back after each step, its step counts go into checkpoints
+        self._frozen_states[position], self.frozen_steps[position] = [], {}
+        for n, optimizer in enumerate(self.trainer.optimizers if self._trainer is not None else []):
+            for pid, p in enumerate(_params(optimizer)):
+                for key, value in optimizer.state.get(p, {}).items():
+                    if key in _SHARED_STATE:
+                        self.frozen_steps[position][(n, pid, key)] = value.clone() if isinstance(value, Tensor) else value
+                    elif isinstance(value, Tensor) and value.shape == p.shape:
+                        self._frozen_states[position].append((n, pid, key, value[position].detach().clone()))
 
     def _restore_frozen(self) -> None:
-        """Puts the stopped members' weights and buffers back after a step moved them (they run in the stack all the same)."""
+        """Puts the stopped members' weights, buffers and optimizer state back after a step moved them (they run in the stack all the same)."""
         with torch.no_grad():
             for position, values in self._frozen_values.items():
                 for tensor, value in zip((*self.stack.params, *self.stack.buffers()), values):
                     tensor[position].copy_(value)
+            for position, entries in self._frozen_states.items():
+                for n, pid, key, value in entries:
+                    optimizer = self.trainer.optimizers[n]
+                    optimizer.state[_params(optimizer)[pid]][key][position].copy_(value)
 
-    # ------------------------------------------------------ vectorize="auto"
     # ---------------------------------------------------------- checkpoints
     def save_member_checkpoint(self, entry: dict[str, Any], position: int) -> None:
         """Your module's ``on_save_checkpoint``, as the member at ``position``, on its own ``entry`` of a whole-ensemble checkpoint."""
@@ -459,6 +474,7 @@ class MemberGroup(LightningModule):
             for i, entry in enumerate(entries):
                 self.each_member("on_load_checkpoint", lambda member, _, entry=entry: member.on_load_checkpoint(entry), positions=[i])
 
+    # ------------------------------------------- fit hooks, and vectorize="auto"
     def on_fit_start(self) -> None:
         self.loaded_entries = None  # every checkpoint hook has seen its entry
         self._hook("on_fit_start")

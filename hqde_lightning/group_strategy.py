@@ -87,6 +87,8 @@ class GroupStrategy(WorkerStrategy):
         for n, state in enumerate(entry["optimizer_states"]):  # the member's own learning rates
             if rates is not None:
                 state["param_groups"] = rates.member_param_groups(n, i, state["param_groups"])
+        for (n, pid, key), value in self.group.frozen_steps.get(i, {}).items():  # a stopped member's step counts stopped with it
+            entry["optimizer_states"][n]["state"][pid][key] = value
         if "lr_schedulers" in checkpoint:  # the member's own copy of each scheduler
             entry["lr_schedulers"] = [s[MEMBER_STATES][i] if isinstance(s, dict) and MEMBER_STATES in s else s for s in checkpoint["lr_schedulers"]]
         if "callbacks" in checkpoint:  # a member copy's state goes under the key its callback has with actors

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
+from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.embedded import group_blocker
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member_data import member_loader, start_epoch
@@ -360,6 +361,40 @@ def test_stopped_members_leave_the_sync_rounds():
     assert rounds[0] == [0, 1, 2, 3]
     assert rounds[1] == [i for i in range(4) if i not in stopped]
     assert all(set(later) <= set(earlier) for earlier, later in zip(rounds, rounds[1:]))
+
+
+class AdamDigits(DigitsModule):
+    """Adam: its state has step counts, which the stacked members share."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("module", [DigitsModule, AdamDigits], ids=["sgd-momentum", "adam"])
+def test_a_stopped_members_optimizer_state_stops_with_it(ray_session, tmp_path, module):
+    """The group's final checkpoint holds a stopped member's optimizer state as of its stop (momentum, moments, step
+    counts), as its actor's does, though its slices still run in every later step of the stack."""
+    def fit(epochs: int, members_per_worker, callbacks=()) -> pl.Trainer:
+        strategy = HQDEStrategy(num_members=4, sync="none", seed=1, vectorize=False, members_per_worker=members_per_worker)
+        trainer = quiet_trainer(strategy=strategy, max_epochs=epochs, callbacks=list(callbacks))
+        trainer.fit(module(), datamodule=SeededDigits())
+        return trainer
+
+    accuracy = [float(fit(1, "auto").callback_metrics[f"member_{i}/val_acc"]) for i in range(4)]
+    threshold = (min(accuracy) + max(accuracy)) / 2
+    stopped = [i for i, a in enumerate(accuracy) if a >= threshold]
+    assert 0 < len(stopped) < 4
+    entries = []
+    for members_per_worker in ("auto", 1):
+        trainer = fit(3, members_per_worker, [EarlyStopping("val_acc", mode="max", stopping_threshold=threshold)])
+        trainer.save_checkpoint(tmp_path / f"{members_per_worker}.ckpt")
+        entries.append(load_checkpoint_file(str(tmp_path / f"{members_per_worker}.ckpt"))[HQDE_KEY]["members"])
+    for i in stopped:
+        in_group, as_actor = (e[i]["optimizer_states"][0]["state"] for e in entries)
+        assert in_group.keys() == as_actor.keys()
+        for pid, state in as_actor.items():
+            for key, value in state.items():
+                torch.testing.assert_close(in_group[pid][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
 
 
 class SeededDigits(DigitsDataModule):
