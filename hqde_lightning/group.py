@@ -58,7 +58,7 @@ from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, memb
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
-    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "MemberOptimizer", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
 Vectorize = Literal["auto"] | bool
@@ -84,6 +84,8 @@ MEMBER_HOOKS = (
 #: hooks of your module (and of callbacks) that write into and read from a checkpoint: a group runs them
 #: once per member, as that member, on the member's own entry of whole-ensemble checkpoints
 CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
+#: hooks of your module that a group runs once per member, as that member (its own gradients, its own attributes)
+_PER_MEMBER = MEMBER_HOOKS + CHECKPOINT_HOOKS + ("configure_gradient_clipping",)
 #: hooks that still run for a member that stopped early (its own fit would end with them, and it is still checkpointed)
 _END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception", *CHECKPOINT_HOOKS)
 #: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
@@ -101,9 +103,9 @@ def unsupported_hooks(module: LightningModule) -> list[str]:
     from lightning.pytorch.core.hooks import CheckpointHooks, DataHooks, ModelHooks
 
     names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
-    names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "backward", "configure_callbacks"]
+    names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "backward", "configure_callbacks"]  # not in Lightning's hook classes
     never_in_fit = [n for n in names if "test" in n or "predict" in n]
-    run = _RUN_HOOKS + _DATA_HOOKS + MEMBER_HOOKS + CHECKPOINT_HOOKS + tuple(never_in_fit)
+    run = _RUN_HOOKS + _DATA_HOOKS + _PER_MEMBER + tuple(never_in_fit)
     return sorted({n for n in names if n not in run and is_overridden(n, module, LightningModule)})
 
 
@@ -133,7 +135,7 @@ class MemberGroup(LightningModule):
         super().__init__()
         self.stack = StackedMembers(module, members, rng_states)
         #: your module's hooks that run once per member
-        self.hooks = {name for name in MEMBER_HOOKS + CHECKPOINT_HOOKS if is_overridden(name, module, LightningModule)}
+        self.hooks = {name for name in _PER_MEMBER if is_overridden(name, module, LightningModule)}
         #: whether hooks run per member, each member keeping its own attributes
         self.per_member = bool(self.hooks or member_callbacks)
         if self.per_member:
@@ -577,7 +579,20 @@ class MemberGroup(LightningModule):
                     super().lr_scheduler_step(scheduler, value)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
-        """Clips each member's gradients on its own: by value element-wise, by norm over that member's slices."""
+        """Clips each member's gradients on its own: by value element-wise, by norm over that member's slices.
+
+        Your own ``configure_gradient_clipping`` runs as each member instead, with ``optimizer`` as that
+        member sees it (:class:`MemberOptimizer`): its ``self.clip_gradients(optimizer, ...)`` clips
+        that member's gradients, as in its own fit.
+        """
+        if "configure_gradient_clipping" in self.hooks:
+            def clip(member: LightningModule, _: tuple[Any, ...]) -> None:
+                views = dict(member.named_parameters())
+                own = MemberOptimizer(optimizer, {id(p): views[name] for name, p in zip(self.stack.param_names, self.stack.params)})
+                member.configure_gradient_clipping(own, gradient_clip_val, gradient_clip_algorithm)
+
+            self.each_member("configure_gradient_clipping", clip)
+            return
         if not gradient_clip_val:
             return
         grads = [p.grad for p in _params(optimizer) if p.grad is not None]
@@ -686,6 +701,21 @@ def stacked_optimizer_state(optimizer: torch.optim.Optimizer, states: Sequence[d
             for k, v in entry.items()
         }
     return {"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])}
+
+
+class MemberOptimizer:
+    """``optimizer`` (over the stacked parameters) as one member sees it: its parameter groups hold that member's
+    parameters (``params``: the member's view of each stacked parameter, by ``id``; their gradients are its own),
+    anything else is the group optimizer's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Mapping[int, Tensor]) -> None:
+        self.optimizer = optimizer
+        self.param_groups = [{**group, "params": [params[id(p)] for p in group["params"]]} for group in optimizer.param_groups]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
 
 
 def _schedules(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> bool:

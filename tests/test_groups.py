@@ -268,6 +268,25 @@ def test_gradient_clipping_by_norm_is_per_member():
     assert norms[0] < 0.1 and abs(norms[1] - 1.0) < 1e-4
 
 
+class ClipsFromSecondEpoch(Net):
+    """Your own clipping rule (Lightning's documented pattern): clip by norm, from the second epoch on."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.current_epoch >= 1:
+            self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+
+
+def test_your_configure_gradient_clipping_clips_each_members_own_gradients(caplog):
+    """Your ``configure_gradient_clipping`` runs as each member: ``self.clip_gradients`` clips that member's norm, as alone
+    (it used to need one Ray actor per member)."""
+    solo = solo_states({}, ClipsFromSecondEpoch)
+    with caplog.at_level(logging.INFO):
+        assert_same_members(group_states({}, "auto", ClipsFromSecondEpoch), solo)
+    assert "one Ray actor each" not in caplog.text
+    unclipped = solo_states({}, Net)
+    assert not torch.allclose(unclipped[0]["net.0.weight"], solo[0]["net.0.weight"], atol=1e-3)  # the clipping mattered
+
+
 def test_optimizer_state_splits_into_member_states_and_back():
     group = MemberGroup(Net(), [Net(), Net()], [0, 1], vectorize=True)
     optimizer = torch.optim.Adam(group.stack.params, lr=0.01)

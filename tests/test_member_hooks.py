@@ -221,6 +221,11 @@ class SavesModule(DigitsModule):
         checkpoint["extra"] = 1
 
 
+class StepsItsOwnOptimizer(DigitsModule):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+
+
 class HooksForTests(DigitsModule):
     def on_test_epoch_end(self) -> None:
         pass
@@ -239,6 +244,7 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
     assert blocker(callbacks=[SavesIntoCheckpoint()]) is None  # as each member, on its own entry
     assert blocker(SavesModule()) is None
+    assert "overrides ['optimizer_step']" in blocker(StepsItsOwnOptimizer())  # one update for the whole stack
 
 
 def test_vectorize_true_with_per_member_hooks_warns_and_loops():
