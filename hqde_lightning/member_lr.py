@@ -131,10 +131,11 @@ class MemberLearningRates:
 class MemberSchedulers:
     """One copy of your learning-rate scheduler per member of a group, in Lightning's place for the group's.
 
-    ``step`` steps each member's copy with that member's learning rates (and, for a scheduler that
-    follows a metric, such as ``ReduceLROnPlateau``, with that member's own value of it). While code
-    runs as one member, the copies look like that member's (``self.lr_schedulers()`` in a hook
-    steps and shows its own). Its state is every member's copy's.
+    The group's ``lr_scheduler_step`` steps each member's copy with that member's learning rates
+    (and, for a scheduler that follows a metric, such as ``ReduceLROnPlateau``, with that member's
+    own value of it). Anything else (``step``, ``get_last_lr()``, ``last_epoch``) is the copy of the
+    member code runs as now (``self.lr_schedulers()`` in a hook steps and shows its own), or the
+    first member's. Its state is every member's copy's.
 
     Args:
         copies: one copy of your scheduler (over the group's stacked optimizer) per member (:func:`member_copies`).
@@ -155,9 +156,6 @@ class MemberSchedulers:
     def step(self, *args: Any, **kwargs: Any) -> None:
         """Steps the copy of the member code runs as (each member's is stepped by the group's ``lr_scheduler_step``)."""
         self._own().step(*args, **kwargs)
-
-    def get_last_lr(self) -> list[float]:
-        return self._own().get_last_lr()
 
     def state_dict(self) -> dict[str, Any]:
         return {MEMBER_STATES: [c.state_dict() for c in self.copies]}
