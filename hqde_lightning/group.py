@@ -343,7 +343,7 @@ class MemberGroup(LightningModule):
         results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
             with self._running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
-                results.append(call(member, self._member_args(hook, i, args)))
+                results.append(call(member, self._member_args(hook, i, args, member)))
             per_member.append(logs)
         batch_size = _hook_batch_size(hook, args)
         for i, logs, was_stopped in zip(positions, per_member, stopped):  # a member that stops in this hook still logs what it logged
@@ -355,8 +355,8 @@ class MemberGroup(LightningModule):
                     self.log(name, value, **{**options, "logger": False})
         return results
 
-    def _member_args(self, hook: str, i: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """A hook's arguments as member ``i``'s own fit passes them."""
+    def _member_args(self, hook: str, i: int, args: tuple[Any, ...], member: LightningModule) -> tuple[Any, ...]:
+        """A hook's arguments as member ``i``'s own fit passes them (``member``: your module as member ``i``)."""
         if hook == "on_train_batch_start":
             return (member_batch(args[0], i), *args[1:])
         if hook == "on_train_batch_end":
@@ -366,7 +366,14 @@ class MemberGroup(LightningModule):
             return (self.last_outputs[i], *args[1:])
         if hook == "on_before_backward":
             return (self.last_losses[i],)
+        if hook in ("on_before_optimizer_step", "on_before_zero_grad"):
+            return (self.member_optimizer(args[0], member),)
         return args
+
+    def member_optimizer(self, optimizer: torch.optim.Optimizer, member: LightningModule) -> MemberOptimizer:
+        """``optimizer`` (over the stacked parameters) as ``member`` (your module as one member) sees it."""
+        views = dict(member.named_parameters())
+        return MemberOptimizer(getattr(optimizer, "optimizer", optimizer), {id(p): views[name] for name, p in zip(self.stack.param_names, self.stack.params)})
 
     @contextmanager
     def _running_as(self, i: int, within_batch: bool = False) -> Iterator[None]:
@@ -587,9 +594,7 @@ class MemberGroup(LightningModule):
         """
         if "configure_gradient_clipping" in self.hooks:
             def clip(member: LightningModule, _: tuple[Any, ...]) -> None:
-                views = dict(member.named_parameters())
-                own = MemberOptimizer(optimizer, {id(p): views[name] for name, p in zip(self.stack.param_names, self.stack.params)})
-                member.configure_gradient_clipping(own, gradient_clip_val, gradient_clip_algorithm)
+                member.configure_gradient_clipping(self.member_optimizer(optimizer, member), gradient_clip_val, gradient_clip_algorithm)
 
             self.each_member("configure_gradient_clipping", clip)
             return

@@ -287,6 +287,22 @@ def test_your_configure_gradient_clipping_clips_each_members_own_gradients(caplo
     assert not torch.allclose(unclipped[0]["net.0.weight"], solo[0]["net.0.weight"], atol=1e-3)  # the clipping mattered
 
 
+class ScalesGradientsThroughItsOptimizer(Net):
+    """Changes the gradients it finds in the optimizer's parameter groups before the update."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad.mul_(0.5)
+
+
+def test_optimizer_hooks_get_the_optimizer_as_their_member_sees_it():
+    """``on_before_optimizer_step`` runs once per member with that member's parameters in the optimizer's groups: each
+    member's gradients are halved once, as alone (the group's optimizer would have them halved once per member)."""
+    solo = solo_states(dict(optimizer="sgd"), ScalesGradientsThroughItsOptimizer)
+    assert_same_members(group_states(dict(optimizer="sgd"), "auto", ScalesGradientsThroughItsOptimizer), solo)
+
+
 def test_optimizer_state_splits_into_member_states_and_back():
     group = MemberGroup(Net(), [Net(), Net()], [0, 1], vectorize=True)
     optimizer = torch.optim.Adam(group.stack.params, lr=0.01)
