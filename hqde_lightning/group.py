@@ -456,7 +456,7 @@ class MemberGroup(LightningModule):
                 for key, value in optimizer.state.get(p, {}).items():
                     if key in _SHARED_STATE:
                         self.frozen_steps[position][(n, pid, key)] = value.clone() if isinstance(value, Tensor) else value
-                    elif isinstance(value, Tensor) and value.shape == p.shape:
+                    elif _sliced(key, value, p.shape):
                         self._frozen_states[position].append((n, pid, key, value[position].detach().clone()))
 
     def _restore_frozen(self) -> None:
@@ -465,10 +465,12 @@ class MemberGroup(LightningModule):
             for position, values in self._frozen_values.items():
                 for tensor, value in zip((*self.stack.params, *self.stack.buffers()), values):
                     tensor[position].copy_(value)
-            for position, entries in self._frozen_states.items():
-                for n, pid, key, value in entries:
-                    optimizer = self.trainer.optimizers[n]
-                    optimizer.state[_params(optimizer)[pid]][key][position].copy_(value)
+            if self._frozen_states:
+                optimizers = self.trainer.optimizers
+                params = [_params(optimizer) for optimizer in optimizers]
+                for position, entries in self._frozen_states.items():
+                    for n, pid, key, value in entries:
+                        optimizers[n].state[params[n][pid]][key][position].copy_(value)
 
     # ---------------------------------------------------------- checkpoints
     def save_member_checkpoint(self, entry: dict[str, Any], position: int) -> None:
@@ -621,9 +623,9 @@ def _run_member_hook(hook: str) -> Callable[..., Any]:
     return run
 
 
-# the group's own batch hooks call yours (:meth:`MemberGroup.on_train_batch_start` / ``_end``); the others are only yours
+# the hooks the group defines itself (batch hooks, stops, learning rates) call yours; the others are only yours
 for _name in MEMBER_HOOKS:
-    if _name not in ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_before_optimizer_step", "on_fit_start"):
+    if _name not in vars(MemberGroup):
         setattr(MemberGroup, _name, _run_member_hook(_name))
 
 
@@ -680,6 +682,11 @@ def _detached(out: Any) -> Any:
 _SHARED_STATE = ("step", "mu_product")
 
 
+def _sliced(key: str, value: Any, shape: torch.Size) -> bool:
+    """Whether an optimizer state entry holds one slice per member: a tensor of ``shape`` (its parameter's), not a shared count."""
+    return isinstance(value, Tensor) and key not in _SHARED_STATE and value.shape == shape
+
+
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The optimizer's parameters in the order of its ``state_dict`` ids."""
     return [p for group in optimizer.param_groups for p in group["params"]]
@@ -689,7 +696,7 @@ def member_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, An
     """Member ``index``'s part of ``state`` (``optimizer.state_dict()`` over stacked parameters): a single member's optimizer state."""
     shapes = [p.shape for p in _params(optimizer)]
     per_param = {
-        pid: {k: v[index].clone() if isinstance(v, Tensor) and k not in _SHARED_STATE and v.shape == shapes[pid] else v for k, v in entry.items()}
+        pid: {k: v[index].clone() if _sliced(k, v, shapes[pid]) else v for k, v in entry.items()}
         for pid, entry in state["state"].items()
     }
     return {"state": per_param, "param_groups": copy.deepcopy(state["param_groups"])}
@@ -702,7 +709,7 @@ def stacked_optimizer_state(optimizer: torch.optim.Optimizer, states: Sequence[d
     stacked = {}
     for pid, entry in first["state"].items():
         stacked[pid] = {
-            k: torch.stack([s["state"][pid][k] for s in states]) if isinstance(v, Tensor) and k not in _SHARED_STATE and v.shape == shapes[pid] else v
+            k: torch.stack([s["state"][pid][k] for s in states]) if _sliced(k, v, shapes[pid]) else v
             for k, v in entry.items()
         }
     return {"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])}

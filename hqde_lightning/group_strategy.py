@@ -84,9 +84,8 @@ class GroupStrategy(WorkerStrategy):
         entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
         entry["optimizer_states"] = [member_optimizer_state(opt, state, i) for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))]
         rates = self.group.learning_rates
-        for n, state in enumerate(entry["optimizer_states"]):  # the member's own learning rates
-            if rates is not None:
-                state["param_groups"] = rates.member_param_groups(n, i, state["param_groups"])
+        for n, state in enumerate(entry["optimizer_states"] if rates is not None else []):  # the member's own learning rates
+            state["param_groups"] = rates.member_param_groups(n, i, state["param_groups"])
         for (n, pid, key), value in self.group.frozen_steps.get(i, {}).items():  # a stopped member's step counts stopped with it
             entry["optimizer_states"][n]["state"][pid][key] = value
         if "lr_schedulers" in checkpoint:  # the member's own copy of each scheduler
