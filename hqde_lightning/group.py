@@ -304,16 +304,18 @@ class MemberGroup(LightningModule):
         """Logs each training member's value as ``member_{i}/<name>``, and the group's first member's also as ``<name>`` (not sent to loggers).
 
         Each ``self.log`` call costs Lightning about half a millisecond, so per-step-only training
-        values are logged only at the steps Lightning writes to the loggers (their
-        ``member_{i}/...`` entries in ``trainer.callback_metrics`` are then as of the latest such
-        step), and the plain name only for values reduced over the epoch (what checkpoint and
-        learning-rate callbacks monitor) or shown in the progress bar. Stopped members log nothing
+        values are logged only at the steps Lightning writes to the loggers and at each epoch's
+        last batch (their ``member_{i}/...`` entries in ``trainer.callback_metrics`` are then as of
+        the latest such step; after a fit, of its last step, as a plain fit's are), and the plain
+        name only for values reduced over the epoch (what checkpoint and learning-rate callbacks
+        monitor) or shown in the progress bar. Stopped members log nothing
         more under their own names; the plain name stays the first member's, stopped or not
         (Lightning keeps one metric object per name for the whole fit).
         """
         # a value logged per step only (Lightning's default in `training_step`) reaches the loggers
-        # every `log_every_n_steps` steps: the members' values are logged at those steps only
-        writing = not self.training or self.trainer._logger_connector.should_update_logs
+        # every `log_every_n_steps` steps: the members' values are logged at those steps, and at
+        # each epoch's last batch so that they are in `trainer.callback_metrics` when the epoch ends
+        writing = not self.training or self.trainer._logger_connector.should_update_logs or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         for name, kwargs, values in logs:
             options = {"batch_size": batch_size, **kwargs}
             epoch_level = options.get("on_epoch", not self.training)

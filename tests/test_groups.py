@@ -89,16 +89,21 @@ class MemberOrderEpochs(pl.Callback):
         start_epoch(trainer.train_dataloader, trainer.current_epoch)
 
 
-def solo_states(hparams: dict, module: type[Net] = Net, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+def solo_fits(hparams: dict, module: type[Net] = Net, **trainer_kwargs) -> list[tuple[Net, pl.Trainer]]:
     """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer."""
-    states = []
+    fits = []
     for i in range(MEMBERS):
         pl.seed_everything(SEED + i, verbose=False)
         model = module(**hparams)
         loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-        quiet_trainer(**FIT, callbacks=[MemberOrderEpochs()], **trainer_kwargs).fit(model, loader)
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return states
+        trainer = quiet_trainer(**FIT, callbacks=[MemberOrderEpochs()], **trainer_kwargs)
+        trainer.fit(model, loader)
+        fits.append((model, trainer))
+    return fits
+
+
+def solo_states(hparams: dict, module: type[Net] = Net, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in model.state_dict().items()} for model, _ in solo_fits(hparams, module, **trainer_kwargs)]
 
 
 def group_states(hparams: dict, vectorize: bool | str, module: type[Net] = Net, **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
@@ -132,6 +137,29 @@ def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
     assert_same_members(group_states(hparams, vectorize, **trainer_kwargs), solo)
     # the members really differ (own initial weights, own data order)
     assert not torch.allclose(solo[0]["net.0.weight"], solo[1]["net.0.weight"])
+
+
+class LogsStepLoss(Net):
+    """Logs its loss per step only (Lightning's default in ``training_step``)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("step_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_after_a_fit_callback_metrics_hold_each_members_last_step_value(vectorize):
+    # 16 steps, fewer than `log_every_n_steps` (50): no step is written to the loggers, yet a plain fit's
+    # `trainer.callback_metrics` hold the last step's value, and a member's own entry must too
+    solo = [float(trainer.callback_metrics["step_loss"]) for _, trainer in solo_fits({}, LogsStepLoss)]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    trainer = quiet_trainer(strategy=strategy, **FIT)
+    trainer.fit(LogsStepLoss(), train_loader())
+    group = [float(trainer.callback_metrics[f"member_{i}/step_loss"]) for i in range(MEMBERS)]
+    assert group == pytest.approx(solo, rel=1e-4)
+    assert len(set(solo)) == MEMBERS  # each member's own value
 
 
 class ChannelsLastConvNet(ConvNet):
