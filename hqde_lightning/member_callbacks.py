@@ -26,7 +26,8 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
 The callbacks that read the trainer's state, write checkpoints or act in the driver
 (:data:`GROUP_CALLBACKS`) run once for the group. ``StochasticWeightAveraging`` runs once for the
 group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
-over the stacked parameters they are exactly each member's own. Lightning's other callbacks
+over the stacked parameters they are exactly each member's own. ``LearningRateMonitor`` runs once
+for the group as :class:`GroupLearningRateMonitor`, logging each member's own rates. Lightning's other callbacks
 (``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure:
 with those, each member trains in its own Ray actor (:func:`callback_blocker` says why). Your
 callbacks' ``on_save_checkpoint``/``on_load_checkpoint`` run as each member on the member's own
@@ -40,13 +41,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, StochasticWeightAveraging
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -56,7 +58,7 @@ from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
 
 __all__ = [
-    "GROUP_CALLBACKS", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
+    "GROUP_CALLBACKS", "GroupLearningRateMonitor", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
     "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
 ]
 
@@ -300,6 +302,58 @@ class GroupSWA(StochasticWeightAveraging):
                 self._average_model.stack.load_member_state_dict(position, state)
 
 
+class GroupLearningRateMonitor(LearningRateMonitor):
+    """Your ``LearningRateMonitor`` for a whole member group (build it with :meth:`of`): every member's own rates.
+
+    Members in a group can have learning rates of their own (a ``ReduceLROnPlateau`` on each
+    member's metric, schedulers stepped per member: :mod:`hqde_lightning.member_lr`). Lightning's
+    callback over the group would log the rates the optimizer shows at rest, the first member's.
+    This logs each member's as member actors do, ``member_{i}/lr-<Optimizer>`` (and its momentum
+    and weight decay when asked), at the steps and epochs Lightning's callback logs, with each
+    member's own history (Lightning's ``lrs``) in :attr:`member_history`. Members that stopped
+    early log nothing more, as their actors would. ``trainer.callback_metrics`` get the
+    ``member_{i}/...`` values, and the plain names the first member's, as for a group's other metrics.
+    """
+
+    group: MemberGroup
+    #: per member (its place in the group), Lightning's per-name history: ``lrs``, ``last_momentum_values``, ``last_weight_decay_values``
+    member_history: list[dict[str, dict[str, Any]]]
+
+    @classmethod
+    def of(cls, original: LearningRateMonitor, group: MemberGroup) -> GroupLearningRateMonitor:
+        monitor = cls.__new__(cls)
+        monitor.__dict__.update(copy.deepcopy(original.__dict__))
+        monitor.group = group
+        return monitor
+
+    @property
+    def state_key(self) -> str:
+        return "LearningRateMonitor"
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_start(trainer, *args, **kwargs)
+        history = {name: getattr(self, name) for name in ("lrs", "last_momentum_values", "last_weight_decay_values")}
+        self.member_history = [copy.deepcopy(history) for _ in range(self.group.num_members)]
+
+    def _extract_stats(self, trainer: pl.Trainer, interval: str) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        first: dict[str, float] | None = None
+        rates = self.group.learning_rates
+        for i, member in enumerate(self.group.member_ids):
+            if self.group.frozen[i]:
+                continue
+            self.__dict__.update(self.member_history[i])  # Lightning's code appends to the member's own history
+            with rates.as_member(i) if rates is not None else nullcontext():
+                own = super()._extract_stats(trainer, interval)
+            first = own if first is None else first
+            stats.update({f"member_{member}/{name}": value for name, value in own.items()})
+        device = trainer.strategy.root_device
+        trainer.callback_metrics.update({name: torch.tensor(value, device=device) for name, value in {**stats, **(first or {})}.items()})
+        return stats
+
+
+#: Lightning's callbacks a member group runs once, as a version that knows the group's members
+_ONCE_FOR_THE_GROUP: dict[type[Callback], Any] = {StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor}
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
@@ -320,12 +374,12 @@ def runs_per_member(callback: Callback) -> bool:
 
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
     """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
-    (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member, and
-    ``StochasticWeightAveraging`` by :class:`GroupSWA`."""
+    (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member,
+    ``StochasticWeightAveraging`` by :class:`GroupSWA` and ``LearningRateMonitor`` by :class:`GroupLearningRateMonitor`."""
     out: list[Callback] = []
     for callback in callbacks:
-        if type(callback) is StochasticWeightAveraging:
-            out.append(GroupSWA.of(callback, group))
+        if type(callback) in _ONCE_FOR_THE_GROUP:
+            out.append(_ONCE_FOR_THE_GROUP[type(callback)].of(callback, group))
             continue
         member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
         if member_copy is None:

@@ -18,7 +18,8 @@ may set them), as a member's own optimizer reads them.
 
 While code runs as one member (:meth:`MemberLearningRates.as_member`), the stacked optimizer's
 parameter groups show and take that member's learning rates; at rest they show the group's
-first member's (what ``LearningRateMonitor`` logs). A learning rate written outside any member
+first member's (``LearningRateMonitor`` logs each member's, as
+:class:`~hqde_lightning.member_callbacks.GroupLearningRateMonitor`). A learning rate written outside any member
 (by a scheduler over the whole group, such as ``StochasticWeightAveraging``'s) is every member's.
 """
 

@@ -16,7 +16,8 @@ import pytest
 import test_groups
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import LearningRateMonitor, StochasticWeightAveraging
+from lightning.pytorch.loggers import Logger
 from models import quiet_trainer
 from test_groups import MEMBERS, SEED, MemberOrderEpochs, Net, assert_same_members, group_states, train_loader
 
@@ -95,6 +96,54 @@ def test_reduce_on_plateau_follows_each_members_own_metric(module, vectorize, tm
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo_states)
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     assert _member_rates(str(tmp_path / "end.ckpt")) == pytest.approx(solo_rates)
+
+
+class RecordingLogger(Logger):
+    """Keeps every row it is asked to log, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append(dict(metrics))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def logged(self, key: str) -> list[float]:
+        return [row[key] for row in self.rows if key in row]
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_learning_rate_monitor_logs_each_members_own_rates(interval):
+    """``LearningRateMonitor`` in a group logs ``member_{i}/lr-SGD`` (as member actors name it), each member's own
+    rates at the steps and epochs its own fit logs them; the plain name shows the first member's."""
+    solo_rates = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        logger = RecordingLogger()
+        loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
+        callbacks = [MemberOrderEpochs(), LearningRateMonitor(logging_interval=interval)]
+        quiet_trainer(**test_groups.FIT, callbacks=callbacks, logger=logger, log_every_n_steps=4).fit(Plateau(), loader)
+        solo_rates.append(logger.logged("lr-SGD"))
+    assert len({tuple(r) for r in solo_rates}) > 1  # the members' rates differ
+    logger = RecordingLogger()
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, **test_groups.FIT, callbacks=[LearningRateMonitor(logging_interval=interval)], logger=logger, log_every_n_steps=4)
+    trainer.fit(Plateau(), train_loader())
+    for i in range(MEMBERS):
+        assert logger.logged(f"member_{i}/lr-SGD") == pytest.approx(solo_rates[i])
+    assert not logger.logged("lr-SGD")  # loggers get the members' names only, as from member actors
+    assert float(trainer.callback_metrics["lr-SGD"]) == pytest.approx(solo_rates[0][-1])
 
 
 def _plateau_fit(tmp_path, name: str, epochs: int, members_per_worker: Any, ckpt_path: str | None = None) -> tuple[HQDEStrategy, pl.Trainer]:
