@@ -7,7 +7,9 @@
 #        every fit's fixed cost weighs most);
 #      - Fashion-MNIST small CNN, 20,000 images, 3 epochs (throughput once fixed costs are paid);
 #      - digits MLP, 10 epochs (the CPU target case);
-#   3. a cProfile of the member group's 1-epoch Fashion-MNIST fit (where its time goes: the rows of
+#   3. benchmarks/step_cost.py (per-step cost, fixed costs taken out) and benchmarks/inference_cost.py
+#      (the ensemble's members vmapped or looped at evaluation) on the GPU;
+#   4. a cProfile of the member group's 1-epoch Fashion-MNIST fit (where its time goes: the rows of
 #      hqde_lightning and of Lightning's loops).
 # Everything it prints, the benchmark's JSON/PNG results and the profile are written to OUT_DIR
 # (default benchmarks/results/gpu), named with the case, so that CPU results are not overwritten.
@@ -42,6 +44,9 @@ bench() {  # bench NAME ARGS...: one training_cost.py run, its log and results s
 bench fashion-mnist fashion-mnist --epochs 1 --train-size "$fashion_images" --modes single $modes
 bench fashion-mnist-3epochs fashion-mnist --epochs 3 --train-size 20000 --modes sequential torch-vmap hqde
 bench digits digits --epochs 10 --modes $modes
+for script in step_cost inference_cost; do
+    timeout 120 python3 "benchmarks/$script.py" --accelerator "$accelerator" 2>&1 | tee "$out/${script}_gpu.log"
+done
 
 python3 -m cProfile -o "$out/hqde_fashion_profile.prof" benchmarks/training_cost.py --accelerator "$accelerator" --data fashion-mnist \
     --members 8 --epochs 1 --train-size "$fashion_images" --run hqde --result-file "$out/hqde_fashion_profile.json" >/dev/null 2>&1

@@ -54,14 +54,16 @@ module allows it, and one after another otherwise.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_map_with_path
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map, tree_map_with_path
 
 from hqde_lightning.validation import ArgumentTypeError, registry, resolve
 from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition
@@ -264,6 +266,16 @@ def non_finite_members(states: Sequence[Mapping[str, Any]]) -> list[int]:
     ]
 
 
+def _device_type(args: Any) -> str:
+    """The device type of the first tensor in ``args`` (``"cpu"`` when none holds one)."""
+    return next((leaf.device.type for leaf in tree_leaves(args) if isinstance(leaf, Tensor)), "cpu")
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _stack(outputs: Sequence[Any]) -> Any:
     return tree_map(lambda *leaves: torch.stack(leaves) if isinstance(leaves[0], Tensor) else leaves[0], outputs[0], *outputs[1:])
 
@@ -279,7 +291,10 @@ class Ensemble(nn.Module):
             so what an :class:`AutoCombiner` learns in evaluation belongs to this ensemble).
         active: which members take part in predictions (all when ``None``). Inactive
             members are kept, e.g. after member selection.
-        vectorize: evaluate members with ``torch.func.vmap`` when possible.
+        vectorize: how members are evaluated: ``True`` in one ``torch.func.vmap`` call over their stacked
+            weights, ``False`` one after another, ``"auto"`` (default) the faster of the two, timed at
+            the first evaluation on each device type (vmap is faster on GPUs; on CPUs a vectorised
+            convolution can be twice as slow). Members vmap cannot run are evaluated one after another.
         member_ids: each member's index in the run that trained it (``0..n-1`` when ``None``);
             differs from the position when members were left out. Metrics are named after it.
         temperature: the temperature of the combined class probabilities (a buffer; see
@@ -296,7 +311,7 @@ class Ensemble(nn.Module):
         weights: Sequence[float] | Tensor | None = None,
         combine: str | Combiner = "auto",
         active: Sequence[bool] | Tensor | None = None,
-        vectorize: bool = True,
+        vectorize: Literal["auto"] | bool = "auto",
         member_ids: Sequence[int] | None = None,
         temperature: float = 1.0,
     ) -> None:
@@ -313,7 +328,11 @@ class Ensemble(nn.Module):
             raise ValueError("`active` must keep at least one member")
         self.register_buffer("temperature", torch.tensor(check_temperature(temperature), dtype=torch.float64))
         self.combiner = copy.deepcopy(resolve_combiner(combine))
+        if not (isinstance(vectorize, bool) or vectorize == "auto"):
+            raise ValueError(f"`vectorize`: {vectorize!r} is not known; choose one of ['auto', True, False]")
         self.vectorize = vectorize
+        #: ``vectorize="auto"``'s choice per device type (``"cpu"``, ``"cuda"``...): whether vmap was the faster
+        self.vmap_is_faster: dict[str, bool] = {}
         self.member_ids = list(range(n)) if member_ids is None else [int(i) for i in member_ids]
         if len(self.member_ids) != n:
             raise ValueError(f"`member_ids` needs one entry per member ({n}), got {self.member_ids}")
@@ -353,11 +372,37 @@ class Ensemble(nn.Module):
     def member_outputs(self, *args: Any, **kwargs: Any) -> Any:
         """Every active member's output, stacked on a new leading axis (``(num_active, ...)``)."""
         members = [self.members[i] for i in self.active_indices()]
-        if self.vectorize and len(members) > 1 and not self.training and not kwargs:
+        loop = lambda: _stack([m(*args, **kwargs) for m in members])  # noqa: E731
+        if self.vectorize is False or len(members) < 2 or self.training or kwargs:
+            return loop()
+        device = _device_type(args)
+        if self.vectorize == "auto" and device not in self.vmap_is_faster:
+            return self._time_ways(members, args, loop, device)
+        if self.vectorize is True or self.vmap_is_faster[device]:
             stacked = self._vmap_outputs(members, args)
             if stacked is not None:
                 return stacked
-        return _stack([m(*args, **kwargs) for m in members])
+        return loop()
+
+    def _time_ways(self, members: Sequence[nn.Module], args: tuple[Any, ...], loop: Callable[[], Any], device: str) -> Any:
+        """``vectorize="auto"`` on ``device`` for the first time: times one evaluation each way and keeps the faster.
+
+        vmap runs once untimed first (it sets itself up, and shows whether it can run the members at all);
+        then the loop and vmap are timed once each. This first evaluation costs three.
+        """
+        if self._vmap_outputs(members, args) is None:
+            return loop()
+        timings: dict[str, float] = {}
+        for way, run in (("looped", loop), ("with torch.func.vmap", lambda: self._vmap_outputs(members, args))):
+            _synchronize(device)
+            started = time.perf_counter()
+            out = run()
+            _synchronize(device)
+            timings[way] = time.perf_counter() - started
+        self.vmap_is_faster[device] = timings["with torch.func.vmap"] <= timings["looped"]
+        timed = ", ".join(f"{1000 * seconds:.1f} ms {way}" for way, seconds in timings.items())
+        rank_zero_info(f"Ensemble: vectorize='auto' timed {len(members)} members on {device}: {timed}; evaluating {'with torch.func.vmap' if self.vmap_is_faster[device] else 'looped'}.")
+        return out
 
     def _vmap_outputs(self, members: Sequence[nn.Module], args: tuple[Any, ...]) -> Any:
         params, buffers = torch.func.stack_module_state(list(members))

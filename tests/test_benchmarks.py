@@ -23,12 +23,14 @@ SCRIPTS = {
     "communication": ({"data", "train_images", "test_images", "epochs", "members", "sync", "seeds", "model", "settings", "machine", "rows", "runs", "plot"}, True),
     "robustness": ({"machine", "accuracy", "aggregation", "epochs", "members"}, True),
     "step_cost": ({"model", "train_images", "epochs", "machine", "rows"}, False),
+    "inference_cost": ({"members", "batches", "accelerator", "machine", "rows"}, False),
 }
 ROW_KEYS = {
     "training_cost": {"members", "mode", "wall_s", "samples_per_s", "peak_mem_mb", "acc"},
     "accuracy_calibration": {"config", "seeds", "acc_mean", "acc_std", "nll_mean", "ece_mean", "disagreement_mean", "member_acc_mean"},
     "communication": {"setting", "syncs", "KiB_per_sync", "total_KiB", "bytes/fp32", "acc_mean", "acc_std", "acc_cost_mean"},
     "step_cost": {"setting", "members", "ms/step", "ms/member-step", "fixed_s"},
+    "inference_cost": {"data", "model", "vectorize", "ms_per_1000", "vs_loop"},
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import time
 
 import pytest
 import torch
@@ -123,6 +125,53 @@ def test_vectorised_and_looped_member_outputs_agree():
     assert fast.vectorize, "vmap should handle a plain MLP with BatchNorm in eval mode"
     torch.testing.assert_close(out_fast, slow.member_outputs(x))
     torch.testing.assert_close(out_fast, torch.stack([m(x) for m in members]))
+
+
+class SlowCall(nn.Module):
+    """A linear member whose every call takes 20 ms: looped, 4 members cost 4 calls; vmapped, one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return self.linear(x)
+
+
+def test_auto_keeps_vmap_where_it_is_faster(caplog):
+    members = [SlowCall().eval() for _ in range(4)]
+    ensemble = Ensemble(copy.deepcopy(members)).eval()
+    x = torch.randn(5, 64)
+    with caplog.at_level(logging.INFO):
+        out = ensemble.member_outputs(x)
+    assert ensemble.vmap_is_faster == {"cpu": True}
+    assert "vectorize='auto' timed 4 members on cpu" in caplog.text
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+
+
+def test_auto_keeps_the_loop_where_vmap_is_slower(monkeypatch):
+    members = _members(4)
+    vmapped, calls = Ensemble._vmap_outputs, []
+
+    def slow_vmap(self, *args):
+        calls.append(1)
+        time.sleep(0.05)
+        return vmapped(self, *args)
+
+    monkeypatch.setattr(Ensemble, "_vmap_outputs", slow_vmap)
+    ensemble = Ensemble(copy.deepcopy(members)).eval()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(ensemble.member_outputs(x), torch.stack([m(x) for m in members]))
+    assert ensemble.vmap_is_faster == {"cpu": False}
+    assert len(calls) == 2  # the untimed first call and the timed one
+    ensemble.member_outputs(x)
+    assert len(calls) == 2  # decided: looped from now on
+
+
+def test_bad_vectorize_named():
+    with pytest.raises(ValueError, match="`vectorize`: 'yes' is not known; choose one of"):
+        Ensemble(_members(), vectorize="yes")
 
 
 def test_inactive_members_do_not_vote():
