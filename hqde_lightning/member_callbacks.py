@@ -58,7 +58,7 @@ from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
 
 __all__ = [
-    "GROUP_CALLBACKS", "GroupLearningRateMonitor", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
+    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
     "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
 ]
 
@@ -231,7 +231,28 @@ for _hook in (*MEMBER_HOOKS, *_CALLBACK_HOOKS):  # every hook a fit calls, run a
     setattr(MemberCallback, _hook, _member_hook(_hook))
 
 
-class GroupSWA(StochasticWeightAveraging):
+class GroupCallback(Callback):
+    """One of Lightning's callbacks run once for a whole member group, as a version that knows the
+    group's members (build it with :meth:`of`); its state is kept under the original's key."""
+
+    group: MemberGroup
+    original_state_key: str
+
+    @classmethod
+    def of(cls, original: Callback, group: MemberGroup) -> Any:
+        """A copy of ``original`` (settings and state) for ``group``."""
+        version = cls.__new__(cls)
+        version.__dict__.update(copy.deepcopy(original.__dict__))
+        version.group = group
+        version.original_state_key = original.state_key
+        return version
+
+    @property
+    def state_key(self) -> str:
+        return self.original_state_key
+
+
+class GroupSWA(GroupCallback, StochasticWeightAveraging):
     """Your ``StochasticWeightAveraging`` for a whole member group (build it with :meth:`of`).
 
     Lightning's callback runs over the group module as it is: its parameters are the stacked
@@ -246,19 +267,6 @@ class GroupSWA(StochasticWeightAveraging):
       (:meth:`member_state`: the member's averaged weights under your module's keys), and a
       group resumes from those entries (:meth:`stacked_state`).
     """
-
-    group: MemberGroup
-
-    @classmethod
-    def of(cls, original: StochasticWeightAveraging, group: MemberGroup) -> GroupSWA:
-        swa = cls.__new__(cls)
-        swa.__dict__.update(copy.deepcopy(original.__dict__))
-        swa.group = group
-        return swa
-
-    @property
-    def state_key(self) -> str:
-        return "StochasticWeightAveraging"
 
     def pl_module_contains_batch_norm(self, pl_module: pl.LightningModule) -> bool:  # type: ignore[override]
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.group.module.modules())
@@ -302,7 +310,7 @@ class GroupSWA(StochasticWeightAveraging):
                 self._average_model.stack.load_member_state_dict(position, state)
 
 
-class GroupLearningRateMonitor(LearningRateMonitor):
+class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
     """Your ``LearningRateMonitor`` for a whole member group (build it with :meth:`of`): every member's own rates.
 
     Members in a group can have learning rates of their own (a ``ReduceLROnPlateau`` on each
@@ -315,20 +323,8 @@ class GroupLearningRateMonitor(LearningRateMonitor):
     ``member_{i}/...`` values, and the plain names the first member's, as for a group's other metrics.
     """
 
-    group: MemberGroup
     #: per member (its place in the group), Lightning's per-name history: ``lrs``, ``last_momentum_values``, ``last_weight_decay_values``
     member_history: list[dict[str, dict[str, Any]]]
-
-    @classmethod
-    def of(cls, original: LearningRateMonitor, group: MemberGroup) -> GroupLearningRateMonitor:
-        monitor = cls.__new__(cls)
-        monitor.__dict__.update(copy.deepcopy(original.__dict__))
-        monitor.group = group
-        return monitor
-
-    @property
-    def state_key(self) -> str:
-        return "LearningRateMonitor"
 
     def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         super().on_train_start(trainer, *args, **kwargs)
@@ -353,7 +349,7 @@ class GroupLearningRateMonitor(LearningRateMonitor):
 
 
 #: Lightning's callbacks a member group runs once, as a version that knows the group's members
-_ONCE_FOR_THE_GROUP: dict[type[Callback], Any] = {StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor}
+_ONCE_FOR_THE_GROUP: dict[type[Callback], type[GroupCallback]] = {StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor}
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,
