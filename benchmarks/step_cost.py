@@ -21,28 +21,18 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from common import ReluMLP, load_data, machine, print_table, quiet_trainer, write_results
+from common import ImageData, ReluMLP, load_data, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
 
 
-class TrainData(pl.LightningDataModule):
-    def __init__(self, train: TensorDataset) -> None:
-        super().__init__()
-        self.train = train
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=128, shuffle=True)
-
-
-def fit(members: int | None, epochs: int, train: TensorDataset, accelerator: str) -> tuple[float, int]:
+def fit(members: int | None, epochs: int, accelerator: str) -> tuple[float, int]:
     """Wall time and steps of one fit: a plain ``Trainer`` (``members=None``) or a group of ``members``."""
     pl.seed_everything(0, verbose=False)
     strategy = {} if members is None else {"strategy": HQDEStrategy(num_members=members, sync="none", seed=0, vectorize=True)}
     trainer = quiet_trainer(accelerator=accelerator, max_epochs=epochs, limit_val_batches=0, **strategy)
     started = time.perf_counter()
-    trainer.fit(ReluMLP(), datamodule=TrainData(train))
+    trainer.fit(ReluMLP(), datamodule=ImageData("digits"))
     if accelerator == "gpu":
         torch.cuda.synchronize()
     return time.perf_counter() - started, trainer.global_step
@@ -61,17 +51,17 @@ def main() -> None:
     if args.quick:
         args.members, args.short, args.long, args.repeats = 2, 1, 3, 1
     torch.set_num_threads(args.threads)
-    train = load_data("digits")[0]
-    fit(None, 1, train, args.accelerator)  # warm-up: first-use costs of this process stay out of the table
+    train_images = len(load_data("digits")[0])
+    fit(None, 1, args.accelerator)  # warm-up: first-use costs of this process stay out of the table
     rows = []
     for name, members in (("plain", None), ("group-1", 1), (f"group-{args.members}", args.members)):
         # the shortest of the repeats of each fit: the run least slowed down by other work on the machine
-        (short_s, short_steps), (long_s, long_steps) = (min(fit(members, e, train, args.accelerator) for _ in range(args.repeats)) for e in (args.short, args.long))
+        (short_s, short_steps), (long_s, long_steps) = (min(fit(members, e, args.accelerator) for _ in range(args.repeats)) for e in (args.short, args.long))
         step_ms = 1000 * (long_s - short_s) / (long_steps - short_steps)
         rows.append({"setting": name, "members": members or 1, "ms/step": step_ms, "ms/member-step": step_ms / (members or 1), "fixed_s": short_s - short_steps * step_ms / 1000})
     print_table(rows, ["setting", "members", "ms/step", "ms/member-step", "fixed_s"])
-    print(f"\nmodel ReluMLP on digits ({len(train)} images, batches of 128); fits of {args.short} and {args.long} epochs, the shortest of {args.repeats} each; machine: {machine()}")
-    payload = {"model": "ReluMLP", "train_images": len(train), "epochs": [args.short, args.long], "repeats": args.repeats, "accelerator": args.accelerator, "threads": args.threads, "machine": machine(), "rows": rows}
+    print(f"\nmodel ReluMLP on digits ({train_images} images, batches of 128); fits of {args.short} and {args.long} epochs, the shortest of {args.repeats} each; machine: {machine()}")
+    payload = {"model": "ReluMLP", "train_images": train_images, "epochs": [args.short, args.long], "repeats": args.repeats, "accelerator": args.accelerator, "threads": args.threads, "machine": machine(), "rows": rows}
     print(f"wrote {write_results('step_cost_quick' if args.quick else 'step_cost', payload)}")
 
 

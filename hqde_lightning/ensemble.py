@@ -392,16 +392,19 @@ class Ensemble(nn.Module):
         """
         if self._vmap_outputs(members, args) is None:
             return loop()
-        timings: dict[str, float] = {}
-        for way, run in (("looped", loop), ("with torch.func.vmap", lambda: self._vmap_outputs(members, args))):
+        seconds = []
+        for run in (loop, lambda: self._vmap_outputs(members, args)):
             _synchronize(device)
             started = time.perf_counter()
             out = run()
             _synchronize(device)
-            timings[way] = time.perf_counter() - started
-        self.vmap_is_faster[device] = timings["with torch.func.vmap"] <= timings["looped"]
-        timed = ", ".join(f"{1000 * seconds:.1f} ms {way}" for way, seconds in timings.items())
-        rank_zero_info(f"Ensemble: vectorize='auto' timed {len(members)} members on {device}: {timed}; evaluating {'with torch.func.vmap' if self.vmap_is_faster[device] else 'looped'}.")
+            seconds.append(time.perf_counter() - started)
+        looped, vmapped = seconds
+        self.vmap_is_faster[device] = vmapped <= looped
+        rank_zero_info(
+            f"Ensemble: vectorize='auto' timed {len(members)} members on {device}: {1000 * looped:.1f} ms looped, {1000 * vmapped:.1f} ms"
+            f" with torch.func.vmap; evaluating {'with torch.func.vmap' if vmapped <= looped else 'looped'}."
+        )
         return out
 
     def _vmap_outputs(self, members: Sequence[nn.Module], args: tuple[Any, ...]) -> Any:

@@ -58,7 +58,7 @@ from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, memb
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
-    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "MemberOptimizer", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "MemberOptimizer", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
 Vectorize = Literal["auto"] | bool
