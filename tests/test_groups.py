@@ -506,9 +506,12 @@ def test_quantized_sync_in_a_group_matches_member_actors(ray_session, tmp_path):
     group, actors = runs["auto"], runs[1]
     for g, a in zip(group.sync_history, actors.sync_history):
         assert g.bytes_received == a.bytes_received < 0.5 * g.fp32_bytes
+    # a member's steps in a group and in its actor can round differently in the last bits (seen on one 2-core VM, not on
+    # another, with the code unchanged), and a weight that lands on the other side of a quantization level then moves
+    # further (6e-5 for 1 of 640 weights there): within 1e-4 + 1e-3 relative
     for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
         for key, value in as_actor.state_dict().items():
-            torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-3, atol=1e-4)
 
 
 def test_group_step_checkpoint_holds_every_member_as_of_that_step(tmp_path):
