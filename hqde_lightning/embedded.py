@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from ray import cloudpickle
 
 from hqde_lightning.actors import MemberResult, _is_scalar
@@ -42,7 +44,7 @@ from hqde_lightning.member_callbacks import GroupSWA, MemberCopy, callback_block
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
-__all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group"]
+__all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group", "with_module_callbacks"]
 
 
 def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> str | None:
@@ -55,11 +57,26 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
         return "the module uses manual optimization"
     hooks = unsupported_hooks(model)
     if hooks:
-        return f"{type(model).__name__} overrides {hooks}, which act on the whole module or its checkpoints (a member group runs a fit's `on_*` hooks per member)"
-    member_side = [why for why in map(callback_blocker, trainer.callbacks) if why is not None]
+        return f"{type(model).__name__} overrides {hooks}, which act on the whole module (a member group runs a fit's other hooks per member or once for the group)"
+    member_side = [why for why in map(callback_blocker, with_module_callbacks(trainer.callbacks, model)) if why is not None]
     if member_side:
         return "; ".join(member_side)
     return None
+
+
+def with_module_callbacks(callbacks: Sequence[Callback], model: LightningModule) -> list[Callback]:
+    """``callbacks`` with those your module's ``configure_callbacks`` returns, attached as Lightning attaches them.
+
+    A returned callback replaces the trainer's callbacks of its class or of a base class of it,
+    and checkpoint callbacks go last. A group does this itself, before the fit, so that the
+    returned callbacks run once per member or once for the group as the trainer's do.
+    """
+    if not is_overridden("configure_callbacks", model, LightningModule):
+        return list(callbacks)
+    returned = model.configure_callbacks()
+    returned = list(returned) if isinstance(returned, Sequence) else [returned]
+    replaced = {type(c) for c in callbacks if type(c) is not Callback and any(isinstance(r, type(c)) for r in returned)}
+    return _CallbackConnector._reorder_callbacks([c for c in callbacks if type(c) not in replaced] + returned)
 
 
 def embedded_blocker(strategy: Any, trainer: Trainer) -> str | None:
@@ -233,13 +250,14 @@ def fit_group(
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
-    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in trainer.callbacks if runs_per_member(cb)])
+    callbacks = with_module_callbacks(trainer.callbacks, model)
+    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if runs_per_member(cb)])
     del members
     bound.arguments["model"] = group
     sync = make_sync(group)
     strategy_cls(hqde, group, sync).install(trainer)
     trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
-    trainer.callbacks = [sync] + member_callbacks(trainer.callbacks, group)
+    trainer.callbacks = [sync] + member_callbacks(callbacks, group)
     seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
     getattr(trainer, function_name)(*bound.args, **bound.kwargs)
     metrics = trainer.callback_metrics

@@ -17,6 +17,12 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   learning-rate scheduler has one copy per member, and each member keeps its own learning rates
   (a ``ReduceLROnPlateau`` follows each member's own metric; see :mod:`hqde_lightning.member_lr`);
 * gradient clipping is per member: by norm, each member's gradient norm is clipped on its own;
+* your ``optimizer_step``, ``optimizer_zero_grad`` and ``backward`` (:data:`GROUP_HOOKS`) run once
+  per step for the whole group, with the stacked optimizer and the sum of the members' losses:
+  the update they make (a warm-up's learning rates, a skipped or accumulated step, a scaled loss)
+  is every member's, as the same code makes it in each member's own fit. A module with its own
+  ``optimizer_step`` and members whose learning rates differ (a ``ReduceLROnPlateau``) raises
+  :class:`GroupUnsupported`: that code would see one member's rates for all;
 * the hooks of your module that a fit calls (:data:`MEMBER_HOOKS`: ``on_train_epoch_end``,
   ``on_validation_epoch_end``, batch hooks...) run once per member, as that member
   (:meth:`MemberGroup.each_member`): its weights, metrics, RNG stream and its own copies of your
@@ -45,7 +51,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -53,12 +59,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from hqde_lightning.member_data import group_batch_size, member_batch
+from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
-    "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "MemberOptimizer", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+    "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "MemberOptimizer", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
 Vectorize = Literal["auto"] | bool
@@ -71,8 +77,9 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 PROBE_STEPS_PER_WAY = 3
 #: the ways ``vectorize="auto"`` times: how the step runs, and whether 4-D weights are laid out channels-last
 WAYS: dict[str, tuple[str, bool]] = {"vmap": ("vmap", False), "loop": ("loop", False), "loop, channels-last": ("loop", True)}
-#: hooks of your module that the group runs (data hooks are handed to your module)
-_RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "lr_scheduler_step", "forward", "test_step", "predict_step")
+#: hooks of your module that the group runs (data hooks are handed to your module; `configure_callbacks` runs before
+#: the fit, see :func:`~hqde_lightning.embedded.with_module_callbacks`)
+_RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "lr_scheduler_step", "forward", "test_step", "predict_step", "configure_callbacks")
 _DATA_HOOKS = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data", "setup", "teardown")
 #: hooks of your module (and of callbacks) that a fit calls and a group runs once per member, as that member
 MEMBER_HOOKS = (
@@ -81,11 +88,16 @@ MEMBER_HOOKS = (
     "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
     "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
 )
+#: hooks of your module or datamodule that change a batch as the fit moves it to the device: a group runs them on each
+#: member's own training batch, as that member (its RNG stream: its own random augmentations), on the shared validation batch once
+BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
 #: hooks of your module (and of callbacks) that write into and read from a checkpoint: a group runs them
 #: once per member, as that member, on the member's own entry of whole-ensemble checkpoints
 CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
+#: hooks of your module that a group runs once per step for all its members: they make the one update of the stacked optimizer
+GROUP_HOOKS = ("optimizer_step", "optimizer_zero_grad", "backward")
 #: hooks of your module that a group runs once per member, as that member (its own gradients, its own attributes)
-_PER_MEMBER = MEMBER_HOOKS + CHECKPOINT_HOOKS + ("configure_gradient_clipping",)
+_PER_MEMBER = MEMBER_HOOKS + BATCH_HOOKS + CHECKPOINT_HOOKS + ("configure_gradient_clipping",)
 #: hooks that still run for a member that stopped early (its own fit would end with them, and it is still checkpointed)
 _END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception", *CHECKPOINT_HOOKS)
 #: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
@@ -105,7 +117,7 @@ def unsupported_hooks(module: LightningModule) -> list[str]:
     names = [n for base in (ModelHooks, DataHooks, CheckpointHooks) for n in vars(base) if not n.startswith("_")]
     names += ["configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad", "backward", "configure_callbacks"]  # not in Lightning's hook classes
     never_in_fit = [n for n in names if "test" in n or "predict" in n]
-    run = _RUN_HOOKS + _DATA_HOOKS + _PER_MEMBER + tuple(never_in_fit)
+    run = _RUN_HOOKS + _DATA_HOOKS + _PER_MEMBER + GROUP_HOOKS + tuple(never_in_fit)
     return sorted({n for n in names if n not in run and is_overridden(n, module, LightningModule)})
 
 
@@ -136,6 +148,8 @@ class MemberGroup(LightningModule):
         self.stack = StackedMembers(module, members, rng_states)
         #: your module's hooks that run once per member
         self.hooks = {name for name in _PER_MEMBER if is_overridden(name, module, LightningModule)}
+        #: your module's hooks that run once for the whole group (:data:`GROUP_HOOKS`)
+        self.group_hooks = {name for name in GROUP_HOOKS if is_overridden(name, module, LightningModule)}
         #: whether hooks run per member, each member keeping its own attributes
         self.per_member = bool(self.hooks or member_callbacks)
         if self.per_member:
@@ -359,7 +373,7 @@ class MemberGroup(LightningModule):
 
     def _member_args(self, hook: str, i: int, args: tuple[Any, ...], member: LightningModule) -> tuple[Any, ...]:
         """A hook's arguments as member ``i``'s own fit passes them (``member``: your module as member ``i``)."""
-        if hook == "on_train_batch_start":
+        if hook == "on_train_batch_start" or hook in BATCH_HOOKS:
             return (member_batch(args[0], i), *args[1:])
         if hook == "on_train_batch_end":
             outputs = self.last_outputs[i]
@@ -437,6 +451,25 @@ class MemberGroup(LightningModule):
         finally:
             trainer._logger_connector = connector
 
+    def _call_batch_hook(self, hook_name: str, *args: Any) -> Any:
+        """Lightning's call of a batch hook: :data:`BATCH_HOOKS` are your datamodule's if it overrides them, else your
+        module's (Lightning's choice), and run on each training member's own batch, as that member, stacked again; on a
+        validation batch, which the members share, once."""
+        trainer = self._trainer
+        if hook_name not in BATCH_HOOKS or trainer is None:
+            return super()._call_batch_hook(hook_name, *args)
+        owner = trainer._data_connector._datahook_selector.get_instance(hook_name)
+        owner = self.module if owner is self else owner
+        if not is_overridden(hook_name, owner, LightningModule if owner is self.module else LightningDataModule):
+            return args[0]
+        hook, (batch, dataloader_idx) = getattr(owner, hook_name), args
+        self._attach()
+        if not trainer.training:
+            return hook(batch, dataloader_idx)
+        active = [i for i in range(self.num_members) if not self.frozen[i]]
+        changed = dict(zip(active, self.each_member(hook_name, lambda _, member_args: hook(*member_args), args, active)))
+        return stack_batches([changed[i] if i in changed else member_batch(batch, i) for i in range(self.num_members)])
+
     def _hook(self, hook: str, *args: Any) -> list[Any]:
         """Your module's ``hook`` once per member, when you override it (the group's :data:`MEMBER_HOOKS` call this)."""
         if hook not in self.hooks:
@@ -498,7 +531,7 @@ class MemberGroup(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         skips = self._hook("on_train_batch_start", batch, batch_idx)
-        self._step_started = time.perf_counter()
+        self._step_started = self._probe_clock()
         # a hook that returns -1 skips the rest of the epoch: in a group, once every member's does
         return -1 if skips and all(skip == -1 for skip in skips) else None
 
@@ -510,7 +543,7 @@ class MemberGroup(LightningModule):
         self._hook("on_train_batch_end", outputs, batch, batch_idx)
         if "training_step" in self.modes or self._way is None:
             return
-        self._timings[self._way].append(time.perf_counter() - self._step_started)
+        self._timings[self._way].append(self._probe_clock() - self._step_started)
         if any(len(self._timings[w]) < PROBE_STEPS_PER_WAY for w in self._ways):
             return
         # the first step each way pays one-off costs (allocations, kernel choice): the rest count
@@ -522,6 +555,12 @@ class MemberGroup(LightningModule):
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
         timed = ", ".join(f"{seconds[w] * 1e3:.1f} ms/step {'with torch.func.vmap' if w == 'vmap' else w}" for w in self._ways)
         rank_zero_info(f"HQDEStrategy: vectorize='auto' timed {self.num_members} members: {timed}; training the {best} way.")
+
+    def _probe_clock(self) -> float:
+        """The time, for ``vectorize="auto"``'s step timings: on a GPU once the kernels queued so far have run."""
+        if "training_step" not in self.modes and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
@@ -548,6 +587,12 @@ class MemberGroup(LightningModule):
             raise GroupUnsupported("StochasticWeightAveraging anneals each member from its own learning rate, which a `ReduceLROnPlateau` sets per member")
         self.learning_rates = MemberLearningRates(optimizers, self.num_members)
         kept = {n: v for n, v in vars(self.module).items() if before.get(n) is not v and _schedules(v, optimizers)} if self.per_member else {}
+        plateaus = self._monitored or any(isinstance(v, torch.optim.lr_scheduler.ReduceLROnPlateau) for v in kept.values())
+        if "optimizer_step" in self.group_hooks and plateaus:
+            raise GroupUnsupported(
+                "your `optimizer_step` runs once for a group, and a `ReduceLROnPlateau` gives each member its own learning rates,"
+                " which that code would not see"
+            )
         copies = {id(s): member_copies(s, optimizers, self.num_members) for s in [c.scheduler for c in configs] + list(kept.values())}
         for name, value in kept.items():
             for own, member_copy in zip(self.stack.member_attributes, copies[id(value)]):
@@ -562,10 +607,34 @@ class MemberGroup(LightningModule):
             self.learning_rates.prepare_step(optimizer)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None) -> None:
-        """One step of the stacked optimizer, each member moving with its own learning rates (see :mod:`~hqde_lightning.member_lr`)."""
-        optimizer.step(closure=optimizer_closure)
+        """One step of the stacked optimizer, each member moving with its own learning rates (see :mod:`~hqde_lightning.member_lr`).
+
+        Your own ``optimizer_step`` makes it, once for the group: the learning rates it sets, before
+        or after ``optimizer.step(closure=optimizer_closure)``, are every member's.
+        """
+        if "optimizer_step" in self.group_hooks:
+            self._attach()
+            self.module.optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        else:
+            optimizer.step(closure=optimizer_closure)
         if self.learning_rates is not None:
             self.learning_rates.finish_step()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Your ``optimizer_zero_grad``, once for the group (the stacked gradients are every member's), or Lightning's."""
+        if "optimizer_zero_grad" in self.group_hooks:
+            self._attach()
+            self.module.optimizer_zero_grad(epoch, batch_idx, optimizer)
+        else:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Your ``backward`` on the sum of the members' losses, once for the group (each member's parameters get its own loss's gradient), or Lightning's."""
+        if "backward" in self.group_hooks:
+            self._attach()
+            self.module.backward(loss, *args, **kwargs)
+        else:
+            super().backward(loss, *args, **kwargs)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Steps each member's copy of ``scheduler`` as that member (with its own value of a monitored metric).

@@ -24,7 +24,8 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
   ``EarlyStopping`` does.
 
 The callbacks that read the trainer's state, write checkpoints or act in the driver
-(:data:`GROUP_CALLBACKS`) run once for the group. ``StochasticWeightAveraging`` runs once for the
+(:data:`GROUP_CALLBACKS`) run once for the group, as do progress bars and model summaries,
+your subclasses of Lightning's included: they show the group's fit. ``StochasticWeightAveraging`` runs once for the
 group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
 over the stacked parameters they are exactly each member's own. ``LearningRateMonitor`` runs once
 for the group as :class:`GroupLearningRateMonitor`, logging each member's own rates. Lightning's other callbacks
@@ -48,7 +49,7 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, StochasticWeightAveraging
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -72,14 +73,17 @@ GROUP_CALLBACKS = (
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
     "StochasticWeightAveraging",  # once for the group, as `GroupSWA`
 )
+#: callbacks that only show the fit (its progress, its module's summary): subclasses of these, yours too, show the group's once
+_SHOWS_THE_GROUP = (ProgressBar, ModelSummary)
 #: hooks of your callbacks that a fit calls (besides :data:`~hqde_lightning.group.MEMBER_HOOKS`), run as each member
 _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
 
 
 def is_group_callback(callback: Callback) -> bool:
-    """Whether ``callback`` is one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own class, not a subclass)."""
+    """Whether ``callback`` runs once for a group: one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own
+    class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`), yours included."""
     name, module = type(callback).__name__, type(callback).__module__
-    return name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks"))
+    return isinstance(callback, _SHOWS_THE_GROUP) or (name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks")))
 
 
 def callback_blocker(callback: Callback) -> str | None:

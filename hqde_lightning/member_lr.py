@@ -110,11 +110,15 @@ class MemberLearningRates:
                     self._pending.append((p, p.detach().clone(), scale.reshape(-1, *([1] * (p.dim() - 1)))))
 
     def finish_step(self) -> None:
-        """After the update :meth:`prepare_step` set up: each member's move scaled by its own rate over the one used."""
+        """After the update :meth:`prepare_step` set up: each member's move scaled by its own rate over the one used.
+
+        Learning rates written since, outside any member (by your ``optimizer_step`` after its update), are every member's.
+        """
         with torch.no_grad():
             for p, start, scale in self._pending:
                 p.sub_(start).mul_(scale).add_(start)
         self._pending.clear()
+        self._take_group_writes()
         self._rest()
 
     def member_param_groups(self, optimizer_index: int, index: int, param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -331,6 +331,122 @@ def test_optimizer_hooks_get_the_optimizer_as_their_member_sees_it():
     assert_same_members(group_states(dict(optimizer="sgd"), "auto", ScalesGradientsThroughItsOptimizer), solo)
 
 
+class OwnOptimizerHooks(Net):
+    """Overrides Lightning's three optimizer hooks: a linear warm-up set before each step, gradients zeroed every
+    other step (summed over two steps, each step still updating), and a backward that doubles the loss."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.1 * min(1.0, (self.trainer.global_step + 1) / 6)
+        optimizer.step(closure=optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        if batch_idx % 2 == 0:
+            optimizer.zero_grad()
+
+    def backward(self, loss, *args, **kwargs) -> None:
+        (2.0 * loss).backward(*args, **kwargs)
+
+
+class WarmsUpAfterTheStep(Net):
+    """Lightning's documented warm-up: the learning rate for the next step set after this step's update."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.1 * min(1.0, (self.trainer.global_step + 1) / 6)
+
+
+@pytest.mark.parametrize(
+    "module, vectorize", [(OwnOptimizerHooks, True), (OwnOptimizerHooks, False), (WarmsUpAfterTheStep, "auto")], ids=["vmap", "loop", "warm-up-after-the-step"]
+)
+def test_your_optimizer_step_zero_grad_and_backward_run_for_the_group_as_alone(module, vectorize, caplog):
+    """Your ``optimizer_step``, ``optimizer_zero_grad`` and ``backward`` run once per step for the whole group (one update of
+    the stacked optimizer): each member trains exactly as alone (they used to need one Ray actor per member)."""
+    solo = solo_states(dict(optimizer="sgd"), module)
+    with caplog.at_level(logging.INFO):
+        assert_same_members(group_states(dict(optimizer="sgd"), vectorize, module), solo)
+    assert "one Ray actor each" not in caplog.text
+    plain = solo_states(dict(optimizer="sgd"), Net)
+    assert not torch.allclose(plain[0]["net.0.weight"], solo[0]["net.0.weight"], atol=1e-3)  # the hooks mattered
+
+
+class WarmsUpWithPlateau(OwnOptimizerHooks):
+    """Its own ``optimizer_step`` and a ``ReduceLROnPlateau`` on each member's own loss."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss_epoch"}}
+
+
+def test_your_optimizer_step_with_per_member_learning_rates_trains_as_actors(ray_session, caplog):
+    """With a ``ReduceLROnPlateau`` the members' learning rates differ, so your ``optimizer_step``, which runs once for a
+    group, would not see each member's own: the members train in Ray actors, with the reason logged."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(WarmsUpWithPlateau(), train_loader())
+    assert "one Ray actor each: your `optimizer_step` runs once for a group" in caplog.text
+    assert strategy.ensemble is not None and strategy.ensemble.num_members == 2
+
+
+class AugmentsItsBatches(Net):
+    """Lightning's batch hooks as augmentations: a fixed scaling before the transfer, random noise after it (training only)."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x * 0.5, y
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return (x + 0.3 * torch.randn_like(x) if self.trainer.training else x), y
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+
+def test_your_batch_hooks_change_each_members_own_batch_as_alone(caplog):
+    """``on_before_batch_transfer``/``on_after_batch_transfer`` run on each member's own training batch, with its own RNG
+    stream (its own random augmentation), as alone; on the shared validation batch once (they used to need one Ray actor per member)."""
+    solo = solo_states({}, AugmentsItsBatches)
+    with caplog.at_level(logging.INFO):
+        assert_same_members(group_states({}, "auto", AugmentsItsBatches), solo)
+    assert "one Ray actor each" not in caplog.text
+    assert not torch.allclose(solo_states({}, Net)[0]["net.0.weight"], solo[0]["net.0.weight"], atol=1e-3)  # the hooks mattered
+    x, y = digits()
+    val = DataLoader(TensorDataset(x[640:704], y[640:704]), batch_size=64)
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=4)
+    trainer.fit(AugmentsItsBatches(), train_loader(), val)
+    with torch.no_grad():
+        for i, member in enumerate(strategy.ensemble.members):
+            expected = F.cross_entropy(member.eval().net(x[640:704] * 0.5), y[640:704])
+            torch.testing.assert_close(trainer.callback_metrics[f"member_{i}/val_loss"], expected, rtol=1e-4, atol=1e-5)
+
+
+class AugmentingDigits(DigitsDataModule):
+    """A datamodule whose ``on_after_batch_transfer`` adds noise to training batches, and records the shapes it gets."""
+
+    shapes: list[tuple[int, ...]] = []
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        AugmentingDigits.shapes.append(tuple(x.shape))
+        return (x + 0.3 * torch.randn_like(x) if self.trainer.training else x), y
+
+
+def test_your_datamodules_batch_hooks_get_each_members_own_batch():
+    """A datamodule's batch hook (Lightning prefers it to the module's) gets each member's own ``[B, ...]`` batch in
+    training, as in the member's own fit (it used to get the members' batches stacked, ``[k, B, ...]``), and the
+    validation batch once."""
+    AugmentingDigits.shapes.clear()
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0).fit(DigitsModule(), datamodule=AugmentingDigits())
+    assert [len(shape) for shape in AugmentingDigits.shapes] == [2] * (2 * MEMBERS + 1)
+
+
 def test_optimizer_state_splits_into_member_states_and_back():
     group = MemberGroup(Net(), [Net(), Net()], [0, 1], vectorize=True)
     optimizer = torch.optim.Adam(group.stack.params, lr=0.01)

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BackboneFinetuning, LambdaCallback, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, LambdaCallback, ModelCheckpoint, ModelSummary, StochasticWeightAveraging, TQDMProgressBar
 from models import DigitsDataModule, DigitsModule, TanhDigitsModule, quiet_trainer
 from test_groups import FIT, MEMBERS, SEED, Net, SeededDigits, assert_same_members, group_states, solo_states
 
@@ -226,6 +226,38 @@ class StepsItsOwnOptimizer(DigitsModule):
         optimizer.step(closure=optimizer_closure)
 
 
+class MovesItsOwnBatches(DigitsModule):
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class ReturnsCallbacks(DigitsModule):
+    """Returns its callbacks from ``configure_callbacks``: a stop on its own metric, and one of its own."""
+
+    norms: list[float] = []
+
+    def configure_callbacks(self):
+        record = LambdaCallback(on_train_epoch_end=lambda trainer, pl_module: ReturnsCallbacks.norms.append(float(pl_module.net[0].weight.norm())))
+        return [EarlyStopping(monitor="val_loss", patience=100), record]
+
+
+class ReturnsBackboneFinetuning(DigitsModule):
+    def configure_callbacks(self):
+        return BackboneFinetuning()
+
+
+def test_callbacks_your_module_configures_run_in_the_group_as_lightning_attaches_them(caplog):
+    """What ``configure_callbacks`` returns runs as the trainer's callbacks do (here: your callback as each member) and
+    replaces the trainer's of the same class, as in a plain fit (it used to send every member to its own Ray actor)."""
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    # the trainer's stop would fail at the first epoch end (nothing logs `not_logged`): the module's replaces it
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[EarlyStopping(monitor="not_logged")])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(ReturnsCallbacks(), datamodule=DigitsDataModule())
+    assert "one Ray actor each" not in caplog.text
+    assert ReturnsCallbacks.norms == pytest.approx([float(m.net[0].weight.norm()) for m in strategy.ensemble.members])
+
+
 class HooksForTests(DigitsModule):
     def on_test_epoch_end(self) -> None:
         pass
@@ -244,7 +276,41 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
     assert blocker(callbacks=[SavesIntoCheckpoint()]) is None  # as each member, on its own entry
     assert blocker(SavesModule()) is None
-    assert "overrides ['optimizer_step']" in blocker(StepsItsOwnOptimizer())  # one update for the whole stack
+    assert blocker(StepsItsOwnOptimizer()) is None  # once for the group: one update for the whole stack
+    assert blocker(ReturnsCallbacks()) is None
+    assert "BackboneFinetuning acts on one module" in blocker(ReturnsBackboneFinetuning())
+    assert "overrides ['transfer_batch_to_device']" in blocker(MovesItsOwnBatches())
+
+
+class BarWithoutVersion(TQDMProgressBar):
+    """A progress bar of yours, as Lightning's docs show one: the bar without the version number."""
+
+    shown: list[dict] = []
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        BarWithoutVersion.shown.append(metrics)
+        return metrics
+
+
+class MySummary(ModelSummary):
+    pass
+
+
+def test_your_progress_bar_and_model_summary_show_the_group_once(caplog):
+    """Subclasses of Lightning's progress bars and model summaries run once for the group (they used to send every
+    member to its own Ray actor): one bar, showing the group's first member's values."""
+    bar = BarWithoutVersion(refresh_rate=1)
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0, enable_progress_bar=True, callbacks=[bar])
+    assert group_blocker(strategy, trainer, DigitsModule()) is None
+    with caplog.at_level(logging.INFO):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    assert "one Ray actor each" not in caplog.text
+    assert BarWithoutVersion.shown and all("v_num" not in shown for shown in BarWithoutVersion.shown)
+    summary = pl.Trainer(strategy=HQDEStrategy(num_members=2), callbacks=[MySummary()], logger=False)
+    assert group_blocker(summary.strategy, summary, DigitsModule()) is None
 
 
 def test_vectorize_true_with_per_member_hooks_warns_and_loops():
