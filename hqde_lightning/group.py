@@ -31,7 +31,10 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   as ``member_{i}/<name>``, and ``trainer.callback_metrics`` shows them the member's own values
   under the plain names; setting ``trainer.should_stop`` stops that member only. Steps of such a
   module (or with callbacks of yours, see :mod:`hqde_lightning.member_callbacks`) run member by
-  member: vmap cannot keep per-member attributes.
+  member: vmap cannot keep per-member attributes;
+* the batch-transfer hooks (:data:`BATCH_HOOKS`, your datamodule's or your module's, as Lightning
+  chooses) change each member's own training batch, as that member (its own random
+  augmentation), and the members' shared validation batch once.
 
 ``vectorize="auto"`` times the ways to run a step, one after another, for the first training
 steps (:data:`PROBE_STEPS_PER_WAY` each), keeps the fastest and logs every timing. The ways are vmap and
@@ -54,6 +57,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -90,7 +94,7 @@ MEMBER_HOOKS = (
 )
 #: hooks of your module or datamodule that change a batch as the fit moves it to the device: a group runs them on each
 #: member's own training batch, as that member (its RNG stream: its own random augmentations), on the shared validation batch once
-BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 #: hooks of your module (and of callbacks) that write into and read from a checkpoint: a group runs them
 #: once per member, as that member, on the member's own entry of whole-ensemble checkpoints
 CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
@@ -461,14 +465,19 @@ class MemberGroup(LightningModule):
         owner = trainer._data_connector._datahook_selector.get_instance(hook_name)
         owner = self.module if owner is self else owner
         if not is_overridden(hook_name, owner, LightningModule if owner is self.module else LightningDataModule):
-            return args[0]
-        hook, (batch, dataloader_idx) = getattr(owner, hook_name), args
+            return super()._call_batch_hook(hook_name, *args)  # Lightning's own: the batch as it is, or all of it moved at once
+        hook, batch = getattr(owner, hook_name), args[0]
         self._attach()
         if not trainer.training:
-            return hook(batch, dataloader_idx)
+            return hook(*args)
         active = [i for i in range(self.num_members) if not self.frozen[i]]
         changed = dict(zip(active, self.each_member(hook_name, lambda _, member_args: hook(*member_args), args, active)))
-        return stack_batches([changed[i] if i in changed else member_batch(batch, i) for i in range(self.num_members)])
+
+        def unchanged(i: int) -> Any:  # a stopped member's batch, still moved to where the stack is
+            own = member_batch(batch, i)
+            return move_data_to_device(own, args[1]) if hook_name == "transfer_batch_to_device" else own
+
+        return stack_batches([changed[i] if i in changed else unchanged(i) for i in range(self.num_members)])
 
     def _hook(self, hook: str, *args: Any) -> list[Any]:
         """Your module's ``hook`` once per member, when you override it (the group's :data:`MEMBER_HOOKS` call this)."""

@@ -392,11 +392,16 @@ def test_your_optimizer_step_with_per_member_learning_rates_trains_as_actors(ray
 
 
 class AugmentsItsBatches(Net):
-    """Lightning's batch hooks as augmentations: a fixed scaling before the transfer, random noise after it (training only)."""
+    """Lightning's batch hooks: a fixed scaling before the transfer, a shift in its own transfer, random noise after it
+    (training only)."""
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         x, y = batch
         return x * 0.5, y
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        x, y = batch
+        return super().transfer_batch_to_device((x + 1.0, y), device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         x, y = batch
@@ -408,8 +413,9 @@ class AugmentsItsBatches(Net):
 
 
 def test_your_batch_hooks_change_each_members_own_batch_as_alone(caplog):
-    """``on_before_batch_transfer``/``on_after_batch_transfer`` run on each member's own training batch, with its own RNG
-    stream (its own random augmentation), as alone; on the shared validation batch once (they used to need one Ray actor per member)."""
+    """The batch hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``) run on
+    each member's own training batch, with its own RNG stream (its own random augmentation), as alone; on the shared
+    validation batch once (they used to need one Ray actor per member)."""
     solo = solo_states({}, AugmentsItsBatches)
     with caplog.at_level(logging.INFO):
         assert_same_members(group_states({}, "auto", AugmentsItsBatches), solo)
@@ -422,7 +428,7 @@ def test_your_batch_hooks_change_each_members_own_batch_as_alone(caplog):
     trainer.fit(AugmentsItsBatches(), train_loader(), val)
     with torch.no_grad():
         for i, member in enumerate(strategy.ensemble.members):
-            expected = F.cross_entropy(member.eval().net(x[640:704] * 0.5), y[640:704])
+            expected = F.cross_entropy(member.eval().net(x[640:704] * 0.5 + 1.0), y[640:704])
             torch.testing.assert_close(trainer.callback_metrics[f"member_{i}/val_loss"], expected, rtol=1e-4, atol=1e-5)
 
 

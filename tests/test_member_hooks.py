@@ -226,9 +226,9 @@ class StepsItsOwnOptimizer(DigitsModule):
         optimizer.step(closure=optimizer_closure)
 
 
-class MovesItsOwnBatches(DigitsModule):
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+class ConfiguresItsModel(DigitsModule):
+    def configure_model(self) -> None:
+        pass
 
 
 class ReturnsCallbacks(DigitsModule):
@@ -279,7 +279,7 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert blocker(StepsItsOwnOptimizer()) is None  # once for the group: one update for the whole stack
     assert blocker(ReturnsCallbacks()) is None
     assert "BackboneFinetuning acts on one module" in blocker(ReturnsBackboneFinetuning())
-    assert "overrides ['transfer_batch_to_device']" in blocker(MovesItsOwnBatches())
+    assert "overrides ['configure_model']" in blocker(ConfiguresItsModel())
 
 
 class BarWithoutVersion(TQDMProgressBar):
