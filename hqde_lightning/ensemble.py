@@ -392,11 +392,11 @@ class Ensemble(nn.Module):
         """
         if self._vmap_outputs(members, args) is None:
             return loop()
-        seconds = []
+        outputs, seconds = [], []
         for run in (loop, lambda: self._vmap_outputs(members, args)):
             _synchronize(device)
             started = time.perf_counter()
-            out = run()
+            outputs.append(run())
             _synchronize(device)
             seconds.append(time.perf_counter() - started)
         looped, vmapped = seconds
@@ -405,7 +405,8 @@ class Ensemble(nn.Module):
             f"Ensemble: vectorize='auto' timed {len(members)} members on {device}: {1000 * looped:.1f} ms looped, {1000 * vmapped:.1f} ms"
             f" with torch.func.vmap; evaluating {'with torch.func.vmap' if vmapped <= looped else 'looped'}."
         )
-        return out
+        # the kept way's outputs: they can differ from the other way's in the last bits, and later evaluations give these
+        return outputs[1] if self.vmap_is_faster[device] else outputs[0]
 
     def _vmap_outputs(self, members: Sequence[nn.Module], args: tuple[Any, ...]) -> Any:
         params, buffers = torch.func.stack_module_state(list(members))

@@ -113,8 +113,10 @@ def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
     assert os.listdir(tmp_path) == ["ensemble.pt"]  # no temporary file left behind
     loaded = HQDESystem.load(str(path))
     assert loaded.num_workers == 2 and loaded.ensemble is not None
-    assert torch.equal(loaded.predict(test_loader), system.predict(test_loader))
-    assert loaded.evaluate(test_loader) == system.evaluate(test_loader)
+    # the loaded ensemble times vmap and the loop afresh (`Ensemble(vectorize="auto")`) and may keep the other way,
+    # whose outputs can differ in the last bits
+    torch.testing.assert_close(loaded.predict(test_loader), system.predict(test_loader), rtol=0, atol=1e-6)
+    assert loaded.evaluate(test_loader) == pytest.approx(system.evaluate(test_loader), abs=1e-6)
 
 
 def test_original_snippet_runs_as_a_script_and_cleans_up_its_ray(tmp_path):
