@@ -621,29 +621,25 @@ class MemberGroup(LightningModule):
         Your own ``optimizer_step`` makes it, once for the group: the learning rates it sets, before
         or after ``optimizer.step(closure=optimizer_closure)``, are every member's.
         """
-        if "optimizer_step" in self.group_hooks:
-            self._attach()
-            self.module.optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        else:
-            optimizer.step(closure=optimizer_closure)
+        self._group_hook("optimizer_step", epoch, batch_idx, optimizer, optimizer_closure)
         if self.learning_rates is not None:
             self.learning_rates.finish_step()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """Your ``optimizer_zero_grad``, once for the group (the stacked gradients are every member's), or Lightning's."""
-        if "optimizer_zero_grad" in self.group_hooks:
-            self._attach()
-            self.module.optimizer_zero_grad(epoch, batch_idx, optimizer)
-        else:
-            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        self._group_hook("optimizer_zero_grad", epoch, batch_idx, optimizer)
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Your ``backward`` on the sum of the members' losses, once for the group (each member's parameters get its own loss's gradient), or Lightning's."""
-        if "backward" in self.group_hooks:
-            self._attach()
-            self.module.backward(loss, *args, **kwargs)
-        else:
-            super().backward(loss, *args, **kwargs)
+        self._group_hook("backward", loss, *args, **kwargs)
+
+    def _group_hook(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        """Your ``hook`` (one of :data:`GROUP_HOOKS`) once for the whole group when you override it, else Lightning's."""
+        if hook not in self.group_hooks:
+            getattr(super(), hook)(*args, **kwargs)
+            return
+        self._attach()
+        getattr(self.module, hook)(*args, **kwargs)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Steps each member's copy of ``scheduler`` as that member (with its own value of a monitored metric).
