@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import Logger
 from models import DigitsDataModule, DigitsModule, digits, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -160,6 +161,83 @@ def test_after_a_fit_callback_metrics_hold_each_members_last_step_value(vectoriz
     group = [float(trainer.callback_metrics[f"member_{i}/step_loss"]) for i in range(MEMBERS)]
     assert group == pytest.approx(solo, rel=1e-4)
     assert len(set(solo)) == MEMBERS  # each member's own value
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call: (step, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class LogsEveryReduction(Net):
+    """Logs a mean per step and for the epoch, a sum, a max, and a validation mean (batches of unequal size)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("seen", torch.tensor(float(len(y))), on_epoch=True, reduce_fx="sum")
+        self.log("worst", loss, on_step=False, on_epoch=True, reduce_fx="max")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+
+def _uneven_loaders() -> tuple[DataLoader, DataLoader]:
+    x, y = digits()
+    # 600 and 300 examples in batches of 32: each epoch ends with a smaller batch, which weighs less in the means
+    train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=32, shuffle=True, generator=torch.Generator())
+    return train, DataLoader(TensorDataset(x[600:900], y[600:900]), batch_size=32)
+
+
+def _member_rows(rows: list[tuple[int, dict[str, float]]], prefix: str = "") -> list[tuple[int, dict[str, float]]]:
+    kept = [(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and k != "epoch"}) for step, metrics in rows]
+    return [(step, metrics) for step, metrics in kept if metrics]
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_each_members_logged_values_reach_the_logger_as_its_own_fit_logs_them(vectorize):
+    # the group logs each member's values straight into Lightning's results once a name is registered
+    # (`quick_log.QuickLog`): the weighted means, sums, maxima, epoch resets and written steps must be a plain fit's
+    fit = dict(max_epochs=2, log_every_n_steps=4, enable_progress_bar=True)
+    solo = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        train, val = _uneven_loaders()
+        logger = MemoryLogger()
+        quiet_trainer(**fit, logger=logger, callbacks=[MemberOrderEpochs()]).fit(LogsEveryReduction(), member_loader(train, SEED, i, 0, False, print, fill_generators=True), val)
+        solo.append(_member_rows(logger.rows))
+    logger = MemoryLogger()
+    train, val = _uneven_loaders()
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    quiet_trainer(**fit, logger=logger, strategy=strategy).fit(LogsEveryReduction(), train, val)
+    for i in range(MEMBERS):
+        group = _member_rows(logger.rows, f"member_{i}/")
+        assert [step for step, _ in group] == [step for step, _ in solo[i]]
+        for (_, got), (_, want) in zip(group, solo[i]):
+            assert got.keys() == want.keys()
+            assert got == pytest.approx(want, rel=1e-4), f"member {i}"
+    assert [m["seen_epoch"] for _, m in solo[0] if "seen_epoch" in m] == [600, 600]  # sums restart each epoch
+    assert {"loss_step", "loss_epoch", "seen_step", "worst", "val_loss"} <= {k for _, m in solo[0] for k in m}
+    assert solo[0] != solo[1]  # each member's own values
 
 
 class ChannelsLastConvNet(ConvNet):
