@@ -236,7 +236,8 @@ class GatheredGroupLoader(GroupLoader):
                     f"at step {step} the members' batches have sizes {[sizes[s] for s in self._stream_of]} (one per member)."
                     " A group stacks its members' batches, so each member's batch must have the same size."
                 )
-            gather = torch.as_tensor([indices[s] for s in self._stream_of])
+            # index lists through numpy: ~5x faster than torch.as_tensor on nested lists (a step of a small model on a GPU is short)
+            gather = torch.from_numpy(np.array([indices[s] for s in self._stream_of], dtype=np.int64))
             yield [tensor[gather] for tensor in tensors]
             step += 1
 
