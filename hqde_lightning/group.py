@@ -40,7 +40,10 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
 steps (:data:`PROBE_STEPS_PER_WAY` each), keeps the fastest and logs every timing. The ways are vmap and
 the loop, and for members with convolution weights also the loop with those weights laid out
 channels-last (:meth:`~hqde_lightning.stacking.StackedMembers.set_channels_last`), which is what
-makes a group of small CNNs faster than the same members one after another on a CPU. A step vmap
+makes a group of small CNNs faster than the same members one after another on a CPU. On a GPU
+vmap is timed first, on a CPU last (there vmap's grouped convolutions are often the slowest way);
+a way clearly slower than the best one timed before it is cut short (:data:`CUT_RATIO`), so that
+the probe costs little more than the steps it would have taken anyway. A step vmap
 cannot run (``.item()``, data-dependent control flow, a torchmetrics object updated inside the
 step) runs looped, with the reason logged.
 """
@@ -80,6 +83,10 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 )
 #: ``vectorize="auto"`` times this many training steps each way before it decides (the first of each is not counted)
 PROBE_STEPS_PER_WAY = 3
+#: ``vectorize="auto"`` stops timing a way whose first counted step takes this many times the mean step of the best
+#: way timed so far (or whose first step, one-off costs included, takes :data:`FIRST_STEP_CUT` times it)
+CUT_RATIO = 1.3
+FIRST_STEP_CUT = 2.0
 #: the ways ``vectorize="auto"`` times: how the step runs, and whether 4-D weights are laid out channels-last
 WAYS: dict[str, tuple[str, bool]] = {"vmap": ("vmap", False), "loop": ("loop", False), "loop, channels-last": ("loop", True)}
 #: hooks of your module that the group runs (data hooks are handed to your module; `configure_callbacks` runs before
@@ -177,6 +184,8 @@ class MemberGroup(LightningModule):
         #: the ways ``vectorize="auto"`` still times (see :data:`WAYS`), and each one's step times
         self._ways = [w for w in WAYS if not WAYS[w][1] or (self.stack.has_convolutions and not self._channels_last)]
         self._timings: dict[str, list[float]] = {w: [] for w in self._ways}
+        #: the ways cut short: clearly slower than one timed before
+        self._cut: set[str] = set()
         self._way: str | None = None
         if self.per_member:
             self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
@@ -243,7 +252,7 @@ class MemberGroup(LightningModule):
         """
         if "training_step" in self.modes:
             return self.modes["training_step"]
-        self._way = next(w for w in self._ways if len(self._timings[w]) < PROBE_STEPS_PER_WAY)
+        self._way = next(w for w in self._ways if not self._timed(w))
         mode, channels_last = WAYS[self._way]
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
         return mode
@@ -304,6 +313,24 @@ class MemberGroup(LightningModule):
         if "vmap" in self._ways:
             self._ways.remove("vmap")
             del self._timings["vmap"]
+            self._cut.discard("vmap")
+
+    def _timed(self, way: str) -> bool:
+        return way in self._cut or len(self._timings[way]) >= PROBE_STEPS_PER_WAY
+
+    def _seconds(self, way: str) -> float:
+        """A timed way's mean step; the first step pays one-off costs (allocations, kernel choice) and counts only if alone."""
+        timings = self._timings[way]
+        return sum(timings[1:]) / (len(timings) - 1) if len(timings) > 1 else timings[0]
+
+    def _cut_if_slower(self, way: str) -> None:
+        """Stops timing ``way`` once it is clearly slower than the best way timed before it."""
+        before = [self._seconds(w) for w in self._ways if w != way and self._timed(w)]
+        if not before or self._timed(way):
+            return
+        timings, best = self._timings[way], min(before)
+        if timings[-1] > (FIRST_STEP_CUT if len(timings) == 1 else CUT_RATIO) * best:
+            self._cut.add(way)
 
     def _loop(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
         outs: list[Any] = []
@@ -537,6 +564,8 @@ class MemberGroup(LightningModule):
     # ------------------------------------------- fit hooks, and vectorize="auto"
     def on_fit_start(self) -> None:
         self.loaded_entries = None  # every checkpoint hook has seen its entry
+        if self.device.type != "cuda":  # on a CPU the looped ways first: vmap, often the slowest there, is then cut short
+            self._ways.sort(key=list(reversed(WAYS)).index)
         self._hook("on_fit_start")
 
     def on_train_epoch_start(self) -> None:
@@ -555,19 +584,23 @@ class MemberGroup(LightningModule):
         self._stopping.clear()
         self._release_stops()
         self._hook("on_train_batch_end", outputs, batch, batch_idx)
-        if "training_step" in self.modes or self._way is None:
+        if "training_step" in self.modes:
             return
-        self._timings[self._way].append(self._probe_clock() - self._step_started)
-        if any(len(self._timings[w]) < PROBE_STEPS_PER_WAY for w in self._ways):
+        if self._way is not None:  # `None`: the step fell back from vmap (its time includes the failed attempt)
+            self._timings[self._way].append(self._probe_clock() - self._step_started)
+            self._cut_if_slower(self._way)
+        if not all(self._timed(w) for w in self._ways):
             return
-        # the first step each way pays one-off costs (allocations, kernel choice): the rest count
-        seconds = {w: sum(self._timings[w][1:]) / (len(self._timings[w]) - 1) for w in self._ways}
+        seconds = {w: self._seconds(w) for w in self._ways}
         best = min(self._ways, key=seconds.__getitem__)
         mode, channels_last = WAYS[best]
         self.modes["training_step"] = mode
         self.modes["validation_step"] = "loop" if mode == "loop" else self.modes.get("validation_step", mode)
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
-        timed = ", ".join(f"{seconds[w] * 1e3:.1f} ms/step {'with torch.func.vmap' if w == 'vmap' else w}" for w in self._ways)
+        timed = ", ".join(
+            f"{seconds[w] * 1e3:.1f} ms/step {'with torch.func.vmap' if w == 'vmap' else w}" + (f" (cut after {len(self._timings[w])} steps)" if w in self._cut else "")
+            for w in self._ways
+        )
         rank_zero_info(f"HQDEStrategy: vectorize='auto' timed {self.num_members} members: {timed}; training the {best} way.")
 
     def _probe_clock(self) -> float:

@@ -8,6 +8,7 @@ and the same data order (``member_data.member_loader``), after several optimizer
 from __future__ import annotations
 
 import logging
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -267,6 +268,57 @@ def test_auto_times_channels_last_convolutions_and_members_still_train_as_alone(
     assert "ms/step loop, channels-last" in caplog.text
     solo = solo_states(hparams, ConvNet, accumulate_grad_batches=2)
     for i, (g, s) in enumerate(zip(group, solo)):
+        for key in s:
+            torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+@pytest.mark.parametrize(
+    "costs, steps, kept",
+    [
+        ({"loop, channels-last": 1.0, "loop": 3.0, "vmap": 10.0}, {"loop, channels-last": 3, "loop": 1, "vmap": 1}, "loop, channels-last"),
+        ({"loop, channels-last": 1.0, "loop": 1.5, "vmap": 1.1}, {"loop, channels-last": 3, "loop": 2, "vmap": 3}, "loop, channels-last"),
+        ({"loop, channels-last": 2.0, "loop": 2.4, "vmap": 1.0}, {"loop, channels-last": 3, "loop": 3, "vmap": 3}, "vmap"),
+    ],
+    ids=["first-steps-twice-the-best", "counted-step-over-1.3x", "close-calls-timed-fully"],
+)
+def test_auto_cuts_a_clearly_slower_way_short(monkeypatch, caplog, costs, steps, kept):
+    """On a CPU the looped ways are timed first; a way clearly slower than the best before it stops being timed."""
+    now, timed = [0.0], []
+    choose = MemberGroup._training_mode
+
+    def training_mode(self):  # each probe step takes its way's cost on a fake clock
+        mode = choose(self)
+        if "training_step" not in self.modes:
+            timed.append(self._way)
+            now[0] += costs[self._way] / 1000
+        return mode
+
+    monkeypatch.setattr(MemberGroup, "_training_mode", training_mode)
+    monkeypatch.setattr(MemberGroup, "_probe_clock", lambda self: now[0])
+    with caplog.at_level(logging.INFO):
+        group_states(dict(optimizer="sgd"), "auto", ConvNet)
+    assert timed == [way for way in ("loop, channels-last", "loop", "vmap") for _ in range(steps[way])]
+    assert f"training the {kept} way" in caplog.text
+    assert caplog.text.count("(cut after") == sum(n < 3 for n in steps.values())
+
+
+class BranchesOnItsLoss(ConvNet):
+    """Data-dependent control flow in ``training_step`` (``.item()``): vmap cannot run it."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        return loss * 0 if loss.item() > 100 else loss
+
+
+def test_auto_falls_back_to_the_loop_when_vmap_fails_after_the_other_ways(caplog):
+    # on a CPU vmap is timed last, after both looped ways: its failure ends the timing, and the members train as alone
+    with caplog.at_level(logging.INFO):
+        group = group_states({}, "auto", BranchesOnItsLoss)
+    assert "`BranchesOnItsLoss.training_step` runs member by member" in caplog.text
+    assert re.search(r"timed 3 members: [\d.]+ ms/step loop, channels-last, [\d.]+ ms/step loop( \(cut after \d steps\))?; training the loop", caplog.text)
+    solo = solo_states({}, BranchesOnItsLoss)
+    for i, (g, s) in enumerate(zip(group, solo)):  # the channels-last way rounds differently (see the test above)
         for key in s:
             torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
 
