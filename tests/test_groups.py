@@ -164,26 +164,31 @@ def test_after_a_fit_callback_metrics_hold_each_members_last_step_value(vectoriz
     assert len(set(solo)) == MEMBERS  # each member's own value
 
 
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call: (step, metrics)."""
+class RecordingLogger(Logger):
+    """Keeps every row it is asked to log, in memory, with the row's step."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.rows: list[dict[str, float]] = []
+        self.steps: list[int | None] = []
 
     @property
     def name(self) -> str:
-        return "memory"
+        return "recording"
 
     @property
     def version(self) -> int:
         return 0
 
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append(dict(metrics))
+        self.steps.append(step)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
+
+    def logged(self, key: str) -> list[float]:
+        return [row[key] for row in self.rows if key in row]
 
 
 class LogsEveryReduction(Net):
@@ -209,8 +214,9 @@ def _uneven_loaders() -> tuple[DataLoader, DataLoader]:
     return train, DataLoader(TensorDataset(x[600:900], y[600:900]), batch_size=32)
 
 
-def _member_rows(rows: list[tuple[int, dict[str, float]]], prefix: str = "") -> list[tuple[int, dict[str, float]]]:
-    kept = [(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and k != "epoch"}) for step, metrics in rows]
+def _member_rows(logger: RecordingLogger, prefix: str = "") -> list[tuple[int, dict[str, float]]]:
+    """The logged rows' (step, values named ``prefix<name>``, as ``<name>``), rows without such values left out."""
+    kept = [(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and k != "epoch"}) for step, metrics in zip(logger.steps, logger.rows)]
     return [(step, metrics) for step, metrics in kept if metrics]
 
 
@@ -223,15 +229,15 @@ def test_each_members_logged_values_reach_the_logger_as_its_own_fit_logs_them(ve
     for i in range(MEMBERS):
         pl.seed_everything(SEED + i, verbose=False)
         train, val = _uneven_loaders()
-        logger = MemoryLogger()
+        logger = RecordingLogger()
         quiet_trainer(**fit, logger=logger, callbacks=[MemberOrderEpochs()]).fit(LogsEveryReduction(), member_loader(train, SEED, i, 0, False, print, fill_generators=True), val)
-        solo.append(_member_rows(logger.rows))
-    logger = MemoryLogger()
+        solo.append(_member_rows(logger))
+    logger = RecordingLogger()
     train, val = _uneven_loaders()
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
     quiet_trainer(**fit, logger=logger, strategy=strategy).fit(LogsEveryReduction(), train, val)
     for i in range(MEMBERS):
-        group = _member_rows(logger.rows, f"member_{i}/")
+        group = _member_rows(logger, f"member_{i}/")
         assert [step for step, _ in group] == [step for step, _ in solo[i]]
         for (_, got), (_, want) in zip(group, solo[i]):
             assert got.keys() == want.keys()

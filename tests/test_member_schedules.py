@@ -17,9 +17,8 @@ import test_groups
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, StochasticWeightAveraging
-from lightning.pytorch.loggers import Logger
 from models import quiet_trainer
-from test_groups import MEMBERS, SEED, MemberOrderEpochs, Net, assert_same_members, group_states, train_loader
+from test_groups import MEMBERS, SEED, MemberOrderEpochs, Net, RecordingLogger, assert_same_members, group_states, train_loader
 
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
@@ -96,31 +95,6 @@ def test_reduce_on_plateau_follows_each_members_own_metric(module, vectorize, tm
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo_states)
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     assert _member_rates(str(tmp_path / "end.ckpt")) == pytest.approx(solo_rates)
-
-
-class RecordingLogger(Logger):
-    """Keeps every row it is asked to log, in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append(dict(metrics))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def logged(self, key: str) -> list[float]:
-        return [row[key] for row in self.rows if key in row]
 
 
 @pytest.mark.parametrize("interval", ["epoch", "step"])
