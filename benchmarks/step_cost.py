@@ -10,8 +10,8 @@ bookkeeping cost per step: the part that bounds throughput on a GPU for small mo
 Settings: ``plain`` (one plain ``Trainer``, one model), ``group-1`` and ``group-N`` (``HQDEStrategy``
 with 1 and N members in one group, ``vectorize=True``, ``sync="none"``). The model logs its training
 loss per step only (Lightning's default in ``training_step``); with ``--on-epoch`` it logs it as many
-modules do, ``on_step=True, on_epoch=True, prog_bar=True``, which a group relays with one
-``self.log`` per member at every step.
+modules do, ``on_step=True, on_epoch=True, prog_bar=True``, which a group relays once per member at
+every step (through ``hqde_lightning/quick_log.py``).
 
 Run: ``python benchmarks/step_cost.py [--members 8] [--accelerator gpu] [--on-epoch]``; prints a table and
 writes ``results/step_cost.json`` (``--on-epoch``: ``results/step_cost_on_epoch.json``; ``--quick``, the CI

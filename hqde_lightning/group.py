@@ -325,8 +325,10 @@ class MemberGroup(LightningModule):
 
     def _cut_if_slower(self, way: str) -> None:
         """Stops timing ``way`` once it is clearly slower than the best way timed before it."""
+        if self._timed(way):
+            return
         before = [self._seconds(w) for w in self._ways if w != way and self._timed(w)]
-        if not before or self._timed(way):
+        if not before:
             return
         timings, best = self._timings[way], min(before)
         if timings[-1] > (FIRST_STEP_CUT if len(timings) == 1 else CUT_RATIO) * best:

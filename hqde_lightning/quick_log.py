@@ -43,17 +43,15 @@ class QuickLog:
         batch_size = options.get("batch_size")
         same = {k: v for k, v in options.items() if k != "batch_size"}
         registered = self._registered.get(key)
+        result = results.get(key) if registered is not None and registered[0] == same and registered[1] is results else None
         if (
-            registered is not None and registered[0] == same and registered[1] is results and key in results
-            and batch_size is not None and isinstance(value, Tensor) and value.numel() == 1
-            and not trainer._logger_connector.should_reset_tensors(fx)
+            result is not None and result.is_tensor and batch_size is not None and isinstance(value, Tensor) and value.numel() == 1
+            and result.value.device == value.device and not trainer._logger_connector.should_reset_tensors(fx)
         ):
-            result = results[key]
-            if result.value.device == value.device:
-                if not options.get("enable_graph", False):
-                    value = value.detach()
-                results.update_metrics(key, value.squeeze(), batch_size)
-                trainer._logger_connector._current_fx = fx  # as `module.log` leaves it
-                return
+            if not options.get("enable_graph", False):
+                value = value.detach()
+            results.update_metrics(key, value.squeeze(), batch_size)
+            trainer._logger_connector._current_fx = fx  # as `module.log` leaves it
+            return
         self.module.log(name, value, **options)
         self._registered[key] = (same, results)

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule, digits, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
@@ -245,6 +247,31 @@ def test_each_members_logged_values_reach_the_logger_as_its_own_fit_logs_them(ve
     assert [m["seen_epoch"] for _, m in solo[0] if "seen_epoch" in m] == [600, 600]  # sums restart each epoch
     assert {"loss_step", "loss_epoch", "seen_step", "worst", "val_loss"} <= {k for _, m in solo[0] for k in m}
     assert solo[0] != solo[1]  # each member's own values
+
+
+class LogsAMetricThenATensor(Net):
+    """Logs a torchmetrics object under a name, then a tensor under the same name: Lightning refuses that."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        if batch_idx == 0:
+            self.acc(logits, y)
+        self.log("acc", self.acc if batch_idx == 0 else (logits.argmax(-1) == y).float().mean(), on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+
+def test_a_name_logged_as_a_metric_and_then_as_a_tensor_is_refused_as_lightning_refuses_it():
+    # the group's quick path must not write a tensor into the result of a logged Metric object
+    with pytest.raises(MisconfigurationException, match="twice in"):
+        quiet_trainer(**FIT).fit(LogsAMetricThenATensor(), train_loader())
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    with pytest.raises(MisconfigurationException, match="twice in"):
+        quiet_trainer(strategy=strategy, **FIT).fit(LogsAMetricThenATensor(), train_loader())
 
 
 class ChannelsLastConvNet(ConvNet):
