@@ -13,7 +13,9 @@ the driver.
 strategy (:class:`~hqde_lightning.member_strategy.MemberStrategy`) and runs the user's own
 Lightning fit loop.
 
-Both are plain classes here; the launcher wraps them with ``ray.remote`` and their resources.
+Both are plain classes here; the launcher wraps them with ``ray.remote`` and their resources, or
+(on one device, for modules a member group cannot run) runs them in threads of the driver
+(:mod:`hqde_lightning.member_threads`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
-from hqde_lightning.topology import Executor, Topology, combine_group
+from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
 
@@ -109,10 +111,20 @@ class Coordinator:
         state: a previous run's :meth:`state_dict` when resuming.
         check_clones: compare the members' first end-of-epoch snapshots and report members with
             identical weights to the driver (off where a sync makes members equal on purpose).
+        in_process: served in the driver's process (:class:`~hqde_lightning.turns.InProcessActor`,
+            for member threads): payloads and the consensus are kept as they are instead of as Ray
+            objects (members send copies of their weights and only read the consensus), and
+            reductions run in this process.
     """
 
     def __init__(
-        self, num_members: int, aggregator: Aggregator, topology: Topology, state: Mapping[str, Any] | None = None, check_clones: bool = True
+        self,
+        num_members: int,
+        aggregator: Aggregator,
+        topology: Topology,
+        state: Mapping[str, Any] | None = None,
+        check_clones: bool = True,
+        in_process: bool = False,
     ) -> None:
         self.num_members = num_members
         self.aggregator = aggregator
@@ -130,7 +142,9 @@ class Coordinator:
         self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
-        self._executor: Executor | None = None
+        self._executor: Executor | None = LocalExecutor() if in_process else None
+        #: keeps a value the members share: a Ray object, or in process the value itself
+        self._put: Callable[[Any], Any] = _same if in_process else ray.put
         self.check_clones = check_clones
         #: per member, the round and weight digest of the first snapshot it posted
         self.first_fingerprints: dict[int, tuple[int, str]] = {}
@@ -154,7 +168,7 @@ class Coordinator:
         rnd = self.rounds.get(round_id)
         if rnd is None:
             rnd = self.rounds[round_id] = _Round(asyncio.Event())
-        rnd.payloads[member] = (ray.put(payload), score, num_samples, nbytes, layout)
+        rnd.payloads[member] = (self._put(payload), score, num_samples, nbytes, layout)
         if step is not None:
             rnd.step = step if rnd.step is None else max(rnd.step, step)
         self._maybe_complete(round_id)
@@ -179,7 +193,7 @@ class Coordinator:
                 self._executor = RayExecutor()
             result, comm = self.topology.reduce([e[0] for e in entries], sizes, self.aggregator, scores, counts, self._executor, entries[0][4], members)
             consensus = state_to_numpy(result.state)
-            rnd.result = ray.put(consensus)
+            rnd.result = self._put(consensus)
             self.last_result = (round_id, rnd.result)  # the previous round's consensus is freed once members drop it
             record = sync_record(round_id, members, result, time.perf_counter() - started, entries, comm, rnd.step, self.topology.name)
             self.history.append(record.as_dict())
@@ -347,8 +361,11 @@ class MemberActor:
         notice, fallback = reinitialise(bound.arguments["model"])
         context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 
-    def run(self, payload: bytes, context: MemberContext) -> MemberResult:
+    def run(self, payload: bytes, context: MemberContext, data: Mapping[str, Any] | None = None) -> MemberResult:
         """Unpickles ``(trainer, function name, args, kwargs)`` and runs it as member ``context.index``.
+
+        ``data`` holds data arguments of the fit that the payload leaves out (member threads pass
+        their own copies, see :mod:`~hqde_lightning.member_threads`).
 
         A restarted member (``context.restart_from`` holds its last snapshot) resumes from it,
         through a temporary ``hqde-restart-*`` directory removed when its fit ends.
@@ -361,6 +378,9 @@ class MemberActor:
         from lightning.pytorch import seed_everything
 
         trainer, function_name, args, kwargs = cloudpickle.loads(payload)
+        if data:
+            bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs, **data)
+            args, kwargs = bound.args, bound.kwargs
         restart_dir: str | None = None
         if context.restart_from is not None:
             snapshot = ray.get(context.restart_from[0])
@@ -410,6 +430,10 @@ def worker_fit(trainer: Any, whose: str, restart_dir: str | None) -> Iterator[No
     finally:
         if restart_dir is not None:
             shutil.rmtree(restart_dir, ignore_errors=True)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _prepared_in_driver() -> None:

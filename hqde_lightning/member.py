@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import ray
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
@@ -36,6 +35,7 @@ from hqde_lightning.checkpoint import capture_rng_states
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 from hqde_lightning.member_data import start_epoch
+from hqde_lightning.turns import resolve
 
 __all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
@@ -123,6 +123,23 @@ class MemberContext:
     mirrors: list[dict[str, Any]] = field(default_factory=list)
     resume: dict[str, Any] | None = None
     restart_from: list[Any] | None = None
+
+    @classmethod
+    def of(cls, strategy: Any, index: int, coordinator: Any, mirrors: list[dict[str, Any]], restart_from: list[Any] | None = None) -> MemberContext:
+        """Member ``index``'s context in a fit of ``strategy`` (the driver's ``HQDEStrategy``)."""
+        return cls(
+            index=index,
+            seed=strategy.seed + index,
+            coordinator=coordinator,
+            sync=strategy.sync,
+            sync_strength=strategy.sync_strength,
+            sync_every_n_epochs=strategy.sync_every_n_epochs,
+            bagging=strategy.bagging,
+            score_metric=strategy.score_metric,
+            score_mode=strategy.score_mode,
+            mirrors=mirrors,
+            restart_from=restart_from,
+        )
 
 
 class MirrorLogger(Logger):
@@ -284,8 +301,8 @@ class MemberSync(Callback):
         sync_call = self.ctx.coordinator.sync.remote(
             self.ctx.index, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, self._num_samples, step
         )
-        (consensus_ref,) = ray.get(sync_call)
-        consensus: dict[str, np.ndarray] = ray.get(consensus_ref)
+        (consensus_ref,) = resolve(sync_call)
+        consensus: dict[str, np.ndarray] = resolve(consensus_ref)
         self._num_samples = 0
         distance = distance_to_consensus(state, consensus)
         apply_sync_(state, consensus, self.ctx.sync, self.ctx.sync_strength)
@@ -305,7 +322,7 @@ class MemberSync(Callback):
         snapshot[MEMBER_KEY] = {"index": self.ctx.index, "round": epoch, "rng": capture_rng_states()}
         posted = self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot), final)
         if final:
-            ray.get(posted)
+            resolve(posted)
 
 
 def reinitialise(module: LightningModule) -> tuple[str, bool]:

@@ -97,20 +97,7 @@ class MemberPool:
         if len(members) > 1:
             context: Any = GroupContext(member_ids=members, coordinator=self.coordinator, mirrors=self.mirrors, restart_from=restart_from)
         else:
-            index = members[0]
-            context = MemberContext(
-                index=index,
-                seed=strategy.seed + index,
-                coordinator=self.coordinator,
-                sync=strategy.sync,
-                sync_strength=strategy.sync_strength,
-                sync_every_n_epochs=strategy.sync_every_n_epochs,
-                bagging=strategy.bagging,
-                score_metric=strategy.score_metric,
-                score_mode=strategy.score_mode,
-                mirrors=self.mirrors,
-                restart_from=restart_from,
-            )
+            context = MemberContext.of(strategy, members[0], self.coordinator, self.mirrors, restart_from)
         self._futures[actor.run.remote(self._payload_ref, context)] = worker
 
     def run(self) -> list[MemberResult]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import ray
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -34,6 +33,7 @@ from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.topology import aggregate
+from hqde_lightning.turns import resolve
 from hqde_lightning.worker_strategy import CheckpointWriter, WorkerStrategy, checkpoint_round
 
 __all__ = ["MemberStrategy"]
@@ -118,9 +118,9 @@ class MemberStrategy(WorkerStrategy):
         if self.num_members > 1:
             if round_id != epoch:
                 rank_zero_warn("HQDEStrategy: a checkpoint written mid-epoch holds the other members as of their last epoch end (or their start).")
-            for other, snapshot in ray.get(coordinator.snapshots_at.remote(round_id, [index])).items():
+            for other, snapshot in resolve(coordinator.snapshots_at.remote(round_id, [index])).items():
                 members[other] = snapshot
-        coordinator_state = ray.get(coordinator.state_dict.remote())
+        coordinator_state = resolve(coordinator.state_dict.remote())
         # the other members' snapshots are on the CPU; this member's own weights may be on its GPU
         states = [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in m["state_dict"].items()} for m in members if m]
         consensus = aggregate(copy.deepcopy(self.hqde.aggregator), states).state

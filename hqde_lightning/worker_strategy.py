@@ -2,7 +2,7 @@
 
 The driver's :class:`~hqde_lightning.HQDEStrategy` never trains itself: a copy of your ``Trainer``
 does, with one of these installed (:meth:`WorkerStrategy.install`) before its fit starts:
-:class:`~hqde_lightning.member_strategy.MemberStrategy` (one member in a Ray actor) or
+:class:`~hqde_lightning.member_strategy.MemberStrategy` (one member, in a Ray actor or a member thread) or
 :class:`~hqde_lightning.group_strategy.GroupStrategy` (every member, stacked, in this process).
 Both are Lightning's single-device strategy with the run's accelerator, checkpoint IO and
 precision plugin.
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import ray
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
+
+from hqde_lightning.turns import resolve
 
 __all__ = ["CheckpointWriter", "WorkerStrategy", "checkpoint_round"]
 
@@ -59,7 +60,7 @@ def checkpoint_round(epoch: int, synced_epoch: int) -> int:
 
 
 class CheckpointWriter:
-    """Whether a worker in a Ray actor writes the ensemble's checkpoints now (its strategy's ``is_global_zero``).
+    """Whether a worker in a Ray actor (or a member thread) writes the ensemble's checkpoints now (its strategy's ``is_global_zero``).
 
     The writer of an epoch is the worker holding the lowest-index member that trains in it:
     member 0's while it runs, then the next one's when member 0 stops early or is given up on
@@ -84,7 +85,7 @@ class CheckpointWriter:
         epoch = trainer.current_epoch if trainer is not None else 0
         if self._epoch == epoch:
             return True
-        if ray.get(self.coordinator.is_writer.remote(self.member, epoch)):
+        if resolve(self.coordinator.is_writer.remote(self.member, epoch)):
             self._epoch = epoch  # the lower members have finished
             return True
         return False
