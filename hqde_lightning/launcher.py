@@ -4,6 +4,8 @@
 
 1. when the members can share one process and that can be this one (one device, no
    ``ray_address``: :mod:`hqde_lightning.embedded`), trains them all as one member group here,
+   without Ray; when a group cannot run the module but the fit is on one device, trains each
+   member in a thread of this process, one at a time (:mod:`hqde_lightning.member_threads`),
    without Ray; otherwise:
 2. starts Ray locally if it is not running (or joins ``ray_address``; see
    :mod:`hqde_lightning.ray_runtime`),
@@ -52,6 +54,7 @@ from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
 from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
 from hqde_lightning.member_pool import MemberPool
+from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
 from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, sigint_deferred, start_ray
@@ -161,15 +164,31 @@ class RayEnsembleLauncher(_Launcher):
             return None
         strategy.sync_history, strategy.dropped_members = [], []
         forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
-        data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
-        without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
-        return run_group(trainer, pickle_fit(trainer, function, without_data, bound.arguments["model"]), data, forwarder)
+        payload, data = _pickle_without_data(trainer, function, bound)
+        return run_group(trainer, payload, data, forwarder)
+
+    def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> _Outcome:
+        """Trains every member in a thread of this process, one at a time (:class:`~hqde_lightning.member_threads.MemberThreads`)."""
+        strategy = self._strategy
+        strategy.sync_history, strategy.dropped_members = [], []
+        payload, data = _pickle_without_data(trainer, function, bound)
+        progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
+        threads = MemberThreads(strategy, payload, data, [_mirror(logger) for logger in trainer.loggers], EventForwarder(trainer, strategy, progress))
+        try:
+            return threads.run()
+        finally:
+            progress.close()
 
     def _fit_workers(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, function: Callable, blocker: str | None) -> _Outcome:
-        """Trains the members in Ray actors: member groups (:func:`~hqde_lightning.resources.worker_members`) unless
-        ``blocker`` says why the members cannot share a process, or a group refuses the module (``GroupUnsupported``);
-        then one member per actor, with a line saying why (unless ``members_per_worker=1`` asked for it)."""
+        """Trains the members that cannot train as one group in this process: member groups in Ray actors
+        (:func:`~hqde_lightning.resources.worker_members`) unless ``blocker`` says why the members cannot share a process,
+        or a group refuses the module (``GroupUnsupported``). Then, on one device, every member in a thread of this process
+        (taking turns, no Ray; not with ``on_member_failure="continue"``), elsewhere one member per Ray actor, with a
+        line saying why (unless ``members_per_worker=1`` asked for it)."""
         strategy = self._strategy
+        if blocker is not None and embedded_blocker(strategy, trainer) is None and strategy.on_member_failure != "continue":
+            rank_zero_info(f"HQDEStrategy: the members train in turns, each in a thread of this process (no Ray): {blocker}.")
+            return self._fit_threads(trainer, function, bound)
         payload = pickle_fit(trainer, function, bound, model)
         self._start_ray()
         if blocker is None:
@@ -409,6 +428,13 @@ def _progress(result: MemberResult) -> tuple[int, int]:
     epochs = state.get("epoch_progress", {}).get("current", {}).get("completed", 0)
     steps = state.get("epoch_loop.state_dict", {}).get("_batches_that_stepped", 0)
     return int(epochs), int(steps)
+
+
+def _pickle_without_data(trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> tuple[bytes, dict[str, Any]]:
+    """The pickled fit without its data arguments, and those arguments (used as they are, never pickled)."""
+    data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
+    without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
+    return pickle_fit(trainer, function, without_data, bound.arguments["model"]), data
 
 
 def _mirror(logger: Any) -> dict[str, Any]:

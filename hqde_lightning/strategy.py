@@ -98,6 +98,8 @@ class HQDEStrategy(SingleDeviceStrategy):
         max_member_restarts: how often a member whose actor dies (process killed, node lost) is
             restarted from its last end-of-epoch snapshot, on the best-scoring node (see
             :mod:`hqde_lightning.placement`). Exceptions raised by your code are not retried.
+            Members training in this process (a member group or member threads) have no actor to
+            restart.
         on_member_failure: when a member has used up its restarts: ``"fail"`` stops the fit with
             an error (checkpoints written so far stay intact), ``"continue"`` finishes with the
             other members and says so.
@@ -105,11 +107,13 @@ class HQDEStrategy(SingleDeviceStrategy):
             (CPU only, or one GPU) without ``ray_address``, every member trains in one member
             group inside this process, stacked (see :mod:`hqde_lightning.group`), and Ray is not
             started; a fit the group cannot run (see :func:`~hqde_lightning.embedded.group_blocker`)
-            runs in Ray actors instead: with several GPUs one actor per GPU (a whole GPU each), on a
-            Ray cluster (``ray_address``) one per GPU or, on CPUs, per node, each training its
-            share of the members as a group (see :mod:`hqde_lightning.group_actor`); one actor per
-            member when ``resources_per_member`` is set or the members cannot share a process
-            (saying why). An int ``k``: Ray actors of ``k`` members each (``1``: one per member;
+            trains each member's own fit in a thread of this process, one at a time, still without
+            Ray (see :mod:`hqde_lightning.member_threads`; not with ``on_member_failure="continue"``,
+            which keeps one actor per member). Elsewhere the members train in Ray actors: with
+            several GPUs one actor per GPU (a whole GPU each), on a Ray cluster (``ray_address``)
+            one per GPU or, on CPUs, per node, each training its share of the members as a group
+            (see :mod:`hqde_lightning.group_actor`); one actor per member when
+            ``resources_per_member`` is set or the members cannot share a process (saying why). An int ``k``: Ray actors of ``k`` members each (``1``: one per member;
             with ``k`` > 1 the CPUs, memory and custom resources of ``resources_per_member`` are multiplied by ``k``).
         vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
             members, ``False`` member by member, ``"auto"`` (default) times both on the first

@@ -543,14 +543,14 @@ class WarmsUpWithPlateau(OwnOptimizerHooks):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss_epoch"}}
 
 
-def test_your_optimizer_step_with_per_member_learning_rates_trains_as_actors(ray_session, caplog):
+def test_your_optimizer_step_with_per_member_learning_rates_trains_in_member_threads(ray_session, caplog):
     """With a ``ReduceLROnPlateau`` the members' learning rates differ, so your ``optimizer_step``, which runs once for a
-    group, would not see each member's own: the members train in Ray actors, with the reason logged."""
+    group, would not see each member's own: on one device the members train in turns in threads, with the reason logged."""
     strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
     with caplog.at_level(logging.INFO):
         trainer.fit(WarmsUpWithPlateau(), train_loader())
-    assert "one Ray actor each: your `optimizer_step` runs once for a group" in caplog.text
+    assert "each in a thread of this process (no Ray): your `optimizer_step` runs once for a group" in caplog.text
     assert strategy.ensemble is not None and strategy.ensemble.num_members == 2
 
 
@@ -662,12 +662,12 @@ class LBFGSModule(DigitsModule):
         return torch.optim.LBFGS(self.parameters(), lr=0.1)
 
 
-def test_non_elementwise_optimizer_trains_as_actors(ray_session, caplog):
+def test_non_elementwise_optimizer_trains_in_member_threads(ray_session, caplog):
     strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
     with caplog.at_level(logging.INFO):
         trainer.fit(LBFGSModule(), datamodule=DigitsDataModule())
-    assert "one Ray actor each: the optimizer LBFGS is not element-wise" in caplog.text
+    assert "each in a thread of this process (no Ray): the optimizer LBFGS is not element-wise" in caplog.text
     assert strategy.ensemble is not None and strategy.ensemble.num_members == 2
 
 

@@ -154,13 +154,13 @@ def test_a_group_checkpoint_resumes_each_members_plateau_in_either_runtime(ray_s
     assert_same_members([m.state_dict() for m in actors.ensemble.members], uninterrupted)
 
 
-def test_a_plateau_with_stochastic_weight_averaging_trains_as_member_actors(ray_session, caplog):
-    """SWA anneals each member from its own learning rate: with a plateau's per-member rates, each member trains in its actor."""
+def test_a_plateau_with_stochastic_weight_averaging_trains_in_member_threads(ray_session, caplog):
+    """SWA anneals each member from its own learning rate: with a plateau's per-member rates, each member trains alone, in its thread."""
     strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, callbacks=[StochasticWeightAveraging(swa_lrs=0.01)])
     with caplog.at_level(logging.INFO):
         trainer.fit(Plateau(), train_loader())
-    assert "one Ray actor each: StochasticWeightAveraging anneals each member from its own learning rate" in caplog.text
+    assert "each in a thread of this process (no Ray): StochasticWeightAveraging anneals each member from its own learning rate" in caplog.text
     assert len(strategy.ensemble.members) == 2
 
 

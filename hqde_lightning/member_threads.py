@@ -1,0 +1,133 @@
+"""``MemberThreads``: on one device, members a member group cannot run train in threads of the driver, taking turns, without Ray.
+
+A module a member group cannot run (manual optimization, hooks or callbacks that act on the whole
+module, an optimizer that is not element-wise) used to cost one Ray actor, a whole process, per
+member. On one device (``members_per_worker="auto"``, no ``ray_address``) each member now runs
+exactly what a member actor runs (:class:`~hqde_lightning.actors.MemberActor`: its own copy of
+your ``Trainer`` and module, its own Lightning fit loop) in a thread of this process, and the
+threads take turns (:class:`~hqde_lightning.turns.Turns`), so the fit costs what training the
+members in a for-loop costs. The coordinator runs in this process too
+(:class:`~hqde_lightning.turns.InProcessActor`); syncs, checkpoints, loggers and progress bars
+work as with actors.
+
+A member that fails ends the fit with its error, and Ctrl-C ends it as it ends a plain fit; the
+other members stop at once (:meth:`~hqde_lightning.turns.Turns.cancel`). Restarts (``max_member_restarts``)
+do not apply here: a Python error ends a member actor's fit as well, and an error that kills
+the process ends every member. ``on_member_failure="continue"`` keeps Ray actors, so that a
+member can fail alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hqde_lightning.actors import Coordinator, MemberActor, MemberInterrupted, MemberResult
+from hqde_lightning.member import MemberContext
+from hqde_lightning.turns import InProcessActor, MemberCancelled, Turns, resolve
+
+__all__ = ["MemberThreads"]
+
+_POLL_SECONDS = 0.25
+#: the logger of Lightning's info lines (``rank_zero_info``), which every member's fit writes alike
+_LIGHTNING_INFO = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+
+class MemberThreads:
+    """Runs every member of ``strategy``'s ensemble as a :class:`~hqde_lightning.actors.MemberActor` in a thread of this process.
+
+    Args:
+        strategy: the driver's ``HQDEStrategy``.
+        payload: the pickled fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`).
+        data: the fit's data arguments. Each member gets a shallow copy of each: the datasets are
+            shared, as in a for-loop, and what a datamodule's ``setup`` builds is the member's own.
+        mirrors: per user logger, what the members' stand-in loggers show.
+        forwarder: hands the members' events to the driver's loggers and progress bars.
+    """
+
+    def __init__(self, strategy: Any, payload: bytes, data: Mapping[str, Any], mirrors: list[dict[str, Any]], forwarder: Any) -> None:
+        self.strategy = strategy
+        self.payload = payload
+        self.data = data
+        self.mirrors = mirrors
+        self.forwarder = forwarder
+        self.turns = Turns()
+
+    def run(self) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
+        """Trains the members; returns their results, final snapshots and the coordinator's state.
+
+        Raises:
+            KeyboardInterrupt: on Ctrl-C, once every member's fit stopped.
+            BaseException: the first member's error, its message prefixed with the member.
+        """
+        strategy = self.strategy
+        check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+        coordinator = Coordinator(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones, in_process=True)
+        handle = InProcessActor(coordinator)
+        outcomes: dict[int, MemberResult | BaseException] = {}
+        threads = [
+            threading.Thread(target=self._member, args=(MemberContext.of(strategy, i, handle, self.mirrors), outcomes), name=f"hqde-member-{i}", daemon=True)
+            for i in range(strategy.num_members)
+        ]
+        _LIGHTNING_INFO.addFilter(_member_0_only)
+        try:
+            for thread in threads:
+                thread.start()
+            failed = self._wait(threads, handle, outcomes)
+            if failed is not None:
+                self._stop(threads)
+                raise _member_error(failed, outcomes[failed])
+            return [outcomes[i] for i in sorted(outcomes)], coordinator.latest_snapshots(), coordinator.state_dict()  # type: ignore[misc]
+        except KeyboardInterrupt:  # Ctrl-C reaches the main thread only
+            self._stop(threads)
+            raise
+        finally:
+            handle.stop()
+            _LIGHTNING_INFO.removeFilter(_member_0_only)
+
+    def _wait(self, threads: list[threading.Thread], handle: InProcessActor, outcomes: Mapping[int, Any]) -> int | None:
+        """Forwards the members' events until every member finished; returns the first member that failed, if one did."""
+        while True:
+            alive = [thread for thread in threads if thread.is_alive()]
+            if alive:
+                alive[0].join(_POLL_SECONDS)
+            self.forwarder.handle(resolve(handle.drain.remote()))
+            failed = [i for i, outcome in outcomes.items() if isinstance(outcome, BaseException) and not isinstance(outcome, MemberCancelled)]
+            if failed:
+                return min(failed)
+            if not alive:
+                return None
+
+    def _stop(self, threads: list[threading.Thread]) -> None:
+        """Ends the members' fits (see :meth:`~hqde_lightning.turns.Turns.cancel`) and waits for their threads."""
+        self.turns.cancel()
+        for thread in threads:
+            thread.join()
+
+    def _member(self, context: MemberContext, outcomes: dict[int, MemberResult | BaseException]) -> None:
+        data = {name: copy.copy(value) for name, value in self.data.items()}
+        try:
+            with self.turns.turn():
+                outcomes[context.index] = MemberActor(None, torch.get_num_threads()).run(self.payload, context, data)
+        except BaseException as err:  # the driver's thread reports it
+            outcomes[context.index] = err
+
+
+def _member_0_only(record: logging.LogRecord) -> bool:
+    """Lightning's info lines from the driver and member 0 only: the other members' fits write the same ones."""
+    name = threading.current_thread().name
+    return not name.startswith("hqde-member-") or name == "hqde-member-0"
+
+
+def _member_error(member: int, err: BaseException) -> BaseException:
+    """``err`` as the driver raises it: a member's interrupt as ``KeyboardInterrupt``, anything else with the member named."""
+    # a member's own KeyboardInterrupt: Lightning's answer fails in a thread (it sets a signal handler) with it as context
+    if isinstance(err, MemberInterrupted) or isinstance(err.__context__, KeyboardInterrupt):
+        return KeyboardInterrupt(str(err))  # the driver's fit ends as an interrupted plain fit does
+    err.args = (f"member {member} failed: {err.args[0] if err.args else type(err).__name__}",) + tuple(err.args[1:])
+    return err
