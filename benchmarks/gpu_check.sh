@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a machine with one CUDA GPU, from the repository root:
-#   1. the `gpu`-marked tests (member groups vectorized and looped on CUDA, a group actor on one
+#   1. the `gpu`-marked tests (member groups vectorized and looped on CUDA, member threads, a group actor on one
 #      whole GPU, members as Ray actors sharing the GPU, placement errors);
 #   2. benchmarks/training_cost.py on the GPU, 8 members each:
 #      - Fashion-MNIST small CNN, 1 epoch on FASHION_TRAIN_IMAGES images (the 1-epoch case, where
@@ -21,7 +21,7 @@ set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 fashion_images=${2:-15000}
 accelerator=${ACCELERATOR:-gpu}
-modes=${MODES:-sequential sequential-channels-last torch-vmap hqde hqde-loop}
+modes=${MODES:-sequential sequential-channels-last torch-vmap hqde hqde-loop hqde-manual}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 

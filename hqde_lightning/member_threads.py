@@ -11,7 +11,8 @@ members in a for-loop costs. The coordinator runs in this process too
 work as with actors.
 
 A member that fails ends the fit with its error, and Ctrl-C ends it as it ends a plain fit; the
-other members stop at once (:meth:`~hqde_lightning.turns.Turns.cancel`). Restarts (``max_member_restarts``)
+other members stop (:meth:`~hqde_lightning.turns.Turns.cancel`): those waiting for their turn at
+once, the running one within about half a second of training. Restarts (``max_member_restarts``)
 do not apply here: a Python error ends a member actor's fit as well, and an error that kills
 the process ends every member. ``on_member_failure="continue"`` keeps Ray actors, so that a
 member can fail alone.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +59,8 @@ class MemberThreads:
         self.mirrors = mirrors
         self.forwarder = forwarder
         self.turns = Turns()
+        #: each member's index once its thread's work is done
+        self._finished: queue.Queue[int] = queue.Queue()
 
     def run(self) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
         """Trains the members; returns their results, final snapshots and the coordinator's state.
@@ -78,36 +82,40 @@ class MemberThreads:
         try:
             for thread in threads:
                 thread.start()
-            failed = self._wait(threads, handle, outcomes)
+            failed = self._wait(len(threads), handle, outcomes)
             if failed is not None:
-                self._stop(threads)
+                self.turns.cancel()
+            _join(threads)
+            if failed is not None:
                 raise _member_error(failed, outcomes[failed])
             return [outcomes[i] for i in sorted(outcomes)], coordinator.latest_snapshots(), coordinator.state_dict()  # type: ignore[misc]
         except KeyboardInterrupt:  # Ctrl-C reaches the main thread only
-            self._stop(threads)
+            self.turns.cancel()
+            _join(threads)
             raise
         finally:
             handle.stop()
             _LIGHTNING_INFO.removeFilter(_member_0_only)
 
-    def _wait(self, threads: list[threading.Thread], handle: InProcessActor, outcomes: Mapping[int, Any]) -> int | None:
-        """Forwards the members' events until every member finished; returns the first member that failed, if one did."""
+    def _wait(self, members: int, handle: InProcessActor, outcomes: Mapping[int, Any]) -> int | None:
+        """Forwards the members' events until every member finished; returns the first member that failed, if one did.
+
+        It waits on :attr:`_finished`, not with ``Thread.join(timeout)``: a ``KeyboardInterrupt`` (Ctrl-C) landing inside
+        such a join marks the joined thread stopped while it still runs (Python 3.11's ``threading``).
+        """
+        running = members
         while True:
-            alive = [thread for thread in threads if thread.is_alive()]
-            if alive:
-                alive[0].join(_POLL_SECONDS)
+            try:
+                self._finished.get(timeout=_POLL_SECONDS)
+                running -= 1
+            except queue.Empty:
+                pass
             self.forwarder.handle(resolve(handle.drain.remote()))
             failed = [i for i, outcome in outcomes.items() if isinstance(outcome, BaseException) and not isinstance(outcome, MemberCancelled)]
             if failed:
                 return min(failed)
-            if not alive:
+            if not running:
                 return None
-
-    def _stop(self, threads: list[threading.Thread]) -> None:
-        """Ends the members' fits (see :meth:`~hqde_lightning.turns.Turns.cancel`) and waits for their threads."""
-        self.turns.cancel()
-        for thread in threads:
-            thread.join()
 
     def _member(self, context: MemberContext, outcomes: dict[int, MemberResult | BaseException]) -> None:
         data = {name: copy.copy(value) for name, value in self.data.items()}
@@ -116,6 +124,14 @@ class MemberThreads:
                 outcomes[context.index] = MemberActor(None, torch.get_num_threads()).run(self.payload, context, data)
         except BaseException as err:  # the driver's thread reports it
             outcomes[context.index] = err
+        finally:
+            self._finished.put(context.index)
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    """Waits for the member threads (stopped by :meth:`~hqde_lightning.turns.Turns.cancel` where the fit ends early)."""
+    for thread in threads:
+        thread.join()
 
 
 def _member_0_only(record: logging.LogRecord) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import inspect
 import os
 import threading
@@ -103,16 +102,15 @@ class Turns:
                 self.give()
 
     def cancel(self) -> None:
-        """Ends every member's fit: waiting members at once, the running one at its next Python line.
+        """Ends every member's fit: a waiting member at once, the running one at its next call to the coordinator.
 
-        The running member gets :class:`MemberCancelled` raised in its thread, so that its fit ends as a
-        failed plain fit does (its callbacks' ``on_exception`` run). A ``KeyboardInterrupt`` would
-        not do: Lightning answers it by touching signal handlers, which only the main thread may.
+        The running member calls it at least every half second of training (its progress reports),
+        and at each metrics row and sync. :class:`MemberCancelled` is raised there, in the member's
+        own code path, so its fit ends as a failed plain fit ends (its callbacks' ``on_exception`` run).
         """
         self.cancelled.set()
-        holder = self._holder
-        if holder is not None:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(holder), ctypes.py_object(MemberCancelled))
+        with self._condition:
+            self._condition.notify_all()
 
 
 def resolve(ref: Any) -> Any:
@@ -170,6 +168,10 @@ class InProcessActor:
         return _Method(self, name)
 
     def call(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> concurrent.futures.Future:
+        """Schedules ``instance.name(*args, **kwargs)``; a member thread whose fit was cancelled gets :class:`MemberCancelled` instead."""
+        turns: Turns | None = getattr(_local, "turns", None)
+        if turns is not None and turns.cancelled.is_set():
+            raise MemberCancelled("the fit was ended while this member trained")
         method = getattr(self._instance, name)
 
         async def run() -> Any:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule
+from test_member_threads import ManualDigits
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
@@ -85,3 +86,30 @@ def test_vmap_and_loop_groups_agree_on_gpu(tmp_path):
     for vmapped, looped in zip(states[True], states[False]):
         for key in looped:
             torch.testing.assert_close(vmapped[key].cpu(), looped[key].cpu(), rtol=1e-3, atol=1e-4)
+
+
+class ManualDeviceDigits(ManualDigits):
+    """Manual optimization (members in threads), logging whether its training step ran on CUDA."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("on_cuda", float(self.device.type == "cuda"))
+        super().training_step(batch, batch_idx)
+
+
+@pytest.mark.gpu
+def test_member_threads_train_on_one_gpu_without_ray(monkeypatch, tmp_path):
+    """A module a group cannot run trains each member in a thread of this process, all on the one GPU, Ray not started."""
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a one-GPU fit")
+
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    strategy = HQDEStrategy(num_members=3, sync="elastic", seed=0)
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+    )
+    trainer.fit(ManualDeviceDigits(), datamodule=DigitsDataModule())
+    assert all(float(trainer.callback_metrics[f"member_{i}/on_cuda"]) == 1.0 for i in range(3))
+    assert [r.round for r in strategy.sync_history] == [0, 1]
+    (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
+    assert results["ensemble/test_acc"] > 0.8

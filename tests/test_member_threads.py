@@ -144,6 +144,7 @@ def test_an_interrupt_ends_the_fit_as_it_ends_a_plain_fit(ray_session, where):
     trainer = quiet_trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **FIT)
     module = ManualDigits() if where == "ctrl-c" else ManualDigits(fail_member=1, interrupt=True)
     handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt (whatever earlier tests left)
     try:
         with pytest.raises(SystemExit):  # a plain fit answers KeyboardInterrupt with its graceful shutdown and `sys.exit(1)`
             trainer.fit(module, datamodule=DigitsDataModule())
