@@ -22,6 +22,11 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
   then runs the steps member by member (vmap cannot keep a module's attributes apart per member);
   before, any such callback sent the fit to one Ray actor per member;
 * ``hqde-actors``: one Ray actor per member (``members_per_worker=1``);
+* ``hqde-manual``: ``hqde`` with the model under manual optimization (:class:`ManualOptimization`:
+  the same step, zero-grad, backward and SGD update, written out): a member group cannot run it,
+  so on one device each member trains its own fit in a thread of this process, the threads
+  taking turns (``hqde_lightning.member_threads``); ``hqde-manual-actors``: the same model as one
+  Ray actor per member (``members_per_worker=1``), where such modules trained before;
 * ``hqde-2actors``: two Ray actors, each training half of the members as a member group
   (``members_per_worker=ceil(N/2)``), as on two GPUs or two nodes.
 
@@ -81,6 +86,8 @@ HQDE_MODES: dict[str, dict[str, Any]] = {
     "hqde-loop": {"members_per_worker": "auto", "vectorize": False},
     "hqde-callback": {"callbacks": True},  # the defaults, with `WeightNorms` in the Trainer's callbacks
     "hqde-actors": {"members_per_worker": 1},
+    "hqde-manual": {"manual": True},  # the model under manual optimization: members in threads of this process
+    "hqde-manual-actors": {"manual": True, "members_per_worker": 1},
     "hqde-2actors": {"members_per_worker": "half"},  # ceil(N / 2) members in each of two actors
 }
 PLAIN_MODES = ("single", "sequential", "sequential-channels-last")
@@ -117,10 +124,38 @@ class WeightNorms(pl.Callback):
         pl_module.log("first_weight_norm", first.detach().norm())
 
 
-def seeded_model(data: str, seed: int) -> SimpleClassifier:
+class ManualOptimization:
+    """Mixin: the model's own training step under manual optimization (zero-grad, backward, optimizer step): the same
+    update as under automatic optimization, in a module a member group cannot run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+class ManualReluMLP(ManualOptimization, ReluMLP):
+    """``ReluMLP`` under manual optimization."""
+
+
+class ManualSmallCNN(ManualOptimization, SmallCNN):
+    """``SmallCNN`` under manual optimization."""
+
+
+MANUAL_MODELS: dict[str, Callable[[], SimpleClassifier]] = {"digits": ManualReluMLP, "fashion-mnist": ManualSmallCNN}
+
+
+def seeded_model(data: str, seed: int, manual: bool = False) -> SimpleClassifier:
     """A fresh model built under ``seed``, with the global RNGs then reset to ``seed`` (as an HQDE member is before its fit)."""
     pl.seed_everything(seed, verbose=False)
-    model = MODELS[data]()
+    model = (MANUAL_MODELS if manual else MODELS)[data]()
     pl.seed_everything(seed, workers=True, verbose=False)
     return model
 
@@ -177,8 +212,8 @@ def train_torch_vmap(members: int, train: TensorDataset, args: argparse.Namespac
 
 
 def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Namespace) -> Predict:
-    model = seeded_model(args.data, args.seed)
     kwargs = dict(HQDE_MODES[mode])
+    model = seeded_model(args.data, args.seed, manual=kwargs.pop("manual", False))
     if kwargs.get("members_per_worker") == "half":
         kwargs["members_per_worker"] = math.ceil(members / 2)
     callbacks = [WeightNorms()] if kwargs.pop("callbacks", False) else []

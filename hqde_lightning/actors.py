@@ -112,9 +112,9 @@ class Coordinator:
         check_clones: compare the members' first end-of-epoch snapshots and report members with
             identical weights to the driver (off where a sync makes members equal on purpose).
         in_process: served in the driver's process (:class:`~hqde_lightning.turns.InProcessActor`,
-            for member threads): payloads and the consensus are kept as they are instead of as Ray
-            objects (members send copies of their weights and only read the consensus), and
-            reductions run in this process.
+            for member threads): payloads, snapshots and the consensus are kept as they are instead
+            of as Ray objects or copies (members send copies of their weights and snapshots and only
+            read the consensus), and reductions run in this process.
     """
 
     def __init__(
@@ -145,6 +145,8 @@ class Coordinator:
         self._executor: Executor | None = LocalExecutor() if in_process else None
         #: keeps a value the members share: a Ray object, or in process the value itself
         self._put: Callable[[Any], Any] = _same if in_process else ray.put
+        #: keeps a posted snapshot: a copy owned here (it outlives the member), or in process the member's own copy
+        self._own: Callable[[Any], Any] = _same if in_process else tree_to_cpu
         self.check_clones = check_clones
         #: per member, the round and weight digest of the first snapshot it posted
         self.first_fingerprints: dict[int, tuple[int, str]] = {}
@@ -226,7 +228,7 @@ class Coordinator:
         previous = self.snapshots.get(member)
         unchanged = final and previous is not None and previous[0] == round_id and previous[1].get("global_step") == snapshot.get("global_step")
         latest = (previous is None or previous[0] <= round_id) and not unchanged
-        copied = tree_to_cpu(snapshot) if latest or final else None  # a late, older snapshot is not copied at all
+        copied = self._own(snapshot) if latest or final else None  # a late, older snapshot is not copied at all
         if latest:
             self.snapshots[member] = (round_id, copied)
         if final:

@@ -33,7 +33,6 @@ from hqde_lightning.checkpoint import capture_rng_states, restore_rng_states
 
 __all__ = ["InProcessActor", "MemberCancelled", "Turns", "resolve"]
 
-_WAIT_SECONDS = 0.1
 #: Lightning's seed variables (``seed_everything``): worker seeds are derived from them
 _SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 #: the turn a thread holds or waits for, where it waits in :func:`resolve`
@@ -64,7 +63,7 @@ class Turns:
                 while self._holder is not None or self._waiting[0] != me:
                     if self.cancelled.is_set():
                         raise MemberCancelled("the fit was ended while this member waited for its turn")
-                    self._condition.wait(_WAIT_SECONDS)
+                    self._condition.wait()
             except BaseException:
                 self._waiting.remove(me)
                 self._condition.notify_all()
@@ -101,6 +100,23 @@ class Turns:
             if self._holder == threading.get_ident():
                 self.give()
 
+    def wait(self, future: concurrent.futures.Future) -> None:
+        """Waits (without the turn) until ``future`` is done.
+
+        Raises:
+            MemberCancelled: when the fit is ended first.
+        """
+        future.add_done_callback(self._wake)
+        with self._condition:
+            while not future.done():
+                if self.cancelled.is_set():
+                    raise MemberCancelled("the fit was ended while this member waited for the others")
+                self._condition.wait()
+
+    def _wake(self, _: Any = None) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
     def cancel(self) -> None:
         """Ends every member's fit: a waiting member at once, the running one at its next call to the coordinator.
 
@@ -109,8 +125,7 @@ class Turns:
         own code path, so its fit ends as a failed plain fit ends (its callbacks' ``on_exception`` run).
         """
         self.cancelled.set()
-        with self._condition:
-            self._condition.notify_all()
+        self._wake()
 
 
 def resolve(ref: Any) -> Any:
@@ -127,14 +142,7 @@ def resolve(ref: Any) -> Any:
         return ref.result()
     turns.give()
     try:
-        while True:
-            if turns.cancelled.is_set():
-                raise MemberCancelled("the fit was ended while this member waited for the others")
-            try:
-                ref.result(timeout=_WAIT_SECONDS)
-                break
-            except concurrent.futures.TimeoutError:
-                continue
+        turns.wait(ref)
     finally:
         if not turns.cancelled.is_set():
             turns.take()
