@@ -47,7 +47,7 @@ from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_g
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
 
-__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "worker_fit"]
+__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "member_failed", "worker_fit"]
 
 
 class MemberInterrupted(Exception):
@@ -432,6 +432,16 @@ def worker_fit(trainer: Any, whose: str, restart_dir: str | None) -> Iterator[No
     finally:
         if restart_dir is not None:
             shutil.rmtree(restart_dir, ignore_errors=True)
+
+
+def member_failed(who: str, err: BaseException, fallback: str) -> BaseException:
+    """A member's error as the driver raises it: its interrupt (:class:`MemberInterrupted`) as ``KeyboardInterrupt``, so
+    that the driver's fit ends as an interrupted plain fit does; anything else as it is, its message starting with
+    ``"<who> failed: "`` (``fallback`` where it has no message)."""
+    if isinstance(err, MemberInterrupted):
+        return KeyboardInterrupt(str(err))
+    err.args = (f"{who} failed: {err.args[0] if err.args else fallback}",) + tuple(err.args[1:])
+    return err
 
 
 def _same(value: Any) -> Any:

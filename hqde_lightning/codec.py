@@ -159,6 +159,13 @@ def distance_to_consensus(state: Mapping[str, Tensor], consensus: Mapping[str, T
     return squared**0.5
 
 
+def keeps_members_apart(mode: str, alpha: float) -> bool:
+    """Whether a sync in ``mode`` with strength ``alpha`` leaves the members distinct: ``"none"``, or ``"elastic"`` with
+    ``alpha < 1``. Only then are members with identical weights a mistake worth reporting (``"replace"`` and a full
+    elastic pull set every member to the consensus on purpose)."""
+    return mode == "none" or (mode == "elastic" and alpha < 1.0)
+
+
 def apply_sync(state: Mapping[str, Tensor], consensus: Mapping[str, Tensor | np.ndarray], mode: str, alpha: float) -> dict[str, Tensor]:
     """A member's new weights after a sync, for every key of ``consensus`` (``state`` is not changed).
 

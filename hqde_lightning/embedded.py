@@ -35,7 +35,7 @@ from ray import cloudpickle
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.checkpoint import state_digest
-from hqde_lightning.codec import apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
+from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
@@ -111,7 +111,7 @@ class GroupSync(Callback):
         self.aggregator = copy.deepcopy(hqde.aggregator)
         self.history: list[dict[str, Any]] = []
         self.synced_epoch = -1
-        self.check_clones = hqde.sync == "none" or (hqde.sync == "elastic" and hqde.sync_strength < 1.0)
+        self.check_clones = keeps_members_apart(hqde.sync, hqde.sync_strength)
         #: each member's last full Lightning checkpoint (taken when the fit ends)
         self.final: dict[int, dict[str, Any]] = {}
         self._loss_sum: torch.Tensor | None = None

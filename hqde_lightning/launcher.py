@@ -48,6 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hqde_lightning.actors import Coordinator, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.codec import keeps_members_apart
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
@@ -209,8 +210,7 @@ class RayEnsembleLauncher(_Launcher):
         """Trains the members as Ray actors (``workers``: the members of each) with a coordinator actor; returns their results, final snapshots and the coordinator's state."""
         strategy = self._strategy
         self._prepare_data_on_other_nodes(model, bound)
-        # where a sync sets every member to the consensus, equal weights are intended
-        check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+        check_clones = keeps_members_apart(strategy.sync, strategy.sync_strength)
         # on the head node, whose loss ends the cluster anyway: never lost with a member's node
         on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
         coordinator = (

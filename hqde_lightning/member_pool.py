@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import MemberActor, MemberInterrupted, MemberResult
+from hqde_lightning.actors import MemberActor, MemberInterrupted, MemberResult, member_failed
 from hqde_lightning.group import GroupUnsupported
 from hqde_lightning.group_actor import GroupActor, GroupContext
 from hqde_lightning.member import MemberContext
@@ -259,10 +259,6 @@ def _describe(workers: list[list[int]], options: list[dict[str, Any]]) -> str:
 
 def _member_error(members: list[int], err: Exception) -> BaseException:
     who = f"member {members[0]}" if len(members) == 1 else f"members {members}"
-    if isinstance(err, RayTaskError) and isinstance(err.cause, MemberInterrupted):
-        return KeyboardInterrupt(str(err.cause))  # the driver's fit ends as an interrupted plain fit does
     if isinstance(err, RayTaskError):
-        cause = err.as_instanceof_cause()
-        cause.args = (f"{who} failed: {cause.args[0] if cause.args else err}",) + tuple(cause.args[1:])
-        return cause
+        return member_failed(who, err.cause if isinstance(err.cause, MemberInterrupted) else err.as_instanceof_cause(), str(err))
     return RuntimeError(f"{who}'s actor died: {err}")

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from hqde_lightning.actors import Coordinator, MemberActor, MemberInterrupted, MemberResult
+from hqde_lightning.actors import Coordinator, MemberActor, MemberResult, member_failed
+from hqde_lightning.codec import keeps_members_apart
 from hqde_lightning.member import MemberContext
 from hqde_lightning.turns import InProcessActor, MemberCancelled, Turns, resolve
 
@@ -70,7 +71,7 @@ class MemberThreads:
             BaseException: the first member's error, its message prefixed with the member.
         """
         strategy = self.strategy
-        check_clones = strategy.sync == "none" or (strategy.sync == "elastic" and strategy.sync_strength < 1.0)
+        check_clones = keeps_members_apart(strategy.sync, strategy.sync_strength)
         coordinator = Coordinator(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones, in_process=True)
         handle = InProcessActor(coordinator)
         outcomes: dict[int, MemberResult | BaseException] = {}
@@ -141,9 +142,8 @@ def _member_0_only(record: logging.LogRecord) -> bool:
 
 
 def _member_error(member: int, err: BaseException) -> BaseException:
-    """``err`` as the driver raises it: a member's interrupt as ``KeyboardInterrupt``, anything else with the member named."""
+    """``err`` as the driver raises it (:func:`~hqde_lightning.actors.member_failed`)."""
     # a member's own KeyboardInterrupt: Lightning's answer fails in a thread (it sets a signal handler) with it as context
-    if isinstance(err, MemberInterrupted) or isinstance(err.__context__, KeyboardInterrupt):
+    if isinstance(err.__context__, KeyboardInterrupt):
         return KeyboardInterrupt(str(err))  # the driver's fit ends as an interrupted plain fit does
-    err.args = (f"member {member} failed: {err.args[0] if err.args else type(err).__name__}",) + tuple(err.args[1:])
-    return err
+    return member_failed(f"member {member}", err, type(err).__name__)

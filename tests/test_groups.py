@@ -116,11 +116,11 @@ def group_states(hparams: dict, vectorize: bool | str, module: type[Net] = Net, 
     return [m.state_dict() for m in strategy.ensemble.members]
 
 
-def assert_same_members(group: list[dict], solo: list[dict]) -> None:
+def assert_same_members(group: list[dict], solo: list[dict], atol: float = 1e-5) -> None:
     for i, (g, s) in enumerate(zip(group, solo)):
         assert g.keys() == s.keys()
         for key in s:
-            torch.testing.assert_close(g[key], s[key], rtol=1e-4, atol=1e-5, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+            torch.testing.assert_close(g[key], s[key], rtol=1e-4, atol=atol, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])

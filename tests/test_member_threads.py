@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from models import DigitsDataModule, DigitsModule, quiet_trainer
-from test_groups import SeededDigits
+from test_groups import SeededDigits, assert_same_members
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
@@ -67,9 +67,7 @@ def _fit(
 
 def _assert_same_members(a: HQDEStrategy, b: HQDEStrategy) -> None:
     """Equal to float tolerance: a member actor's torch uses its share of the cores, a member thread all of them."""
-    for i, (x, y) in enumerate(zip(a.ensemble.members, b.ensemble.members)):
-        for key, value in y.state_dict().items():
-            torch.testing.assert_close(x.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+    assert_same_members([m.state_dict() for m in a.ensemble.members], [m.state_dict() for m in b.ensemble.members], atol=1e-6)
 
 
 def _member_threads() -> list[threading.Thread]:
