@@ -363,7 +363,8 @@ def _fail(message: str) -> None:
 )
 def test_gathered_group_batches_are_the_stacked_member_batches(options, bagging):
     """Over a TensorDataset, the group gathers its members' batches itself; they are exactly the member loaders' batches, stacked."""
-    loader = DataLoader(TensorDataset(torch.randn(300, 4), torch.randint(0, 10, (300,))), batch_size=64, **options)
+    images = torch.randn(300, 2, 3, 3).to(memory_format=torch.channels_last)  # rows that are not contiguous in memory
+    loader = DataLoader(TensorDataset(torch.randn(300, 4), images, torch.randint(0, 10, (300,))), batch_size=64, **options)
     for epoch in (0, 1):
         gathered = group_loader(loader, 5, [0, 2, 3], epoch, bagging, _fail)
         assert isinstance(gathered, GatheredGroupLoader)
@@ -371,7 +372,7 @@ def test_gathered_group_batches_are_the_stacked_member_batches(options, bagging)
         fast, reference = list(gathered), list(stacked)
         assert len(fast) == len(reference) == len(gathered) > 0
         for a, b in zip(fast, reference):
-            assert type(a) is type(b) is list and len(a) == len(b) == 2
+            assert type(a) is type(b) is list and len(a) == len(b) == 3
             for x, y in zip(a, b):
                 assert x.dtype == y.dtype and torch.equal(x, y)
 
