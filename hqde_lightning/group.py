@@ -494,11 +494,8 @@ class MemberGroup(LightningModule):
         module's (Lightning's choice), and run on each training member's own batch, as that member, stacked again; on a
         validation batch, which the members share, once."""
         trainer = self._trainer
-        if hook_name not in BATCH_HOOKS or trainer is None:
-            return super()._call_batch_hook(hook_name, *args)
-        owner = trainer._data_connector._datahook_selector.get_instance(hook_name)
-        owner = self.module if owner is self else owner
-        if not is_overridden(hook_name, owner, LightningModule if owner is self.module else LightningDataModule):
+        owner = self._batch_hook_owner(hook_name) if hook_name in BATCH_HOOKS else None
+        if owner is None or trainer is None:
             return super()._call_batch_hook(hook_name, *args)  # Lightning's own: the batch as it is, or all of it moved at once
         hook, batch = getattr(owner, hook_name), args[0]
         self._attach()
@@ -512,6 +509,19 @@ class MemberGroup(LightningModule):
             return move_data_to_device(own, args[1]) if hook_name == "transfer_batch_to_device" else own
 
         return stack_batches([changed[i] if i in changed else unchanged(i) for i in range(self.num_members)])
+
+    def _batch_hook_owner(self, hook_name: str) -> LightningModule | LightningDataModule | None:
+        """Your module or datamodule, whichever Lightning calls ``hook_name`` (one of :data:`BATCH_HOOKS`) of, if it overrides it."""
+        if self._trainer is None:
+            return None
+        owner = self._trainer._data_connector._datahook_selector.get_instance(hook_name)
+        owner = self.module if owner is self else owner
+        return owner if is_overridden(hook_name, owner, LightningModule if owner is self.module else LightningDataModule) else None
+
+    @property
+    def changes_batches(self) -> bool:
+        """Whether your module or datamodule overrides one of :data:`BATCH_HOOKS` (they see each batch before it is on the device)."""
+        return any(self._batch_hook_owner(hook) is not None for hook in BATCH_HOOKS)
 
     def _hook(self, hook: str, *args: Any) -> list[Any]:
         """Your module's ``hook`` once per member, when you override it (the group's :data:`MEMBER_HOOKS` call this)."""

@@ -6,7 +6,8 @@ this one: Lightning's single-device strategy on the run's device, overriding wha
 process hold the whole ensemble:
 
 * :meth:`GroupStrategy.process_dataloader`: the training loader yields every member's own batch,
-  stacked (:func:`~hqde_lightning.member_data.group_loader`);
+  stacked (:func:`~hqde_lightning.member_data.group_loader`), gathered on the GPU from an
+  in-memory ``TensorDataset`` that fits there;
 * :meth:`GroupStrategy.save_checkpoint` / :meth:`GroupStrategy.load_checkpoint`: whole-ensemble
   checkpoints in the same format as with member actors (one full Lightning checkpoint per member,
   each member's callback state under the key it has with actors, the consensus at the top level),
@@ -22,7 +23,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_checkpoint, read_checkpoint, seal_checkpoint
 from hqde_lightning.events import Notice
@@ -34,7 +35,10 @@ from hqde_lightning.member_lr import MEMBER_STATES
 from hqde_lightning.topology import aggregate
 from hqde_lightning.worker_strategy import WorkerStrategy, checkpoint_round
 
-__all__ = ["GroupStrategy"]
+__all__ = ["GATHER_ON_GPU_BYTES", "GroupStrategy"]
+
+#: the largest in-memory training ``TensorDataset`` a group copies to the GPU to gather its batches there
+GATHER_ON_GPU_BYTES = 2**30
 
 
 class GroupStrategy(WorkerStrategy):
@@ -73,7 +77,26 @@ class GroupStrategy(WorkerStrategy):
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
         warn = lambda message: self.sync.forwarder.handle([Notice(0, f"HQDEStrategy: {message}", warning=True)])  # noqa: E731
-        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn)
+        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on)
+
+    def _gather_on(self, dataset: TensorDataset) -> torch.device | None:
+        """Where the group gathers its batches from an in-memory ``TensorDataset``: on the GPU, when it fits there.
+
+        On a GPU a small model's step is short and the host's part of it bounds the pace: gathering
+        there copies only the indices each step, instead of the k members' batches. The dataset is
+        copied to the GPU at each epoch's start when it takes at most :data:`GATHER_ON_GPU_BYTES`
+        and a quarter of the GPU's free memory, and your module and datamodule leave the batches
+        alone until they are on the device (no :data:`~hqde_lightning.group.BATCH_HOOKS`).
+        """
+        device = self.root_device
+        if device.type != "cuda" or self.group.changes_batches:
+            return None
+        size = sum(t.element_size() * t.nelement() for t in dataset.tensors if t.device != device)
+        if size == 0 or size > min(GATHER_ON_GPU_BYTES, torch.cuda.mem_get_info(device)[0] // 4):
+            return None
+        message = f"HQDEStrategy: the training TensorDataset ({size / 2**20:.1f} MB) is copied to {device} at each epoch's start; the members' batches are gathered there."
+        self.sync.forwarder.handle([Notice(0, message, warning=False)])  # shown once
+        return device
 
     # ----------------------------------------------------------- checkpoints
     def member_checkpoint(self, checkpoint: dict[str, Any], i: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import lightning.pytorch as pl
@@ -100,3 +101,31 @@ def test_members_train_on_one_gpu_without_ray(monkeypatch, tmp_path, module, str
     assert [r.round for r in strategy.sync_history] == [0, 1]
     (results,) = trainer.test(trainer.lightning_module, datamodule=DigitsDataModule(), verbose=False)
     assert results["ensemble/test_acc"] > min_accuracy
+
+
+class HostGathered(DigitsDataModule):
+    """Digits with a batch hook (one that changes nothing): the group gathers the members' batches on the host, then moves them."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch
+
+
+@pytest.mark.gpu
+def test_group_gathers_its_batches_on_the_gpu(tmp_path, caplog):
+    """The training TensorDataset is copied to the GPU and the members' batches gathered there: the same members as gathered on the host."""
+    states, told = {}, {}
+    for datamodule in (DigitsDataModule, HostGathered):
+        strategy = HQDEStrategy(num_members=3, sync="none", seed=3, vectorize=True)
+        trainer = pl.Trainer(
+            strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, limit_val_batches=0, default_root_dir=str(tmp_path),
+            logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer.fit(DigitsModule(), datamodule=datamodule())
+        told[datamodule] = caplog.text.count("the members' batches are gathered there")
+        states[datamodule] = [m.state_dict() for m in strategy.ensemble.members]
+    assert told == {DigitsDataModule: 1, HostGathered: 0}
+    for on_gpu, on_host in zip(states[DigitsDataModule], states[HostGathered]):
+        for key in on_host:
+            torch.testing.assert_close(on_gpu[key].cpu(), on_host[key].cpu(), rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+import hqde_lightning.group_strategy as group_strategy
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
@@ -840,3 +842,49 @@ def test_byzantine_members_in_a_group_send_what_their_actors_send(ray_session):
     for in_group, as_actor in zip(group.ensemble.members, actors.ensemble.members):
         for key, value in as_actor.state_dict().items():
             torch.testing.assert_close(in_group.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+class MovesBatches(DigitsDataModule):
+    """Digits whose datamodule changes each batch once it is on the device (a hook a group runs per member)."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return batch
+
+
+CHANGES_BATCHES: list[bool] = []
+
+
+class RecordsBatchChanges(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        CHANGES_BATCHES.append(trainer.strategy.group.changes_batches)
+
+
+@pytest.mark.parametrize("datamodule, changes", [(DigitsDataModule, False), (MovesBatches, True)], ids=["plain", "batch-hook"])
+def test_group_knows_whether_your_code_changes_its_batches(datamodule, changes):
+    CHANGES_BATCHES.clear()
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=0), max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[RecordsBatchChanges()])
+    trainer.fit(DigitsModule(), datamodule=datamodule())
+    assert CHANGES_BATCHES == [changes, changes]  # once per member
+
+
+def test_a_group_on_a_gpu_gathers_there_when_the_training_set_fits(monkeypatch):
+    """`GroupStrategy` gathers on the GPU a dataset that takes at most GATHER_ON_GPU_BYTES and a quarter of the free memory,
+    unless your code changes batches before they are on the device, and says so once; on a CPU it gathers where the data is."""
+    notices = []
+    changes = SimpleNamespace(changes_batches=False)
+    fake = SimpleNamespace(root_device=torch.device("cuda", 0), group=changes, sync=SimpleNamespace(forwarder=SimpleNamespace(handle=notices.extend)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**20, 16 * 2**20))  # 8 MiB free: a quarter is 2 MiB
+    gather_on = lambda dataset: group_strategy.GroupStrategy._gather_on(fake, dataset)  # noqa: E731
+    mib = lambda n: TensorDataset(torch.zeros(n * 2**16, 2), torch.zeros(n * 2**16, dtype=torch.int64))  # noqa: E731  # n MiB
+
+    assert gather_on(mib(2)) == torch.device("cuda", 0)
+    assert [n.message for n in notices] == ["HQDEStrategy: the training TensorDataset (2.0 MB) is copied to cuda:0 at each epoch's start; the members' batches are gathered there."]
+    assert not notices[0].warning
+    assert gather_on(mib(3)) is None, "over a quarter of the free memory"
+    monkeypatch.setattr(group_strategy, "GATHER_ON_GPU_BYTES", 2**20)
+    assert gather_on(mib(2)) is None, "over GATHER_ON_GPU_BYTES"
+    assert gather_on(mib(1)) == torch.device("cuda", 0)
+    changes.changes_batches = True
+    assert gather_on(mib(1)) is None, "a batch hook sees batches before they are on the device"
+    changes.changes_batches, fake.root_device = False, torch.device("cpu")
+    assert gather_on(mib(1)) is None

@@ -377,6 +377,42 @@ def test_gathered_group_batches_are_the_stacked_member_batches(options, bagging)
                 assert x.dtype == y.dtype and torch.equal(x, y)
 
 
+def test_gathered_group_copies_the_dataset_where_it_gathers(monkeypatch):
+    """With a `device`, the dataset's tensors are copied there at each pass and the batches are gathered from the copies."""
+    data = TensorDataset(torch.arange(40.0).view(20, 2), torch.arange(20))
+    loader = DataLoader(data, batch_size=5, shuffle=True)
+    reference = list(group_loader(loader, 5, [0, 1], 0, False, _fail))
+    copied = []
+    real_to = torch.Tensor.to
+
+    def marking_to(tensor, *args, **kwargs):  # a dataset tensor's copy is marked (+1000 for the inputs) to tell it from the original
+        out = real_to(tensor, *args, **kwargs)
+        if tensor.dim() > 0 and tensor.shape[0] == 20:
+            copied.append(tensor)
+            out = out + 1000 if out.is_floating_point() else out.clone()
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", marking_to)
+    gathered = group_loader(loader, 5, [0, 1], 0, False, _fail, lambda dataset: torch.device("cpu"))
+    assert isinstance(gathered, GatheredGroupLoader) and gathered.device == torch.device("cpu")
+    passes = []
+    for _ in range(2):
+        copied.clear()
+        passes.append(list(gathered))
+        assert copied == list(data.tensors), "each dataset tensor copied once per pass"
+    batches = passes[0]  # (a second pass draws new orders, as the member loaders do)
+    assert len(batches) == len(reference) == 4
+    for (x, y), (x_ref, y_ref) in zip(batches, reference):
+        assert torch.equal(x, x_ref + 1000) and torch.equal(y, y_ref)
+
+
+def test_gathered_batches_of_a_dataset_on_another_device_come_from_there():
+    """Dataset tensors on a device the indices are not on (a TensorDataset on the GPU) are gathered where they are."""
+    data = TensorDataset(torch.randn(30, 3, device="meta"), torch.zeros(30, dtype=torch.long, device="meta"))
+    (first, *_) = list(group_loader(DataLoader(data, batch_size=10, shuffle=True), 0, [0, 1, 2], 0, False, _fail))
+    assert [t.device.type for t in first] == ["meta", "meta"] and first[0].shape == (3, 10, 3) and first[1].shape == (3, 10)
+
+
 def test_loaders_the_group_cannot_gather_are_stacked():
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 10, (64,)))
     for loader in (DataLoader(data, batch_size=16, collate_fn=lambda batch: batch), DataLoader(data, batch_size=16, num_workers=1), DataLoader(list(data), batch_size=16)):
