@@ -241,6 +241,7 @@ class GatheredGroupLoader(GroupLoader):
         # a DataLoader's iterator draws its base seed from the loader's generator before the sampler runs: so does this
         iterators = [iter(stream) for stream in self._streams]
         tensors = [t if self.device is None else t.to(self.device) for t in self._streams[0].dataset.tensors]  # type: ignore[attr-defined]
+        devices = {t.device for t in tensors}  # the indices go to each of them once a step
         step = 0
         while True:
             indices = [next(it._sampler_iter, _END) for it in iterators]  # type: ignore[attr-defined]
@@ -256,7 +257,7 @@ class GatheredGroupLoader(GroupLoader):
             # index lists through numpy: ~5x faster than torch.as_tensor on nested lists (a step of a small model on a GPU is short)
             gather = torch.from_numpy(np.array([indices[s] for s in self._stream_of], dtype=np.int64))
             # rows copied whole by `index_select`: 4-7x faster on a CPU than indexing with the [k, B] index tensor (`tensor[gather]`)
-            flat = {t.device: gather.view(-1).to(t.device, non_blocking=True) for t in tensors}
+            flat = {device: gather.view(-1).to(device, non_blocking=True) for device in devices}
             yield [t.index_select(0, flat[t.device]).reshape(*gather.shape, *t.shape[1:]) for t in tensors]
             step += 1
 
