@@ -15,7 +15,8 @@ Lightning fit loop.
 
 Both are plain classes here; the launcher wraps them with ``ray.remote`` and their resources, or
 (on one device, for modules a member group cannot run) runs them in threads of the driver
-(:mod:`hqde_lightning.member_threads`).
+(:mod:`hqde_lightning.member_threads`). So Ray is imported inside the methods only Ray runs, not at
+the top: a process whose members train in threads never imports it (that costs about a second).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -32,12 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
-from ray import cloudpickle
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
@@ -46,8 +46,9 @@ from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, syn
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
 from hqde_lightning.member_strategy import MemberStrategy
+from hqde_lightning.turns import resolve
 
-__all__ = ["Coordinator", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "member_failed", "worker_fit"]
+__all__ = ["Coordinator", "FitOutcome", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "member_failed", "worker_fit"]
 
 
 class MemberInterrupted(Exception):
@@ -60,7 +61,7 @@ class MemberInterrupted(Exception):
 
 def _fetch(payloads: Sequence[Any]) -> list[Any]:
     """The values of ``payloads``: object-store references are read, values are kept."""
-    return [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in payloads]
+    return [resolve(p) for p in payloads]
 
 
 def _combine_task(rule: Aggregator, payloads: Sequence[Any], *args: Any) -> Any:
@@ -78,6 +79,8 @@ class RayExecutor(Executor):
     """
 
     def __init__(self, num_cpus: float = 0.0) -> None:
+        import ray
+
         self._remote = ray.remote(_combine_task).options(num_cpus=num_cpus)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -85,6 +88,8 @@ class RayExecutor(Executor):
         return self._remote.remote(*args)
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
+        import ray
+
         return list(ray.get(list(handles)))
 
     def fetch(self, payloads: Sequence[Any]) -> list[Any]:
@@ -144,7 +149,7 @@ class Coordinator:
         self._snapshot_waiters: list[asyncio.Event] = []
         self._executor: Executor | None = LocalExecutor() if in_process else None
         #: keeps a value the members share: a Ray object, or in process the value itself
-        self._put: Callable[[Any], Any] = _same if in_process else ray.put
+        self._put: Callable[[Any], Any] = _same if in_process else _ray_put
         #: keeps a posted snapshot: a copy owned here (it outlives the member), or in process the member's own copy
         self._own: Callable[[Any], Any] = _same if in_process else tree_to_cpu
         self.check_clones = check_clones
@@ -330,6 +335,10 @@ class MemberResult:
     score: float | None
 
 
+#: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
+FitOutcome = tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]
+
+
 class MemberActor:
     """Runs one member's Lightning fit loop.
 
@@ -346,6 +355,8 @@ class MemberActor:
 
     def node_id(self) -> str:
         """The Ray node this member runs on (answering it also tells the driver the member started)."""
+        import ray
+
         return ray.get_runtime_context().get_node_id()
 
     @staticmethod
@@ -379,13 +390,13 @@ class MemberActor:
         """
         from lightning.pytorch import seed_everything
 
-        trainer, function_name, args, kwargs = cloudpickle.loads(payload)
+        trainer, function_name, args, kwargs = pickle.loads(payload)  # cloudpickle's loads is pickle's
         if data:
             bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs, **data)
             args, kwargs = bound.args, bound.kwargs
         restart_dir: str | None = None
         if context.restart_from is not None:
-            snapshot = ray.get(context.restart_from[0])
+            snapshot = resolve(context.restart_from[0])
             if snapshot is not None:
                 restart_dir = tempfile.mkdtemp(prefix="hqde-restart-")
                 bound = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs)
@@ -446,6 +457,13 @@ def member_failed(who: str, err: BaseException, fallback: str) -> BaseException:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _ray_put(value: Any) -> Any:
+    """``ray.put``: a value in the object store, which members read without copying it."""
+    import ray
+
+    return ray.put(value)
 
 
 def _prepared_in_driver() -> None:

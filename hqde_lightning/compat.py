@@ -58,10 +58,11 @@ that lists the allowed ones):
     The facade's defaults are ``logger=False``, ``enable_checkpointing=False`` and
     ``enable_model_summary=False``.
 
-Ray: the first :meth:`HQDESystem.train` starts a private local Ray instance when none is
-running (or joins ``strategy_kwargs["ray_address"]``) and keeps it for later calls;
-:meth:`HQDESystem.cleanup` shuts it down again. A Ray instance that was already running is
-used and left running.
+Ray: on one device (no ``ray_address``, ``members_per_worker`` or ``resources_per_member``) the
+members train in this process and Ray is never started or imported. Otherwise the first
+:meth:`HQDESystem.train` starts a private local Ray instance when none is running (or joins
+``strategy_kwargs["ray_address"]``) and keeps it for later calls; :meth:`HQDESystem.cleanup`
+shuts it down again. A Ray instance that was already running is used and left running.
 """
 
 from __future__ import annotations
@@ -73,21 +74,20 @@ from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any
 
+import cloudpickle
 import lightning.pytorch as pl
-import ray
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
-from ray import cloudpickle
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hqde_lightning.aggregation import Entanglement
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
+from hqde_lightning.devices import ray_connected
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleMetrics, classification_batch
-from hqde_lightning.ray_runtime import start_ray
 from hqde_lightning.member import SyncCodec
 from hqde_lightning.strategy import HQDEStrategy
 from hqde_lightning.validation import check_int, check_mapping, check_number
@@ -408,12 +408,14 @@ class HQDESystem:
             ``val_loader``, the ensemble's validation metrics.
         """
         check_int(num_epochs, "num_epochs", 1)
-        self._ensure_ray()
         strategy, callbacks = self._next_fit or self.config.fit_parts()
         self._next_fit = None
         trainer_kwargs = self.config.trainer_options()
         trainer_kwargs["callbacks"] = trainer_kwargs["callbacks"] + callbacks
+        running = ray_connected()  # before the Trainer, which joins `ray_address`
         trainer = Trainer(strategy=strategy, max_epochs=num_epochs, **trainer_kwargs)
+        if strategy.launcher.uses_ray(trainer):
+            self._keep_ray(running)
         started = time.perf_counter()
         trainer.fit(self.module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         elapsed = time.perf_counter() - started
@@ -427,10 +429,13 @@ class HQDESystem:
                 metrics.update({name: float(value) for name, value in results.items()})
         return metrics
 
-    def _ensure_ray(self) -> None:
-        """Starts a private local Ray instance (or joins ``strategy_kwargs['ray_address']``) unless Ray is running."""
-        if ray.is_initialized():
+    def _keep_ray(self, running: bool) -> None:
+        """Starts a private local Ray instance (or joins ``strategy_kwargs['ray_address']``) for this and later
+        fits, unless Ray was ``running`` before this :meth:`train` (the fit's Trainer may have joined the address)."""
+        if running:
             return
+        from hqde_lightning.ray_runtime import start_ray  # imports Ray: only fits with Ray actors pay for it
+
         options = self.config.strategy_kwargs
         self._owns_ray = True  # set first: whatever `ray.init` starts is shut down by cleanup(), even after Ctrl-C
         start_ray(options.get("ray_address"), dict(options.get("ray_init_kwargs") or {}))
@@ -517,7 +522,9 @@ class HQDESystem:
         Safe to call more than once; the trained ensemble stays usable for :meth:`predict`,
         :meth:`evaluate` and :meth:`save`, and a later :meth:`train` starts Ray again.
         """
-        if self._owns_ray and ray.is_initialized():
+        if self._owns_ray and ray_connected():
+            import ray
+
             ray.shutdown()
         self._owns_ray = False
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,7 +32,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from ray import cloudpickle
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.checkpoint import state_digest
@@ -216,7 +216,7 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
             its optimizer is not element-wise).
     """
     hqde = trainer.strategy
-    copy_trainer, function_name, args, kwargs = cloudpickle.loads(payload)
+    copy_trainer, function_name, args, kwargs = pickle.loads(payload)  # cloudpickle's loads is pickle's
     bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
     copy_trainer.loggers = trainer.loggers
     results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder))

@@ -7,17 +7,11 @@
    without Ray; when a group cannot run the module but the fit is on one device, trains each
    member in a thread of this process, one at a time (:mod:`hqde_lightning.member_threads`),
    without Ray; otherwise:
-2. starts Ray locally if it is not running (or joins ``ray_address``; see
-   :mod:`hqde_lightning.ray_runtime`),
-3. pickles the ``Trainer`` with your module and data once, and checks that it can be pickled
-   (:mod:`hqde_lightning.pickling`),
-4. starts a coordinator actor and hands the members to a
-   :class:`~hqde_lightning.member_pool.MemberPool`, which starts one actor per member or per
-   member group (:func:`~hqde_lightning.resources.worker_members`) with its resources and
-   restarts dead ones,
-5. while they train, forwards their metrics to your loggers (``member_{i}/...``,
+2. trains the members in Ray actors (:class:`~hqde_lightning.actor_fit.ActorFit`, which starts
+   Ray or joins ``ray_address``; that module, and Ray, are imported only then),
+3. while they train, forwards their metrics to your loggers (``member_{i}/...``,
    ``ensemble/...``) and shows their progress (:mod:`hqde_lightning.forwarder`),
-6. when they finish, puts the consensus weights into your module, builds
+4. when they finish, puts the consensus weights into your module, builds
    ``strategy.ensemble`` and restores the trainer's epoch, step, metrics, callback states and
    status as a normal ``fit`` leaves them.
 
@@ -31,53 +25,45 @@ import copy
 import inspect
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from ray import cloudpickle
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import Coordinator, MemberResult
+from hqde_lightning.actors import FitOutcome, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
-from hqde_lightning.codec import keeps_members_apart
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
 from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
-from hqde_lightning.member_pool import MemberPool
+from hqde_lightning.member import MirrorLogger
 from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
-from hqde_lightning.ray_runtime import driver_pythonpath, head_node_id, sigint_deferred, start_ray
-from hqde_lightning.resources import worker_members, worker_options
 from hqde_lightning.topology import aggregate
+
+if TYPE_CHECKING:
+    from hqde_lightning.actor_fit import ActorFit
 
 __all__ = ["RayEnsembleLauncher"]
 
-_POLL_SECONDS = 0.25
 #: the arguments of ``Trainer.fit`` that carry data (a member group uses them without copying)
 _DATA_ARGUMENTS = ("train_dataloaders", "val_dataloaders", "datamodule")
-#: what a fit's members bring back: their results, their final snapshots, the sync state
-_Outcome = tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]
 
 class RayEnsembleLauncher(_Launcher):
-    """Launches an ``HQDEStrategy`` fit as parallel member actors (see the module docstring)."""
+    """Launches an ``HQDEStrategy`` fit: its members in this process or in Ray actors (see the module docstring)."""
 
     def __init__(self, strategy: Any) -> None:
         self._strategy = strategy
-        self._coordinator: Any = None
-        self._pool: MemberPool | None = None
-        self._started_ray = False
+        #: the Ray actors of the current (or last) fit, when it needed them
+        self._actors: ActorFit | None = None
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -95,18 +81,21 @@ class RayEnsembleLauncher(_Launcher):
     @property
     def member_nodes(self) -> dict[int, str]:
         """The Ray node id each member of the current (or last) fit runs on, once it started."""
-        return {} if self._pool is None else self._pool.member_nodes
+        return {} if self._actors is None else self._actors.member_nodes
+
+    def uses_ray(self, trainer: Trainer) -> bool:
+        """Whether a fit with ``trainer`` trains its members in Ray actors.
+
+        Not on one device (:func:`~hqde_lightning.embedded.embedded_blocker`), where they train as
+        one member group or in threads of this process, unless ``on_member_failure="continue"``
+        keeps each member in a process of its own.
+        """
+        return embedded_blocker(self._strategy, trainer) is not None or self._strategy.on_member_failure == "continue"
 
     def kill(self, signum: Any = None) -> None:
         """Stops every actor of the current fit."""
-        if self._pool is not None:
-            self._pool.kill()
-        if self._coordinator is not None:
-            try:
-                ray.kill(self._coordinator, no_restart=True)
-            except Exception:  # already gone
-                pass
-            self._coordinator = None
+        if self._actors is not None:
+            self._actors.kill()
 
     # ------------------------------------------------------------- evaluation
     def _evaluate(self, function: Callable, args: tuple[Any, ...], kwargs: dict[str, Any], trainer: Trainer) -> Any:
@@ -129,6 +118,7 @@ class RayEnsembleLauncher(_Launcher):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
         _prepare_data(model, bound)
+        self._actors = None
         try:
             blocker, outcome = group_blocker(strategy, trainer, model), None
             if blocker is None:
@@ -137,7 +127,7 @@ class RayEnsembleLauncher(_Launcher):
                 except GroupUnsupported as err:
                     blocker = str(err)
             if outcome is None:
-                outcome = self._fit_workers(trainer, model, bound, function, blocker)
+                outcome = self._fit_workers(trainer, bound, function, blocker)
             results, final_snapshots, strategy.coordinator_state = outcome
             _check_score_metric(strategy.score_metric, results)
             self._recover(trainer, model, results)
@@ -145,14 +135,11 @@ class RayEnsembleLauncher(_Launcher):
             strategy.keep_final_checkpoints(final_snapshots)
             self._call_ensemble_hooks(trainer, bound)
         finally:
-            with sigint_deferred():  # a second Ctrl-C must not stop the clean-up halfway
-                self.kill()
-                if self._started_ray:
-                    ray.shutdown()
-                    self._started_ray = False
+            if self._actors is not None:
+                self._actors.close()
         return None
 
-    def _fit_embedded(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> _Outcome | None:
+    def _fit_embedded(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome | None:
         """Trains every member as one group in this process, without Ray, when :func:`embedded_blocker` allows it.
 
         The group fits a copy of the trainer and the module; your data objects are used as they
@@ -168,59 +155,33 @@ class RayEnsembleLauncher(_Launcher):
         payload, data = _pickle_without_data(trainer, function, bound)
         return run_group(trainer, payload, data, forwarder)
 
-    def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> _Outcome:
+    def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome:
         """Trains every member in a thread of this process, one at a time (:class:`~hqde_lightning.member_threads.MemberThreads`)."""
         strategy = self._strategy
         strategy.sync_history, strategy.dropped_members = [], []
         payload, data = _pickle_without_data(trainer, function, bound)
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
-        threads = MemberThreads(strategy, payload, data, [_mirror(logger) for logger in trainer.loggers], EventForwarder(trainer, strategy, progress))
+        threads = MemberThreads(strategy, payload, data, [MirrorLogger.describe(logger) for logger in trainer.loggers], EventForwarder(trainer, strategy, progress))
         try:
             return threads.run()
         finally:
             progress.close()
 
-    def _fit_workers(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, function: Callable, blocker: str | None) -> _Outcome:
-        """Trains the members that cannot train as one group in this process: member groups in Ray actors
-        (:func:`~hqde_lightning.resources.worker_members`) unless ``blocker`` says why the members cannot share a process,
-        or a group refuses the module (``GroupUnsupported``). Then, on one device, every member in a thread of this process
-        (taking turns, no Ray; not with ``on_member_failure="continue"``), elsewhere one member per Ray actor, with a
-        line saying why (unless ``members_per_worker=1`` asked for it)."""
+    def _fit_workers(self, trainer: Trainer, bound: inspect.BoundArguments, function: Callable, blocker: str | None) -> FitOutcome:
+        """Trains the members that cannot train as one group in this process (``blocker`` says why, when it is known).
+
+        On one device every member trains in a thread of this process, taking turns, without Ray
+        (not with ``on_member_failure="continue"``); elsewhere in Ray actors
+        (:meth:`~hqde_lightning.actor_fit.ActorFit.run`: member groups unless ``blocker`` is set).
+        """
         strategy = self._strategy
-        if blocker is not None and embedded_blocker(strategy, trainer) is None and strategy.on_member_failure != "continue":
+        if blocker is not None and not self.uses_ray(trainer):
             rank_zero_info(f"HQDEStrategy: the members train in turns, each in a thread of this process (no Ray): {blocker}.")
             return self._fit_threads(trainer, function, bound)
-        payload = pickle_fit(trainer, function, bound, model)
-        self._start_ray()
-        if blocker is None:
-            workers = worker_members(strategy)
-            if any(len(members) > 1 for members in workers):
-                try:
-                    return self._fit_actors(trainer, model, bound, payload, workers)
-                except GroupUnsupported as err:
-                    self.kill()
-                    blocker = str(err)
-            else:
-                blocker = embedded_blocker(strategy, trainer)
-        if blocker is not None and strategy.members_per_worker != 1:
-            rank_zero_info(f"HQDEStrategy: the members train as one Ray actor each: {blocker}.")
-        return self._fit_actors(trainer, model, bound, payload, [[i] for i in range(strategy.num_members)])
+        from hqde_lightning.actor_fit import ActorFit  # imports Ray: only fits with Ray actors pay for it
 
-    def _fit_actors(self, trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments, payload: bytes, workers: list[list[int]]) -> _Outcome:
-        """Trains the members as Ray actors (``workers``: the members of each) with a coordinator actor; returns their results, final snapshots and the coordinator's state."""
-        strategy = self._strategy
-        self._prepare_data_on_other_nodes(model, bound)
-        check_clones = keeps_members_apart(strategy.sync, strategy.sync_strength)
-        # on the head node, whose loss ends the cluster anyway: never lost with a member's node
-        on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
-        coordinator = (
-            ray.remote(Coordinator)
-            .options(num_cpus=0, scheduling_strategy=on_head)
-            .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
-        )
-        self._coordinator = coordinator
-        results = self._run_members(trainer, payload, coordinator, workers)
-        return results, ray.get(coordinator.latest_snapshots.remote()), ray.get(coordinator.state_dict.remote())
+        self._actors = ActorFit(strategy)
+        return self._actors.run(trainer, function, bound, _data_hooks(bound.arguments["model"], bound), blocker)
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
         """Calls ``on_ensemble_fit_end(trainer, strategy, val_dataloaders)`` of callbacks that have it, in the driver.
@@ -253,49 +214,6 @@ class RayEnsembleLauncher(_Launcher):
                 f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
                 f" resume with `num_members={section['num_members']}`."
             )
-
-    def _prepare_data_on_other_nodes(self, model: LightningModule, bound: inspect.BoundArguments) -> None:
-        """On a cluster: runs the ``prepare_data`` hooks with ``prepare_data_per_node=True`` once on every other alive node.
-
-        As Lightning runs them once per node; hooks with ``prepare_data_per_node=False`` ran in the driver only.
-        """
-        hooks = [obj for obj in _data_hooks(model, bound) if obj.prepare_data_per_node and is_overridden("prepare_data", obj)]
-        here = ray.get_runtime_context().get_node_id()
-        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
-        if not hooks or not nodes:
-            return
-        options: dict[str, Any] = {"num_cpus": 0}
-        if self._strategy.ray_address is None:
-            options["runtime_env"] = {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
-        task = ray.remote(_run_prepare_data)
-        hooks_ref = ray.put(cloudpickle.dumps(hooks))
-        affinity = [NodeAffinitySchedulingStrategy(node_id=node, soft=False) for node in nodes]
-        ray.get([task.options(**options, scheduling_strategy=where).remote(hooks_ref, os.getcwd()) for where in affinity])
-
-    def _start_ray(self) -> None:
-        """Starts a local Ray instance, or joins ``ray_address``, unless Ray is already initialised.
-
-        Whether this fit started Ray is decided before ``ray.init`` runs, so that the ``finally``
-        of the fit shuts down every process ``ray.init`` started, also when Ctrl-C (held back
-        until ``ray.init`` returned) ends the fit right after it.
-        """
-        if not ray.is_initialized() and self._strategy.ray_address is None:
-            self._started_ray = True
-        start_ray(self._strategy.ray_address, self._strategy.ray_init_kwargs)
-
-    def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any, workers: list[list[int]]) -> list[MemberResult]:
-        """Runs the actors in a :class:`~hqde_lightning.member_pool.MemberPool` until every member finished or was given up on."""
-        strategy = self._strategy
-        options, threads = worker_options(strategy, workers)
-        mirrors = [_mirror(logger) for logger in trainer.loggers]
-        progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
-        self._pool = MemberPool(strategy, coordinator, payload, workers, options, threads, mirrors, EventForwarder(trainer, strategy, progress))
-        strategy.sync_history = []
-        strategy.dropped_members = self._pool.dropped
-        try:
-            return self._pool.run()
-        finally:
-            progress.close()
 
     def _prediction_weights(self, scores: list[float | None]) -> torch.Tensor | None:
         """With the superposition rule, predictions are combined with the same amplitudes² as weights."""
@@ -403,14 +321,6 @@ def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None
         obj.prepare_data()
 
 
-def _run_prepare_data(hooks: bytes, cwd: str) -> None:
-    """A Ray task on one node: runs ``prepare_data`` of the pickled objects there, in the driver's directory if it exists."""
-    if os.path.isdir(cwd):
-        os.chdir(cwd)
-    for obj in cloudpickle.loads(hooks):
-        obj.prepare_data()
-
-
 def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -> None:
     """Warns when ``score_metric`` was never logged: every aggregation then fell back to equal weights."""
     if score_metric is None or not results or any(r.score is not None for r in results):
@@ -435,16 +345,4 @@ def _pickle_without_data(trainer: Trainer, function: Callable, bound: inspect.Bo
     data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
     without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
     return pickle_fit(trainer, function, without_data, bound.arguments["model"]), data
-
-
-def _mirror(logger: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr in ("name", "version", "save_dir", "root_dir", "log_dir"):
-        try:
-            value = getattr(logger, attr)
-        except Exception:  # loggers may raise for attributes they do not support
-            continue
-        out[attr] = os.path.abspath(value) if attr.endswith("dir") and isinstance(value, str) and "://" not in value else value
-    return out
-
 

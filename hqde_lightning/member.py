@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from argparse import Namespace
@@ -153,6 +154,18 @@ class MirrorLogger(Logger):
         self._coordinator = coordinator
         #: the members of a group actor (whose rows carry ``member_{i}/`` keys already), or ``None`` for one member
         self._group = None if group is None else tuple(group)
+
+    @staticmethod
+    def describe(logger: Logger) -> dict[str, Any]:
+        """What a stand-in for ``logger`` shows: its name, version and directories (absolute when local)."""
+        out: dict[str, Any] = {}
+        for attr in ("name", "version", "save_dir", "root_dir", "log_dir"):
+            try:
+                value = getattr(logger, attr)
+            except Exception:  # loggers may raise for attributes they do not support
+                continue
+            out[attr] = os.path.abspath(value) if attr.endswith("dir") and isinstance(value, str) and "://" not in value else value
+        return out
 
     @property
     def name(self) -> str | None:

@@ -1,6 +1,6 @@
 """``MemberPool``: the actors of one fit, their start-up and their restarts.
 
-The launcher hands the pool the pickled ``Trainer``, the coordinator and the members each actor
+:class:`~hqde_lightning.actor_fit.ActorFit` hands the pool the pickled ``Trainer``, the coordinator and the members each actor
 trains (one: a :class:`~hqde_lightning.actors.MemberActor`; several: a member group in a
 :class:`~hqde_lightning.group_actor.GroupActor`). :meth:`MemberPool.run` starts every actor on the
 node :class:`~hqde_lightning.placement.PlacementScorer` chooses, forwards the members' events to
@@ -105,7 +105,7 @@ class MemberPool:
 
         Raises:
             GroupUnsupported: a group actor refused the module before its first step (the
-                launcher then trains one member per actor).
+                fit then trains one member per actor).
         """
         for worker in range(len(self.workers)):
             self.start(worker)

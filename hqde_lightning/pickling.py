@@ -1,4 +1,11 @@
-"""Pickling a fit for the member actors, with an error that names what cannot be pickled."""
+"""Pickling a fit for the members, with an error that names what cannot be pickled.
+
+Members in this process (a member group, member threads) train a copy of the fit made by pickling
+it with `cloudpickle <https://github.com/cloudpipe/cloudpickle>`_; Ray actors get it pickled with
+Ray's own copy, ``ray.cloudpickle`` (the Ray path passes its ``dumps``), so that modules you
+registered with ``ray.cloudpickle.register_pickle_by_value`` travel by value. Either way a
+process that trains without Ray never imports it.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,19 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from ray import cloudpickle
 
 __all__ = ["pickle_fit"]
 
+#: pickles an object to bytes (``cloudpickle.dumps`` or ``ray.cloudpickle.dumps``)
+Dumps = Callable[[Any], bytes]
 
-def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes:
-    """Pickles ``(trainer, function name, args, kwargs)`` without the trainer's loggers (members get stand-ins).
+
+def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule, dumps: Dumps = cloudpickle.dumps) -> bytes:
+    """Pickles ``(trainer, function name, args, kwargs)`` with ``dumps``, without the trainer's loggers (members get stand-ins).
 
     Raises:
         MisconfigurationException: when something cannot be pickled, naming the first attribute
@@ -24,25 +34,25 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
     loggers = trainer.loggers
     trainer.loggers = []
     try:
-        return cloudpickle.dumps((trainer, function.__name__, bound.args, bound.kwargs))
+        return dumps((trainer, function.__name__, bound.args, bound.kwargs))
     except Exception as err:
         datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
-        culprit = _find_unpicklable(model, "model") or _find_unpicklable(datamodule, "datamodule") or "an object passed to `fit`"
+        culprit = _find_unpicklable(model, "model", dumps) or _find_unpicklable(datamodule, "datamodule", dumps) or "an object passed to `fit`"
         raise MisconfigurationException(
-            f"HQDEStrategy sends your module and data to Ray actors by pickling them, but {culprit} cannot be"
-            f" pickled ({type(err).__name__}: {err}). Create it in `setup()`/`configure_model()` instead of"
-            " `__init__`, or make it picklable."
+            f"HQDEStrategy gives each member its own copy of your module (and, for Ray actors, of your data) by"
+            f" pickling them, but {culprit} cannot be pickled ({type(err).__name__}: {err}). Create it in"
+            " `setup()`/`configure_model()` instead of `__init__`, or make it picklable."
         ) from err
     finally:
         trainer.loggers = loggers
 
 
-def _find_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
-    """The dotted path of the first attribute of ``obj`` that cannot be pickled, if any."""
+def _find_unpicklable(obj: Any, path: str, dumps: Dumps, depth: int = 0) -> str | None:
+    """The dotted path of the first attribute of ``obj`` that ``dumps`` cannot pickle, if any."""
     if obj is None or depth > 4:
         return None
     try:
-        cloudpickle.dumps(obj)
+        dumps(obj)
         return None
     except Exception:
         pass
@@ -50,7 +60,7 @@ def _find_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
     if hasattr(obj, "__dict__"):
         children.update({k: v for k, v in vars(obj).items() if k not in ("_modules", "_trainer")})
     for name, value in children.items():
-        found = _find_unpicklable(value, f"{path}.{name}", depth + 1)
+        found = _find_unpicklable(value, f"{path}.{name}", dumps, depth + 1)
         if found is not None:
             return found
     return f"`{path}` ({type(obj).__name__})"

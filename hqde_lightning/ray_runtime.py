@@ -1,7 +1,8 @@
 """Connecting the driver to Ray: starting a private local instance or joining a cluster, and reading the cluster.
 
-Used by :class:`~hqde_lightning.launcher.RayEnsembleLauncher` and by
-:class:`~hqde_lightning.compat.HQDESystem`, so both start Ray the same way.
+Used by :class:`~hqde_lightning.actor_fit.ActorFit` and by
+:class:`~hqde_lightning.compat.HQDESystem`, so both start Ray the same way. Only fits that train
+in Ray actors import this module (and Ray).
 """
 
 from __future__ import annotations

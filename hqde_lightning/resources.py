@@ -1,8 +1,10 @@
-"""Where members can run: Trainer-time device checks and each member actor's Ray resources.
+"""Each member actor's Ray resources, and which members each actor trains.
 
-Called by ``HQDEStrategy`` when the ``Trainer`` is built (:func:`check_devices`, and
-:func:`check_resources` when Ray is already connected) and by the launcher when the members
-start (:func:`worker_members`, :func:`worker_options`). The packing maths is in :mod:`hqde_lightning.placement`.
+Called by ``HQDEStrategy`` when the ``Trainer`` is built while Ray is connected
+(:func:`check_resources`) and by :class:`~hqde_lightning.actor_fit.ActorFit` when the members start
+(:func:`worker_members`, :func:`worker_options`). The packing maths is in
+:mod:`hqde_lightning.placement`; the Trainer-time device checks, which need no Ray, in
+:mod:`hqde_lightning.devices`.
 """
 
 from __future__ import annotations
@@ -11,69 +13,17 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
-from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from hqde_lightning.devices import available_gpus
 from hqde_lightning.placement import check_members_fit, default_share, ray_resources
-from hqde_lightning.ray_runtime import alive_nodes, connect_ray, driver_pythonpath
+from hqde_lightning.ray_runtime import alive_nodes, driver_pythonpath
 
 if TYPE_CHECKING:
     from hqde_lightning.strategy import HQDEStrategy
 
-__all__ = ["check_devices", "check_resources", "member_request", "worker_members", "worker_options"]
-
-
-def check_devices(strategy: HQDEStrategy) -> None:
-    """Refuses accelerators, device counts and GPU requests the members cannot run with; joins ``ray_address``.
-
-    Raises:
-        MisconfigurationException: naming the Trainer or strategy argument at fault.
-    """
-    accelerator = strategy.accelerator
-    if not isinstance(accelerator, (CPUAccelerator, CUDAAccelerator)):
-        raise MisconfigurationException(
-            f"HQDEStrategy runs members on CPU or CUDA devices, not on `{type(accelerator).__name__}`:"
-            " use `Trainer(accelerator='cpu')` or `Trainer(accelerator='gpu')`."
-        )
-    if strategy.num_nodes != 1:
-        raise MisconfigurationException(
-            f"`Trainer(num_nodes={strategy.num_nodes})` does not apply to HQDEStrategy: Ray places members on the"
-            " nodes of its cluster. Leave `num_nodes=1` and pass `HQDEStrategy(ray_address=...)`."
-        )
-    devices = strategy.parallel_devices or []
-    if isinstance(accelerator, CPUAccelerator) and len(devices) > 1:
-        raise MisconfigurationException(
-            f"`Trainer(accelerator='cpu', devices={len(devices)})` asks for {len(devices)} CPU processes; HQDEStrategy"
-            " runs one process per member instead. Leave `devices` at 1 or 'auto' and set `num_members`"
-            " (and `resources_per_member={'num_cpus': ...}`)."
-        )
-    requested_gpus = float(strategy.resources_per_member.get("num_gpus", 0))
-    if isinstance(accelerator, CPUAccelerator) and requested_gpus > 0:
-        raise MisconfigurationException(
-            f"`resources_per_member={{'num_gpus': {requested_gpus}}}` asks for GPUs but the Trainer's accelerator is the CPU:"
-            " use `Trainer(accelerator='gpu')` or drop `num_gpus`."
-        )
-    if strategy.ray_address is not None:
-        connect_ray(strategy.ray_address, strategy.ray_init_kwargs)
-    if isinstance(accelerator, CUDAAccelerator):
-        available = _available_gpus(strategy, len(devices))
-        per_member = requested_gpus if requested_gpus > 0 else strategy.default_gpus_per_member(len(devices))
-        per_gpu = math.floor(1.0 / per_member + 1e-9) if per_member > 0 else strategy.num_members
-        if per_gpu * available < strategy.num_members:
-            raise MisconfigurationException(
-                f"HQDEStrategy(num_members={strategy.num_members}) with {per_member:g} GPU per member needs"
-                f" {math.ceil(strategy.num_members / max(per_gpu, 1))} GPUs, but only {available} exist ({per_gpu} member(s)"
-                " fit on one GPU: a member's share must fit within one GPU). Lower `num_members` or"
-                " `resources_per_member['num_gpus']`."
-            )
-
-
-def _available_gpus(strategy: HQDEStrategy, trainer_devices: int) -> int:
-    """How many GPUs members may use: the cluster's (``ray_address``) or the Trainer's devices."""
-    if strategy.ray_address is not None:
-        return int(ray.cluster_resources().get("GPU", 0))
-    return trainer_devices
+__all__ = ["check_resources", "member_request", "worker_members", "worker_options"]
 
 
 def member_request(strategy: HQDEStrategy) -> dict[str, Any]:
@@ -126,7 +76,7 @@ def worker_members(strategy: HQDEStrategy) -> list[list[int]]:
     if strategy.resources_per_member:
         workers = n
     elif isinstance(strategy.accelerator, CUDAAccelerator):
-        workers = _available_gpus(strategy, len(strategy.parallel_devices or []))
+        workers = available_gpus(strategy, len(strategy.parallel_devices or []))
     else:
         workers = sum(1 for node in alive_nodes() if node.resources.get("CPU", 0.0) > 0)
     workers = max(1, min(n, workers))

@@ -1,4 +1,4 @@
-"""``HQDEStrategy``: train an ensemble of copies of a LightningModule as parallel Ray actors.
+"""``HQDEStrategy``: train an ensemble of copies of a LightningModule, in your process on one device or as Ray actors.
 
 This is the driver's (your script's) strategy: it validates its arguments, hands ``fit`` to
 :class:`~hqde_lightning.launcher.RayEnsembleLauncher`, evaluates the trained ensemble in
@@ -41,7 +41,8 @@ FailurePolicy = Literal["fail", "continue"]
 
 
 class HQDEStrategy(SingleDeviceStrategy):
-    """Trains ``num_members`` copies of your LightningModule in parallel Ray actors.
+    """Trains ``num_members`` copies of your LightningModule: on one device together in your process
+    (a member group, or member threads; Ray is neither started nor imported), otherwise in Ray actors.
 
     Every member runs your unmodified Lightning fit loop with its own seed and data order
     (or bootstrap sample); at the end of every ``sync_every_n_epochs``-th epoch the members'
@@ -240,14 +241,14 @@ class HQDEStrategy(SingleDeviceStrategy):
     # --------------------------------------------------- Trainer-time checks
     def _configure_launcher(self) -> None:
         """Called by ``Trainer(...)``: checks the accelerator, devices and (when Ray is connected) the members' resources."""
+        from hqde_lightning.devices import check_devices, ray_connected
         from hqde_lightning.launcher import RayEnsembleLauncher
-        from hqde_lightning.resources import check_devices, check_resources
 
         check_devices(self)
         self._launcher = RayEnsembleLauncher(self)
-        import ray
+        if ray_connected():  # the cluster the fit will use is known: check that the members fit it now
+            from hqde_lightning.resources import check_resources
 
-        if ray.is_initialized():  # the cluster the fit will use is known: check that the members fit it now
             check_resources(self)
 
     def default_gpus_per_member(self, num_gpus: int) -> float:

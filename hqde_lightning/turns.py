@@ -21,13 +21,12 @@ import asyncio
 import concurrent.futures
 import inspect
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
-
-import ray
 
 from hqde_lightning.checkpoint import capture_rng_states, restore_rng_states
 
@@ -133,7 +132,8 @@ def resolve(ref: Any) -> Any:
 
     A member thread gives its turn away while it waits and takes a turn again afterwards.
     """
-    if isinstance(ref, ray.ObjectRef):
+    ray = sys.modules.get("ray")  # a process that never imported Ray holds no Ray reference (importing it costs ~1 s)
+    if ray is not None and isinstance(ref, ray.ObjectRef):
         return ray.get(ref)
     if not isinstance(ref, concurrent.futures.Future):
         return ref

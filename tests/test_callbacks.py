@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-import hqde_lightning.launcher as launcher
+import hqde_lightning.actor_fit as actor_fit
 from hqde_lightning import Ensemble, HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, EnsembleSelection, PerformanceMonitor, QuantumNoise
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
@@ -250,7 +250,7 @@ def test_monitor_runs_in_a_member_group_without_ray(tmp_path, monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("PerformanceMonitor sent the members to Ray actors")
 
-    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    monkeypatch.setattr(actor_fit, "start_ray", no_ray)
     monitor = PerformanceMonitor(log_every_n_steps=5)
     _, _, _, dm = _hqde_fit(tmp_path, 3, "none", [monitor], max_epochs=1)
     rows = monitor.summary["members"]

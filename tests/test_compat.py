@@ -9,47 +9,16 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 from models import digits
+from original_package import MyModel, digit_loaders
 from torch.utils.data import DataLoader, TensorDataset
 
 from hqde_lightning.compat import HQDESystem, create_hqde_system
 
-#: the original HQDE package's README quick start, only its import line changed
-SNIPPET = """
-from hqde_lightning import create_hqde_system
-import torch.nn as nn
-class MyModel(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
-    def forward(self, x):
-        return self.layers(x)
-hqde_system = create_hqde_system(
-    model_class=MyModel,
-    model_kwargs={'num_classes': 10},
-    num_workers=4,
-    quantization_config={'base_bits': 8, 'min_bits': 4, 'max_bits': 16},
-    aggregation_config={'noise_scale': 0.005, 'exploration_factor': 0.1, 'entanglement_strength': 0.1},
-)
-metrics = hqde_system.train(train_loader, num_epochs=10)
-predictions = hqde_system.predict(test_loader)
-hqde_system.cleanup()
-"""
-
+#: the original package's README quick start, its import line changed (``tests/models.py`` puts its folder on the path)
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "original_package.py")
 QUANTIZATION = {"base_bits": 8, "min_bits": 4, "max_bits": 16}
 AGGREGATION = {"noise_scale": 0.005, "exploration_factor": 0.1, "entanglement_strength": 0.1}
-
-
-class MyModel(nn.Module):
-    """The snippet's model, defined in this test module: Ray workers import it by name."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 def digits_datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
@@ -119,33 +88,36 @@ def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
     assert loaded.evaluate(test_loader) == pytest.approx(system.evaluate(test_loader), abs=1e-6)
 
 
-def test_original_snippet_runs_as_a_script_and_cleans_up_its_ray(tmp_path):
-    """The literal snippet in a fresh interpreter: its ``__main__`` class reaches the actors by value."""
-    script = SNIPPET.replace("num_workers=4", "num_workers=2").replace("num_epochs=10", "num_epochs=1")
-    assert script.count("num_workers=2") == 1 and script.count("num_epochs=1)") == 1
-    prelude = textwrap.dedent(
+def test_original_readme_example_trains_without_ray_and_its_classes_reach_ray_actors_by_value(tmp_path):
+    """The original README's quick start (``examples/original_package.py``) in a fresh interpreter trains on one device
+    without importing Ray. The same system with one Ray actor per member starts Ray, the script's ``MyModel`` (defined
+    in ``__main__``) reaches the actors and the saved file by value, and ``cleanup`` shuts Ray down."""
+    path, predictions_path = str(tmp_path / "system.pt"), str(tmp_path / "predictions.pt")
+    script = textwrap.dedent(
         f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import ray, torch
-        from test_compat import digits_loaders
-        train_loader, _, test_loader = digits_loaders()
-        """
-    )
-    epilogue = textwrap.dedent(
-        f"""
+        import os, runpy, sys
+        sys.argv = ["original_package.py", "--workers", "2", "--epochs", "1"]
+        sys.path.insert(0, os.path.dirname({EXAMPLE!r}))
+        example = runpy.run_path({EXAMPLE!r}, run_name="__main__")
+        assert "ray" not in sys.modules, "on one device the system trains in this process, without Ray"
+        import torch
+        from torch.utils.data import DataLoader, Subset
+        train_loader, test_loader = example["digit_loaders"]()
+        with example["create_hqde_system"](example["MyModel"], num_workers=2, strategy_kwargs={{"members_per_worker": 1}}) as system:
+            system.train(DataLoader(Subset(train_loader.dataset, range(64)), batch_size=32), num_epochs=1)
+            import ray
+            assert ray.is_initialized() and system.strategy._launcher.member_nodes.keys() == {{0, 1}}
+            system.save({path!r})
+            torch.save(system.predict(test_loader), {predictions_path!r})
         assert not ray.is_initialized(), "cleanup() must shut down the Ray instance the system started"
-        hqde_system.save({str(tmp_path / "system.pt")!r})
-        torch.save(predictions, {str(tmp_path / "predictions.pt")!r})
         """
     )
-    done = subprocess.run([sys.executable, "-c", prelude + script + epilogue], capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    predictions = torch.load(tmp_path / "predictions.pt")
-    assert predictions.shape == (300, 10)
-    loaded = HQDESystem.load(str(tmp_path / "system.pt"))  # the script's MyModel was stored by value
-    assert type(loaded.module.model).__name__ == "MyModel"
-    assert torch.allclose(loaded.predict(digits_loaders()[2]), predictions, atol=1e-5)
+    assert "ensemble test accuracy" in done.stdout
+    loaded = HQDESystem.load(path)  # the script's MyModel was stored by value: this process cannot import it
+    assert type(loaded.module.model).__name__ == "MyModel" and type(loaded.module.model) is not MyModel
+    assert torch.allclose(loaded.predict(digit_loaders()[1]), torch.load(predictions_path), atol=1e-5)
 
 
 def test_context_manager_calls_cleanup(monkeypatch):

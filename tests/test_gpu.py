@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule
 from test_member_threads import ManualDigits
 
-import hqde_lightning.launcher as launcher
+import hqde_lightning.actor_fit as actor_fit
 from hqde_lightning import HQDEStrategy
 
 
@@ -91,7 +91,7 @@ def test_members_train_on_one_gpu_without_ray(monkeypatch, tmp_path, module, str
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a one-GPU fit")
 
-    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    monkeypatch.setattr(actor_fit, "start_ray", no_ray)
     strategy = HQDEStrategy(num_members=3, sync="elastic", seed=0, **strategy_kwargs)
     trainer = pl.Trainer(
         strategy=strategy, accelerator="gpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,

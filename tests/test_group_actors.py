@@ -137,7 +137,7 @@ def _planned(monkeypatch, members_per_worker, num_members: int = 5, nodes: int =
     monkeypatch.setattr(resources, "alive_nodes", lambda: [SimpleNamespace(resources={"CPU": 2.0})] * nodes + [SimpleNamespace(resources={"CPU": 0.0})])
     if gpus:
         monkeypatch.setattr(resources, "CUDAAccelerator", CPUAccelerator)  # the CPU accelerator stands in for CUDA
-        monkeypatch.setattr(resources, "_available_gpus", lambda strategy, devices: gpus)
+        monkeypatch.setattr(resources, "available_gpus", lambda strategy, devices: gpus)
     strategy = SimpleNamespace(
         num_members=num_members, members_per_worker=members_per_worker, resources_per_member=per_member or {},
         accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")], ray_address=None,

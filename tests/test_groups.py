@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 import hqde_lightning.group_strategy as group_strategy
-import hqde_lightning.launcher as launcher
+import hqde_lightning.actor_fit as actor_fit
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.callbacks import AdaptiveQuantization, QuantumNoise
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
@@ -638,7 +638,7 @@ def test_one_device_fit_starts_no_ray(monkeypatch, caplog):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a one-device fit")
 
-    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    monkeypatch.setattr(actor_fit, "start_ray", no_ray)
     strategy = HQDEStrategy(num_members=4, sync="elastic", seed=0)
     trainer = quiet_trainer(strategy=strategy, max_epochs=2)
     with caplog.at_level(logging.INFO):

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from models import DigitsDataModule, DigitsModule, quiet_trainer
 from test_groups import SeededDigits, assert_same_members
 
-import hqde_lightning.launcher as launcher
+import hqde_lightning.actor_fit as actor_fit
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 
@@ -76,7 +76,7 @@ def _member_threads() -> list[threading.Thread]:
 
 def test_manual_optimization_trains_in_turns_without_actors_and_ends_where_member_actors_end(ray_session, monkeypatch, caplog):
     with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
-        patch.setattr(launcher, "MemberPool", NoMemberActors)
+        patch.setattr(actor_fit, "MemberPool", NoMemberActors)
         threads, trainer = _fit()
     assert "the members train in turns, each in a thread of this process (no Ray): the module uses manual optimization" in caplog.text
     assert trainer.current_epoch == 2 and trainer.global_step == 2 * FIT["limit_train_batches"]

@@ -6,12 +6,14 @@ import csv
 import glob
 import itertools
 import os
+import threading
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule
 
 from hqde_lightning import Ensemble, HQDEStrategy
@@ -198,3 +200,19 @@ def test_superposition_weights_predictions_by_member_confidence(ray_session, tmp
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     scores = torch.tensor([float(trainer.callback_metrics[f"member_{i}/val_acc"]) for i in range(2)], dtype=torch.float64)
     torch.testing.assert_close(strategy.ensemble.weights, superposition_weights(scores, 0.05))
+
+
+class HoldsALock(DigitsModule):
+    """A module with an attribute pickle refuses (a lock), one level down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.helper = torch.nn.Module()
+        self.helper.guard = threading.Lock()
+
+
+@pytest.mark.parametrize("where", [{}, {"members_per_worker": 1}], ids=["in-process", "ray-actors"])
+def test_an_unpicklable_module_fails_naming_the_attribute(ray_session, tmp_path, where):
+    trainer = _trainer(HQDEStrategy(num_members=2, **where), tmp_path, max_epochs=1)
+    with pytest.raises(MisconfigurationException, match=r"`model\.helper\.guard` \(lock\) cannot be pickled"):
+        trainer.fit(HoldsALock(), datamodule=DigitsDataModule())
