@@ -107,21 +107,26 @@ class ReluMLP(SimpleClassifier):
 
 
 class TreeMemory:
-    """Samples the resident memory of this process and all its descendants; keeps the peak (bytes).
+    """Samples the resident memory of a process (``root``, a pid; this one by default) and all its descendants; keeps the peak (bytes).
 
-    Ray's own daemons started by this process count too, which is the honest total.
+    Ray's own daemons started by the process count too, which is the honest total.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, root: int | None = None) -> None:
         self.interval = interval
+        self.root = root
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        root = psutil.Process()
+        try:
+            root = psutil.Process(self.root)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:  # it ended
+            return 0
         total = 0
-        for proc in [root, *root.children(recursive=True)]:
+        for proc in processes:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:

@@ -24,6 +24,7 @@ SCRIPTS = {
     "robustness": ({"machine", "accuracy", "aggregation", "epochs", "members"}, True),
     "step_cost": ({"model", "train_images", "epochs", "machine", "rows"}, False),
     "inference_cost": ({"members", "batches", "accelerator", "machine", "rows"}, False),
+    "startup_cost": ({"machine", "repeats", "rows", "runs"}, False),
 }
 ROW_KEYS = {
     "training_cost": {"members", "mode", "wall_s", "samples_per_s", "peak_mem_mb", "acc"},
@@ -31,6 +32,7 @@ ROW_KEYS = {
     "communication": {"setting", "syncs", "KiB_per_sync", "total_KiB", "bytes/fp32", "acc_mean", "acc_std", "acc_cost_mean"},
     "step_cost": {"setting", "members", "ms/step", "ms/member-step", "fixed_s"},
     "inference_cost": {"data", "model", "vectorize", "ms_per_1000", "vs_loop"},
+    "startup_cost": {"case", "wall_s", "peak_mem_mb", "ray_imported"},
 }
 
 
