@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 if [ "$accelerator" = gpu ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_machine.txt"
 fi
-python3 -c "import torch, lightning, ray; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), lightning {lightning.__version__}, ray {ray.__version__}')" | tee -a "$out/gpu_machine.txt"
+python3 -c "import cloudpickle, torch, lightning, ray; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), lightning {lightning.__version__}, ray {ray.__version__}, cloudpickle {cloudpickle.__version__}')" | tee -a "$out/gpu_machine.txt"
 
 timeout 240 python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="--strict-markers -ra" 2>&1 | tee "$out/gpu_tests.log"
 

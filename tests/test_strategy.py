@@ -6,7 +6,9 @@ import csv
 import glob
 import itertools
 import os
+import sys
 import threading
+import types
 
 import lightning.pytorch as pl
 import pytest
@@ -216,3 +218,22 @@ def test_an_unpicklable_module_fails_naming_the_attribute(ray_session, tmp_path,
     trainer = _trainer(HQDEStrategy(num_members=2, **where), tmp_path, max_epochs=1)
     with pytest.raises(MisconfigurationException, match=r"`model\.helper\.guard` \(lock\) cannot be pickled"):
         trainer.fit(HoldsALock(), datamodule=DigitsDataModule())
+
+
+def test_a_module_registered_by_value_with_ray_cloudpickle_reaches_the_actors(ray_session, tmp_path, monkeypatch):
+    """Actors get the fit pickled by Ray's own cloudpickle, so ``ray.cloudpickle.register_pickle_by_value`` (as Ray
+    documents for code the workers cannot import) applies: the module below exists in this process only."""
+    from ray import cloudpickle
+
+    module = types.ModuleType("hqde_models_in_this_process_only")
+    exec("from models import DigitsModule\n\nclass ByValue(DigitsModule):\n    pass\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        strategy = HQDEStrategy(num_members=2, members_per_worker=1, seed=0)
+        trainer = _trainer(strategy, tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+        trainer.fit(module.ByValue(), datamodule=DigitsDataModule())
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert sorted(strategy._launcher.member_nodes) == [0, 1]
+    assert strategy.ensemble.num_members == 2
