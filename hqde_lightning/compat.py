@@ -58,8 +58,9 @@ that lists the allowed ones):
     The facade's defaults are ``logger=False``, ``enable_checkpointing=False`` and
     ``enable_model_summary=False``.
 
-Ray: on one device (no ``ray_address``, ``members_per_worker`` or ``resources_per_member``) the
-members train in this process and Ray is never started or imported. Otherwise the first
+Ray: when the fit's members train in this process (on one device; see
+:meth:`~hqde_lightning.launcher.RayEnsembleLauncher.uses_ray`) Ray is never started or imported.
+Otherwise the first
 :meth:`HQDESystem.train` starts a private local Ray instance when none is running (or joins
 ``strategy_kwargs["ray_address"]``) and keeps it for later calls; :meth:`HQDESystem.cleanup`
 shuts it down again. A Ray instance that was already running is used and left running.
