@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -48,6 +47,7 @@ from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
 from hqde_lightning.topology import aggregate
+from hqde_lightning.tuning import is_tuning, tune_first
 
 if TYPE_CHECKING:
     from hqde_lightning.actor_fit import ActorFit
@@ -73,8 +73,8 @@ class RayEnsembleLauncher(_Launcher):
         assert trainer is not None
         if trainer.state.fn != TrainerFn.FITTING:
             return self._evaluate(function, args, kwargs, trainer)
-        if _tuning(trainer):
-            # `Tuner.lr_find` / `Tuner.scale_batch_size`: tune one member, your module, here in the driver
+        if is_tuning(trainer):
+            # a finder's tuning run (`Tuner`, or `tune_first`): tune one member, your module, here in the driver
             return function(*args, **kwargs)
         return self._fit(function, args, kwargs, trainer)
 
@@ -117,26 +117,27 @@ class RayEnsembleLauncher(_Launcher):
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
-        _prepare_data(model, bound)
-        self._actors = None
-        try:
-            blocker, outcome = group_blocker(strategy, trainer, model), None
-            if blocker is None:
-                try:
-                    outcome = self._fit_embedded(trainer, function, bound)
-                except GroupUnsupported as err:
-                    blocker = str(err)
-            if outcome is None:
-                outcome = self._fit_workers(trainer, bound, function, blocker)
-            results, final_snapshots, strategy.coordinator_state = outcome
-            _check_score_metric(strategy.score_metric, results)
-            self._recover(trainer, model, results)
-            # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
-            strategy.keep_final_checkpoints(final_snapshots)
-            self._call_ensemble_hooks(trainer, bound)
-        finally:
-            if self._actors is not None:
-                self._actors.close()
+        with tune_first(trainer, function, bound):
+            _prepare_data(model, bound)
+            self._actors = None
+            try:
+                blocker, outcome = group_blocker(strategy, trainer, model), None
+                if blocker is None:
+                    try:
+                        outcome = self._fit_embedded(trainer, function, bound)
+                    except GroupUnsupported as err:
+                        blocker = str(err)
+                if outcome is None:
+                    outcome = self._fit_workers(trainer, bound, function, blocker)
+                results, final_snapshots, strategy.coordinator_state = outcome
+                _check_score_metric(strategy.score_metric, results)
+                self._recover(trainer, model, results)
+                # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
+                strategy.keep_final_checkpoints(final_snapshots)
+                self._call_ensemble_hooks(trainer, bound)
+            finally:
+                if self._actors is not None:
+                    self._actors.close()
         return None
 
     def _fit_embedded(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome | None:
@@ -273,11 +274,6 @@ class RayEnsembleLauncher(_Launcher):
             logger.log_metrics(excluded, trainer.global_step)
             logger.save()
             logger.finalize("success")
-
-
-def _tuning(trainer: Trainer) -> bool:
-    """True while ``Tuner.lr_find``/``Tuner.scale_batch_size`` runs ``fit``: they mark their finder callback ``_early_exit``."""
-    return any(isinstance(cb, (LearningRateFinder, BatchSizeFinder)) and getattr(cb, "_early_exit", False) for cb in trainer.callbacks)
 
 
 def _check_ckpt_path_exists(ckpt_path: Any) -> None:

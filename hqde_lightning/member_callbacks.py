@@ -65,11 +65,12 @@ __all__ = [
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
 #: driver, or get one copy per member (EarlyStopping, QuantumNoise, AdaptiveQuantization,
-#: ByzantineMembers); your own callbacks run as each member (:class:`MemberCallback`)
+#: ByzantineMembers); your own callbacks run as each member (:class:`MemberCallback`). Lightning's
+#: finders never reach a member's fit: :mod:`hqde_lightning.tuning` runs them first, in the driver
 GROUP_CALLBACKS = (
     "EarlyStopping", "QuantumNoise", "AdaptiveQuantization", "ByzantineMembers",  # one copy per member
     "ModelCheckpoint", "OnExceptionCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
-    "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler", "LearningRateFinder", "BatchSizeFinder",
+    "RichModelSummary", "Timer", "DeviceStatsMonitor", "GradientAccumulationScheduler",
     "ThroughputMonitor", "EnsembleSelection", "EnsembleCalibration", "OODEvaluation", "ReliabilityDiagram", "PerformanceMonitor",
     "StochasticWeightAveraging",  # once for the group, as `GroupSWA`
 )

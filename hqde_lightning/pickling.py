@@ -5,23 +5,32 @@ it with `cloudpickle <https://github.com/cloudpipe/cloudpickle>`_; Ray actors ge
 Ray's own copy, ``ray.cloudpickle`` (the Ray path passes its ``dumps``), so that modules you
 registered with ``ray.cloudpickle.register_pickle_by_value`` travel by value. Either way a
 process that trains without Ray never imports it.
+
+A module compiled with ``torch.compile`` is pickled as it was before compiling: the functions
+``torch.compile`` made cannot be pickled, so the members train your module uncompiled (a member
+group vectorises its members with ``torch.func.vmap`` instead), and a warning says so.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import cloudpickle
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = ["pickle_fit"]
 
 #: pickles an object to bytes (``cloudpickle.dumps`` or ``ray.cloudpickle.dumps``)
 Dumps = Callable[[Any], bytes]
+
+#: the methods Lightning replaces with compiled ones when ``fit`` gets a ``torch.compile``d module
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule, dumps: Dumps = cloudpickle.dumps) -> bytes:
@@ -34,7 +43,8 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
     loggers = trainer.loggers
     trainer.loggers = []
     try:
-        return dumps((trainer, function.__name__, bound.args, bound.kwargs))
+        with _uncompiled(model):
+            return dumps((trainer, function.__name__, bound.args, bound.kwargs))
     except Exception as err:
         datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
         culprit = _find_unpicklable(model, "model", dumps) or _find_unpicklable(datamodule, "datamodule", dumps) or "an object passed to `fit`"
@@ -45,6 +55,27 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
         ) from err
     finally:
         trainer.loggers = loggers
+
+
+@contextmanager
+def _uncompiled(model: LightningModule) -> Iterator[None]:
+    """``model`` without what ``torch.compile`` added (Lightning's ``from_compiled``) for as long as the context lasts."""
+    context = model._compiler_ctx
+    if context is None:
+        yield
+        return
+    rank_zero_warn(
+        f"HQDEStrategy: the members train `{type(model).__name__}` uncompiled. `torch.compile` made functions that"
+        " cannot be copied into the members (a member group vectorises its members with `torch.func.vmap` instead)."
+        " Your module keeps them."
+    )
+    compiled = {name: model.__dict__.pop(name) for name in _COMPILED_METHODS if name in model.__dict__}
+    model._compiler_ctx = None
+    try:
+        yield
+    finally:
+        model.__dict__.update(compiled)
+        model._compiler_ctx = context
 
 
 def _find_unpicklable(obj: Any, path: str, dumps: Dumps, depth: int = 0) -> str | None:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.tuner import Tuner
 from models import DigitsDataModule, DigitsModule, quiet_trainer
 from torch import nn
@@ -240,3 +241,30 @@ def test_scale_batch_size_tunes_in_the_driver(ray_session, tmp_path):
     assert found == 16 and dm.batch_size == 16
     trainer.fit(DigitsModule(), datamodule=dm)  # the ensemble fit that follows trains with the tuned batch size
     assert trainer.global_step == 75  # 1200 / 16
+
+
+def test_finder_callbacks_tune_once_in_the_driver_then_stay(ray_session, tmp_path):
+    """``Trainer(callbacks=[LearningRateFinder(), BatchSizeFinder()])``: tuned once on your module, every member trains with the values."""
+    model, dm = DigitsModule(), DigitsDataModule()
+    lr_finder = LearningRateFinder(num_training_steps=15)
+    size_finder = BatchSizeFinder(mode="power", init_val=4, max_trials=3, steps_per_trial=2)
+    trainer = _trainer(HQDEStrategy(num_members=2, seed=5, sync="none"), tmp_path, callbacks=[lr_finder, size_finder])
+    trainer.fit(model, datamodule=dm)
+    suggestion = lr_finder.optimal_lr.suggestion()
+    assert suggestion is not None and model.hparams.lr == pytest.approx(suggestion) and suggestion != DigitsModule().hparams.lr
+    # members that tuned for themselves would each have found their own learning rate
+    assert [m.hparams.lr for m in trainer.strategy.ensemble.members] == [model.hparams.lr] * 2
+    assert size_finder.optimal_batch_size == dm.batch_size == 16 and trainer.global_step == 75  # 1200 / 16
+    assert float(trainer.callback_metrics["val_acc"]) > 0.8
+    assert trainer.callbacks[:2] == [lr_finder, size_finder] and not lr_finder._early_exit and not size_finder._early_exit
+
+
+def test_compiled_module_trains_its_members_uncompiled(ray_session, tmp_path):
+    """``trainer.fit(torch.compile(model))``, as Lightning's docs show it: the members train the module uncompiled, with a warning."""
+    model = DigitsModule()
+    trainer = _trainer(HQDEStrategy(num_members=2, seed=5, sync="none"), tmp_path)
+    with pytest.warns(UserWarning, match="members train `DigitsModule` uncompiled"):
+        trainer.fit(torch.compile(model), datamodule=DigitsDataModule())
+    assert model._compiler_ctx is not None  # your module keeps its compiled functions
+    assert float(trainer.callback_metrics["member_0/val_acc"]) > 0.8 and float(trainer.callback_metrics["member_1/val_acc"]) > 0.8
+    assert trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["ensemble/test_acc"] > 0.8
