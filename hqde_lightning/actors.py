@@ -44,7 +44,7 @@ from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
-from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu
+from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu, use_mirror_loggers
 from hqde_lightning.member_strategy import MemberStrategy
 from hqde_lightning.turns import resolve
 
@@ -407,7 +407,7 @@ class MemberActor:
         MemberStrategy(hqde, context, sync).install(trainer)
         # the driver ran `prepare_data` once before the members started (see the launcher)
         trainer._data_connector.prepare_data = _prepared_in_driver
-        trainer.loggers = [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)]
+        use_mirror_loggers(trainer, [MirrorLogger(m, j, context.index, context.coordinator) for j, m in enumerate(context.mirrors)])
         unwanted: tuple[type, ...] = (ProgressBar,) if context.index == 0 else (ProgressBar, ModelSummary)
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         seed_everything(context.seed, workers=True, verbose=False)

@@ -41,7 +41,7 @@ from hqde_lightning.embedded import GroupSync, fit_group
 from hqde_lightning.events import Event, FinishedEvent, ProgressEvent
 from hqde_lightning.group import MemberGroup
 from hqde_lightning.group_strategy import GroupStrategy
-from hqde_lightning.member import MEMBER_KEY, MirrorLogger, tree_to_cpu
+from hqde_lightning.member import MEMBER_KEY, MirrorLogger, tree_to_cpu, use_mirror_loggers
 from hqde_lightning.worker_strategy import CheckpointWriter, checkpoint_round
 
 __all__ = ["CoordinatorChannel", "GroupActor", "GroupActorStrategy", "GroupContext", "RemoteGroupSync"]
@@ -236,7 +236,7 @@ class GroupActor(MemberActor):
                 restart_dir = tempfile.mkdtemp(prefix="hqde-restart-")
                 bound.arguments["ckpt_path"] = _write_group_resume(hqde, context.member_ids, snapshots, restart_dir)
         coordinator, ids = context.coordinator, list(context.member_ids)
-        trainer.loggers = [MirrorLogger(m, j, min(ids), coordinator, group=ids) for j, m in enumerate(context.mirrors)]
+        use_mirror_loggers(trainer, [MirrorLogger(m, j, min(ids), coordinator, group=ids) for j, m in enumerate(context.mirrors)])
         unwanted: tuple[type, ...] = (ProgressBar,) if 0 in ids else (ProgressBar, ModelSummary)
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         channel = CoordinatorChannel(coordinator)

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
@@ -38,7 +38,7 @@ from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, Pro
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.turns import resolve
 
-__all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu"]
+__all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MemberTrainer", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu", "use_mirror_loggers"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
 MEMBER_KEY = "hqde_member"
 _PROGRESS_INTERVAL_S = 0.5
@@ -157,15 +157,29 @@ class MirrorLogger(Logger):
 
     @staticmethod
     def describe(logger: Logger) -> dict[str, Any]:
-        """What a stand-in for ``logger`` shows: its name, version and directories (absolute when local)."""
-        out: dict[str, Any] = {}
+        """What a stand-in for ``logger`` shows: its type, name, version and directories (absolute when local).
+
+        ``trainer_log_dir`` is what a plain ``Trainer.log_dir`` gives with ``logger`` first: its
+        ``log_dir`` for Lightning's TensorBoard and CSV loggers, its ``save_dir`` for others.
+        """
+        out: dict[str, Any] = {"type": type(logger).__name__}
         for attr in ("name", "version", "save_dir", "root_dir", "log_dir"):
             try:
                 value = getattr(logger, attr)
             except Exception:  # loggers may raise for attributes they do not support
                 continue
             out[attr] = os.path.abspath(value) if attr.endswith("dir") and isinstance(value, str) and "://" not in value else value
+        out["trainer_log_dir"] = out.get("log_dir" if isinstance(logger, (TensorBoardLogger, CSVLogger)) else "save_dir")
         return out
+
+    @property
+    def experiment(self) -> Any:
+        raise AttributeError(
+            f"`logger.experiment` is not available in an HQDEStrategy member that trains in a thread or a Ray actor:"
+            f" its logger stands in for your {self._mirror.get('type', 'logger')} and sends what `self.log` and"
+            " `log_metrics`/`log_hyperparams` write to the driver, where the experiment object lives. Log values with"
+            " `self.log(...)`, or write files under `self.trainer.log_dir`."
+        )
 
     @property
     def name(self) -> str | None:
@@ -197,6 +211,28 @@ class MirrorLogger(Logger):
         if self._member_index == 0 or (self._group is not None and 0 in self._group):
             params = vars(params) if isinstance(params, Namespace) else dict(params)
             self._coordinator.emit.remote(HparamsEvent(self._logger_index, params))
+
+
+class MemberTrainer(Trainer):
+    """A member's copy of your ``Trainer`` with :class:`MirrorLogger` stand-ins for your loggers (see :func:`use_mirror_loggers`).
+
+    Its one difference is ``log_dir``: your trainer's, as a plain fit has it. Lightning's
+    ``Trainer.log_dir`` reads ``log_dir`` only from its own TensorBoard and CSV loggers and
+    ``save_dir`` from any other, and a stand-in is neither; so ``log_dir`` is what
+    :meth:`MirrorLogger.describe` recorded for your first logger.
+    """
+
+    @property
+    def log_dir(self) -> str | None:
+        if self.loggers and isinstance(self.loggers[0], MirrorLogger):
+            return self.loggers[0]._mirror.get("trainer_log_dir")
+        return super().log_dir
+
+
+def use_mirror_loggers(trainer: Trainer, loggers: Sequence[MirrorLogger]) -> None:
+    """Gives a member's ``trainer`` the stand-in ``loggers`` (in place of your loggers) and makes it a :class:`MemberTrainer`."""
+    trainer.loggers = list(loggers)
+    trainer.__class__ = MemberTrainer
 
 
 def confidence(score_metric: str | None, metric: Any, score_mode: str, loss_sum: Any, num_batches: int) -> float | None:

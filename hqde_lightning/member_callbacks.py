@@ -24,13 +24,15 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
   ``EarlyStopping`` does.
 
 The callbacks that read the trainer's state, write checkpoints or act in the driver
-(:data:`GROUP_CALLBACKS`) run once for the group, as do progress bars and model summaries,
-your subclasses of Lightning's included: they show the group's fit. ``StochasticWeightAveraging`` runs once for the
+(:data:`GROUP_CALLBACKS`) run once for the group, as do progress bars, model summaries and
+``LightningCLI``'s ``SaveConfigCallback``, your subclasses of them included: they show the group's
+fit or save its config. ``StochasticWeightAveraging`` runs once for the
 group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
 over the stacked parameters they are exactly each member's own. ``LearningRateMonitor`` runs once
 for the group as :class:`GroupLearningRateMonitor`, logging each member's own rates. Lightning's other callbacks
 (``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure:
-with those, each member trains in its own Ray actor (:func:`callback_blocker` says why). Your
+with those, each member trains on its own, in a thread of this process or a Ray actor
+(:func:`callback_blocker` says why). Your
 callbacks' ``on_save_checkpoint``/``on_load_checkpoint`` run as each member on the member's own
 entry of whole-ensemble checkpoints, as they do in member actors.
 
@@ -82,9 +84,22 @@ _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_chec
 
 def is_group_callback(callback: Callback) -> bool:
     """Whether ``callback`` runs once for a group: one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own
-    class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`), yours included."""
+    class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`) or ``LightningCLI``'s
+    ``SaveConfigCallback`` (:func:`_saves_the_config`), yours included."""
     name, module = type(callback).__name__, type(callback).__module__
-    return isinstance(callback, _SHOWS_THE_GROUP) or (name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks")))
+    return (
+        isinstance(callback, _SHOWS_THE_GROUP)
+        or _saves_the_config(callback)
+        or (name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks")))
+    )
+
+
+def _saves_the_config(callback: Callback) -> bool:
+    """Whether ``callback`` is ``LightningCLI``'s ``SaveConfigCallback`` or derives from it: it writes (or logs) the run's config once.
+
+    Checked by name, so that this package does not import ``lightning.pytorch.cli`` (and jsonargparse) for it.
+    """
+    return any(c.__name__ == "SaveConfigCallback" and c.__module__ == "lightning.pytorch.cli" for c in type(callback).__mro__)
 
 
 def callback_blocker(callback: Callback) -> str | None:

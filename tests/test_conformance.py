@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import DigitsDataModule, DigitsModule, quiet_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -54,6 +56,27 @@ class KeysSeen(Callback):
         self.keys = set(state_dict["keys"])
 
 
+class LoggerSeen(Callback):
+    """Records, inside the member, ``trainer.log_dir`` and what ``pl_module.logger.experiment`` gives (its state comes back)."""
+
+    def __init__(self) -> None:
+        self.log_dir: str | None = None
+        self.experiment: str | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_dir = trainer.log_dir
+        try:
+            self.experiment = type(pl_module.logger.experiment).__name__
+        except AttributeError as err:
+            self.experiment = f"AttributeError: {err}"
+
+    def state_dict(self) -> dict:
+        return {"log_dir": self.log_dir, "experiment": self.experiment}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.log_dir, self.experiment = state_dict["log_dir"], state_dict["experiment"]
+
+
 def _options(tmp_path, **kwargs) -> dict:
     options = dict(
         max_epochs=EPOCHS, limit_val_batches=0, default_root_dir=str(tmp_path), log_every_n_steps=5, enable_progress_bar=False, enable_model_summary=False
@@ -67,6 +90,7 @@ def _callbacks(tmp_path) -> list[Callback]:
         ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train_loss_epoch", save_last=True),
         EarlyStopping(monitor="train_loss_epoch", patience=10),
         KeysSeen(),
+        LoggerSeen(),
     ]
 
 
@@ -97,6 +121,41 @@ def logged(ray_session, tmp_path_factory):
     trainer = pl.Trainer(strategy=strategy, **_options(tmp, logger=loggers, callbacks=_callbacks(tmp)))
     trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
     return trainer, strategy, tmp
+
+
+def _seen(trainer: pl.Trainer) -> LoggerSeen:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, LoggerSeen))
+
+
+def test_member_trainer_log_dir_is_the_plain_runs(logged, plain):
+    """``trainer.log_dir`` inside a member actor is your first logger's ``log_dir``, as in a plain run (not its ``save_dir``)."""
+    trainer, _, tmp = logged
+    member, alone = _seen(trainer), _seen(plain)
+    assert os.path.relpath(member.log_dir, tmp) == os.path.relpath(alone.log_dir, plain.default_root_dir) == os.path.join("csv", "version_0")
+    assert member.log_dir == os.path.abspath(trainer.log_dir)
+    # the experiment object lives in the driver: a member is told so, and what to use instead
+    assert alone.experiment == "ExperimentWriter"
+    assert member.experiment.startswith("AttributeError") and "stands in for your CSVLogger" in member.experiment and "`self.log(...)`" in member.experiment
+
+
+def test_lightning_cli_trains_a_member_group_and_saves_its_config_where_a_plain_run_does(tmp_path, caplog):
+    """``LightningCLI`` with the strategy in its YAML config: its ``SaveConfigCallback`` runs once for the group (it
+    used to send every member to a thread of its own) and writes ``config.yaml`` into ``trainer.log_dir``."""
+    strategy = {"class_path": "hqde_lightning.HQDEStrategy", "init_args": {"num_members": 2, "seed": 3, "aggregator": "geometric_median"}}
+    trainer = {"max_epochs": 1, "limit_val_batches": 2, "enable_progress_bar": False, "default_root_dir": str(tmp_path), "strategy": strategy}
+    config = tmp_path / "cli.yaml"
+    config.write_text(yaml.safe_dump({"trainer": trainer}))
+    with caplog.at_level(logging.INFO):
+        cli = LightningCLI(DigitsModule, DigitsDataModule, args=["fit", "--config", str(config)])
+    hqde = cli.trainer.strategy
+    assert isinstance(hqde, HQDEStrategy) and hqde.num_members == 2 and len(hqde.ensemble.members) == 2
+    assert "in a thread" not in caplog.text and "Ray" not in caplog.text
+    assert float(cli.trainer.callback_metrics["member_1/val_acc"]) > 0.5
+    saved = os.path.join(cli.trainer.log_dir, "config.yaml")
+    assert cli.trainer.log_dir == str(tmp_path / "lightning_logs" / "version_0")
+    assert glob.glob(str(tmp_path / "**" / "config.yaml"), recursive=True) == [saved]
+    with open(saved) as f:
+        assert yaml.safe_load(f)["trainer"]["strategy"]["init_args"]["num_members"] == 2
 
 
 # ----------------------------------------------------------------------------------------------- item 1

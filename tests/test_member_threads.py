@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import signal
 import threading
 
@@ -18,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from models import DigitsDataModule, DigitsModule, quiet_trainer
+from test_conformance import LoggerSeen
 from test_groups import SeededDigits, assert_same_members
 
 import hqde_lightning.actor_fit as actor_fit
@@ -89,6 +92,15 @@ def test_manual_optimization_trains_in_turns_without_actors_and_ends_where_membe
     flats = [torch.cat([p.flatten() for p in m.parameters()]) for m in threads.ensemble.members]
     assert min(float((a - b).norm()) for a in flats for b in flats if a is not b) > 1e-3, "members drew their own numbers"
     assert {f"member_{i}/train_loss" for i in range(MEMBERS)} <= set(trainer.callback_metrics)
+
+
+def test_members_in_turns_see_your_log_dir_and_are_told_where_the_experiment_is(ray_session, tmp_path):
+    """``trainer.log_dir`` in a member thread is your TensorBoardLogger's ``log_dir`` (a plain fit's), not its ``save_dir``."""
+    seen, logger = LoggerSeen(), TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, seed=11), logger=logger, callbacks=[seen], **FIT)
+    trainer.fit(ManualDigits(), datamodule=DigitsDataModule())
+    assert seen.log_dir == os.path.abspath(logger.log_dir) == os.path.abspath(trainer.log_dir) == str(tmp_path / "tb" / "version_0")
+    assert "stands in for your TensorBoardLogger" in seen.experiment and "`self.trainer.log_dir`" in seen.experiment
 
 
 def test_checkpoints_written_in_turns_hold_every_member_and_resume_the_same_run(ray_session, tmp_path):
