@@ -201,6 +201,11 @@ class MirrorLogger(Logger):
     def log_dir(self) -> str | None:
         return self._mirror.get("log_dir")
 
+    @property
+    def trainer_log_dir(self) -> str | None:
+        """What ``Trainer.log_dir`` gives in a plain fit with your logger first (see :meth:`describe`)."""
+        return self._mirror.get("trainer_log_dir")
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         # numbers as Lightning hands them to a logger: integers (``epoch``) stay integers
         values = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
@@ -225,7 +230,7 @@ class MemberTrainer(Trainer):
     @property
     def log_dir(self) -> str | None:
         if self.loggers and isinstance(self.loggers[0], MirrorLogger):
-            return self.loggers[0]._mirror.get("trainer_log_dir")
+            return self.loggers[0].trainer_log_dir
         return super().log_dir
 
 

@@ -52,11 +52,12 @@ def tune_first(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
         yield
         return
     callbacks = trainer.callbacks
+    others = [cb for cb in callbacks if not isinstance(cb, _FINDERS)]
     try:
         for finder in finders:
-            trainer.callbacks = [finder] + [cb for cb in callbacks if not isinstance(cb, _FINDERS)]
+            trainer.callbacks = [finder] + others
             _tune(trainer, finder, function, bound)
-        trainer.callbacks = [cb for cb in callbacks if not isinstance(cb, _FINDERS)]
+        trainer.callbacks = others
         yield
     finally:
         trainer.callbacks = callbacks
