@@ -29,7 +29,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member import MEMBER_KEY
-from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy
+from hqde_lightning.member_callbacks import GroupCallback, GroupSWA, MemberCallback, MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.member_lr import MEMBER_STATES
 from hqde_lightning.topology import aggregate
@@ -117,14 +117,15 @@ class GroupStrategy(WorkerStrategy):
             copies = [cb for cb in trainer.callbacks if isinstance(cb, MemberCopy)]
             entry["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in {cb.state_key for cb in copies}}
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
-            for swa in (cb for cb in trainer.callbacks if isinstance(cb, GroupSWA) and cb.state_key in entry["callbacks"]):
-                entry["callbacks"][swa.state_key] = swa.member_state(entry["callbacks"][swa.state_key], i)
         # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
         sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
         entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
-        # your callbacks' and module's own additions, as member i, in the order a plain fit calls them
-        for cb in (cb for cb in trainer.callbacks if isinstance(cb, MemberCallback) and cb.position == i):
-            cb.save_into(trainer, entry)
+        # the callbacks' and your module's own additions, as member i, in the order a plain fit calls them
+        for cb in trainer.callbacks:
+            if isinstance(cb, GroupCallback):
+                cb.save_member(entry, i)
+            elif isinstance(cb, MemberCallback) and cb.position == i:
+                cb.save_into(trainer, entry)
         self.group.save_member_checkpoint(entry, i)
         return entry
 

@@ -28,7 +28,9 @@ The callbacks that read the trainer's state, write checkpoints or act in the dri
 ``LightningCLI``'s ``SaveConfigCallback``, your subclasses of them included: they show the group's
 fit or save its config. ``StochasticWeightAveraging`` runs once for the
 group too, as :class:`GroupSWA`: its running average and its SWALR schedule act element-wise, so
-over the stacked parameters they are exactly each member's own. ``LearningRateMonitor`` runs once
+over the stacked parameters they are exactly each member's own. So do ``WeightAveraging`` and
+``EMAWeightAveraging`` (and your subclasses that only choose when to update, as Lightning's docs
+show), as :class:`GroupWeightAveraging`. ``LearningRateMonitor`` runs once
 for the group as :class:`GroupLearningRateMonitor`, logging each member's own rates. Lightning's other callbacks
 (``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure:
 with those, each member trains on its own, in a thread of this process or a Ray actor
@@ -51,7 +53,8 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -61,7 +64,7 @@ from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
 
 __all__ = [
-    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
+    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
     "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
 ]
 
@@ -78,18 +81,22 @@ GROUP_CALLBACKS = (
 )
 #: callbacks that only show the fit (its progress, its module's summary): subclasses of these, yours too, show the group's once
 _SHOWS_THE_GROUP = (ProgressBar, ModelSummary)
+#: what a subclass of ``WeightAveraging`` may define and still average a group's members (:class:`GroupWeightAveraging`)
+_CHOOSES_WHEN = frozenset({"__init__", "should_update"})
 #: hooks of your callbacks that a fit calls (besides :data:`~hqde_lightning.group.MEMBER_HOOKS`), run as each member
 _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
 
 
 def is_group_callback(callback: Callback) -> bool:
     """Whether ``callback`` runs once for a group: one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own
-    class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`) or ``LightningCLI``'s
-    ``SaveConfigCallback`` (:func:`_saves_the_config`), yours included."""
+    class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`), ``LightningCLI``'s
+    ``SaveConfigCallback`` (:func:`_saves_the_config`) or ``WeightAveraging`` that only chooses when to update
+    (:func:`_weight_averaging_overrides` is empty), yours included."""
     name, module = type(callback).__name__, type(callback).__module__
     return (
         isinstance(callback, _SHOWS_THE_GROUP)
         or _saves_the_config(callback)
+        or (isinstance(callback, WeightAveraging) and not _weight_averaging_overrides(callback))
         or (name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks")))
     )
 
@@ -102,10 +109,18 @@ def _saves_the_config(callback: Callback) -> bool:
     return any(c.__name__ == "SaveConfigCallback" and c.__module__ == "lightning.pytorch.cli" for c in type(callback).__mro__)
 
 
+def _weight_averaging_overrides(callback: WeightAveraging) -> list[str]:
+    """What the classes between ``callback``'s and ``WeightAveraging`` define besides choosing when to update (:data:`_CHOOSES_WHEN`)."""
+    below = type(callback).__mro__[: type(callback).__mro__.index(WeightAveraging)]
+    return sorted({name for cls in below for name, value in vars(cls).items() if callable(value) and name not in _CHOOSES_WHEN})
+
+
 def callback_blocker(callback: Callback) -> str | None:
     """Why ``callback`` cannot run in a member group, or ``None`` when it can (once, or as each member)."""
     if is_group_callback(callback):
         return None
+    if isinstance(callback, WeightAveraging):
+        return f"{type(callback).__name__} overrides WeightAveraging's {_weight_averaging_overrides(callback)}; a group averages its members with WeightAveraging's own"
     builtin = next((c for c in type(callback).__mro__ if c not in (Callback, LambdaCallback) and c.__module__.startswith(("lightning.", "hqde_lightning."))), None)
     if builtin is type(callback):
         return f"{builtin.__name__} acts on one module's optimizers, structure or weights"
@@ -271,6 +286,10 @@ class GroupCallback(Callback):
     def state_key(self) -> str:
         return self.original_state_key
 
+    def save_member(self, entry: dict[str, Any], position: int) -> None:
+        """Makes the member at ``position``'s ``entry`` of a whole-ensemble checkpoint hold what this callback writes into
+        the checkpoints of the member's own fit (nothing more, unless a subclass says otherwise)."""
+
 
 class GroupSWA(GroupCallback, StochasticWeightAveraging):
     """Your ``StochasticWeightAveraging`` for a whole member group (build it with :meth:`of`).
@@ -318,6 +337,10 @@ class GroupSWA(GroupCallback, StochasticWeightAveraging):
         weights = {k: v.detach().cpu().clone() for k, v in average.stack.member_state_dict(position).items()}
         return {**state, "average_model_state": weights}
 
+    def save_member(self, entry: dict[str, Any], position: int) -> None:
+        if self.state_key in entry.get("callbacks", {}):
+            entry["callbacks"][self.state_key] = self.member_state(entry["callbacks"][self.state_key], position)
+
     def stacked_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The group's state from each member's own (:meth:`member_state`), one per member in group order."""
         return {**states[0], "average_model_state": [s.get("average_model_state") for s in states]}
@@ -328,6 +351,108 @@ class GroupSWA(GroupCallback, StochasticWeightAveraging):
         for position, state in enumerate(model_state):
             if state is not None:
                 self._average_model.stack.load_member_state_dict(position, state)
+
+
+class GroupWeightAveraging(GroupCallback, WeightAveraging):
+    """Your ``WeightAveraging`` or ``EMAWeightAveraging`` for a whole member group (build it with :meth:`of`).
+
+    Lightning's callback keeps an ``AveragedModel`` of the module it trains and swaps it in for
+    validation and at the end of the fit. Over the group module, whose parameters and buffers are
+    the stacked ones, both averages it offers (the exponential moving average, the equal-weighted
+    mean) are element-wise: each member's slice of the average is the one its own fit keeps, and
+    your ``should_update`` (the class's, a subclass of yours included) chooses the updates for all.
+    What this class adds:
+
+    * members that stopped early: a member's average takes the updates its own fit makes (those of
+      its last training batch and of the end of the epoch it stopped in, none after) and counts its
+      own updates (``n_averaged``, which the equal-weighted mean divides by), so it ends the fit with
+      its own average;
+    * checkpoints: each member's entry holds what a checkpoint of its own fit holds (:meth:`save_member`:
+      its average as ``state_dict``, its trained weights as ``current_model_state``, its
+      ``averaging_state``), and a group resumes every member from its entry (:meth:`on_load_checkpoint`).
+    """
+
+    #: per member (its place in the group), how many updates its average has taken
+    updates: list[int]
+    #: the members that trained in a batch of this epoch: those that take its epoch-end update
+    _trained: set[int]
+
+    @classmethod
+    def of(cls, original: Callback, group: MemberGroup) -> GroupWeightAveraging:
+        version = super().of(original, group)
+        version._should_update = type(original).should_update
+        return version
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Your callback's ``should_update`` (its class's: ``EMAWeightAveraging``'s, or your subclass's)."""
+        return self._should_update(self, step_idx=step_idx, epoch_idx=epoch_idx)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.updates, self._trained = [0] * self.group.num_members, set()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = set()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        training = {p for p in range(self.group.num_members) if not self.group.frozen[p]}
+        self._trained |= training
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            self._update(pl_module, training)
+            self._latest_update_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
+            self._update(pl_module, self._trained | {p for p in range(self.group.num_members) if not self.group.frozen[p]})
+            self._latest_update_epoch = trainer.current_epoch
+
+    def _update(self, pl_module: pl.LightningModule, positions: set[int]) -> None:
+        """Updates the averages of the members at ``positions``, each counting its own updates; the others keep theirs."""
+        average = self._average_model
+        assert average is not None
+        for count in sorted({self.updates[p] for p in positions}):
+            taking = [p for p in positions if self.updates[p] == count]
+            others = [p for p in range(self.group.num_members) if p not in taking]
+            tensors = [*average.module.parameters(), *average.module.buffers()]
+            kept = [t[others].clone() for t in tensors] if others else []
+            average.n_averaged.fill_(count)
+            average.update_parameters(pl_module)
+            with torch.no_grad():
+                for tensor, values in zip(tensors, kept):
+                    tensor[others] = values
+            for p in taking:
+                self.updates[p] += 1
+        average.n_averaged.fill_(max(self.updates))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Nothing to the group's checkpoint: each member's entry is made its own fit's (:meth:`save_member`)."""
+
+    def save_member(self, entry: dict[str, Any], position: int) -> None:
+        """What ``WeightAveraging`` does to a checkpoint of the member's own fit: its average becomes the ``state_dict``."""
+        if self._average_model is None:
+            return
+        average = self._average_model.module.stack.member_state_dict(position)
+        entry["current_model_state"] = entry["state_dict"]
+        entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in average.items()}
+        entry["averaging_state"] = {"n_averaged": torch.tensor(self.updates[position], dtype=torch.long)}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Each member's average and trained weights from its own entry of the checkpoint being resumed.
+
+        The group has loaded each entry's ``state_dict`` as the member's weights; as Lightning's callback
+        does, that becomes the member's average, and ``current_model_state`` its weights.
+        """
+        if self._average_model is None:
+            return super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        averages, stack = self._average_model.module.stack, self.group.stack
+        for position, entry in enumerate(self.group.loaded_entries or [checkpoint] * self.group.num_members):
+            averages.load_member_state_dict(position, entry["state_dict"])
+            if "current_model_state" in entry and "averaging_state" in entry:
+                stack.load_member_state_dict(position, entry["current_model_state"])
+                self.updates[position] = int(entry["averaging_state"]["n_averaged"])
+            elif position == 0:
+                rank_zero_warn("The checkpoint was not created with WeightAveraging. Both the current and the average model will be initialized with state_dict.")
+        self._average_model.n_averaged.fill_(max(self.updates))
 
 
 class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
@@ -391,11 +516,14 @@ def runs_per_member(callback: Callback) -> bool:
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
     """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
     (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member,
-    ``StochasticWeightAveraging`` by :class:`GroupSWA` and ``LearningRateMonitor`` by :class:`GroupLearningRateMonitor`."""
+    ``StochasticWeightAveraging`` by :class:`GroupSWA`, ``LearningRateMonitor`` by :class:`GroupLearningRateMonitor`
+    and ``WeightAveraging`` (its subclasses that run once for the group, see :func:`is_group_callback`) by
+    :class:`GroupWeightAveraging`."""
     out: list[Callback] = []
     for callback in callbacks:
-        if type(callback) in _ONCE_FOR_THE_GROUP:
-            out.append(_ONCE_FOR_THE_GROUP[type(callback)].of(callback, group))
+        version = _ONCE_FOR_THE_GROUP.get(type(callback)) or (GroupWeightAveraging if isinstance(callback, WeightAveraging) else None)
+        if version is not None:
+            out.append(version.of(callback, group))
             continue
         member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
         if member_copy is None:
