@@ -132,6 +132,7 @@ class RayEnsembleLauncher(_Launcher):
                 results, final_snapshots, strategy.coordinator_state = outcome
                 _check_score_metric(strategy.score_metric, results)
                 self._recover(trainer, model, results)
+                _attach_fit_data(trainer, model, bound)
                 # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
                 strategy.keep_final_checkpoints(final_snapshots)
                 self._call_ensemble_hooks(trainer, bound)
@@ -299,6 +300,14 @@ def _fit_datamodule(bound: inspect.BoundArguments) -> LightningDataModule | None
     if isinstance(bound.arguments.get("train_dataloaders"), LightningDataModule):
         return bound.arguments["train_dataloaders"]
     return bound.arguments.get("datamodule")
+
+
+def _attach_fit_data(trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments) -> None:
+    """Attaches the fit's data to your trainer as a plain fit does (``trainer.datamodule``, the sources of the loaders
+    ``trainer.estimated_stepping_batches`` reads): the members' fits attached it to their own trainers."""
+    loaders = bound.arguments.get("train_dataloaders")
+    train = None if isinstance(loaders, LightningDataModule) else loaders
+    trainer._data_connector.attach_data(model, train_dataloaders=train, val_dataloaders=bound.arguments.get("val_dataloaders"), datamodule=_fit_datamodule(bound))
 
 
 def _data_hooks(model: LightningModule, bound: inspect.BoundArguments) -> list[Any]:

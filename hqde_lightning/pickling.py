@@ -1,4 +1,4 @@
-"""Pickling a fit for the members, with an error that names what cannot be pickled.
+"""Pickling a fit for the members, without data the trainer holds, with an error that names what cannot be pickled.
 
 Members in this process (a member group, member threads) train a copy of the fit made by pickling
 it with `cloudpickle <https://github.com/cloudpipe/cloudpickle>`_; Ray actors get it pickled with
@@ -43,7 +43,7 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
     loggers = trainer.loggers
     trainer.loggers = []
     try:
-        with _uncompiled(model):
+        with _uncompiled(model), _without_data(trainer):
             return dumps((trainer, function.__name__, bound.args, bound.kwargs))
     except Exception as err:
         datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
@@ -76,6 +76,33 @@ def _uncompiled(model: LightningModule) -> Iterator[None]:
     finally:
         model.__dict__.update(compiled)
         model._compiler_ctx = context
+
+
+@contextmanager
+def _without_data(trainer: Trainer) -> Iterator[None]:
+    """``trainer`` without the data an earlier ``fit``, ``validate``, ``test`` or ``predict`` attached to it (its
+    ``datamodule``, its loops' loaders) for as long as the context lasts.
+
+    Each member's fit attaches the data it is given, so a copy of the trainer needs none; one that
+    kept it would copy your datasets into every member (or fail on a datamodule that cannot be pickled).
+    """
+    loops = (trainer.fit_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop)
+    sources = [(loop._data_source, loop._data_source.instance) for loop in loops]
+    loaders = [(loop, loop._combined_loader) for loop in loops]
+    datamodule, selector = trainer.datamodule, trainer._data_connector._datahook_selector
+    for source, _ in sources:
+        source.instance = None
+    for loop, _ in loaders:
+        loop._combined_loader = None
+    trainer.datamodule, trainer._data_connector._datahook_selector = None, None
+    try:
+        yield
+    finally:
+        for source, instance in sources:
+            source.instance = instance
+        for loop, loader in loaders:
+            loop._combined_loader = loader
+        trainer.datamodule, trainer._data_connector._datahook_selector = datamodule, selector
 
 
 def _find_unpicklable(obj: Any, path: str, dumps: Dumps, depth: int = 0) -> str | None:

@@ -220,6 +220,29 @@ def test_an_unpicklable_module_fails_naming_the_attribute(ray_session, tmp_path,
         trainer.fit(HoldsALock(), datamodule=DigitsDataModule())
 
 
+class HoldsAHandle(DigitsDataModule):
+    """A datamodule holding what pickle refuses once it is set up, as one reading an HDF5 file holds its open handle."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.handle = threading.Lock()
+
+
+def test_the_fits_data_stays_attached_as_after_a_plain_fit_and_never_travels_inside_the_trainer(tmp_path):
+    """After a fit, ``trainer.datamodule`` and ``trainer.estimated_stepping_batches`` are what a plain fit leaves. The
+    members' copies of the trainer never carry the data an earlier ``validate`` or ``fit`` attached to it (it would be
+    copied into every member): a datamodule that cannot be pickled validates, then fits, twice."""
+    dm, model = HoldsAHandle(), DigitsModule()
+    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=0), tmp_path, max_epochs=1, logger=False)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.datamodule is dm and dm.trainer is trainer
+    assert trainer.estimated_stepping_batches == len(dm.train_dataloader())
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch == 2 and trainer.datamodule is dm
+
+
 def test_a_module_registered_by_value_with_ray_cloudpickle_reaches_the_actors(ray_session, tmp_path, monkeypatch):
     """Actors get the fit pickled by Ray's own cloudpickle, so ``ray.cloudpickle.register_pickle_by_value`` (as Ray
     documents for code the workers cannot import) applies: the module below exists in this process only."""
