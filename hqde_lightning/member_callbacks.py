@@ -53,7 +53,8 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -455,6 +456,50 @@ class GroupWeightAveraging(GroupCallback, WeightAveraging):
         self._average_model.n_averaged.fill_(max(self.updates))
 
 
+class GroupModelSummary(GroupCallback, ModelSummary):
+    """Lightning's ``ModelSummary`` for a whole member group (build it with :meth:`of`): your module's layers, as a
+    plain fit shows them, with one member's parameters (and FLOPs) per layer, and the totals of all the members.
+
+    Summarized as it is, the group module is one row holding every member's parameters (``stack``).
+    """
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Summary:
+        self.group._attach()  # your module sees the trainer (its precision, the example input's transfer)
+        return MembersSummary(self.group.module, self._max_depth, self.group.num_members)
+
+
+class GroupRichModelSummary(GroupModelSummary, RichModelSummary):
+    """Lightning's ``RichModelSummary`` for a whole member group (see :class:`GroupModelSummary`)."""
+
+
+class MembersSummary(Summary):
+    """Lightning's summary of ``module`` (one member), its totals those of ``members`` members."""
+
+    def __init__(self, module: pl.LightningModule, max_depth: int, members: int) -> None:
+        self.members = members
+        super().__init__(module, max_depth)
+
+    @property
+    def total_parameters(self) -> int:
+        return super().total_parameters * self.members
+
+    @property
+    def trainable_parameters(self) -> int:
+        return super().trainable_parameters * self.members
+
+    @property
+    def total_flops(self) -> int:
+        return super().total_flops * self.members
+
+    def _get_summary_data(self) -> list[tuple[str, list[str]]]:
+        members, self.members = self.members, 1  # the rows are one member's (Lightning's "other params" row included)
+        try:
+            data = super()._get_summary_data()
+        finally:
+            self.members = members
+        return [(f"{name} per member" if name in ("Params", "FLOPs") else name, values) for name, values in data]
+
+
 class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
     """Your ``LearningRateMonitor`` for a whole member group (build it with :meth:`of`): every member's own rates.
 
@@ -494,7 +539,9 @@ class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
 
 
 #: Lightning's callbacks a member group runs once, as a version that knows the group's members
-_ONCE_FOR_THE_GROUP: dict[type[Callback], type[GroupCallback]] = {StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor}
+_ONCE_FOR_THE_GROUP: dict[type[Callback], type[GroupCallback]] = {
+    StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor, ModelSummary: GroupModelSummary, RichModelSummary: GroupRichModelSummary,
+}
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {
     EarlyStopping: MemberEarlyStopping, QuantumNoise: MemberQuantumNoise, AdaptiveQuantization: MemberAdaptiveQuantization,

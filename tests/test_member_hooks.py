@@ -313,6 +313,19 @@ def test_your_progress_bar_and_model_summary_show_the_group_once(caplog):
     assert group_blocker(summary.strategy, summary, DigitsModule()) is None
 
 
+def test_a_groups_model_summary_lists_your_layers_with_the_totals_of_its_members(caplog):
+    """Lightning's summary of the group module was one row (``stack | StackedMembers``); it shows your module's layers, as
+    a plain fit does, one member's parameters per layer, and the parameters of all the members in the totals."""
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=3, sync="none", seed=0), limit_train_batches=1, limit_val_batches=0, enable_model_summary=True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    table = caplog.text
+    per_member = sum(p.numel() for p in DigitsModule().parameters())
+    assert "StackedMembers" not in table and "| net " in table and "Params per member" in table
+    assert f"{per_member / 1000:.1f} K " in table.split("| net ")[1].splitlines()[0]  # the row: one member's
+    assert f"{3 * per_member / 1000:.1f} K     Total params" in table
+
+
 def test_vectorize_true_with_per_member_hooks_warns_and_loops():
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=True)
     with pytest.warns(UserWarning, match="`vectorize=True` is ignored"):
