@@ -233,7 +233,8 @@ class EnsembleEvaluation(Callback):
         if ensemble is None:
             rank_zero_warn("HQDEStrategy has no trained ensemble yet (call `fit` or pass an HQDE `ckpt_path`): evaluating the module itself.")
             return
-        ensemble.to(pl_module.device).eval()
+        # the members in your module's precision and device, as the strategy set it up ("64-true": float64)
+        ensemble = self.strategy.precision_plugin.convert_module(ensemble).to(pl_module.device).eval()
         self._hooks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, EnsembleEvaluationCallback)]
         self._forward = _EnsembleForward(ensemble)
         pl_module.forward = self._forward  # an instance attribute shadows the class's forward

@@ -236,6 +236,8 @@ class RayEnsembleLauncher(_Launcher):
         strategy.aggregator.load_state_dict(strategy.coordinator_state.get("aggregator", {}))
         if strategy.dropped_members:
             rank_zero_warn(f"HQDEStrategy: the ensemble holds {len(results)} of {strategy.num_members} members; members {strategy.dropped_members} were dropped after failing.")
+        # your module in the fit's precision, as a plain fit leaves it ("64-true": float64), and the members built from it
+        model = trainer.strategy.precision_plugin.convert_module(model)
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
         scores = [r.score for r in results]
         try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)

@@ -243,6 +243,21 @@ def test_the_fits_data_stays_attached_as_after_a_plain_fit_and_never_travels_ins
     assert trainer.current_epoch == 2 and trainer.datamodule is dm
 
 
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_true_precision_leaves_your_module_and_the_members_in_its_dtype_and_they_evaluate(tmp_path, precision, dtype):
+    """A plain fit leaves your module in a "true" precision's dtype; so does HQDE, with the ensemble's members, so that
+    ``test`` after the fit, and a new trainer testing the fit's checkpoint, evaluate (they failed with a dtype mismatch)."""
+    model = DigitsModule()
+    trainer = _trainer(HQDEStrategy(num_members=2, sync="none", seed=0), tmp_path, max_epochs=1, logger=False, precision=precision)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert next(model.parameters()).dtype == dtype
+    assert all(p.dtype == dtype for member in trainer.strategy.ensemble.members for p in member.parameters())
+    assert trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["ensemble/test_acc"] > 0.7
+    fresh = _trainer(HQDEStrategy(num_members=2), tmp_path, logger=False, precision=precision)
+    results = fresh.test(DigitsModule(), datamodule=DigitsDataModule(), ckpt_path=trainer.checkpoint_callback.best_model_path, verbose=False)
+    assert results[0]["ensemble/test_acc"] > 0.7
+
+
 def test_a_module_registered_by_value_with_ray_cloudpickle_reaches_the_actors(ray_session, tmp_path, monkeypatch):
     """Actors get the fit pickled by Ray's own cloudpickle, so ``ray.cloudpickle.register_pickle_by_value`` (as Ray
     documents for code the workers cannot import) applies: the module below exists in this process only."""
