@@ -24,6 +24,10 @@ in your step); the members are never run again on the raw batch. A step that cal
 The ensemble's probabilities are softmax(log p̄ / T) with its temperature T (1 until
 :meth:`hqde_lightning.ensemble.Ensemble.calibrate` fits one).
 
+A module you passed through ``torch.compile`` evaluates the ensemble with its steps uncompiled
+(the members run stacked or in a loop, as :class:`~hqde_lightning.ensemble.Ensemble` chooses);
+its compiled functions are back in place afterwards.
+
 Callbacks derived from :class:`EnsembleEvaluationCallback` (``OODEvaluation``,
 ``ReliabilityDiagram``) get each batch's stacked member logits and, at the end of the epoch,
 these metrics; :func:`reliability_diagram` draws a reliability diagram (needs matplotlib).
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -43,6 +48,7 @@ from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from hqde_lightning.ensemble import AutoCombiner, ClassLogitsLeaf, Ensemble, is_class_target, is_stacked_logits, leaf_paths
+from hqde_lightning.pickling import uncompiled
 from hqde_lightning.uncertainty import aurc, combine_probabilities, reliability_bins
 
 __all__ = ["EnsembleEvaluation", "EnsembleEvaluationCallback", "EnsembleMetrics", "classification_batch", "reliability_diagram"]
@@ -224,6 +230,7 @@ class EnsembleEvaluation(Callback):
         self._logits = ClassLogitsLeaf()
         self._warned_contract = False
         self._hooks: list[EnsembleEvaluationCallback] = []
+        self._compiled = ExitStack()
 
     # ------------------------------------------------------------- forward
     def _begin(self, pl_module: LightningModule) -> None:
@@ -237,6 +244,8 @@ class EnsembleEvaluation(Callback):
         ensemble = self.strategy.precision_plugin.convert_module(ensemble).to(pl_module.device).eval()
         self._hooks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, EnsembleEvaluationCallback)]
         self._forward = _EnsembleForward(ensemble)
+        # compiled steps would trace the ensemble's Python (graph breaks at every call): they wait until the end
+        self._compiled.enter_context(uncompiled(pl_module))
         pl_module.forward = self._forward  # an instance attribute shadows the class's forward
         self._module = pl_module
 
@@ -244,6 +253,7 @@ class EnsembleEvaluation(Callback):
         """Gives the module its own ``forward`` back."""
         if self._module is not None:
             self._module.__dict__.pop("forward", None)
+        self._compiled.close()
         self._module, self._forward = None, None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

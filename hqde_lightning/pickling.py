@@ -24,7 +24,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["pickle_fit"]
+__all__ = ["pickle_fit", "uncompiled"]
 
 #: pickles an object to bytes (``cloudpickle.dumps`` or ``ray.cloudpickle.dumps``)
 Dumps = Callable[[Any], bytes]
@@ -40,10 +40,16 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
         MisconfigurationException: when something cannot be pickled, naming the first attribute
             of the module or the datamodule that fails.
     """
+    if model._compiler_ctx is not None:
+        rank_zero_warn(
+            f"HQDEStrategy: the members train `{type(model).__name__}` uncompiled. `torch.compile` made functions that"
+            " cannot be copied into the members (a member group vectorises its members with `torch.func.vmap` instead)."
+            " Your module keeps them."
+        )
     loggers = trainer.loggers
     trainer.loggers = []
     try:
-        with _uncompiled(model), _without_data(trainer):
+        with uncompiled(model), _without_data(trainer):
             return dumps((trainer, function.__name__, bound.args, bound.kwargs))
     except Exception as err:
         datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
@@ -58,17 +64,12 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
 
 
 @contextmanager
-def _uncompiled(model: LightningModule) -> Iterator[None]:
+def uncompiled(model: LightningModule) -> Iterator[None]:
     """``model`` without what ``torch.compile`` added (Lightning's ``from_compiled``) for as long as the context lasts."""
     context = model._compiler_ctx
     if context is None:
         yield
         return
-    rank_zero_warn(
-        f"HQDEStrategy: the members train `{type(model).__name__}` uncompiled. `torch.compile` made functions that"
-        " cannot be copied into the members (a member group vectorises its members with `torch.func.vmap` instead)."
-        " Your module keeps them."
-    )
     compiled = {name: model.__dict__.pop(name) for name in _COMPILED_METHODS if name in model.__dict__}
     model._compiler_ctx = None
     try:

@@ -259,12 +259,23 @@ def test_finder_callbacks_tune_once_in_the_driver_then_stay(ray_session, tmp_pat
     assert trainer.callbacks[:2] == [lr_finder, size_finder] and not lr_finder._early_exit and not size_finder._early_exit
 
 
-def test_compiled_module_trains_its_members_uncompiled(ray_session, tmp_path):
-    """``trainer.fit(torch.compile(model))``, as Lightning's docs show it: the members train the module uncompiled, with a warning."""
+def test_compiled_module_trains_its_members_uncompiled_and_evaluates_the_ensemble_uncompiled(ray_session, tmp_path):
+    """``trainer.fit(torch.compile(model))``, as Lightning's docs show it: the members train the module uncompiled, with a
+    warning. ``trainer.test`` evaluates the ensemble with the steps uncompiled (compiled, they traced the ensemble's own
+    code: dozens of graph breaks, seconds per call) and your module keeps its compiled functions."""
+    from torch._dynamo.utils import counters
+
     model = DigitsModule()
+    compiled = torch.compile(model, backend="eager")
     trainer = _trainer(HQDEStrategy(num_members=2, seed=5, sync="none"), tmp_path)
     with pytest.warns(UserWarning, match="members train `DigitsModule` uncompiled"):
-        trainer.fit(torch.compile(model), datamodule=DigitsDataModule())
+        trainer.fit(compiled, datamodule=DigitsDataModule())
     assert model._compiler_ctx is not None  # your module keeps its compiled functions
     assert float(trainer.callback_metrics["member_0/val_acc"]) > 0.8 and float(trainer.callback_metrics["member_1/val_acc"]) > 0.8
+    counters.clear()
+    assert trainer.test(compiled, datamodule=DigitsDataModule(), verbose=False)[0]["ensemble/test_acc"] > 0.8
+    assert sum(counters["graph_break"].values()) == 0
+    kept = {name: model.__dict__[name] for name in ("forward", "test_step")}  # compiled by Lightning's `from_compiled`
+    assert all(getattr(function, "_torchdynamo_orig_callable", None) is not None for function in kept.values())
     assert trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["ensemble/test_acc"] > 0.8
+    assert sum(counters["graph_break"].values()) == 0 and {name: model.__dict__[name] for name in kept} == kept
