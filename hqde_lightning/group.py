@@ -220,6 +220,11 @@ class MemberGroup(LightningModule):
         self._frozen_states: dict[int, list[tuple[int, int, str, Tensor]]] = {}
         #: per stopped member, its optimizers' step counts when it stopped (shared by the stack), by (optimizer, parameter id, key)
         self.frozen_steps: dict[int, dict[tuple[int, int, str], Any]] = {}
+        #: the slices, before this step's update, of parameters a member does not train while others do (see :meth:`_hold_slices`)
+        self._held_slices: list[tuple[Tensor, int, Tensor, list[tuple[dict[str, Any], str, Tensor | None]]]] = []
+        self._warned_held_steps = False
+        #: your module's submodules' training modes while the group evaluates (see :meth:`_follow_mode`)
+        self._training_modes: dict[str, bool] | None = None
 
     @property
     def num_members(self) -> int:
@@ -228,9 +233,26 @@ class MemberGroup(LightningModule):
     def _attach(self) -> None:
         """Your module sees the group's trainer (``self.current_epoch``, ``self.trainer`` work inside your steps)."""
         self.module._trainer = self._trainer
-        self.module.train(self.training)
+        if self.module.training != self.training:
+            self._follow_mode()
         if self.module.device != self.device:  # `self.device` inside your steps (the template moved with the stack)
             self.module.to(self.device)
+
+    def _follow_mode(self) -> None:
+        """Your module follows the group into eval mode (Lightning's evaluation loops switch the group) and back.
+
+        As a plain fit leaves them, the modes your hooks gave submodules in training (a BatchNorm
+        put in eval mode to keep its statistics) are kept: they are taken before evaluating and put
+        back after it, as Lightning does for the module it fits.
+        """
+        if not self.training:
+            self._training_modes = {name: module.training for name, module in self.module.named_modules()}
+            self.module.eval()
+            return
+        modes = self._training_modes or {}
+        for name, module in self.module.named_modules():
+            module.training = modes.get(name, True)
+        self._training_modes = None
 
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -399,6 +421,8 @@ class MemberGroup(LightningModule):
             with self._running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
                 results.append(call(member, self._member_args(hook, i, args, member)))
             per_member.append(logs)
+        if self.stack.requires_grad_changed:  # a member froze or unfroze parameters (`requires_grad`)
+            self.stack.settle_requires_grad(self._active())
         batch_size = _hook_batch_size(hook, args)
         for i, logs, was_stopped in zip(positions, per_member, stopped):  # a member that stops in this hook still logs what it logged
             for name, kwargs, value in zip(logs.names, logs.kwargs, logs.values):
@@ -501,7 +525,7 @@ class MemberGroup(LightningModule):
         self._attach()
         if not trainer.training:
             return hook(*args)
-        active = [i for i in range(self.num_members) if not self.frozen[i]]
+        active = self._active()
         changed = dict(zip(active, self.each_member(hook_name, lambda _, member_args: hook(*member_args), args, active)))
 
         def unchanged(i: int) -> Any:  # a stopped member's batch, still moved to where the stack is
@@ -546,10 +570,58 @@ class MemberGroup(LightningModule):
                         self.frozen_steps[position][(n, pid, key)] = value.clone() if isinstance(value, Tensor) else value
                     elif _sliced(key, value, p.shape):
                         self._frozen_states[position].append((n, pid, key, value[position].detach().clone()))
+        if self._active():  # a parameter only this member trained no longer needs a gradient
+            self.stack.settle_requires_grad(self._active())
+
+    def _active(self) -> list[int]:
+        """The places of the members that still train (have not stopped early)."""
+        return [i for i in range(self.num_members) if not self.frozen[i]]
+
+    def _hold_slices(self) -> None:
+        """Just before a step: the slices of parameters a member froze (``requires_grad=False`` in its hooks) while
+        others still train them lose their gradient, and what the step does to them and their optimizer state is
+        undone at the batch end (:meth:`_restore_frozen`), as the member's own fit leaves a frozen parameter.
+
+        A step count the stack shares (Adam's ``step``) still counts for such a member; warned once.
+        """
+        self._held_slices = []
+        held = self.stack.held_slices(self._active())
+        if not held:
+            return
+        optimizers = self.trainer.optimizers
+        with torch.no_grad():
+            for j, members in held:
+                param = self.stack.params[j]
+                states = [optimizer.state.setdefault(param, {}) for optimizer in optimizers if any(param is p for p in _params(optimizer))]
+                shared = any(key in _SHARED_STATE for state in states for key in state)
+                for i in members:
+                    if param.grad is not None:
+                        param.grad[i].zero_()
+                    saved = [(state, key, value[i].clone()) for state in states for key, value in state.items() if _sliced(key, value, param.shape)]
+                    self._held_slices.append((param, i, param[i].clone(), saved + [(state, "", None) for state in states]))
+                if shared and not self._warned_held_steps:
+                    self._warned_held_steps = True
+                    rank_zero_warn(
+                        f"HQDEStrategy: members {[self.member_ids[i] for i in members]} froze `{self.stack.param_names[j]}` while others"
+                        " still train it: their weights and optimizer state stay as their own fits leave them, but the optimizer's"
+                        " step count (Adam's bias correction) is shared by the stack and keeps counting for them."
+                    )
 
     def _restore_frozen(self) -> None:
-        """Puts the stopped members' weights, buffers and optimizer state back after a step moved them (they run in the stack all the same)."""
+        """Puts the stopped members' weights, buffers and optimizer state back after a step moved them (they run in the stack all the same),
+        and the slices held for this step (:meth:`_hold_slices`)."""
         with torch.no_grad():
+            for param, i, value, saved in self._held_slices:
+                param[i].copy_(value)
+                kept = {(id(state), key) for state, key, _ in saved}
+                for state, key, before in saved:
+                    if before is not None:
+                        state[key][i].copy_(before)
+                for state in {id(state): state for state, _, _ in saved}.values():  # state the step created: as if it never ran
+                    for key, now in state.items():
+                        if (id(state), key) not in kept and _sliced(key, now, param.shape):
+                            now[i].zero_()
+            self._held_slices = []
             for position, values in self._frozen_values.items():
                 for tensor, value in zip((*self.stack.params, *self.stack.buffers()), values):
                     tensor[position].copy_(value)
@@ -662,6 +734,7 @@ class MemberGroup(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._hook("on_before_optimizer_step", optimizer)
+        self._hold_slices()
         if self.learning_rates is not None:  # the last code before the update: the members' rates as they are now
             self.learning_rates.prepare_step(optimizer)
 

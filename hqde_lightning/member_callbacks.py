@@ -194,10 +194,16 @@ class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
         return f"member_{self.member_id}/noise_scale"
 
     def _weights(self, pl_module: pl.LightningModule) -> Iterator[Tensor]:
-        return (p[self.position] for p in self.group.stack.params if p.requires_grad)
+        return (p[self.position] for p, trains in self._members_parameters() if trains)
 
     def _gradients(self, optimizer: Optimizer) -> Iterator[Tensor]:
-        return (g[self.position] for g in super()._gradients(optimizer))
+        trained = {id(p) for p, trains in self._members_parameters() if trains}
+        return (p.grad[self.position] for group in optimizer.param_groups for p in group["params"] if id(p) in trained and p.grad is not None)
+
+    def _members_parameters(self) -> Iterator[tuple[Tensor, bool]]:
+        """Each stacked parameter, and whether this member trains it (its own ``requires_grad``)."""
+        stack = self.group.stack
+        return ((p, p.requires_grad and flags[self.position]) for p, flags in zip(stack.params, stack.member_requires_grad))
 
 
 class MemberAdaptiveQuantization(_IndexedCopy, AdaptiveQuantization):

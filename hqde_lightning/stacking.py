@@ -116,6 +116,10 @@ class StackedMembers(nn.Module):
         for name in self.param_names:
             slices = [dict(m.named_parameters())[name] for m in members]
             self.params.append(nn.Parameter(torch.stack([s.detach() for s in slices]).clone(), requires_grad=slices[0].requires_grad))
+        #: per parameter, whether each member trains it (``requires_grad`` as its hooks set it, see :meth:`as_member`)
+        self.member_requires_grad = [[p.requires_grad] * self.num_members for p in self.params]
+        #: whether a member's hook changed what it trains since :meth:`settle_requires_grad` last ran
+        self.requires_grad_changed = False
         #: whether the members' 4-D parameters are laid out channels-last (as the template's are)
         self.channels_last = False
         self.set_channels_last(any(_is_channels_last(p) for p in template.parameters()))
@@ -242,16 +246,48 @@ class StackedMembers(nn.Module):
         Its parameters are member ``index``'s slices (``nn.Parameter`` views: in-place changes
         reach the stack) with the slices of the stacked gradients as ``.grad``; its buffers,
         metrics, attributes and torch RNG stream are the member's. Yields the template.
+
+        A parameter's ``requires_grad`` is the member's own (:attr:`member_requires_grad`): setting it
+        in the block (freezing a layer from some epoch on) is kept for the member, and
+        :meth:`settle_requires_grad` makes the stack follow it.
         """
-        tensors = []
-        for name, stacked in zip(self.param_names, self.params):
-            view = nn.Parameter(stacked.detach()[index], requires_grad=stacked.requires_grad)
-            if stacked.grad is not None:
+        views = []
+        for j, stacked in enumerate(self.params):
+            trains = self.member_requires_grad[j][index]
+            view = nn.Parameter(stacked.detach()[index], requires_grad=trains)
+            if trains and stacked.grad is not None:
                 view.grad = stacked.grad[index]
-            tensors.append((name, "_parameters", view))
+            views.append(view)
+        tensors = [(name, "_parameters", view) for name, view in zip(self.param_names, views)]
         tensors += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
-        with self._in_template(tensors), self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
-            yield self.template
+        try:
+            with self._in_template(tensors), self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
+                yield self.template
+        finally:
+            for j, view in enumerate(views):
+                if view.requires_grad != self.member_requires_grad[j][index]:
+                    self.member_requires_grad[j][index] = view.requires_grad
+                    self.requires_grad_changed = True
+
+    def settle_requires_grad(self, active: Sequence[int]) -> None:
+        """Each stacked parameter requires a gradient when one of the ``active`` members trains it.
+
+        One that none of them trains gets no gradient, so optimizers leave it, and its state,
+        as each member's own fit does. Where only some train it, the others' slices are
+        :meth:`held_slices`.
+        """
+        self.requires_grad_changed = False
+        for stacked, flags in zip(self.params, self.member_requires_grad):
+            stacked.requires_grad_(any(flags[i] for i in active))
+
+    def held_slices(self, active: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """``(parameter, members)``: the ``active`` members that do not train a parameter some others train."""
+        held = []
+        for j, (stacked, flags) in enumerate(zip(self.params, self.member_requires_grad)):
+            members = [i for i in active if not flags[i]]
+            if stacked.requires_grad and members:
+                held.append((j, members))
+        return held
 
     @contextmanager
     def _member_attributes(self, index: int) -> Iterator[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -494,6 +495,55 @@ def test_optimizer_hooks_get_the_optimizer_as_their_member_sees_it():
     member's gradients are halved once, as alone (the group's optimizer would have them halved once per member)."""
     solo = solo_states(dict(optimizer="sgd"), ScalesGradientsThroughItsOptimizer)
     assert_same_members(group_states(dict(optimizer="sgd"), "auto", ScalesGradientsThroughItsOptimizer), solo)
+
+
+class FreezesItsFirstLayer(Net):
+    """Freezes its first layer from the second epoch (``requires_grad_(False)`` in a hook, a fine-tuning pattern);
+    with ``when="by_weights"`` only if its own weights say so, so that some members of a group do and others not."""
+
+    decisions: list[bool] = []
+
+    def __init__(self, when: str = "always", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            weight = self.net[0].weight
+            freezes = self.hparams.when == "always" or float(weight[0, :4].sum()) > 0
+            FreezesItsFirstLayer.decisions.append(freezes)
+            weight.requires_grad_(not freezes)
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize("when, optimizer", [("always", "adam"), ("by_weights", "sgd"), ("by_weights", "adam")])
+def test_a_layer_your_hooks_freeze_stays_as_alone(vectorize, when, optimizer):
+    """``requires_grad_(False)`` in a hook freezes the member's own layer, as in its own fit: a frozen parameter gets no
+    gradient and the optimizer leaves it and its state (before, the group's parameters did not see it and kept training).
+    Where only some members freeze it, the others' training and per-member clipping by norm are unchanged."""
+    hparams = dict(when=when, optimizer=optimizer, batchnorm=False)
+    FreezesItsFirstLayer.decisions = []
+    solo = solo_states(hparams, FreezesItsFirstLayer, gradient_clip_val=0.5)
+    assert len(FreezesItsFirstLayer.decisions) == MEMBERS and (when == "always" or 0 < sum(FreezesItsFirstLayer.decisions) < MEMBERS)
+    shared_step = when == "by_weights" and optimizer == "adam"
+    with pytest.warns(UserWarning, match="step count .* shared by the stack") if shared_step else nullcontext():
+        assert_same_members(group_states(hparams, vectorize, FreezesItsFirstLayer, gradient_clip_val=0.5), solo)
+
+
+class KeepsItsBatchNormStatistics(Net):
+    """From the second epoch its BatchNorm keeps its running statistics (eval mode set in a hook), a fine-tuning pattern."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch >= 1:
+            self.net[1].eval()
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_a_submodule_your_hooks_put_in_eval_mode_stays_in_it_as_alone(vectorize):
+    """A plain fit leaves the modes your hooks give submodules; the group did not (it put your module back in train mode
+    at every step, so the BatchNorm kept updating its statistics)."""
+    solo = solo_states(dict(optimizer="sgd"), KeepsItsBatchNormStatistics)
+    assert_same_members(group_states(dict(optimizer="sgd"), vectorize, KeepsItsBatchNormStatistics), solo)
 
 
 class OwnOptimizerHooks(Net):
