@@ -47,8 +47,10 @@ class MemberThreads:
     Args:
         strategy: the driver's ``HQDEStrategy``.
         payload: the pickled fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`).
-        data: the fit's data arguments. Each member gets a shallow copy of each: the datasets are
-            shared, as in a for-loop, and what a datamodule's ``setup`` builds is the member's own.
+        data: the fit's data arguments. Member 0 gets them as they are, as a plain fit does (your
+            datamodule is set up after the fit); every other member a shallow copy of each, made
+            before any member starts: the datasets are shared, as in a for-loop, and what a
+            datamodule's ``setup`` builds is the member's own.
         mirrors: per user logger, what the members' stand-in loggers show.
         forwarder: hands the members' events to the driver's loggers and progress bars.
     """
@@ -75,8 +77,9 @@ class MemberThreads:
         coordinator = Coordinator(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones, in_process=True)
         handle = InProcessActor(coordinator)
         outcomes: dict[int, MemberResult | BaseException] = {}
+        data = [self.data] + [{name: copy.copy(value) for name, value in self.data.items()} for _ in range(1, strategy.num_members)]
         threads = [
-            threading.Thread(target=self._member, args=(MemberContext.of(strategy, i, handle, self.mirrors), outcomes), name=f"hqde-member-{i}", daemon=True)
+            threading.Thread(target=self._member, args=(MemberContext.of(strategy, i, handle, self.mirrors), data[i], outcomes), name=f"hqde-member-{i}", daemon=True)
             for i in range(strategy.num_members)
         ]
         _LIGHTNING_INFO.addFilter(_member_0_only)
@@ -118,8 +121,7 @@ class MemberThreads:
             if not running:
                 return None
 
-    def _member(self, context: MemberContext, outcomes: dict[int, MemberResult | BaseException]) -> None:
-        data = {name: copy.copy(value) for name, value in self.data.items()}
+    def _member(self, context: MemberContext, data: Mapping[str, Any], outcomes: dict[int, MemberResult | BaseException]) -> None:
         try:
             with self.turns.turn():
                 outcomes[context.index] = MemberActor(None, torch.get_num_threads()).run(self.payload, context, data)

@@ -103,6 +103,27 @@ def test_members_in_turns_see_your_log_dir_and_are_told_where_the_experiment_is(
     assert "stands in for your TensorBoardLogger" in seen.experiment and "`self.trainer.log_dir`" in seen.experiment
 
 
+class SetsUpItsData(DigitsDataModule):
+    """Counts its ``setup`` calls: the datasets exist only once ``setup`` ran."""
+
+    setups = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.setups += 1
+
+
+def test_your_datamodule_is_set_up_and_attached_after_a_fit_in_turns():
+    """Member 0 fits your datamodule itself, as a plain fit does, the others a copy of it: after the fit it is set up once and
+    attached, so ``trainer.estimated_stepping_batches`` reads it (it failed: the driver's datamodule was never set up)."""
+    dm = SetsUpItsData()
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=11)
+    trainer = quiet_trainer(strategy=strategy, **FIT)
+    trainer.fit(ManualDigits(), datamodule=dm)
+    assert dm.setups == 1 and trainer.datamodule is dm and dm.trainer is trainer
+    assert trainer.estimated_stepping_batches == FIT["limit_train_batches"]
+
+
 def test_checkpoints_written_in_turns_hold_every_member_and_resume_the_same_run(ray_session, tmp_path):
     """With the loader's own generator, each member's order of a resumed epoch is the uninterrupted one's (with a shuffle
     drawn from the global RNG it is not, in member actors either); the noise and dropout draws continue from the checkpoint."""
