@@ -33,7 +33,11 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
 ``--ema DECAY`` adds Lightning's ``EMAWeightAveraging(decay=DECAY)`` to the callbacks of every
 Lightning mode (``torch-vmap`` is left out): a group keeps each member's average over the stacked
 weights (``GroupWeightAveraging``); before, such a fit trained its members in threads. It writes
-``results/training_cost_<data>_ema.json`` and checks no target.
+``results/training_cost_<data>_ema.json`` and checks no target. ``--finetune EPOCH`` likewise adds
+:class:`FirstLayerFinetuning` (a ``BaseFinetuning``: the first layer frozen until ``EPOCH``, then
+trained in a parameter group of its own at a tenth of the learning rate): a group runs it as each
+member (``MemberFinetuning``); before, such a fit trained its members in threads. It writes
+``results/training_cost_<data>_finetune.json``.
 
 Repeat r (``--repeats``) runs every mode with seed s = 100·r (HQDE: ``seed=s``, its members
 s..s+N-1, the plain models' seeds): no model is shared between repeats.
@@ -80,7 +84,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAveraging
 
 from common import DATASETS, RESULTS, ReluMLP, SimpleClassifier, SmallCNN, TreeMemory, bar_plot, load_data, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
@@ -174,9 +178,29 @@ def mean_probabilities(models: list[torch.nn.Module]) -> Predict:
     return predict
 
 
-def averaging(args: argparse.Namespace) -> list[Callback]:
-    """``EMAWeightAveraging`` with ``--ema``'s decay, for every Lightning mode's Trainer; none without ``--ema``."""
-    return [EMAWeightAveraging(decay=args.ema)] if args.ema is not None else []
+class FirstLayerFinetuning(BaseFinetuning):
+    """The model's first layer with parameters stays frozen until epoch ``unfreeze_at``, then trains in a parameter group of its own at a tenth of the learning rate."""
+
+    def __init__(self, unfreeze_at: int) -> None:
+        super().__init__()
+        self.unfreeze_at = unfreeze_at
+
+    @staticmethod
+    def first_layer(pl_module: pl.LightningModule) -> torch.nn.Module:
+        return next(m for m in pl_module.net if any(True for _ in m.parameters(recurse=False)))
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(self.first_layer(pl_module))
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == self.unfreeze_at:
+            self.unfreeze_and_add_param_group(self.first_layer(pl_module), optimizer, initial_denom_lr=10.0)
+
+
+def extra_callbacks(args: argparse.Namespace) -> list[Callback]:
+    """What ``--ema`` and ``--finetune`` add to every Lightning mode's Trainer (nothing without them)."""
+    callbacks: list[Callback] = [EMAWeightAveraging(decay=args.ema)] if args.ema is not None else []
+    return callbacks + ([FirstLayerFinetuning(args.finetune)] if args.finetune is not None else [])
 
 
 def train_plain(members: int, train: TensorDataset, args: argparse.Namespace, channels_last: bool = False) -> Predict:
@@ -186,7 +210,7 @@ def train_plain(members: int, train: TensorDataset, args: argparse.Namespace, ch
         model = seeded_model(args.data, seed)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        trainer = quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, limit_val_batches=0, callbacks=averaging(args))
+        trainer = quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, limit_val_batches=0, callbacks=extra_callbacks(args))
         trainer.fit(model, datamodule=TrainData(train, args.batch_size))
         models.append(model.cpu())
     return mean_probabilities(models)
@@ -228,7 +252,7 @@ def train_hqde(mode: str, members: int, train: TensorDataset, args: argparse.Nam
     model = seeded_model(args.data, args.seed, manual=kwargs.pop("manual", False))
     if kwargs.get("members_per_worker") == "half":
         kwargs["members_per_worker"] = math.ceil(members / 2)
-    callbacks = ([WeightNorms()] if kwargs.pop("callbacks", False) else []) + averaging(args)
+    callbacks = ([WeightNorms()] if kwargs.pop("callbacks", False) else []) + extra_callbacks(args)
     strategy = HQDEStrategy(num_members=members, sync="none", seed=args.seed, **kwargs)
     trainer = quiet_trainer(strategy=strategy, accelerator=args.accelerator, max_epochs=args.epochs, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, datamodule=TrainData(train, args.batch_size))
@@ -269,7 +293,7 @@ def run_isolated(mode: str, members: int, args: argparse.Namespace, seed: int) -
         command = [
             sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--train-size", str(args.train_size),
             "--batch-size", str(args.batch_size), "--accelerator", args.accelerator, "--run", mode, "--members", str(members), "--seed", str(seed), "--result-file", str(out),
-            *(["--ema", str(args.ema)] if args.ema is not None else []),
+            *(["--ema", str(args.ema)] if args.ema is not None else []), *(["--finetune", str(args.finetune)] if args.finetune is not None else []),
         ]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}))
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -364,6 +388,7 @@ def parse_args() -> argparse.Namespace:
         " (the cores). On a machine shared with other work, 1 avoids the threads' busy-waiting for a core that is busy elsewhere",
     )
     parser.add_argument("--ema", type=float, metavar="DECAY", help="every Lightning mode trains with EMAWeightAveraging(decay=DECAY); torch-vmap is left out")
+    parser.add_argument("--finetune", type=int, metavar="EPOCH", help="every Lightning mode trains with FirstLayerFinetuning(unfreeze_at=EPOCH); torch-vmap is left out")
     parser.add_argument("--quick", action="store_true", help="tiny CI smoke run: digits, 2 members, 1 epoch, every mode")
     parser.add_argument("--run", choices=MODES, help=argparse.SUPPRESS)  # one (mode, N) in this process (see run_isolated)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the seed of that run
@@ -376,9 +401,9 @@ def parse_args() -> argparse.Namespace:
     if args.accelerator == "gpu" and torch.cuda.device_count() < 2 and "hqde-2actors" in args.modes:
         args.modes.remove("hqde-2actors")  # each of its actors takes a whole GPU
         print("hqde-2actors left out: its two actors need two GPUs")
-    if args.ema is not None and "torch-vmap" in args.modes:
+    if (args.ema is not None or args.finetune is not None) and "torch-vmap" in args.modes:
         args.modes.remove("torch-vmap")  # plain PyTorch: no Lightning callback
-        print("torch-vmap left out: --ema is a Lightning callback")
+        print("torch-vmap left out: --ema and --finetune add Lightning callbacks")
     if args.epochs is None:
         args.epochs = 10 if args.data == "digits" else 1
     return args
@@ -414,12 +439,12 @@ def main() -> None:
     print(f"\ndata: {DATASETS[args.data]}; model {MODELS[args.data].__name__}; {train_len} training images, {args.epochs} epochs, batches of {args.batch_size};"
           f" wall time: the shortest of {args.repeats} run(s) (seeds {', '.join(str(SEED_STRIDE * r) for r in range(args.repeats))}), accuracy their mean; torch threads per process: {args.threads or 'torch default'}")
     print(f"machine: {machine()}; load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
-    targets = check_targets(rows, args, train_len) if args.ema is None else []
-    name = "training_cost_" + ("quick" if args.quick else args.data) + ("_ema" if args.ema is not None else "")
+    targets = check_targets(rows, args, train_len) if args.ema is None and args.finetune is None else []
+    name = "training_cost_" + ("quick" if args.quick else args.data) + ("_ema" if args.ema is not None else "") + ("_finetune" if args.finetune is not None else "")
     plot(rows, args, train_len, RESULTS / f"{name}.png")
     payload = {
         "data": DATASETS[args.data], "model": MODELS[args.data].__name__, "train_images": train_len, "epochs": args.epochs,
-        "batch_size": args.batch_size, "ema_decay": args.ema, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
+        "batch_size": args.batch_size, "ema_decay": args.ema, "finetune_epoch": args.finetune, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
     }
     print(f"wrote {write_results(name, payload)}")
 

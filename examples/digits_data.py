@@ -96,7 +96,8 @@ class SimpleClassifier(pl.LightningModule):
         self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        # the parameters that train: a fine-tuning callback adds the ones it froze later, in a group of their own
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
 
 
 def print_table(title: str, rows: Sequence[dict[str, Any]], decimals: int) -> None:

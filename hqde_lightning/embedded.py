@@ -40,7 +40,7 @@ from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_recor
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
-from hqde_lightning.member_callbacks import GroupSWA, MemberCopy, callback_blocker, member_callbacks, runs_per_member
+from hqde_lightning.member_callbacks import GroupSWA, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
@@ -251,7 +251,7 @@ def fit_group(
         members.append(member)
         rng_states.append(torch.get_rng_state())
     callbacks = with_module_callbacks(trainer.callbacks, model)
-    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if runs_per_member(cb)])
+    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)])
     del members
     bound.arguments["model"] = group
     sync = make_sync(group)

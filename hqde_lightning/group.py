@@ -68,11 +68,12 @@ from torch import Tensor
 
 from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
+from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
 from hqde_lightning.quick_log import QuickLog
 from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
 
 __all__ = [
-    "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "MemberOptimizer", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
+    "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
 Vectorize = Literal["auto"] | bool
@@ -201,6 +202,8 @@ class MemberGroup(LightningModule):
         self.current_position: int | None = None
         #: each member's learning rates (set up with the optimizers)
         self.learning_rates: MemberLearningRates | None = None
+        #: the parameter groups members added to the stacked optimizers since the last step (see :class:`MemberOptimizer`)
+        self.added_param_groups = AddedParamGroups(self.num_members)
         #: the metrics a ``ReduceLROnPlateau`` follows (each member's own value, see :meth:`lr_scheduler_step`)
         self._monitored: set[str] = set()
         #: ``self.log``, at a fraction of its cost for the names a step logs again (the relay logs each value once per member)
@@ -449,9 +452,25 @@ class MemberGroup(LightningModule):
         return args
 
     def member_optimizer(self, optimizer: torch.optim.Optimizer, member: LightningModule) -> MemberOptimizer:
-        """``optimizer`` (over the stacked parameters) as ``member`` (your module as one member) sees it."""
+        """``optimizer`` (over the stacked parameters) as ``member`` (your module as the member running now) sees it."""
+        assert self.learning_rates is not None and self.current_position is not None
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        index = next(n for n, opt in enumerate(self.learning_rates.optimizers) if opt is optimizer)
         views = dict(member.named_parameters())
-        return MemberOptimizer(getattr(optimizer, "optimizer", optimizer), {id(p): views[name] for name, p in zip(self.stack.param_names, self.stack.params)})
+        pairs = [(p, views[name]) for name, p in zip(self.stack.param_names, self.stack.params)]
+        return MemberOptimizer(optimizer, index, self.current_position, pairs, self.added_param_groups)
+
+    @contextmanager
+    def member_optimizers(self, member: LightningModule) -> Iterator[None]:
+        """``trainer.optimizers`` are the stacked optimizers as ``member`` (your module as the member running now) sees them
+        (:class:`MemberOptimizer`) during the block, for a callback that changes them (``BaseFinetuning``)."""
+        strategy = self.trainer.strategy
+        stacked = strategy._optimizers
+        strategy._optimizers = [self.member_optimizer(opt, member) for opt in stacked]
+        try:
+            yield
+        finally:
+            strategy._optimizers = stacked
 
     @contextmanager
     def _running_as(self, i: int, within_batch: bool = False) -> Iterator[None]:
@@ -733,6 +752,7 @@ class MemberGroup(LightningModule):
         return (optimizers, member_configs) if member_configs else optimizers
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.added_param_groups.check(self._active(), self.member_ids)
         self._hook("on_before_optimizer_step", optimizer)
         self._hold_slices()
         if self.learning_rates is not None:  # the last code before the update: the members' rates as they are now
@@ -912,21 +932,6 @@ def stacked_optimizer_state(optimizer: torch.optim.Optimizer, states: Sequence[d
             for k, v in entry.items()
         }
     return {"state": stacked, "param_groups": copy.deepcopy(first["param_groups"])}
-
-
-class MemberOptimizer:
-    """``optimizer`` (over the stacked parameters) as one member sees it: its parameter groups hold that member's
-    parameters (``params``: the member's view of each stacked parameter, by ``id``; their gradients are its own),
-    anything else is the group optimizer's."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Mapping[int, Tensor]) -> None:
-        self.optimizer = optimizer
-        self.param_groups = [{**group, "params": [params[id(p)] for p in group["params"]]} for group in optimizer.param_groups]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
 
 
 def _schedules(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> bool:

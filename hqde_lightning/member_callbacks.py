@@ -16,6 +16,9 @@ replaced by one copy per member (:func:`member_callbacks`), each acting on its m
   feedback), logged as ``member_{i}/quant/...``.
 * :class:`MemberByzantine`: ``ByzantineMembers`` corrupting what member ``i`` sends when ``i`` is
   one of its Byzantine members;
+* :class:`MemberFinetuning`: ``BackboneFinetuning`` and your ``BaseFinetuning`` subclasses, run as
+  member ``i`` with the group's optimizers as member ``i`` sees them: the parameter group it adds
+  is added once to the stacked optimizer, and each member steps it with its own learning rate;
 * :class:`MemberCallback`: any callback of yours (a ``Callback`` subclass that is none of
   Lightning's), each of its hooks run with ``pl_module`` as member ``i``
   (:meth:`~hqde_lightning.group.MemberGroup.each_member`: the member's weights, gradients,
@@ -32,7 +35,7 @@ over the stacked parameters they are exactly each member's own. So do ``WeightAv
 ``EMAWeightAveraging`` (and your subclasses that only choose when to update, as Lightning's docs
 show), as :class:`GroupWeightAveraging`. ``LearningRateMonitor`` runs once
 for the group as :class:`GroupLearningRateMonitor`, logging each member's own rates. Lightning's other callbacks
-(``BackboneFinetuning``, ``ModelPruning``...) change the optimizers or the module's structure:
+(``ModelPruning``...) change the module's structure or weights as a whole:
 with those, each member trains on its own, in a thread of this process or a Ray actor
 (:func:`callback_blocker` says why). Your
 callbacks' ``on_save_checkpoint``/``on_load_checkpoint`` run as each member on the member's own
@@ -53,7 +56,7 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -65,8 +68,8 @@ from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
 
 __all__ = [
-    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberQuantumNoise",
-    "callback_blocker", "is_group_callback", "member_callbacks", "runs_per_member",
+    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberFinetuning", "MemberQuantumNoise",
+    "callback_blocker", "is_group_callback", "member_callbacks", "needs_member_attributes", "runs_per_member",
 ]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
@@ -86,6 +89,8 @@ _SHOWS_THE_GROUP = (ProgressBar, ModelSummary)
 _CHOOSES_WHEN = frozenset({"__init__", "should_update"})
 #: hooks of your callbacks that a fit calls (besides :data:`~hqde_lightning.group.MEMBER_HOOKS`), run as each member
 _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
+#: every hook of a callback that a fit calls
+_FIT_HOOKS = frozenset((*MEMBER_HOOKS, *_CALLBACK_HOOKS, *CHECKPOINT_HOOKS))
 
 
 def is_group_callback(callback: Callback) -> bool:
@@ -122,6 +127,8 @@ def callback_blocker(callback: Callback) -> str | None:
         return None
     if isinstance(callback, WeightAveraging):
         return f"{type(callback).__name__} overrides WeightAveraging's {_weight_averaging_overrides(callback)}; a group averages its members with WeightAveraging's own"
+    if isinstance(callback, BaseFinetuning):  # as each member (`MemberFinetuning`)
+        return None
     builtin = next((c for c in type(callback).__mro__ if c not in (Callback, LambdaCallback) and c.__module__.startswith(("lightning.", "hqde_lightning."))), None)
     if builtin is type(callback):
         return f"{builtin.__name__} acts on one module's optimizers, structure or weights"
@@ -271,6 +278,28 @@ def _member_hook(hook: str) -> Callable[..., None]:
 
 for _hook in (*MEMBER_HOOKS, *_CALLBACK_HOOKS):  # every hook a fit calls, run as the member
     setattr(MemberCallback, _hook, _member_hook(_hook))
+
+
+class MemberFinetuning(MemberCallback):
+    """Your ``BaseFinetuning`` (``BackboneFinetuning``, or a subclass of yours) for one member: each hook runs as that member,
+    with ``trainer.optimizers`` as the member sees them (:class:`~hqde_lightning.member_optimizer.MemberOptimizer`).
+
+    It freezes and unfreezes the member's own parameters (their ``requires_grad`` is the member's), the
+    parameter group it adds is added once to the stacked optimizer and joined by the other members,
+    each with its own learning rate, and its state (the groups it added, a backbone's learning rate)
+    is the member's: resuming, it restores the member's groups.
+    """
+
+    def _run(self, hook: str, trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+        if hook not in self.overridden:
+            return
+        method = getattr(self.callback, hook)
+
+        def run(member: pl.LightningModule, member_args: tuple[Any, ...]) -> None:
+            with self.group.member_optimizers(member):
+                method(trainer, member, *member_args)
+
+        self.group.each_member(hook, run, args, [self.position])
 
 
 class GroupCallback(Callback):
@@ -566,6 +595,23 @@ def runs_per_member(callback: Callback) -> bool:
     return not is_group_callback(callback) and callback_blocker(callback) is None
 
 
+def needs_member_attributes(callback: Callback) -> bool:
+    """Whether ``callback`` runs as each member with code that may keep attributes on your module, which the members'
+    steps then read: they run member by member (vmap cannot keep them apart). Not ``BaseFinetuning`` (Lightning's, or
+    a subclass of yours that only chooses what to freeze and when to unfreeze: it overrides none of the fit's hooks):
+    it sets ``requires_grad`` and parameter groups, which a vectorized step keeps per member."""
+    if not runs_per_member(callback):
+        return False
+    if not isinstance(callback, BaseFinetuning):
+        return True
+    yours = [cls for cls in type(callback).__mro__[: type(callback).__mro__.index(BaseFinetuning)] if not cls.__module__.startswith("lightning.")]
+    return any(name in _FIT_HOOKS for cls in yours for name in vars(cls))
+
+
+def _per_member_copy(callback: Callback) -> type[MemberCallback]:
+    return MemberFinetuning if isinstance(callback, BaseFinetuning) else MemberCallback
+
+
 def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[Callback]:
     """``callbacks`` with each ``EarlyStopping``, ``QuantumNoise``, ``AdaptiveQuantization`` and ``ByzantineMembers``
     (exactly those classes) and each of yours (:func:`runs_per_member`) replaced by one copy per member,
@@ -578,7 +624,7 @@ def member_callbacks(callbacks: Sequence[Callback], group: MemberGroup) -> list[
         if version is not None:
             out.append(version.of(callback, group))
             continue
-        member_copy = _COPIES.get(type(callback)) or (MemberCallback if runs_per_member(callback) else None)
+        member_copy = _COPIES.get(type(callback)) or (_per_member_copy(callback) if runs_per_member(callback) else None)
         if member_copy is None:
             out.append(callback)
         else:

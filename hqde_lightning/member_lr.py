@@ -63,8 +63,16 @@ class MemberLearningRates:
         #: the parameters an update in progress moves with differing rates: each with its value before it and its members' scales
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
+    def _take_new_groups(self) -> None:
+        """A parameter group added since (``add_param_group``, a fine-tuning callback's): its learning rate is every member's."""
+        for j, opt in enumerate(self.optimizers):
+            for group in opt.param_groups[len(self.rates[j]):]:
+                self.rates[j].append([group["lr"]] * self.num_members)
+                self._resting[j].append(group["lr"])
+
     def _take_group_writes(self) -> None:
         """A learning rate changed outside any member since the group last set it: it is every member's."""
+        self._take_new_groups()
         for j, opt in enumerate(self.optimizers):
             for g, group in enumerate(opt.param_groups):
                 if group["lr"] is not self._resting[j][g] and group["lr"] != self._resting[j][g]:
@@ -87,6 +95,7 @@ class MemberLearningRates:
         try:
             yield
         finally:
+            self._take_new_groups()  # one the member added: what it asked for is its own rate, and for now the others'
             for j, opt in enumerate(self.optimizers):
                 for g, group in enumerate(opt.param_groups):
                     self.rates[j][g][index] = group["lr"]
@@ -128,6 +137,7 @@ class MemberLearningRates:
 
     def load(self, optimizer_index: int, member_param_groups: Sequence[list[dict[str, Any]]]) -> None:
         """Each member's learning rates from its own optimizer state's ``param_groups`` (one list per member)."""
+        self._take_new_groups()
         for g in range(len(self.rates[optimizer_index])):
             self.rates[optimizer_index][g] = [groups[g]["lr"] for groups in member_param_groups]
         self._rest()

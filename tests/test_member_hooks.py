@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, LambdaCallback, ModelCheckpoint, ModelSummary, StochasticWeightAveraging, TQDMProgressBar
+from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, LambdaCallback, ModelCheckpoint, ModelPruning, ModelSummary, StochasticWeightAveraging, TQDMProgressBar
 from models import DigitsDataModule, DigitsModule, TanhDigitsModule, quiet_trainer
 from test_groups import FIT, MEMBERS, SEED, Net, SeededDigits, assert_same_members, group_states, solo_states
 
@@ -272,13 +272,14 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert blocker(HookedNet()) is None
     assert blocker(HooksForTests()) is None  # a fit never calls test hooks
     assert blocker(callbacks=[StochasticWeightAveraging(swa_lrs=0.01)]) is None  # once for the group (GroupSWA)
-    assert "BackboneFinetuning acts on one module" in blocker(callbacks=[BackboneFinetuning()])
+    assert blocker(callbacks=[BackboneFinetuning()]) is None  # as each member (`MemberFinetuning`)
+    assert "ModelPruning acts on one module" in blocker(callbacks=[ModelPruning("l1_unstructured")])
     assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
     assert blocker(callbacks=[SavesIntoCheckpoint()]) is None  # as each member, on its own entry
     assert blocker(SavesModule()) is None
     assert blocker(StepsItsOwnOptimizer()) is None  # once for the group: one update for the whole stack
     assert blocker(ReturnsCallbacks()) is None
-    assert "BackboneFinetuning acts on one module" in blocker(ReturnsBackboneFinetuning())
+    assert blocker(ReturnsBackboneFinetuning()) is None
     assert "overrides ['configure_model']" in blocker(ConfiguresItsModel())
 
 
