@@ -24,12 +24,14 @@ import copy
 import inspect
 import pickle
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -219,8 +221,26 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
     copy_trainer, function_name, args, kwargs = pickle.loads(payload)  # cloudpickle's loads is pickle's
     bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
     copy_trainer.loggers = trainer.loggers
-    results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder))
+    with _finalized_by_the_driver(trainer.loggers):
+        results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder))
     return results, sync.final, sync.sync_state()
+
+
+@contextmanager
+def _finalized_by_the_driver(loggers: Sequence[Logger]) -> Iterator[None]:
+    """Your ``loggers`` while the group's fit uses them: its ``finalize`` calls are left to the driver's fit, which
+    finalizes them once, after logging the ensemble's own values ("success", see the launcher) or when the fit fails
+    ("failed", Lightning's handler around your ``fit``), as a plain fit finalizes them after its last value. A writer
+    closed before that would open a second TensorBoard event file; a group that refuses the module before its first
+    step leaves them open for the members' other runtime.
+    """
+    for logger in loggers:
+        logger.finalize = lambda status: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            del logger.finalize
 
 
 def fit_group(

@@ -233,6 +233,19 @@ def test_tensorboard_run_directory(logged):
         assert yaml.safe_load(f) == {"hidden": 32, "lr": 0.05}
 
 
+def test_a_member_group_writes_one_tensorboard_event_file_as_a_plain_fit_does(tmp_path):
+    """A group in the driver logs to your TensorBoardLogger itself: the ensemble's own values logged after the fit go to
+    the same event file (the group's fit had closed the writer, so they opened a second one)."""
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=3), **_options(tmp_path, logger=tb, max_epochs=1))
+    trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+    event_files = glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
+    assert [os.path.dirname(f) for f in event_files] == [tb.log_dir]
+    events = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"epoch", "member_0/train_loss_epoch", "member_1/train_loss_epoch", "ensemble/excluded_members"} <= set(events.Tags()["scalars"])
+
+
 # ----------------------------------------------------------------------------------------------- item 5
 class RecordException(Callback):
     """Appends ``pid, exception type, message`` to a file on ``on_exception`` (it runs in the members' processes too)."""
