@@ -56,7 +56,7 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, BasePredictionWriter, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -91,20 +91,36 @@ _CHOOSES_WHEN = frozenset({"__init__", "should_update"})
 _CALLBACK_HOOKS = ("setup", "teardown", "on_sanity_check_start", "on_sanity_check_end", "on_exception")
 #: every hook of a callback that a fit calls
 _FIT_HOOKS = frozenset((*MEMBER_HOOKS, *_CALLBACK_HOOKS, *CHECKPOINT_HOOKS))
+#: Lightning's callbacks whose fit hooks do nothing in a fit (a prediction writer's ``setup`` checks your ``predict_step``)
+_INERT_IN_A_FIT = (BasePredictionWriter,)
 
 
 def is_group_callback(callback: Callback) -> bool:
     """Whether ``callback`` runs once for a group: one of :data:`GROUP_CALLBACKS` (Lightning's or this package's own
     class, not a subclass), or any progress bar or model summary (:data:`_SHOWS_THE_GROUP`), ``LightningCLI``'s
     ``SaveConfigCallback`` (:func:`_saves_the_config`) or ``WeightAveraging`` that only chooses when to update
-    (:func:`_weight_averaging_overrides` is empty), yours included."""
+    (:func:`_weight_averaging_overrides` is empty), yours included; and any callback that does nothing in a fit
+    (a ``BasePredictionWriter``, a callback of yours with test hooks only): it acts in ``test``/``predict``."""
     name, module = type(callback).__name__, type(callback).__module__
     return (
-        isinstance(callback, _SHOWS_THE_GROUP)
+        not _acts_in_a_fit(callback)
+        or isinstance(callback, _SHOWS_THE_GROUP)
         or _saves_the_config(callback)
         or (isinstance(callback, WeightAveraging) and not _weight_averaging_overrides(callback))
         or (name in GROUP_CALLBACKS and module.startswith(("lightning.pytorch.callbacks", "hqde_lightning.callbacks")))
     )
+
+
+def _acts_in_a_fit(callback: Callback) -> bool:
+    """Whether ``callback`` has a hook of its own that a fit calls (:data:`_FIT_HOOKS`), other than those of
+    :data:`_INERT_IN_A_FIT`'s classes."""
+    for hook in _FIT_HOOKS:
+        if hook in vars(callback):  # set on the callback itself, as `LambdaCallback` does
+            return True
+        owner = next(cls for cls in type(callback).__mro__ if hook in vars(cls))
+        if owner is not Callback and owner not in _INERT_IN_A_FIT:
+            return True
+    return False
 
 
 def _saves_the_config(callback: Callback) -> bool:
@@ -240,7 +256,7 @@ class MemberCallback(_IndexedCopy, Callback):
         member = cls.__new__(cls)
         member.callback = copy.deepcopy(original)
         member.group, member.position, member.original_state_key = group, position, original.state_key
-        member.overridden = frozenset(n for n in (*MEMBER_HOOKS, *_CALLBACK_HOOKS, *CHECKPOINT_HOOKS) if _overrides(original, n))
+        member.overridden = frozenset(n for n in _FIT_HOOKS if _overrides(original, n))
         return member
 
     def save_into(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:

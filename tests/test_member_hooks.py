@@ -8,15 +8,17 @@ callbacks run in the member's own process. A group must give every member what t
 from __future__ import annotations
 
 import logging
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, LambdaCallback, ModelCheckpoint, ModelPruning, ModelSummary, StochasticWeightAveraging, TQDMProgressBar
+from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter, EarlyStopping, LambdaCallback, ModelCheckpoint, ModelPruning, ModelSummary, StochasticWeightAveraging, TQDMProgressBar
 from models import DigitsDataModule, DigitsModule, TanhDigitsModule, quiet_trainer
 from test_groups import FIT, MEMBERS, SEED, Net, SeededDigits, assert_same_members, group_states, solo_states
 
+import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.embedded import group_blocker
@@ -276,11 +278,40 @@ def test_group_blocker_names_what_a_group_cannot_run_per_member():
     assert "ModelPruning acts on one module" in blocker(callbacks=[ModelPruning("l1_unstructured")])
     assert "MyCheckpoint derives from ModelCheckpoint" in blocker(callbacks=[MyCheckpoint()])
     assert blocker(callbacks=[SavesIntoCheckpoint()]) is None  # as each member, on its own entry
+    assert blocker(callbacks=[WritesPredictions(), ReportsTests()]) is None  # nothing to do in a fit
     assert blocker(SavesModule()) is None
     assert blocker(StepsItsOwnOptimizer()) is None  # once for the group: one update for the whole stack
     assert blocker(ReturnsCallbacks()) is None
     assert blocker(ReturnsBackboneFinetuning()) is None
     assert "overrides ['configure_model']" in blocker(ConfiguresItsModel())
+
+
+class WritesPredictions(BasePredictionWriter):
+    def __init__(self) -> None:
+        super().__init__("epoch")
+        self.rows = 0
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        self.rows = sum(len(p) for p in predictions)
+
+
+class ReportsTests(pl.Callback):
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+
+def test_callbacks_that_do_nothing_in_a_fit_leave_it_to_the_group_vectorized(monkeypatch):
+    """A prediction writer, or a callback of yours with test hooks only, does nothing in a fit: the members train in a
+    group with vmap (a writer sent them to threads, one member at a time), and ``predict`` still writes."""
+    monkeypatch.setattr(launcher, "MemberThreads", None)  # calling it would fail the fit
+    writer, model = WritesPredictions(), DigitsModule()
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0, vectorize=True)
+    trainer = quiet_trainer(strategy=strategy, limit_train_batches=3, limit_val_batches=0, callbacks=[writer, ReportsTests()])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*`vectorize=True` is ignored")
+        trainer.fit(model, datamodule=DigitsDataModule())
+    trainer.predict(model, datamodule=DigitsDataModule(), return_predictions=False)
+    assert writer.rows == 300  # the digits test split, which the datamodule predicts
 
 
 class BarWithoutVersion(TQDMProgressBar):
