@@ -9,6 +9,10 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
 * ``sequential-channels-last``: the same with each model moved to channels-last memory format
   (``model.to(memory_format=torch.channels_last)``), which a plain user can do too: the
   reference for what the group's channels-last way (``vectorize="auto"``) buys by itself;
+* ``sequential-manual``: N plain ``Trainer``s one after another with the model under manual
+  optimization (:class:`ManualOptimization`): the reference of the ``hqde-manual*`` modes when
+  run with them (their ``wall/seq``, ``mem/seq`` and ``acc-seq_pts`` are then against it: the
+  same module, trained in a for-loop);
 * ``torch-vmap``: plain PyTorch, no Lightning: the N members stacked with ``torch.func``
   (``stack_module_state`` + ``functional_call`` + ``vmap``), each member its own data order, one
   SGD with momentum over the stack (what the model's ``configure_optimizers`` uses);
@@ -101,7 +105,7 @@ HQDE_MODES: dict[str, dict[str, Any]] = {
     "hqde-manual-actors": {"manual": True, "members_per_worker": 1},
     "hqde-2actors": {"members_per_worker": "half"},  # ceil(N / 2) members in each of two actors
 }
-PLAIN_MODES = ("single", "sequential", "sequential-channels-last")
+PLAIN_MODES = ("single", "sequential", "sequential-channels-last", "sequential-manual")
 MODES = (*PLAIN_MODES, "torch-vmap", *HQDE_MODES)
 #: the issue's target cases: (accelerator, data, members, epochs, training images) -> largest wall-time ratio to
 #: ``sequential``; None matches any. On one GPU: 8 small-CNN members at >= 4x the throughput of 8 plain Trainers
@@ -203,11 +207,11 @@ def extra_callbacks(args: argparse.Namespace) -> list[Callback]:
     return callbacks + ([FirstLayerFinetuning(args.finetune)] if args.finetune is not None else [])
 
 
-def train_plain(members: int, train: TensorDataset, args: argparse.Namespace, channels_last: bool = False) -> Predict:
-    """N plain Trainers one after another (``single``: N = 1), seeds ``args.seed`` onwards."""
+def train_plain(members: int, train: TensorDataset, args: argparse.Namespace, channels_last: bool = False, manual: bool = False) -> Predict:
+    """N plain Trainers one after another (``single``: N = 1), seeds ``args.seed`` onwards (``manual``: the model under manual optimization)."""
     models = []
     for seed in range(args.seed, args.seed + members):
-        model = seeded_model(args.data, seed)
+        model = seeded_model(args.data, seed, manual=manual)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         trainer = quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, limit_val_batches=0, callbacks=extra_callbacks(args))
@@ -272,7 +276,7 @@ def run_one(mode: str, members: int, args: argparse.Namespace) -> dict[str, floa
     with TreeMemory() as memory:
         started = time.perf_counter()
         if mode in PLAIN_MODES:
-            predict = train_plain(members, train, args, channels_last=mode == "sequential-channels-last")
+            predict = train_plain(members, train, args, channels_last=mode == "sequential-channels-last", manual=mode == "sequential-manual")
         elif mode == "torch-vmap":
             predict = train_torch_vmap(members, train, args)
         else:
@@ -323,10 +327,12 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """Adds wall-time and memory ratios and the accuracy difference (points) to ``sequential`` of the same N."""
-    reference = {r["members"]: r for r in rows if r["mode"] == "sequential" and "wall_s" in r}
+    """Adds wall-time and memory ratios and the accuracy difference (points) to ``sequential`` of the same N
+    (the ``hqde-manual*`` modes: to ``sequential-manual`` when it ran, the same module in a for-loop)."""
+    reference = {(r["members"], r["mode"]): r for r in rows if r["mode"] in ("sequential", "sequential-manual") and "wall_s" in r}
     for row in rows:
-        ref = reference.get(row["members"])
+        manual = row["mode"].startswith("hqde-manual") and (row["members"], "sequential-manual") in reference
+        ref = reference.get((row["members"], "sequential-manual" if manual else "sequential"))
         if ref is None or row["mode"] in ("sequential", "single") or "wall_s" not in row:
             continue
         row["wall/seq"] = row["wall_s"] / ref["wall_s"]
