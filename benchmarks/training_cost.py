@@ -27,10 +27,10 @@ timed from building the model(s) to the end of the fit, Ray's start-up and shut-
   before, any such callback sent the fit to one Ray actor per member;
 * ``hqde-actors``: one Ray actor per member (``members_per_worker=1``);
 * ``hqde-manual``: ``hqde`` with the model under manual optimization (:class:`ManualOptimization`:
-  the same step, zero-grad, backward and SGD update, written out): a member group cannot run it,
-  so on one device each member trains its own fit in a thread of this process, the threads
-  taking turns (``hqde_lightning.member_threads``); ``hqde-manual-actors``: the same model as one
-  Ray actor per member (``members_per_worker=1``), where such modules trained before;
+  the same step, zero-grad, backward and SGD update, written out): one member group in which
+  each member runs the step in turn with its own optimizer (``hqde_lightning.manual_members``;
+  before 2026-11-29 each member trained its own fit in a thread of this process);
+  ``hqde-manual-actors``: the same model as one Ray actor per member (``members_per_worker=1``);
 * ``hqde-2actors``: two Ray actors, each training half of the members as a member group
   (``members_per_worker=ceil(N/2)``), as on two GPUs or two nodes.
 
@@ -101,7 +101,7 @@ HQDE_MODES: dict[str, dict[str, Any]] = {
     "hqde-loop": {"members_per_worker": "auto", "vectorize": False},
     "hqde-callback": {"callbacks": True},  # the defaults, with `WeightNorms` in the Trainer's callbacks
     "hqde-actors": {"members_per_worker": 1},
-    "hqde-manual": {"manual": True},  # the model under manual optimization: members in threads of this process
+    "hqde-manual": {"manual": True},  # the model under manual optimization: one group, each member stepping its own optimizer
     "hqde-manual-actors": {"manual": True, "members_per_worker": 1},
     "hqde-2actors": {"members_per_worker": "half"},  # ceil(N / 2) members in each of two actors
 }
@@ -141,7 +141,7 @@ class WeightNorms(pl.Callback):
 
 class ManualOptimization:
     """Mixin: the model's own training step under manual optimization (zero-grad, backward, optimizer step): the same
-    update as under automatic optimization, in a module a member group cannot run."""
+    update as under automatic optimization, which a member group runs member by member, each with its own optimizer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

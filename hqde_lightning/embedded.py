@@ -31,11 +31,15 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import BaseFinetuning, LearningRateMonitor, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from hqde_lightning.actors import MemberResult, _is_scalar
+from hqde_lightning.callbacks.byzantine import ByzantineMembers
+from hqde_lightning.callbacks.noise import QuantumNoise
+from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
@@ -56,7 +60,9 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     if strategy.on_member_failure == "continue":
         return "`on_member_failure='continue'` keeps each member in its own process, so that one can fail alone"
     if not model.automatic_optimization:
-        return "the module uses manual optimization"
+        acting = sorted({type(cb).__name__ for cb in with_module_callbacks(trainer.callbacks, model) if isinstance(cb, _ACT_ON_THE_STACKED_OPTIMIZER)})
+        if acting:
+            return f"the module uses manual optimization, and {acting} act on a group's one stacked optimizer, which its members do not share"
     hooks = unsupported_hooks(model)
     if hooks:
         return f"{type(model).__name__} overrides {hooks}, which act on the whole module (a member group runs a fit's other hooks per member or once for the group)"
@@ -64,6 +70,11 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     if member_side:
         return "; ".join(member_side)
     return None
+
+
+#: callbacks whose group versions act on the stacked parameters' gradients, optimizer or learning rates: under manual
+#: optimization each member steps optimizers of its own (:mod:`~hqde_lightning.manual_members`), so they send the fit to threads
+_ACT_ON_THE_STACKED_OPTIMIZER = (LearningRateMonitor, StochasticWeightAveraging, WeightAveraging, BaseFinetuning, QuantumNoise, AdaptiveQuantization, ByzantineMembers)
 
 
 def with_module_callbacks(callbacks: Sequence[Callback], model: LightningModule) -> list[Callback]:
@@ -117,6 +128,8 @@ class GroupSync(Callback):
         #: each member's last full Lightning checkpoint (taken when the fit ends)
         self.final: dict[int, dict[str, Any]] = {}
         self._loss_sum: torch.Tensor | None = None
+        #: per member, whether any of its steps this epoch returned a loss (a member's mean loss counts only those)
+        self._returned: torch.Tensor | None = None
         self._num_batches = 0
         self._num_samples = 0
 
@@ -129,12 +142,13 @@ class GroupSync(Callback):
         self.history = list(state.get("history", []))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._loss_sum, self._num_batches = None, 0
+        self._loss_sum, self._returned, self._num_batches = None, None, 0
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # the members' orders of this epoch, resumed or not
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        losses = self.group.last_losses
+        losses, returned = self.group.last_losses, self.group.last_returned
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
+        self._returned = returned if self._returned is None else self._returned | returned
         self._num_batches += 1
         self._num_samples += self.group.last_batch_size
 
@@ -158,7 +172,7 @@ class GroupSync(Callback):
         """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch."""
         name = self.hqde.score_metric
         metric = None if name is None else trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{name}")
-        loss_sum = None if self._loss_sum is None else self._loss_sum[i]
+        loss_sum = None if self._loss_sum is None or self._returned is None or not bool(self._returned[i]) else self._loss_sum[i]
         return confidence(name, metric, self.hqde.score_mode, loss_sum, self._num_batches)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:

@@ -17,6 +17,8 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   learning-rate scheduler has one copy per member, and each member keeps its own learning rates
   (a ``ReduceLROnPlateau`` follows each member's own metric; see :mod:`hqde_lightning.member_lr`);
 * gradient clipping is per member: by norm, each member's gradient norm is clipped on its own;
+* under manual optimization each member runs your ``training_step`` in turn, as itself, stepping
+  optimizers of its own (:mod:`~hqde_lightning.manual_members`);
 * your ``optimizer_step``, ``optimizer_zero_grad`` and ``backward`` (:data:`GROUP_HOOKS`) run once
   per step for the whole group, with the stacked optimizer and the sum of the members' losses:
   the update they make (a warm-up's learning rates, a skipped or accumulated step, a scaled loss)
@@ -66,6 +68,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from hqde_lightning.manual_members import configure_members
 from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
@@ -163,8 +166,9 @@ class MemberGroup(LightningModule):
         self.hooks = {name for name in _PER_MEMBER if is_overridden(name, module, LightningModule)}
         #: your module's hooks that run once for the whole group (:data:`GROUP_HOOKS`)
         self.group_hooks = {name for name in GROUP_HOOKS if is_overridden(name, module, LightningModule)}
-        #: whether hooks run per member, each member keeping its own attributes
-        self.per_member = bool(self.hooks or member_callbacks)
+        self.automatic_optimization = module.automatic_optimization
+        #: whether hooks run per member, each member keeping its own attributes (always under manual optimization)
+        self.per_member = bool(self.hooks or member_callbacks or not self.automatic_optimization)
         if self.per_member:
             self.stack.member_attributes = [{k: v for k, v in vars(m).items() if k not in _LIGHTNING_ATTRIBUTES} for m in members]
         object.__setattr__(self, "module", module)
@@ -188,7 +192,10 @@ class MemberGroup(LightningModule):
         #: the ways cut short: clearly slower than one timed before
         self._cut: set[str] = set()
         self._way: str | None = None
-        if self.per_member:
+        if not self.automatic_optimization:  # each member steps its own optimizers (see `hqde_lightning.manual_members`)
+            self.stack.keep_member_parameters()
+            self._manual_only(vectorize)
+        elif self.per_member:
             self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
         self._vmapped: set[str] = set()
@@ -196,6 +203,8 @@ class MemberGroup(LightningModule):
         #: the members' losses and the per-member batch size of the latest training step
         self.last_losses = torch.zeros(self.num_members)
         self.last_batch_size = 0
+        #: per member, whether its latest training step returned a loss (under manual optimization it may return none)
+        self.last_returned = torch.ones(self.num_members, dtype=torch.bool)
         #: the index of the member a hook, callback or looped step runs as now (``trainer.strategy.member_index``), else ``None``
         self.current_member: int | None = None
         #: that member's place in the group, else ``None``
@@ -228,6 +237,8 @@ class MemberGroup(LightningModule):
         self._warned_held_steps = False
         #: your module's submodules' training modes while the group evaluates (see :meth:`_follow_mode`)
         self._training_modes: dict[str, bool] | None = None
+        #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
+        self._stepping: int | None = None
 
     @property
     def num_members(self) -> int:
@@ -258,11 +269,49 @@ class MemberGroup(LightningModule):
         self._training_modes = None
 
     # ---------------------------------------------------------------- steps
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if not self.automatic_optimization:
+            return self._manual_step(batch, batch_idx)
         losses, logs = self._run("training_step", (batch, batch_idx), (0, None), self._training_mode())
         self.last_losses, self.last_batch_size = losses.detach().float(), group_batch_size(batch)
         self._relay(logs, self.last_batch_size)
         return losses.sum()
+
+    def _manual_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """Your ``training_step`` under manual optimization: each member that still trains runs it in turn, as itself
+        (:mod:`~hqde_lightning.manual_members`), stepping its own optimizers. Every member starts from the batch's
+        optimizer step count and counts its own steps (``self.global_step``); the count goes on from the last member's."""
+        self._training_mode()  # `vectorize="auto"`: the looped way being timed, laid out for it
+        self._attach()
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        start = copy.deepcopy(progress.state_dict())
+        losses = torch.zeros(self.num_members)
+        per_member: dict[int, CapturedLogs] = {}
+        for i in self._active():
+            progress.load_state_dict(copy.deepcopy(start))
+            with self._running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+                self._stepping = i
+                try:
+                    out = member.training_step(member_batch(batch, i), batch_idx)
+                finally:
+                    self._stepping = None
+            self.last_outputs[i] = _detached(out)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if isinstance(loss, Tensor):
+                losses[i] = loss.detach().float()
+            per_member[i] = logs
+        returned = [i for i in per_member if isinstance(self.last_outputs[i], Tensor) or (isinstance(self.last_outputs[i], Mapping) and "loss" in self.last_outputs[i])]
+        self.last_losses, self.last_batch_size = losses, group_batch_size(batch)
+        self.last_returned = torch.zeros(self.num_members, dtype=torch.bool)
+        self.last_returned[returned] = True
+        names = list(dict.fromkeys(name for logs in per_member.values() for name in logs.names))
+        relayed = []
+        for name in names:
+            values = [per_member[i].values[per_member[i].names.index(name)] if i in per_member and name in per_member[i].names else None for i in range(self.num_members)]
+            kwargs = next(logs.kwargs[logs.names.index(name)] for logs in per_member.values() if name in logs.names)
+            relayed.append((name, kwargs, values))
+        self._relay(relayed, self.last_batch_size)
+        return losses[returned].sum() if returned else None
 
     def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> None:
         mode = self.modes.get("validation_step", self.modes.get("training_step", "vmap"))
@@ -321,6 +370,21 @@ class MemberGroup(LightningModule):
             rank_zero_info(f"HQDEStrategy: `{type(self.module).__name__}`'s steps run member by member: {why}.")
             if len(self._ways) < 2:
                 self.modes["training_step"] = "loop"
+
+    def _manual_only(self, vectorize: Vectorize) -> None:
+        """Under manual optimization the members run your steps in turn, each stepping its own optimizers: ``vectorize="auto"``
+        times only the looped ways (for convolutions, also with the weights laid out channels-last)."""
+        self.modes["validation_step"] = "loop"
+        self._drop_vmap()
+        if vectorize == "auto" and len(self._ways) > 1:
+            self.modes.pop("training_step", None)
+        else:
+            self.modes["training_step"] = "loop"
+        why = "the module uses manual optimization: each member runs your `training_step` in turn, stepping optimizers of its own"
+        if vectorize is True:
+            rank_zero_warn(f"HQDEStrategy: `vectorize=True` is ignored: {why}.")
+        else:
+            rank_zero_info(f"HQDEStrategy: {why}.")
 
     def _no_vmap(self) -> None:
         """The training step failed under vmap: it runs looped (``vectorize="auto"`` times the other ways, if several)."""
@@ -399,10 +463,10 @@ class MemberGroup(LightningModule):
             # a value a `ReduceLROnPlateau` follows is every member's own at every step
             if writing or epoch_level or not options.get("on_step", self.training) or name in self._monitored or f"{name}_step" in self._monitored:
                 for i, member in enumerate(self.member_ids):
-                    if not self.frozen[i]:
+                    if not self.frozen[i] and values[i] is not None:  # (a member under manual optimization may not log a name)
                         self._quick_log(f"member_{member}/{name}", values[i], {**options, "prog_bar": False})
             if epoch_level or options.get("prog_bar", False):
-                self._quick_log(name, values[0], {**options, "logger": False})
+                self._quick_log(name, next(v for v in values if v is not None), {**options, "logger": False})
 
     # -------------------------------------------------------- per-member hooks
     def each_member(self, hook: str, call: Callable[[LightningModule, tuple[Any, ...]], Any], args: tuple[Any, ...] = (), positions: Sequence[int] | None = None) -> list[Any]:
@@ -418,6 +482,8 @@ class MemberGroup(LightningModule):
         """
         self._attach()
         positions = range(self.num_members) if positions is None else positions
+        if self._stepping is not None:  # Lightning calls it inside a member's own manual step: only that member's, as it runs
+            return [call(self.module, args)] if self._stepping in positions else []
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
         results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
@@ -582,7 +648,8 @@ class MemberGroup(LightningModule):
         self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
         # its optimizer state as of its last update: its slices are put back after each step, its step counts go into checkpoints
         self._frozen_states[position], self.frozen_steps[position] = [], {}
-        for n, optimizer in enumerate(self.trainer.optimizers if self._trainer is not None else []):
+        stacked = self._trainer is not None and self.automatic_optimization  # under manual optimization a stopped member's optimizers are left alone
+        for n, optimizer in enumerate(self.trainer.optimizers if stacked else []):
             for pid, p in enumerate(_params(optimizer)):
                 for key, value in optimizer.state.get(p, {}).items():
                     if key in _SHARED_STATE:
@@ -721,6 +788,8 @@ class MemberGroup(LightningModule):
         member's learning rates follow its own metric and its own hooks' calls.
         """
         self._attach()
+        if not self.automatic_optimization:
+            return self._configure_manual()
         before = dict(vars(self.module))
         with self.stack.swapped_parameters():
             config = self.module.configure_optimizers()
@@ -751,7 +820,24 @@ class MemberGroup(LightningModule):
         member_configs = [{**vars(c), "scheduler": MemberSchedulers(copies[id(c.scheduler)], current, c.monitor if c.reduce_on_plateau else None)} for c in configs]
         return (optimizers, member_configs) if member_configs else optimizers
 
+    def _configure_manual(self) -> Any:
+        """Under manual optimization: your ``configure_optimizers`` as each member, one set of optimizers and schedulers per
+        member (:func:`~hqde_lightning.manual_members.configure_members`)."""
+
+        def configure(i: int) -> Any:
+            with self._running_as(i), self.stack.as_member(i) as member:
+                return member.configure_optimizers()
+
+        try:
+            optimizers, schedulers = configure_members(configure, self.num_members, lambda: self.current_position)
+        except ValueError as err:
+            raise GroupUnsupported(str(err)) from None
+        return (optimizers, schedulers) if schedulers else optimizers
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._stepping is not None:  # inside a member's own manual step: its hooks, its own optimizer
+            self._hook("on_before_optimizer_step", optimizer)
+            return
         self.added_param_groups.check(self._active(), self.member_ids)
         self._hook("on_before_optimizer_step", optimizer)
         self._hold_slices()

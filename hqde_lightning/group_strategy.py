@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_checkpoint, read_checkpoint, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
+from hqde_lightning.manual_members import MemberOptimizers
 from hqde_lightning.member import MEMBER_KEY
 from hqde_lightning.member_callbacks import GroupCallback, GroupSWA, MemberCallback, MemberCopy
 from hqde_lightning.member_data import group_loader
@@ -105,7 +106,10 @@ class GroupStrategy(WorkerStrategy):
         epoch = trainer.current_epoch
         entry = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "state_dict", "optimizer_states")}
         entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
-        entry["optimizer_states"] = [member_optimizer_state(opt, state, i) for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))]
+        entry["optimizer_states"] = [
+            state[MEMBER_STATES][i] if MEMBER_STATES in state else member_optimizer_state(opt, state, i)  # a member's own optimizer (manual optimization), or its part of the stacked one
+            for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))
+        ]
         rates = self.group.learning_rates
         for n, state in enumerate(entry["optimizer_states"] if rates is not None else []):  # the member's own learning rates
             state["param_groups"] = rates.member_param_groups(n, i, state["param_groups"])
@@ -199,6 +203,9 @@ class GroupStrategy(WorkerStrategy):
             return super().load_optimizer_state_dict(checkpoint)
         for n, optimizer in enumerate(self.optimizers):
             if all(len(states) > n for states in per_member):
+                if isinstance(optimizer, MemberOptimizers):  # each member's own optimizer (manual optimization)
+                    optimizer.load_state_dict({MEMBER_STATES: [states[n] for states in per_member]})
+                    continue
                 optimizer.load_state_dict(stacked_optimizer_state(optimizer, [states[n] for states in per_member]))
                 if self.group.learning_rates is not None:
                     self.group.learning_rates.load(n, [states[n]["param_groups"] for states in per_member])

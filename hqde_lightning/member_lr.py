@@ -34,10 +34,23 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["MEMBER_STATES", "MemberLearningRates", "MemberSchedulers", "member_copies"]
+__all__ = ["MEMBER_STATES", "MemberLearningRates", "MemberSchedulers", "load_member_states", "member_copies", "member_states"]
 
 #: the key of a :class:`MemberSchedulers` state that holds one scheduler state per member
 MEMBER_STATES = "hqde_member_states"
+
+
+def member_states(copies: Sequence[Any]) -> dict[str, Any]:
+    """The state of one object per member (schedulers, optimizers): each one's ``state_dict()`` under :data:`MEMBER_STATES`."""
+    return {MEMBER_STATES: [c.state_dict() for c in copies]}
+
+
+def load_member_states(copies: Sequence[Any], state_dict: dict[str, Any]) -> None:
+    """Each member's object from its own state in ``state_dict`` (see :func:`member_states`), or all of them from
+    ``state_dict`` itself when it is a single object's state (from a plain checkpoint)."""
+    states = state_dict.get(MEMBER_STATES, [state_dict] * len(copies))
+    for c, state in zip(copies, states):
+        c.load_state_dict(state)
 
 
 def member_copies(value: Any, optimizers: Sequence[Optimizer], num_members: int) -> list[Any]:
@@ -173,13 +186,11 @@ class MemberSchedulers:
         self._own().step(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {MEMBER_STATES: [c.state_dict() for c in self.copies]}
+        return member_states(self.copies)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Each member's copy from its own state, or (a single scheduler's state, from a plain checkpoint) all from that one."""
-        states = state_dict.get(MEMBER_STATES, [state_dict] * len(self.copies))
-        for c, state in zip(self.copies, states):
-            c.load_state_dict(state)
+        load_member_states(self.copies, state_dict)
 
     def __getattr__(self, name: str) -> Any:  # the scheduler's own attributes (``last_epoch``, ``best``), the member's
         if name in ("copies", "optimizer", "monitor", "_current"):

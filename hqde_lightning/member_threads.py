@@ -1,6 +1,6 @@
 """``MemberThreads``: on one device, members a member group cannot run train in threads of the driver, taking turns, without Ray.
 
-A module a member group cannot run (manual optimization, hooks or callbacks that act on the whole
+A module a member group cannot run (hooks or callbacks that act on the whole
 module, an optimizer that is not element-wise) used to cost one Ray actor, a whole process, per
 member. On one device (``members_per_worker="auto"``, no ``ray_address``) each member now runs
 exactly what a member actor runs (:class:`~hqde_lightning.actors.MemberActor`: its own copy of

@@ -142,6 +142,9 @@ class StackedMembers(nn.Module):
         self._scratch_metrics: list[nn.Module] | None = None
         #: per member, its own values of the template's plain attributes (``None``: the members share the template's)
         self.member_attributes: list[dict[str, Any]] | None = None
+        #: per member, the parameters :meth:`as_member` gives it every time, with their own gradients (``None``: fresh
+        #: views each time, their gradients slices of the stacked ones; see :meth:`keep_member_parameters`)
+        self.member_parameters: list[list[nn.Parameter]] | None = None
 
     # ----------------------------------------------------------------- state
     def stacked(self, key: str) -> Tensor:
@@ -244,20 +247,15 @@ class StackedMembers(nn.Module):
         """The template as member ``index`` during the block, for code that is not a step (hooks, callbacks).
 
         Its parameters are member ``index``'s slices (``nn.Parameter`` views: in-place changes
-        reach the stack) with the slices of the stacked gradients as ``.grad``; its buffers,
+        reach the stack) with the slices of the stacked gradients as ``.grad`` (or, once
+        :meth:`keep_member_parameters` ran, the same views every time, with their own ``.grad``); its buffers,
         metrics, attributes and torch RNG stream are the member's. Yields the template.
 
         A parameter's ``requires_grad`` is the member's own (:attr:`member_requires_grad`): setting it
         in the block (freezing a layer from some epoch on) is kept for the member, and
         :meth:`settle_requires_grad` makes the stack follow it.
         """
-        views = []
-        for j, stacked in enumerate(self.params):
-            trains = self.member_requires_grad[j][index]
-            view = nn.Parameter(stacked.detach()[index], requires_grad=trains)
-            if trains and stacked.grad is not None:
-                view.grad = stacked.grad[index]
-            views.append(view)
+        views = self._member_views(index)
         tensors = [(name, "_parameters", view) for name, view in zip(self.param_names, views)]
         tensors += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
         try:
@@ -268,6 +266,35 @@ class StackedMembers(nn.Module):
                 if view.requires_grad != self.member_requires_grad[j][index]:
                     self.member_requires_grad[j][index] = view.requires_grad
                     self.requires_grad_changed = True
+
+    def _member_views(self, index: int) -> list[nn.Parameter]:
+        """Member ``index``'s parameters for :meth:`as_member`: its kept ones (:meth:`keep_member_parameters`), on the
+        stacked storage as it is now, or fresh views whose gradients are slices of the stacked gradients."""
+        if self.member_parameters is not None:
+            kept = self.member_parameters[index]
+            for view, stacked in zip(kept, self.params):
+                own = stacked.detach()[index]
+                if view.data_ptr() != own.data_ptr() or view.device != own.device:  # the stack moved or was laid out anew
+                    view.data = own
+            return kept
+        views = []
+        for j, stacked in enumerate(self.params):
+            trains = self.member_requires_grad[j][index]
+            view = nn.Parameter(stacked.detach()[index], requires_grad=trains)
+            if trains and stacked.grad is not None:
+                view.grad = stacked.grad[index]
+            views.append(view)
+        return views
+
+    def keep_member_parameters(self) -> None:
+        """From now on :meth:`as_member` gives each member the same parameters every time: views of its slices (what an
+        optimizer steps in place reaches the stack) with gradients of their own, for optimizers of the member's own
+        (manual optimization, see :mod:`hqde_lightning.manual_members`)."""
+        if self.member_parameters is None:
+            self.member_parameters = [
+                [nn.Parameter(stacked.detach()[i], requires_grad=self.member_requires_grad[j][i]) for j, stacked in enumerate(self.params)]
+                for i in range(self.num_members)
+            ]
 
     def settle_requires_grad(self, active: Sequence[int]) -> None:
         """Each stacked parameter requires a gradient when one of the ``active`` members trains it.

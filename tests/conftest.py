@@ -22,6 +22,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def in_a_group(monkeypatch):
+    """The members must train as one member group (fits it could not run used to train in threads of the driver, one after another)."""
+    import hqde_lightning.launcher as launcher
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("the members trained in threads, not in a member group")
+
+    monkeypatch.setattr(launcher, "MemberThreads", no_threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

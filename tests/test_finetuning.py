@@ -20,7 +20,6 @@ from models import quiet_trainer
 from test_groups import MEMBERS, SEED, MemberOrderEpochs, assert_same_members, train_loader
 from torch import nn
 
-import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
 from hqde_lightning.member_callbacks import needs_member_attributes
 from hqde_lightning.member_data import member_loader
@@ -110,16 +109,6 @@ def group_states(callback, vectorize: bool, optimizer: str = "adam", resume_from
 
 def _every_epoch(dirpath) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-
-
-@pytest.fixture
-def in_a_group(monkeypatch):
-    """The members must train as one member group (they used to train in threads of the driver, one after another)."""
-
-    def no_threads(*args, **kwargs):
-        raise AssertionError("the members trained in threads, not in a member group")
-
-    monkeypatch.setattr(launcher, "MemberThreads", no_threads)
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])

@@ -72,18 +72,24 @@ def test_vmap_and_loop_groups_agree_on_gpu(tmp_path):
 
 
 class ManualDeviceDigits(ManualDigits):
-    """Manual optimization (members in threads), logging whether its training step ran on CUDA."""
+    """Manual optimization with a hook a group cannot run (members in threads), logging whether its training step ran on CUDA."""
 
     def training_step(self, batch, batch_idx):
         self.log("on_cuda", float(self.device.type == "cuda"))
         super().training_step(batch, batch_idx)
 
 
+class ManualGroupDeviceDigits(ManualDeviceDigits):
+    """Manual optimization only (a member group: each member steps its own optimizer), logging whether it ran on CUDA."""
+
+    on_validation_model_eval = pl.LightningModule.on_validation_model_eval
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "module, strategy_kwargs, min_accuracy",
-    [(DeviceDigits, {"vectorize": True}, 0.85), (DeviceDigits, {"vectorize": False}, 0.85), (ManualDeviceDigits, {}, 0.8)],
-    ids=["group-vmap", "group-loop", "member-threads"],
+    [(DeviceDigits, {"vectorize": True}, 0.85), (DeviceDigits, {"vectorize": False}, 0.85), (ManualGroupDeviceDigits, {}, 0.8), (ManualDeviceDigits, {}, 0.8)],
+    ids=["group-vmap", "group-loop", "group-manual", "member-threads"],
 )
 def test_members_train_on_one_gpu_without_ray(monkeypatch, tmp_path, module, strategy_kwargs, min_accuracy):
     """A member group (vectorized or looped) or, for a module a group cannot run, member threads: all on the one GPU, no Ray."""

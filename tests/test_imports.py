@@ -60,7 +60,8 @@ def test_unknown_package_attribute_raises_attribute_error():
         hqde_lightning.Nope  # noqa: B018
 
 
-#: one device, as a new user works on it: a fit as one member group, a fit in member threads (manual optimization),
+#: one device, as a new user works on it: a fit as one member group, one under manual optimization (a group too), a fit in
+#: member threads (a hook a group cannot run),
 #: resuming it, test, predict, a checkpoint, the ensemble, and the original package's facade
 ONE_DEVICE_SESSION = f"""
 import os, sys, tempfile
@@ -91,9 +92,13 @@ class Manual(Net):
         self.manual_backward(loss)
         optimizer.step()
 
+class Threads(Manual):
+    def on_validation_model_eval(self):
+        super().on_validation_model_eval()
+
 root = tempfile.mkdtemp()
 data = DigitsData()
-for module in (Net(), Manual()):
+for module in (Net(), Manual(), Threads()):
     options = dict(default_root_dir=root, enable_progress_bar=False, logger=False, enable_model_summary=False)
     trainer = pl.Trainer(strategy=HQDEStrategy(num_members=2, seed=0), max_epochs=1, **options)
     trainer.fit(module, datamodule=data)

@@ -1,7 +1,7 @@
 """Members taking turns in threads of the driver: the one-device runtime for modules a member group cannot run.
 
-A module with manual optimization trains each member in a thread of this process, one at a time,
-without Ray actors; every member ends exactly where its member actor ends (same random numbers,
+A module a member group cannot run (here: its ``on_validation_model_eval`` keeps dropout on, which
+acts on the whole module) trains each member in a thread of this process, one at a time, without Ray actors; every member ends exactly where its member actor ends (same random numbers,
 same syncs), checkpoints resume the same run, and a failing member or Ctrl-C ends the fit as a
 plain fit ends.
 """
@@ -33,7 +33,8 @@ FIT = dict(limit_train_batches=6, limit_val_batches=2)
 
 
 class ManualDigits(DigitsModule):
-    """Manual optimization (which a member group cannot run), drawing random numbers at every step (input noise, dropout)."""
+    """Manual optimization, drawing random numbers at every step (input noise, dropout), with Monte Carlo dropout in
+    validation (``on_validation_model_eval``, a hook a member group cannot run per member: so its members train in threads)."""
 
     def __init__(self, hidden: int = 32, lr: float = 0.05, fail_member: int | None = None, interrupt: bool = False) -> None:
         super().__init__(hidden=hidden, lr=lr)
@@ -50,6 +51,10 @@ class ManualDigits(DigitsModule):
         self.manual_backward(loss)
         optimizer.step()
         self.log("train_loss", loss)
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self.dropout.train()
 
 
 class NoMemberActors:
@@ -77,11 +82,11 @@ def _member_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("hqde-member-")]
 
 
-def test_manual_optimization_trains_in_turns_without_actors_and_ends_where_member_actors_end(ray_session, monkeypatch, caplog):
+def test_a_module_a_group_cannot_run_trains_in_turns_without_actors_and_ends_where_member_actors_end(ray_session, monkeypatch, caplog):
     with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
         patch.setattr(actor_fit, "MemberPool", NoMemberActors)
         threads, trainer = _fit()
-    assert "the members train in turns, each in a thread of this process (no Ray): the module uses manual optimization" in caplog.text
+    assert "the members train in turns, each in a thread of this process (no Ray): ManualDigits overrides ['on_validation_model_eval']" in caplog.text
     assert trainer.current_epoch == 2 and trainer.global_step == 2 * FIT["limit_train_batches"]
     assert not _member_threads()
     actors, _ = _fit(members_per_worker=1)

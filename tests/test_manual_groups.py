@@ -1,0 +1,219 @@
+"""Manual optimization in a member group: each member runs your ``training_step`` in turn, with optimizers of its own.
+
+A module that makes its own updates (``self.automatic_optimization = False``) used to train in
+threads of the driver, one member's fit after another. In a group, member ``i`` must end exactly
+where member ``i`` trained alone by a plain ``Trainer`` ends: with two optimizers stepped one after
+the other (as a GAN does), a learning-rate scheduler it steps itself, gradient clipping, dropout,
+BatchNorm, code that reads ``self.global_step``, and after resuming from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from models import quiet_trainer
+from test_groups import MEMBERS, SEED, ConvNet, MemberOrderEpochs, SeededDigits, assert_same_members, group_states, solo_states, train_loader
+from test_member_threads import ManualDigits
+from torch import nn
+
+import hqde_lightning.launcher as launcher
+from hqde_lightning import HQDEStrategy
+from hqde_lightning.member_data import member_loader
+
+FIT = dict(max_epochs=3, limit_train_batches=6, limit_val_batches=0)
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Under manual optimization: a body (BatchNorm, dropout) with Adam and a head with SGD, stepped one after the other
+    as a GAN steps its two networks; the head skips its step every third optimizer step (``self.global_step``), its
+    gradients are clipped, and the body's learning rate decays each epoch by a scheduler the module steps itself."""
+
+    def __init__(self, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.body = nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(32, 10)
+        #: the optimizer step counts the module saw at each batch's start
+        self.seen_steps: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen_steps.append(self.global_step)
+        body_opt, head_opt = self.optimizers()
+        x, y = batch
+        self.toggle_optimizer(body_opt)
+        loss = F.cross_entropy(self.head(self.body(x)), y)
+        body_opt.zero_grad()
+        self.manual_backward(loss)
+        body_opt.step()
+        self.untoggle_optimizer(body_opt)
+        if self.global_step % 3 != 2:
+            self.toggle_optimizer(head_opt)
+            head_loss = F.cross_entropy(self.head(self.body(x).detach()), y)
+            head_opt.zero_grad()
+            self.manual_backward(head_loss)
+            self.clip_gradients(head_opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+            head_opt.step()
+            self.untoggle_optimizer(head_opt)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        body = torch.optim.Adam(self.body.parameters(), lr=0.01)
+        head = torch.optim.SGD(self.head.parameters(), lr=0.1, momentum=0.9)
+        return [body, head], [torch.optim.lr_scheduler.StepLR(body, step_size=1, gamma=0.5)]
+
+
+def _every_epoch(dirpath) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+
+
+def solo_fits(resume_from_epoch: int | None = None, root=None) -> list[tuple[TwoOptimizers, pl.Trainer]]:
+    """Each member trained alone (its seed, its data order, a plain ``Trainer``), or resumed at the end of ``resume_from_epoch``."""
+    fits = []
+    for i in range(MEMBERS):
+        ckpt_paths = [None] if resume_from_epoch is None else [None, root / f"solo{i}" / f"epoch={resume_from_epoch}.ckpt"]
+        for ckpt_path in ckpt_paths:
+            pl.seed_everything(SEED + i, verbose=False)
+            model = TwoOptimizers(dropout=0.0 if root is not None else 0.2)
+            loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
+            callbacks = [MemberOrderEpochs()] + ([_every_epoch(root / f"solo{i}" / ("resumed" if ckpt_path else ""))] if root is not None else [])
+            trainer = quiet_trainer(**FIT, callbacks=callbacks, enable_checkpointing=root is not None)
+            trainer.fit(model, loader, ckpt_path=ckpt_path)
+        fits.append((model, trainer))
+    return fits
+
+
+def group_fit(resume_from_epoch: int | None = None, root=None, callbacks=()) -> tuple[HQDEStrategy, pl.Trainer]:
+    ckpt_paths = [None] if resume_from_epoch is None else [None, root / "group" / f"epoch={resume_from_epoch}.ckpt"]
+    for ckpt_path in ckpt_paths:
+        strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+        own = list(callbacks) + ([_every_epoch(root / "group" / ("resumed" if ckpt_path else ""))] if root is not None else [])
+        trainer = quiet_trainer(strategy=strategy, **FIT, callbacks=own, enable_checkpointing=root is not None)
+        trainer.fit(TwoOptimizers(dropout=0.0 if root is not None else 0.2), train_loader(), ckpt_path=ckpt_path)
+    return strategy, trainer
+
+
+def states(models) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def test_each_member_of_a_group_steps_its_own_optimizers_as_alone(in_a_group):
+    """Two optimizers, a scheduler, clipping, dropout and BatchNorm: every member of the group ends where its own fit ends,
+    the trainer counts the optimizer steps one member's fit counts, and each member saw its own fit's step counts."""
+    solo = solo_fits()
+    strategy, trainer = group_fit()
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+    assert trainer.global_step == solo[0][1].global_step  # 2 steps a batch, 1 every third: not counted once per member
+    assert not torch.allclose(solo[0][0].head.weight, solo[1][0].head.weight)  # the members differ
+    for i, (_, solo_trainer) in enumerate(solo):  # what each member logged is its own fit's
+        torch.testing.assert_close(trainer.callback_metrics[f"member_{i}/train_loss_epoch"], solo_trainer.callback_metrics["train_loss_epoch"])
+
+
+def test_a_group_under_manual_optimization_resumes_each_members_optimizers(in_a_group, tmp_path):
+    """Resumed from a whole-ensemble checkpoint of epoch 1, each member gets back its own optimizers' and scheduler's states
+    and ends where its own resumed fit ends (no dropout: a plain fit does not resume its RNG stream, a group does)."""
+    solo = solo_fits(resume_from_epoch=1, root=tmp_path)
+    strategy, _ = group_fit(resume_from_epoch=1, root=tmp_path)
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+
+
+def test_members_stop_on_their_own_under_manual_optimization(in_a_group):
+    """``EarlyStopping`` stops each member by its own metric: a stopped member no longer runs your step."""
+    strategy, trainer = group_fit(callbacks=[EarlyStopping(monitor="train_loss_epoch", stopping_threshold=100.0, check_on_train_epoch_end=True)])
+    assert trainer.current_epoch == 1  # every member stopped after its first epoch
+    pl.seed_everything(SEED, verbose=False)
+    fresh = TwoOptimizers()
+    assert not torch.allclose(strategy.ensemble.members[0].head.weight, fresh.head.weight)
+
+
+def test_callbacks_that_act_on_a_stacked_optimizer_keep_manual_optimization_in_threads(monkeypatch, tmp_path, caplog):
+    """``LearningRateMonitor`` (and SWA, weight averaging, fine-tuning, HQDE's noise and quantization) act on a group's one
+    stacked optimizer: with them, a module under manual optimization trains its members in threads, as before."""
+    started = []
+    original = launcher.MemberThreads
+
+    def threads(*args, **kwargs):
+        started.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "MemberThreads", threads)
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[LearningRateMonitor()])
+    with caplog.at_level("INFO"):
+        trainer.fit(TwoOptimizers(), train_loader())
+    assert started
+    assert "manual optimization, and ['LearningRateMonitor'] act on a group's one stacked optimizer" in caplog.text
+
+
+class GroupManualDigits(ManualDigits):
+    """``ManualDigits`` without its Monte Carlo dropout hook: a member group runs it."""
+
+    on_validation_model_eval = pl.LightningModule.on_validation_model_eval
+
+
+def test_a_group_under_manual_optimization_syncs_and_draws_as_member_threads_do():
+    """With elastic syncs, input noise and dropout, the members of a group end where the members trained in threads
+    (one fit each, as member actors) end: same random numbers, same consensus at every sync. (The loaders carry their
+    generators and no validation runs: a loader without one draws its iterators' seeds from each member's own stream in
+    threads, from the driver's in a group, which shares one validation pass among its members.)"""
+    ends = {}
+    for name, module in (("group", GroupManualDigits), ("threads", ManualDigits)):
+        strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", sync_strength=0.5, seed=11)
+        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
+        torch.manual_seed(0)  # the members' shared initial weights (elastic sync) are the module's
+        trainer.fit(module(), datamodule=SeededDigits())
+        ends[name] = strategy
+    assert_same_members([m.state_dict() for m in ends["group"].ensemble.members], [m.state_dict() for m in ends["threads"].ensemble.members], atol=1e-6)
+    assert [h["member_weights"] for h in ends["group"].sync_history] == [h["member_weights"] for h in ends["threads"].sync_history]
+    assert len(ends["group"].sync_history) == 2
+
+
+class ManualConvNet(ConvNet):
+    """``ConvNet``'s step and SGD update under manual optimization."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_under_manual_optimization_auto_times_channels_last_convolutions_and_members_still_train_as_alone(in_a_group, caplog):
+    """``vectorize="auto"`` times the looped step with the members' convolution weights as they are and laid out
+    channels-last (vmap cannot run a step that makes its own updates), switching layouts under the members' own optimizers.
+    Channels-last convolutions round differently (see ``test_groups.py``), hence the tolerance; a lost update or momentum
+    moves weights by more than 1e-2."""
+    hparams = dict(optimizer="sgd")
+    with caplog.at_level(logging.INFO):
+        group = group_states(hparams, "auto", ManualConvNet)
+    assert "ms/step loop, channels-last" in caplog.text and "with torch.func.vmap" not in caplog.text
+    solo = solo_states(hparams, ManualConvNet)
+    for i, (g, s) in enumerate(zip(group, solo)):
+        for key in s:
+            torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+def test_group_actors_train_a_manual_module_as_a_group_in_the_driver_does(ray_session):
+    """``members_per_worker=2`` (two Ray actors, 2 and 1 members) ends with the members of one group in this process."""
+    ends = {}
+    for members_per_worker in ("auto", 2):
+        strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", sync_strength=0.5, seed=11, members_per_worker=members_per_worker)
+        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
+        torch.manual_seed(0)
+        trainer.fit(GroupManualDigits(), datamodule=SeededDigits())
+        assert trainer.global_step == 2 * 6
+        ends[members_per_worker] = [m.state_dict() for m in strategy.ensemble.members]
+    assert_same_members(ends["auto"], ends[2], atol=1e-6)
