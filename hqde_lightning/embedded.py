@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import BaseFinetuning, LearningRateMonitor, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -72,9 +72,9 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     return None
 
 
-#: callbacks whose group versions act on the stacked parameters' gradients, optimizer or learning rates: under manual
+#: callbacks whose group versions act on the stacked parameters, their gradients or the stacked optimizer: under manual
 #: optimization each member steps optimizers of its own (:mod:`~hqde_lightning.manual_members`), so they send the fit to threads
-_ACT_ON_THE_STACKED_OPTIMIZER = (LearningRateMonitor, StochasticWeightAveraging, WeightAveraging, BaseFinetuning, QuantumNoise, AdaptiveQuantization, ByzantineMembers)
+_ACT_ON_THE_STACKED_OPTIMIZER = (StochasticWeightAveraging, WeightAveraging, BaseFinetuning, QuantumNoise, AdaptiveQuantization, ByzantineMembers)
 
 
 def with_module_callbacks(callbacks: Sequence[Callback], model: LightningModule) -> list[Callback]:

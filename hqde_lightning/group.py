@@ -289,7 +289,7 @@ class MemberGroup(LightningModule):
         per_member: dict[int, CapturedLogs] = {}
         for i in self._active():
             progress.load_state_dict(copy.deepcopy(start))
-            with self._running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+            with self.running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
                 self._stepping = i
                 try:
                     out = member.training_step(member_batch(batch, i), batch_idx)
@@ -428,7 +428,7 @@ class MemberGroup(LightningModule):
         per_member: list[CapturedLogs] = []
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
-            with self._running_as(i, method in _WITHIN_BATCH):
+            with self.running_as(i, method in _WITHIN_BATCH):
                 out, logs = self.stack.call(i, method, member_args)
             if self.per_member:  # the `outputs` of the members' batch-end hooks
                 self.last_outputs[i] = _detached(out)
@@ -487,7 +487,7 @@ class MemberGroup(LightningModule):
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
         results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
-            with self._running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+            with self.running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
                 results.append(call(member, self._member_args(hook, i, args, member)))
             per_member.append(logs)
         if self.stack.requires_grad_changed:  # a member froze or unfroze parameters (`requires_grad`)
@@ -539,7 +539,7 @@ class MemberGroup(LightningModule):
             strategy._optimizers = stacked
 
     @contextmanager
-    def _running_as(self, i: int, within_batch: bool = False) -> Iterator[None]:
+    def running_as(self, i: int, within_batch: bool = False) -> Iterator[None]:
         """Code runs as member ``i`` (its place in the group) during the block.
 
         Its index is :attr:`current_member` (``trainer.strategy.member_index``), the optimizers show
@@ -825,7 +825,7 @@ class MemberGroup(LightningModule):
         member (:func:`~hqde_lightning.manual_members.configure_members`)."""
 
         def configure(i: int) -> Any:
-            with self._running_as(i), self.stack.as_member(i) as member:
+            with self.running_as(i), self.stack.as_member(i) as member:
                 return member.configure_optimizers()
 
         try:
@@ -889,7 +889,7 @@ class MemberGroup(LightningModule):
             if yours:
                 self.each_member("lr_scheduler_step", lambda member, _, value=value: member.lr_scheduler_step(scheduler, value), positions=[i])
             else:
-                with self._running_as(i):
+                with self.running_as(i):
                     super().lr_scheduler_step(scheduler, value)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:

@@ -26,6 +26,7 @@ a for-loop of plain ``Trainer``s.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,11 +97,22 @@ class MemberOptimizers:
         return getattr(self.own(), name)
 
 
+@functools.cache
+def _class_named(name: str) -> type[MemberOptimizers]:
+    return type(name, (MemberOptimizers,), {"__module__": __name__, "__doc__": MemberOptimizers.__doc__})
+
+
+def _named_like(optimizer: Optimizer) -> type[MemberOptimizers]:
+    """``MemberOptimizers`` under the name of ``optimizer``'s class: Lightning names an optimizer's logged rates after its
+    class (``LearningRateMonitor``'s ``lr-Adam``), as in each member's own fit."""
+    return _class_named(type(optimizer).__name__)
+
+
 def configure_members(configure: Callable[[int], Any], num_members: int, current: Callable[[], int | None]) -> tuple[list[MemberOptimizers], list[MemberSchedulers]]:
     """Your optimizers and schedulers, one set per member: ``configure(i)`` runs your ``configure_optimizers`` as member ``i``.
 
-    Returns one :class:`MemberOptimizers` per optimizer you return and one ``MemberSchedulers`` per
-    scheduler, each attached to the ``MemberOptimizers`` of its optimizer (Lightning checks that).
+    Returns one :class:`MemberOptimizers` per optimizer you return (named as its class: ``Adam``) and one
+    ``MemberSchedulers`` per scheduler, each attached to the ``MemberOptimizers`` of its optimizer (Lightning checks that).
 
     Raises:
         ValueError: members returned different numbers of optimizers or schedulers.
@@ -112,7 +124,7 @@ def configure_members(configure: Callable[[int], Any], num_members: int, current
         schedulers.append([config.scheduler for config in _configure_schedulers_manual_opt(scheds)])
     if len({len(o) for o in optimizers}) > 1 or len({len(s) for s in schedulers}) > 1:
         raise ValueError(f"the members' `configure_optimizers` returned {[len(o) for o in optimizers]} optimizers and {[len(s) for s in schedulers]} schedulers; a group needs the same of each")
-    member_optimizers = [MemberOptimizers([opts[n] for opts in optimizers], current) for n in range(len(optimizers[0]))]
+    member_optimizers = [_named_like(optimizers[0][n])([opts[n] for opts in optimizers], current) for n in range(len(optimizers[0]))]
     member_schedulers = []
     for n in range(len(schedulers[0])):
         scheduler = MemberSchedulers([scheds[n] for scheds in schedulers], current)

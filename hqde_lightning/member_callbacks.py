@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -575,12 +574,11 @@ class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
     def _extract_stats(self, trainer: pl.Trainer, interval: str) -> dict[str, float]:
         stats: dict[str, float] = {}
         first: dict[str, float] | None = None
-        rates = self.group.learning_rates
         for i, member in enumerate(self.group.member_ids):
             if self.group.frozen[i]:
                 continue
             self.__dict__.update(self.member_history[i])  # Lightning's code appends to the member's own history
-            with rates.as_member(i) if rates is not None else nullcontext():
+            with self.group.running_as(i):  # its rates (a stacked optimizer's), or its own optimizers (manual optimization)
                 own = super()._extract_stats(trainer, interval)
             first = own if first is None else first
             stats.update({f"member_{member}/{name}": value for name, value in own.items()})

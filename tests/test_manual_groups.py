@@ -14,7 +14,8 @@ import logging
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from models import quiet_trainer
 from test_groups import MEMBERS, SEED, ConvNet, MemberOrderEpochs, SeededDigits, assert_same_members, group_states, solo_states, train_loader
 from test_member_threads import ManualDigits
@@ -30,7 +31,8 @@ FIT = dict(max_epochs=3, limit_train_batches=6, limit_val_batches=0)
 class TwoOptimizers(pl.LightningModule):
     """Under manual optimization: a body (BatchNorm, dropout) with Adam and a head with SGD, stepped one after the other
     as a GAN steps its two networks; the head skips its step every third optimizer step (``self.global_step``), its
-    gradients are clipped, and the body's learning rate decays each epoch by a scheduler the module steps itself."""
+    gradients are clipped, and the body's learning rate decays each epoch by a scheduler the module steps itself, at a rate
+    each member's initial head chooses."""
 
     def __init__(self, dropout: float = 0.2) -> None:
         super().__init__()
@@ -68,15 +70,17 @@ class TwoOptimizers(pl.LightningModule):
     def configure_optimizers(self):
         body = torch.optim.Adam(self.body.parameters(), lr=0.01)
         head = torch.optim.SGD(self.head.parameters(), lr=0.1, momentum=0.9)
-        return [body, head], [torch.optim.lr_scheduler.StepLR(body, step_size=1, gamma=0.5)]
+        gamma = 0.5 if float(self.head.bias.sum()) > 0 else 0.8
+        return [body, head], [torch.optim.lr_scheduler.StepLR(body, step_size=1, gamma=gamma)]
 
 
 def _every_epoch(dirpath) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
 
 
-def solo_fits(resume_from_epoch: int | None = None, root=None) -> list[tuple[TwoOptimizers, pl.Trainer]]:
-    """Each member trained alone (its seed, its data order, a plain ``Trainer``), or resumed at the end of ``resume_from_epoch``."""
+def solo_fits(resume_from_epoch: int | None = None, root=None, log_dir=None) -> list[tuple[TwoOptimizers, pl.Trainer]]:
+    """Each member trained alone (its seed, its data order, a plain ``Trainer``), or resumed at the end of ``resume_from_epoch``;
+    with ``log_dir``, logging its learning rates each epoch (``LearningRateMonitor``)."""
     fits = []
     for i in range(MEMBERS):
         ckpt_paths = [None] if resume_from_epoch is None else [None, root / f"solo{i}" / f"epoch={resume_from_epoch}.ckpt"]
@@ -85,18 +89,19 @@ def solo_fits(resume_from_epoch: int | None = None, root=None) -> list[tuple[Two
             model = TwoOptimizers(dropout=0.0 if root is not None else 0.2)
             loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
             callbacks = [MemberOrderEpochs()] + ([_every_epoch(root / f"solo{i}" / ("resumed" if ckpt_path else ""))] if root is not None else [])
-            trainer = quiet_trainer(**FIT, callbacks=callbacks, enable_checkpointing=root is not None)
+            logged = dict(logger=CSVLogger(log_dir), callbacks=callbacks + [LearningRateMonitor(logging_interval="epoch")]) if log_dir else dict(callbacks=callbacks)
+            trainer = quiet_trainer(**FIT, enable_checkpointing=root is not None, **logged)
             trainer.fit(model, loader, ckpt_path=ckpt_path)
         fits.append((model, trainer))
     return fits
 
 
-def group_fit(resume_from_epoch: int | None = None, root=None, callbacks=()) -> tuple[HQDEStrategy, pl.Trainer]:
+def group_fit(resume_from_epoch: int | None = None, root=None, callbacks=(), **trainer_kwargs) -> tuple[HQDEStrategy, pl.Trainer]:
     ckpt_paths = [None] if resume_from_epoch is None else [None, root / "group" / f"epoch={resume_from_epoch}.ckpt"]
     for ckpt_path in ckpt_paths:
         strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
         own = list(callbacks) + ([_every_epoch(root / "group" / ("resumed" if ckpt_path else ""))] if root is not None else [])
-        trainer = quiet_trainer(strategy=strategy, **FIT, callbacks=own, enable_checkpointing=root is not None)
+        trainer = quiet_trainer(strategy=strategy, **FIT, callbacks=own, enable_checkpointing=root is not None, **trainer_kwargs)
         trainer.fit(TwoOptimizers(dropout=0.0 if root is not None else 0.2), train_loader(), ckpt_path=ckpt_path)
     return strategy, trainer
 
@@ -134,9 +139,21 @@ def test_members_stop_on_their_own_under_manual_optimization(in_a_group):
     assert not torch.allclose(strategy.ensemble.members[0].head.weight, fresh.head.weight)
 
 
+def test_learning_rate_monitor_logs_each_members_own_rates_under_manual_optimization(in_a_group, tmp_path):
+    """``LearningRateMonitor`` logs each member's own optimizers' rates under the names its own fit gives them
+    (``lr-Adam``, ``lr-SGD``), the body's decaying at the rate the member chose."""
+    solo = solo_fits(log_dir=tmp_path / "solo")
+    _, trainer = group_fit(callbacks=[LearningRateMonitor(logging_interval="epoch")], logger=CSVLogger(tmp_path / "group"))
+    alone = [float(t.callback_metrics["lr-Adam"]) for _, t in solo]
+    assert len(set(alone)) == 2  # the members chose different decays
+    for i, (_, solo_trainer) in enumerate(solo):
+        for name in ("lr-Adam", "lr-SGD"):
+            assert float(trainer.callback_metrics[f"member_{i}/{name}"]) == float(solo_trainer.callback_metrics[name])
+
+
 def test_callbacks_that_act_on_a_stacked_optimizer_keep_manual_optimization_in_threads(monkeypatch, tmp_path, caplog):
-    """``LearningRateMonitor`` (and SWA, weight averaging, fine-tuning, HQDE's noise and quantization) act on a group's one
-    stacked optimizer: with them, a module under manual optimization trains its members in threads, as before."""
+    """Weight averaging (and SWA, fine-tuning, HQDE's noise and quantization) act on a group's one stacked optimizer or
+    gradients: with them, a module under manual optimization trains its members in threads, as before."""
     started = []
     original = launcher.MemberThreads
 
@@ -146,11 +163,11 @@ def test_callbacks_that_act_on_a_stacked_optimizer_keep_manual_optimization_in_t
 
     monkeypatch.setattr(launcher, "MemberThreads", threads)
     strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
-    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[LearningRateMonitor()])
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[EMAWeightAveraging()])
     with caplog.at_level("INFO"):
         trainer.fit(TwoOptimizers(), train_loader())
     assert started
-    assert "manual optimization, and ['LearningRateMonitor'] act on a group's one stacked optimizer" in caplog.text
+    assert "manual optimization, and ['EMAWeightAveraging'] act on a group's one stacked optimizer" in caplog.text
 
 
 class GroupManualDigits(ManualDigits):
