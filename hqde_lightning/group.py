@@ -287,6 +287,7 @@ class MemberGroup(LightningModule):
         start = copy.deepcopy(progress.state_dict())
         losses = torch.zeros(self.num_members)
         per_member: dict[int, CapturedLogs] = {}
+        returned: list[int] = []  # the members whose step returned a loss (under manual optimization it may return none)
         for i in self._active():
             progress.load_state_dict(copy.deepcopy(start))
             with self.running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
@@ -299,18 +300,12 @@ class MemberGroup(LightningModule):
             loss = out.get("loss") if isinstance(out, Mapping) else out
             if isinstance(loss, Tensor):
                 losses[i] = loss.detach().float()
+                returned.append(i)
             per_member[i] = logs
-        returned = [i for i in per_member if isinstance(self.last_outputs[i], Tensor) or (isinstance(self.last_outputs[i], Mapping) and "loss" in self.last_outputs[i])]
         self.last_losses, self.last_batch_size = losses, group_batch_size(batch)
         self.last_returned = torch.zeros(self.num_members, dtype=torch.bool)
         self.last_returned[returned] = True
-        names = list(dict.fromkeys(name for logs in per_member.values() for name in logs.names))
-        relayed = []
-        for name in names:
-            values = [per_member[i].values[per_member[i].names.index(name)] if i in per_member and name in per_member[i].names else None for i in range(self.num_members)]
-            kwargs = next(logs.kwargs[logs.names.index(name)] for logs in per_member.values() if name in logs.names)
-            relayed.append((name, kwargs, values))
-        self._relay(relayed, self.last_batch_size)
+        self._relay(_by_name(per_member, self.num_members), self.last_batch_size)
         return losses[returned].sum() if returned else None
 
     def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> None:
@@ -972,6 +967,17 @@ def _hook_batch_size(hook: str, args: tuple[Any, ...]) -> int | None:
     if hook == "on_validation_batch_end":
         return extract_batch_size(args[1])
     return None
+
+
+def _by_name(per_member: Mapping[int, CapturedLogs], num_members: int) -> list[tuple[str, dict[str, Any], list[Any]]]:
+    """What members (by place in the group) logged, per name: (name, its keyword arguments, each member's value or ``None``)."""
+    names = dict.fromkeys(name for logs in per_member.values() for name in logs.names)
+    relayed = []
+    for name in names:
+        values = [per_member[i].values[per_member[i].names.index(name)] if i in per_member and name in per_member[i].names else None for i in range(num_members)]
+        kwargs = next(logs.kwargs[logs.names.index(name)] for logs in per_member.values() if name in logs.names)
+        relayed.append((name, kwargs, values))
+    return relayed
 
 
 def _detached(out: Any) -> Any:
