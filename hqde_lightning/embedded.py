@@ -172,7 +172,7 @@ class GroupSync(Callback):
         """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch."""
         name = self.hqde.score_metric
         metric = None if name is None else trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{name}")
-        loss_sum = None if self._loss_sum is None or self._returned is None or not bool(self._returned[i]) else self._loss_sum[i]
+        loss_sum = self._loss_sum[i] if self._loss_sum is not None and bool(self._returned[i]) else None  # (set together)
         return confidence(name, metric, self.hqde.score_mode, loss_sum, self._num_batches)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:

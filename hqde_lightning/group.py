@@ -284,12 +284,12 @@ class MemberGroup(LightningModule):
         self._training_mode()  # `vectorize="auto"`: the looped way being timed, laid out for it
         self._attach()
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        start = copy.deepcopy(progress.state_dict())
+        start = progress.state_dict()  # a fresh dict of counts, which loading copies
         losses = torch.zeros(self.num_members)
         per_member: dict[int, CapturedLogs] = {}
         returned: list[int] = []  # the members whose step returned a loss (under manual optimization it may return none)
         for i in self._active():
-            progress.load_state_dict(copy.deepcopy(start))
+            progress.load_state_dict(start)
             with self.running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
                 self._stepping = i
                 try:

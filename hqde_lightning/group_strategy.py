@@ -107,7 +107,7 @@ class GroupStrategy(WorkerStrategy):
         entry = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "state_dict", "optimizer_states")}
         entry["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.group.stack.member_state_dict(i).items()}
         entry["optimizer_states"] = [
-            state[MEMBER_STATES][i] if MEMBER_STATES in state else member_optimizer_state(opt, state, i)  # a member's own optimizer (manual optimization), or its part of the stacked one
+            state[MEMBER_STATES][i] if isinstance(opt, MemberOptimizers) else member_optimizer_state(opt, state, i)  # a member's own optimizer (manual optimization), or its part of the stacked one
             for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []))
         ]
         rates = self.group.learning_rates

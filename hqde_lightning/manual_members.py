@@ -115,7 +115,7 @@ def configure_members(configure: Callable[[int], Any], num_members: int, current
     ``MemberSchedulers`` per scheduler, each attached to the ``MemberOptimizers`` of its optimizer (Lightning checks that).
 
     Raises:
-        ValueError: members returned different numbers of optimizers or schedulers.
+        ValueError: members returned different numbers of optimizers or schedulers, or a scheduler of an optimizer not returned.
     """
     optimizers, schedulers = [], []
     for i in range(num_members):
@@ -128,7 +128,9 @@ def configure_members(configure: Callable[[int], Any], num_members: int, current
     member_schedulers = []
     for n in range(len(schedulers[0])):
         scheduler = MemberSchedulers([scheds[n] for scheds in schedulers], current)
-        scheduler.optimizer = member_optimizers[next(m for m, opt in enumerate(optimizers[0]) if opt is schedulers[0][n].optimizer)]
+        index = next((m for m, opt in enumerate(optimizers[0]) if opt is schedulers[0][n].optimizer), None)
+        if index is None:
+            raise ValueError(f"scheduler {n} of `configure_optimizers` is attached to an optimizer it does not return")
+        scheduler.optimizer = member_optimizers[index]
         member_schedulers.append(scheduler)
     return member_optimizers, member_schedulers
-
