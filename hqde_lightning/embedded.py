@@ -31,15 +31,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import BaseFinetuning, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from hqde_lightning.actors import MemberResult, _is_scalar
-from hqde_lightning.callbacks.byzantine import ByzantineMembers
-from hqde_lightning.callbacks.noise import QuantumNoise
-from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
@@ -72,9 +69,9 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
     return None
 
 
-#: callbacks whose group versions act on the stacked parameters, their gradients or the stacked optimizer: under manual
-#: optimization each member steps optimizers of its own (:mod:`~hqde_lightning.manual_members`), so they send the fit to threads
-_ACT_ON_THE_STACKED_OPTIMIZER = (StochasticWeightAveraging, WeightAveraging, BaseFinetuning, QuantumNoise, AdaptiveQuantization, ByzantineMembers)
+#: callbacks whose group versions act on the stacked optimizer: under manual optimization each member steps optimizers of its
+#: own (:mod:`~hqde_lightning.manual_members`), so they send the fit to threads
+_ACT_ON_THE_STACKED_OPTIMIZER = (StochasticWeightAveraging,)
 
 
 def with_module_callbacks(callbacks: Sequence[Callback], model: LightningModule) -> list[Callback]:

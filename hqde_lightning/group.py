@@ -238,7 +238,7 @@ class MemberGroup(LightningModule):
         #: your module's submodules' training modes while the group evaluates (see :meth:`_follow_mode`)
         self._training_modes: dict[str, bool] | None = None
         #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
-        self._stepping: int | None = None
+        self.stepping: int | None = None
 
     @property
     def num_members(self) -> int:
@@ -291,11 +291,11 @@ class MemberGroup(LightningModule):
         for i in self._active():
             progress.load_state_dict(start)
             with self.running_as(i, True), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
-                self._stepping = i
+                self.stepping = i
                 try:
                     out = member.training_step(member_batch(batch, i), batch_idx)
                 finally:
-                    self._stepping = None
+                    self.stepping = None
             self.last_outputs[i] = _detached(out)
             loss = out.get("loss") if isinstance(out, Mapping) else out
             if isinstance(loss, Tensor):
@@ -477,8 +477,8 @@ class MemberGroup(LightningModule):
         """
         self._attach()
         positions = range(self.num_members) if positions is None else positions
-        if self._stepping is not None:  # Lightning calls it inside a member's own manual step: only that member's, as it runs
-            return [call(self.module, args)] if self._stepping in positions else []
+        if self.stepping is not None:  # Lightning calls it inside a member's own manual step: only that member's, as it runs
+            return [call(self.module, args)] if self.stepping in positions else []
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
         results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
@@ -524,7 +524,11 @@ class MemberGroup(LightningModule):
     @contextmanager
     def member_optimizers(self, member: LightningModule) -> Iterator[None]:
         """``trainer.optimizers`` are the stacked optimizers as ``member`` (your module as the member running now) sees them
-        (:class:`MemberOptimizer`) during the block, for a callback that changes them (``BaseFinetuning``)."""
+        (:class:`MemberOptimizer`) during the block, for a callback that changes them (``BaseFinetuning``). Under manual
+        optimization they are already the member's own (:class:`~hqde_lightning.manual_members.MemberOptimizers`)."""
+        if not self.automatic_optimization:
+            yield
+            return
         strategy = self.trainer.strategy
         stacked = strategy._optimizers
         strategy._optimizers = [self.member_optimizer(opt, member) for opt in stacked]
@@ -830,7 +834,7 @@ class MemberGroup(LightningModule):
         return (optimizers, schedulers) if schedulers else optimizers
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._stepping is not None:  # inside a member's own manual step: its hooks, its own optimizer
+        if self.stepping is not None:  # inside a member's own manual step: its hooks, its own optimizer
             self._hook("on_before_optimizer_step", optimizer)
             return
         self.added_param_groups.check(self._active(), self.member_ids)

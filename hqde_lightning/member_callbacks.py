@@ -178,6 +178,11 @@ class MemberCopy:
     def _for_member(self) -> None:
         """Adapts the copied settings to the member (e.g. the monitored metric's name)."""
 
+    def _its_turn(self) -> bool:
+        """Whether a hook Lightning calls now is this member's: under manual optimization the members step in turn, and the
+        hooks Lightning calls inside a step (``on_before_optimizer_step``) are the stepping member's only."""
+        return self.group.stepping in (None, self.position)
+
     def __deepcopy__(self, memo: dict) -> Any:  # the group is shared, not copied
         clone = type(self).__new__(type(self))
         clone.__dict__.update({k: v if k == "group" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
@@ -212,6 +217,10 @@ class _IndexedCopy(MemberCopy):
 class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
     """``QuantumNoise`` for one member: its own noise stream on its own slices of the stack."""
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        if self._its_turn():
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
     def _log_name(self) -> str:
         return f"member_{self.member_id}/noise_scale"
 
@@ -219,6 +228,8 @@ class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
         return (p[self.position] for p, trains in self._members_parameters() if trains)
 
     def _gradients(self, optimizer: Optimizer) -> Iterator[Tensor]:
+        if self.group.stack.member_parameters is not None:  # manual optimization: the member's own optimizer, over its own parameters
+            return super()._gradients(optimizer)
         trained = {id(p) for p, trains in self._members_parameters() if trains}
         return (p.grad[self.position] for group in optimizer.param_groups for p in group["params"] if id(p) in trained and p.grad is not None)
 
@@ -231,11 +242,17 @@ class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
 class MemberAdaptiveQuantization(_IndexedCopy, AdaptiveQuantization):
     """``AdaptiveQuantization`` for one member: it encodes that member's weights (ranked by its own gradients) with its own error feedback."""
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        if self._its_turn():
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
     def _log_name(self, name: str) -> str:
         return f"member_{self.member_id}/quant/{name}"
 
     def _named_gradients(self, pl_module: pl.LightningModule) -> Iterator[tuple[str, Tensor]]:
         stack = self.group.stack
+        if stack.member_parameters is not None:  # manual optimization: the member's own parameters, with their own gradients
+            return ((name, p.grad) for name, p in zip(stack.param_names, stack.member_parameters[self.position]) if p.grad is not None)
         return ((name, p.grad[self.position]) for name, p in zip(stack.param_names, stack.params) if p.grad is not None)
 
 

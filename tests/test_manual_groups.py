@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from models import quiet_trainer
 from test_groups import MEMBERS, SEED, ConvNet, MemberOrderEpochs, SeededDigits, assert_same_members, group_states, solo_states, train_loader
@@ -23,6 +24,7 @@ from torch import nn
 
 import hqde_lightning.launcher as launcher
 from hqde_lightning import HQDEStrategy
+from hqde_lightning.callbacks import AdaptiveQuantization, ByzantineMembers, QuantumNoise
 from hqde_lightning.member_data import member_loader
 
 FIT = dict(max_epochs=3, limit_train_batches=6, limit_val_batches=0)
@@ -70,7 +72,7 @@ class TwoOptimizers(pl.LightningModule):
     def configure_optimizers(self):
         body = torch.optim.Adam(self.body.parameters(), lr=0.01)
         head = torch.optim.SGD(self.head.parameters(), lr=0.1, momentum=0.9)
-        gamma = 0.5 if float(self.head.bias.sum()) > 0 else 0.8
+        gamma = 0.5 if float(self.head.bias.detach().sum()) > 0 else 0.8
         return [body, head], [torch.optim.lr_scheduler.StepLR(body, step_size=1, gamma=gamma)]
 
 
@@ -78,17 +80,17 @@ def _every_epoch(dirpath) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
 
 
-def solo_fits(resume_from_epoch: int | None = None, root=None, log_dir=None) -> list[tuple[TwoOptimizers, pl.Trainer]]:
+def solo_fits(resume_from_epoch: int | None = None, root=None, log_dir=None, extra=lambda: [], module=TwoOptimizers) -> list[tuple[TwoOptimizers, pl.Trainer]]:
     """Each member trained alone (its seed, its data order, a plain ``Trainer``), or resumed at the end of ``resume_from_epoch``;
-    with ``log_dir``, logging its learning rates each epoch (``LearningRateMonitor``)."""
+    with ``log_dir``, logging its learning rates each epoch (``LearningRateMonitor``); with the callbacks ``extra()`` makes."""
     fits = []
     for i in range(MEMBERS):
         ckpt_paths = [None] if resume_from_epoch is None else [None, root / f"solo{i}" / f"epoch={resume_from_epoch}.ckpt"]
         for ckpt_path in ckpt_paths:
             pl.seed_everything(SEED + i, verbose=False)
-            model = TwoOptimizers(dropout=0.0 if root is not None else 0.2)
+            model = module(dropout=0.0 if root is not None else 0.2)
             loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-            callbacks = [MemberOrderEpochs()] + ([_every_epoch(root / f"solo{i}" / ("resumed" if ckpt_path else ""))] if root is not None else [])
+            callbacks = [MemberOrderEpochs(), *extra()] + ([_every_epoch(root / f"solo{i}" / ("resumed" if ckpt_path else ""))] if root is not None else [])
             logged = dict(logger=CSVLogger(log_dir), callbacks=callbacks + [LearningRateMonitor(logging_interval="epoch")]) if log_dir else dict(callbacks=callbacks)
             trainer = quiet_trainer(**FIT, enable_checkpointing=root is not None, **logged)
             trainer.fit(model, loader, ckpt_path=ckpt_path)
@@ -96,13 +98,13 @@ def solo_fits(resume_from_epoch: int | None = None, root=None, log_dir=None) -> 
     return fits
 
 
-def group_fit(resume_from_epoch: int | None = None, root=None, callbacks=(), **trainer_kwargs) -> tuple[HQDEStrategy, pl.Trainer]:
+def group_fit(resume_from_epoch: int | None = None, root=None, callbacks=(), module=TwoOptimizers, **trainer_kwargs) -> tuple[HQDEStrategy, pl.Trainer]:
     ckpt_paths = [None] if resume_from_epoch is None else [None, root / "group" / f"epoch={resume_from_epoch}.ckpt"]
     for ckpt_path in ckpt_paths:
         strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
         own = list(callbacks) + ([_every_epoch(root / "group" / ("resumed" if ckpt_path else ""))] if root is not None else [])
         trainer = quiet_trainer(strategy=strategy, **FIT, callbacks=own, enable_checkpointing=root is not None, **trainer_kwargs)
-        trainer.fit(TwoOptimizers(dropout=0.0 if root is not None else 0.2), train_loader(), ckpt_path=ckpt_path)
+        trainer.fit(module(dropout=0.0 if root is not None else 0.2), train_loader(), ckpt_path=ckpt_path)
     return strategy, trainer
 
 
@@ -151,9 +153,8 @@ def test_learning_rate_monitor_logs_each_members_own_rates_under_manual_optimiza
             assert float(trainer.callback_metrics[f"member_{i}/{name}"]) == float(solo_trainer.callback_metrics[name])
 
 
-def test_callbacks_that_act_on_a_stacked_optimizer_keep_manual_optimization_in_threads(monkeypatch, tmp_path, caplog):
-    """Weight averaging (and SWA, fine-tuning, HQDE's noise and quantization) act on a group's one stacked optimizer or
-    gradients: with them, a module under manual optimization trains its members in threads, as before."""
+def _count_threads(monkeypatch) -> list[bool]:
+    """A list that grows by one each time a fit trains its members in threads."""
     started = []
     original = launcher.MemberThreads
 
@@ -162,12 +163,69 @@ def test_callbacks_that_act_on_a_stacked_optimizer_keep_manual_optimization_in_t
         return original(*args, **kwargs)
 
     monkeypatch.setattr(launcher, "MemberThreads", threads)
+    return started
+
+
+def test_weight_averaging_keeps_each_members_own_average_under_manual_optimization(in_a_group, tmp_path):
+    """``EMAWeightAveraging`` averages what each member's own optimizers make of its weights: every member ends the fit with
+    the average its own fit ends with (the module's two optimizers count two steps a batch, one every third), and so it does
+    resumed from a whole-ensemble checkpoint (each member's average and trained weights come back)."""
+    average = lambda: [EMAWeightAveraging(decay=0.7)]  # noqa: E731
+    solo = solo_fits(extra=average)
+    strategy, _ = group_fit(callbacks=average())
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+    assert not torch.allclose(solo_fits()[0][0].head.weight, solo[0][0].head.weight)  # the average is not the trained weights
+    solo = solo_fits(resume_from_epoch=1, root=tmp_path, extra=average)
+    strategy, _ = group_fit(resume_from_epoch=1, root=tmp_path, callbacks=average())
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+
+
+class BodyFromEpochOne(TwoOptimizers):
+    """``TwoOptimizers`` whose body optimizer starts with the BatchNorm only: its first layer is fine-tuned from epoch 1."""
+
+    def configure_optimizers(self):
+        optimizers, schedulers = super().configure_optimizers()
+        optimizers[0] = torch.optim.Adam(self.body[1].parameters(), lr=0.01)
+        schedulers[0] = torch.optim.lr_scheduler.StepLR(optimizers[0], step_size=1, gamma=schedulers[0].gamma)
+        return optimizers, schedulers
+
+
+class UnfreezeFirstLayer(BaseFinetuning):
+    """Freezes the body's first layer, and adds it to the body's optimizer at epoch 1 with a rate of its own."""
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.body[0])
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1 and optimizer is pl_module.trainer.optimizers[0]:
+            self.unfreeze_and_add_param_group(pl_module.body[0], optimizer, lr=0.005)
+
+
+def test_fine_tuning_adds_to_each_members_own_optimizer_under_manual_optimization(in_a_group, tmp_path):
+    """Your ``BaseFinetuning`` freezes each member's layer and adds it to the member's own optimizer (the one it names):
+    every member ends where its own fit ends, the layer trained from epoch 1 on, and so after resuming from epoch 1."""
+    pl.seed_everything(SEED, verbose=False)
+    initial = BodyFromEpochOne().body[0].weight.detach().clone()
+    solo = solo_fits(extra=lambda: [UnfreezeFirstLayer()], module=BodyFromEpochOne)
+    strategy, _ = group_fit(callbacks=[UnfreezeFirstLayer()], module=BodyFromEpochOne)
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+    assert not torch.allclose(strategy.ensemble.members[0].body[0].weight, initial)  # it trained once unfrozen
+    assert len(solo[0][1].optimizers[0].param_groups) == 2
+    solo = solo_fits(resume_from_epoch=1, root=tmp_path, extra=lambda: [UnfreezeFirstLayer()], module=BodyFromEpochOne)
+    strategy, _ = group_fit(resume_from_epoch=1, root=tmp_path, callbacks=[UnfreezeFirstLayer()], module=BodyFromEpochOne)
+    assert_same_members(states(strategy.ensemble.members), states(m for m, _ in solo))
+
+
+def test_stochastic_weight_averaging_keeps_manual_optimization_in_threads(monkeypatch, caplog):
+    """``StochasticWeightAveraging`` schedules a group's one stacked optimizer (``SWALR``): with it, a module under manual
+    optimization trains its members in threads, and the info line says why."""
+    started = _count_threads(monkeypatch)
     strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
-    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[EMAWeightAveraging()])
+    trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[StochasticWeightAveraging(swa_lrs=0.01)])
     with caplog.at_level("INFO"):
-        trainer.fit(TwoOptimizers(), train_loader())
+        trainer.fit(GroupManualDigits(), datamodule=SeededDigits())
     assert started
-    assert "manual optimization, and ['EMAWeightAveraging'] act on a group's one stacked optimizer" in caplog.text
+    assert "manual optimization, and ['StochasticWeightAveraging'] act on a group's one stacked optimizer" in caplog.text
 
 
 class GroupManualDigits(ManualDigits):
@@ -176,21 +234,40 @@ class GroupManualDigits(ManualDigits):
     on_validation_model_eval = pl.LightningModule.on_validation_model_eval
 
 
-def test_a_group_under_manual_optimization_syncs_and_draws_as_member_threads_do():
-    """With elastic syncs, input noise and dropout, the members of a group end where the members trained in threads
-    (one fit each, as member actors) end: same random numbers, same consensus at every sync. (The loaders carry their
-    generators and no validation runs: a loader without one draws its iterators' seeds from each member's own stream in
-    threads, from the driver's in a group, which shares one validation pass among its members.)"""
+#: HQDE's own callbacks, each acting on what a member's own optimizer steps: its weights after the step, its gradients
+#: before it, the gradients a sync's bit widths follow, what a Byzantine member sends
+HQDE_CALLBACKS = {
+    "none": lambda: [],
+    "noise-weights": lambda: [QuantumNoise(scale=0.05)],
+    "noise-gradients": lambda: [QuantumNoise(scale=0.5, target="gradients", schedule="linear")],
+    "quantization": lambda: [AdaptiveQuantization(base_bits=4, warmup_syncs=0)],
+    "byzantine": lambda: [ByzantineMembers(members=[1], attack="scale", scale=3.0)],
+}
+
+
+@pytest.mark.parametrize("callbacks", list(HQDE_CALLBACKS))
+def test_a_group_under_manual_optimization_syncs_and_draws_as_member_threads_do(callbacks, monkeypatch):
+    """With elastic syncs, input noise and dropout, and each of HQDE's callbacks, the members of a group end where the
+    members trained in threads (one fit each, as member actors) end: same random numbers, same consensus at every sync.
+    (The loaders carry their generators and no validation runs: a loader without one draws its iterators' seeds from each
+    member's own stream in threads, from the driver's in a group, which shares one validation pass among its members.)"""
+    threads = _count_threads(monkeypatch)
     ends = {}
     for name, module in (("group", GroupManualDigits), ("threads", ManualDigits)):
-        strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", sync_strength=0.5, seed=11)
-        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
+        strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", sync_strength=0.5, seed=11, aggregator="geometric_median")
+        trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=6, limit_val_batches=0, callbacks=HQDE_CALLBACKS[callbacks]())
         torch.manual_seed(0)  # the members' shared initial weights (elastic sync) are the module's
         trainer.fit(module(), datamodule=SeededDigits())
-        ends[name] = strategy
-    assert_same_members([m.state_dict() for m in ends["group"].ensemble.members], [m.state_dict() for m in ends["threads"].ensemble.members], atol=1e-6)
-    assert [h["member_weights"] for h in ends["group"].sync_history] == [h["member_weights"] for h in ends["threads"].sync_history]
-    assert len(ends["group"].sync_history) == 2
+        ends[name] = (strategy, trainer)
+        assert len(threads) == (name == "threads")
+    (group, group_trainer), (threads, threads_trainer) = ends["group"], ends["threads"]
+    assert_same_members([m.state_dict() for m in group.ensemble.members], [m.state_dict() for m in threads.ensemble.members], atol=1e-6)
+    assert [h["member_weights"] for h in group.sync_history] == [h["member_weights"] for h in threads.sync_history]
+    assert len(group.sync_history) == 2
+    if callbacks == "byzantine":  # the geometric median outvoted the member that sent its weights scaled
+        assert all(h["member_weights"][1] < 0.05 for h in group.sync_history)
+    for name in (n for n in threads_trainer.callback_metrics if n.startswith("member_") and ("noise" in n or "quant" in n)):
+        torch.testing.assert_close(group_trainer.callback_metrics[name], threads_trainer.callback_metrics[name])
 
 
 class ManualConvNet(ConvNet):
