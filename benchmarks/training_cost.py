@@ -41,7 +41,9 @@ weights (``GroupWeightAveraging``); before, such a fit trained its members in th
 :class:`FirstLayerFinetuning` (a ``BaseFinetuning``: the first layer frozen until ``EPOCH``, then
 trained in a parameter group of its own at a tenth of the learning rate): a group runs it as each
 member (``MemberFinetuning``); before, such a fit trained its members in threads. It writes
-``results/training_cost_<data>_finetune.json``.
+``results/training_cost_<data>_finetune.json``. ``--noise SCALE`` adds this package's
+``QuantumNoise(scale=SCALE)`` (a plain ``Trainer`` trains as member 0 would); it writes
+``results/training_cost_<data>_noise.json``.
 
 Repeat r (``--repeats``) runs every mode with seed s = 100·r (HQDE: ``seed=s``, its members
 s..s+N-1, the plain models' seeds): no model is shared between repeats.
@@ -92,6 +94,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAvera
 
 from common import DATASETS, RESULTS, ReluMLP, SimpleClassifier, SmallCNN, TreeMemory, bar_plot, load_data, machine, print_table, quiet_trainer, write_results
 from hqde_lightning import HQDEStrategy
+from hqde_lightning.callbacks import QuantumNoise
 
 MODELS: dict[str, Callable[[], SimpleClassifier]] = {"digits": ReluMLP, "fashion-mnist": SmallCNN}
 #: HQDEStrategy keyword arguments of each HQDE mode (besides ``num_members``, ``sync="none"`` and ``seed``)
@@ -202,9 +205,10 @@ class FirstLayerFinetuning(BaseFinetuning):
 
 
 def extra_callbacks(args: argparse.Namespace) -> list[Callback]:
-    """What ``--ema`` and ``--finetune`` add to every Lightning mode's Trainer (nothing without them)."""
+    """What ``--ema``, ``--finetune`` and ``--noise`` add to every Lightning mode's Trainer (nothing without them)."""
     callbacks: list[Callback] = [EMAWeightAveraging(decay=args.ema)] if args.ema is not None else []
-    return callbacks + ([FirstLayerFinetuning(args.finetune)] if args.finetune is not None else [])
+    callbacks += [FirstLayerFinetuning(args.finetune)] if args.finetune is not None else []
+    return callbacks + ([QuantumNoise(scale=args.noise)] if args.noise is not None else [])
 
 
 def train_plain(members: int, train: TensorDataset, args: argparse.Namespace, channels_last: bool = False, manual: bool = False) -> Predict:
@@ -298,6 +302,7 @@ def run_isolated(mode: str, members: int, args: argparse.Namespace, seed: int) -
             sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--train-size", str(args.train_size),
             "--batch-size", str(args.batch_size), "--accelerator", args.accelerator, "--run", mode, "--members", str(members), "--seed", str(seed), "--result-file", str(out),
             *(["--ema", str(args.ema)] if args.ema is not None else []), *(["--finetune", str(args.finetune)] if args.finetune is not None else []),
+            *(["--noise", str(args.noise)] if args.noise is not None else []),
         ]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}))
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -395,6 +400,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--ema", type=float, metavar="DECAY", help="every Lightning mode trains with EMAWeightAveraging(decay=DECAY); torch-vmap is left out")
     parser.add_argument("--finetune", type=int, metavar="EPOCH", help="every Lightning mode trains with FirstLayerFinetuning(unfreeze_at=EPOCH); torch-vmap is left out")
+    parser.add_argument("--noise", type=float, metavar="SCALE", help="every Lightning mode trains with QuantumNoise(scale=SCALE); torch-vmap is left out")
     parser.add_argument("--quick", action="store_true", help="tiny CI smoke run: digits, 2 members, 1 epoch, every mode")
     parser.add_argument("--run", choices=MODES, help=argparse.SUPPRESS)  # one (mode, N) in this process (see run_isolated)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the seed of that run
@@ -407,9 +413,9 @@ def parse_args() -> argparse.Namespace:
     if args.accelerator == "gpu" and torch.cuda.device_count() < 2 and "hqde-2actors" in args.modes:
         args.modes.remove("hqde-2actors")  # each of its actors takes a whole GPU
         print("hqde-2actors left out: its two actors need two GPUs")
-    if (args.ema is not None or args.finetune is not None) and "torch-vmap" in args.modes:
+    if extra_callbacks(args) and "torch-vmap" in args.modes:
         args.modes.remove("torch-vmap")  # plain PyTorch: no Lightning callback
-        print("torch-vmap left out: --ema and --finetune add Lightning callbacks")
+        print("torch-vmap left out: --ema, --finetune and --noise add Lightning callbacks")
     if args.epochs is None:
         args.epochs = 10 if args.data == "digits" else 1
     return args
@@ -445,12 +451,12 @@ def main() -> None:
     print(f"\ndata: {DATASETS[args.data]}; model {MODELS[args.data].__name__}; {train_len} training images, {args.epochs} epochs, batches of {args.batch_size};"
           f" wall time: the shortest of {args.repeats} run(s) (seeds {', '.join(str(SEED_STRIDE * r) for r in range(args.repeats))}), accuracy their mean; torch threads per process: {args.threads or 'torch default'}")
     print(f"machine: {machine()}; load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
-    targets = check_targets(rows, args, train_len) if args.ema is None and args.finetune is None else []
-    name = "training_cost_" + ("quick" if args.quick else args.data) + ("_ema" if args.ema is not None else "") + ("_finetune" if args.finetune is not None else "")
+    targets = [] if extra_callbacks(args) else check_targets(rows, args, train_len)
+    name = "training_cost_" + ("quick" if args.quick else args.data) + "".join(f"_{flag}" for flag in ("ema", "finetune", "noise") if getattr(args, flag) is not None)
     plot(rows, args, train_len, RESULTS / f"{name}.png")
     payload = {
         "data": DATASETS[args.data], "model": MODELS[args.data].__name__, "train_images": train_len, "epochs": args.epochs,
-        "batch_size": args.batch_size, "ema_decay": args.ema, "finetune_epoch": args.finetune, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
+        "batch_size": args.batch_size, "ema_decay": args.ema, "finetune_epoch": args.finetune, "noise_scale": args.noise, "repeats": args.repeats, "threads": args.threads, "accelerator": args.accelerator, "machine": machine(), "load_average": load, "rows": rows, "targets": targets,
     }
     print(f"wrote {write_results(name, payload)}")
 
