@@ -98,14 +98,16 @@ class MemberOptimizers:
 
 
 @functools.cache
-def _class_named(name: str) -> type[MemberOptimizers]:
-    return type(name, (MemberOptimizers,), {"__module__": __name__, "__doc__": MemberOptimizers.__doc__})
+def _member_class(optimizer_class: type[Optimizer]) -> type[MemberOptimizers]:
+    return type(optimizer_class.__name__, (MemberOptimizers, optimizer_class), {"__module__": __name__, "__doc__": MemberOptimizers.__doc__})
 
 
 def _named_like(optimizer: Optimizer) -> type[MemberOptimizers]:
-    """``MemberOptimizers`` under the name of ``optimizer``'s class: Lightning names an optimizer's logged rates after its
-    class (``LearningRateMonitor``'s ``lr-Adam``), as in each member's own fit."""
-    return _class_named(type(optimizer).__name__)
+    """``MemberOptimizers`` as a subclass of ``optimizer``'s class, under its name, as Lightning's ``LightningOptimizer``
+    does: code that checks an optimizer's type (``isinstance(opt, torch.optim.Adam)``) sees the member's own, and Lightning
+    names an optimizer's logged rates after its class (``LearningRateMonitor``'s ``lr-Adam``), as in each member's own fit.
+    What :class:`MemberOptimizers` defines comes first; the rest is the member's own optimizer's (``__getattr__``)."""
+    return _member_class(type(optimizer))
 
 
 def configure_members(configure: Callable[[int], Any], num_members: int, current: Callable[[], int | None]) -> tuple[list[MemberOptimizers], list[MemberSchedulers]]:

@@ -197,7 +197,7 @@ class UnfreezeFirstLayer(BaseFinetuning):
         self.freeze(pl_module.body[0])
 
     def finetune_function(self, pl_module, epoch, optimizer):
-        if epoch == 1 and optimizer is pl_module.trainer.optimizers[0]:
+        if epoch == 1 and isinstance(optimizer, torch.optim.Adam):  # the body's (the head's is SGD)
             self.unfreeze_and_add_param_group(pl_module.body[0], optimizer, lr=0.005)
 
 
