@@ -41,7 +41,7 @@ from lightning.pytorch.trainer.states import TrainerState
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
-from hqde_lightning.codec import state_to_numpy
+from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
 from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu, use_mirror_loggers
@@ -333,6 +333,8 @@ class MemberResult:
     callbacks_state: dict[str, Any]
     trainer_state: TrainerState
     score: float | None
+    #: the module's buffers its state dict leaves out (:func:`~hqde_lightning.member.non_persistent_buffers`)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
@@ -426,6 +428,7 @@ class MemberActor:
             callbacks_state=callbacks_state,
             trainer_state=trainer.state,
             score=sync.score(trainer),
+            buffers=state_to_numpy(non_persistent_buffers(trainer.lightning_module)),
         )
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "apply_sync_",
     "decode_payload",
     "distance_to_consensus",
+    "load_buffers",
+    "non_persistent_buffers",
     "payload_layout",
     "payload_nbytes",
     "state_to_numpy",
@@ -212,3 +214,19 @@ def apply_sync_(state: Mapping[str, Tensor], consensus: Mapping[str, Tensor | np
         for key, value in consensus.items():
             (updated,) = apply_sync({key: state[key]}, {key: value}, mode, alpha).values()
             state[key].copy_(updated)
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> dict[str, Tensor]:
+    """``module``'s buffers that its ``state_dict`` leaves out (``register_buffer(..., persistent=False)``): a fixed random
+    projection drawn in ``__init__``, a running value your step updates. A plain fit leaves them on your module; a
+    member's travel with its weights, so that the ensemble's members hold them too."""
+    saved = module.state_dict().keys()
+    return {name: buffer for name, buffer in module.named_buffers() if name not in saved}
+
+
+def load_buffers(module: torch.nn.Module, buffers: Mapping[str, Any]) -> None:
+    """Copies ``buffers`` (by name, e.g. :func:`non_persistent_buffers`) into ``module``'s buffers of those names."""
+    own = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(torch.as_tensor(value))

@@ -308,6 +308,7 @@ def fit_group(
                 callbacks_state=callbacks_state,
                 trainer_state=trainer.state,
                 score=sync.score(trainer, i),
+                buffers=state_to_numpy(group.stack.member_buffers(i, saved=False)),
             )
         )
     return results, sync

@@ -65,6 +65,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map, tree_map_with_path
 
+from hqde_lightning.codec import load_buffers
 from hqde_lightning.validation import ArgumentTypeError, registry, resolve
 from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition
 
@@ -466,9 +467,11 @@ class Ensemble(nn.Module):
         weights: Sequence[float] | Tensor | None = None,
         active: Sequence[bool] | Tensor | None = None,
         member_ids: Sequence[int] | None = None,
+        buffers: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> Ensemble:
-        """Builds an ensemble of deep copies of ``template``, member ``i`` loaded with ``states[i]``.
+        """Builds an ensemble of deep copies of ``template``, member ``i`` loaded with ``states[i]`` (and ``buffers[i]``,
+        buffers its state dict leaves out, by name: those a fit left on member ``i``'s module).
 
         States holding NaN or Inf leave the ensemble: a warning names them, ``weights``/``active``
         (one entry per state) lose their entries, and ``excluded_members`` lists their
@@ -499,10 +502,11 @@ class Ensemble(nn.Module):
         if active is not None:
             active = torch.as_tensor(active, dtype=torch.bool)[keep]
         members = []
-        for state in (states[i] for i in keep):
+        for i in keep:
             member = copy.deepcopy(template)
             member.__dict__.pop("forward", None)  # never inherit an evaluation-time forward patch
-            member.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+            member.load_state_dict({k: torch.as_tensor(v) for k, v in states[i].items()})
+            load_buffers(member, buffers[i] if buffers is not None else {})
             members.append(member)
         ensemble = cls(members, weights=weights, active=active, member_ids=[ids[i] for i in keep], **kwargs)
         ensemble.excluded_members = excluded

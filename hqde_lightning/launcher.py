@@ -241,7 +241,7 @@ class RayEnsembleLauncher(_Launcher):
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
         scores = [r.score for r in results]
         try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)
-            ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results])
+            ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results])
         except ValueError as err:
             raise RuntimeError(f"HQDEStrategy: the fit ended without a usable member: {err}") from err
         score_of = {r.index: r.score for r in results}

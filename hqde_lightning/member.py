@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.checkpoint import capture_rng_states
-from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, payload_layout, payload_nbytes, state_to_numpy
+from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, load_buffers, non_persistent_buffers, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.turns import resolve
@@ -400,6 +400,7 @@ def reinitialise(module: LightningModule) -> tuple[str, bool]:
         try:
             fresh = type(module)(**kwargs)
             module.load_state_dict(fresh.state_dict())
+            load_buffers(module, non_persistent_buffers(fresh))
             return f"member_init='independent': each member rebuilt {name} from its saved hyperparameters under its own seed.", False
         except Exception as err:  # any failure of the user's constructor or a mismatched state leads to the fallback
             reason = f"rebuilding {name}(**hparams) failed ({type(err).__name__}: {err})"

@@ -156,6 +156,10 @@ class StackedMembers(nn.Module):
         """Member ``index``'s ``state_dict`` under the template's keys (views of the stacked tensors)."""
         return {key: self.stacked(key)[index].detach() for key in self.state_keys}
 
+    def member_buffers(self, index: int, saved: bool) -> dict[str, Tensor]:
+        """Member ``index``'s buffers that the template's ``state_dict`` holds (``saved``) or leaves out (non-persistent ones)."""
+        return {name: self.stacked(name)[index].detach() for name in self.buffer_names if (name in self.state_keys) == saved}
+
     def load_member_state_dict(self, index: int, state: Mapping[str, Tensor]) -> None:
         """Copies ``state`` (the template's keys) into member ``index``'s slices."""
         missing = [k for k in self.state_keys if k not in state]

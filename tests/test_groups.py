@@ -126,6 +126,44 @@ def assert_same_members(group: list[dict], solo: list[dict], atol: float = 1e-5)
             torch.testing.assert_close(g[key], s[key], rtol=1e-4, atol=atol, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
 
 
+class Projected(Net):
+    """``Net`` on a fixed random projection of its input, drawn in ``__init__``, and a running mean of its inputs that its
+    step updates: buffers its state dict leaves out (``persistent=False``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("projection", torch.randn(64, 64) / 8, persistent=False)
+        self.register_buffer("input_mean", torch.zeros(64), persistent=False)
+
+    def forward(self, x):
+        return self.net((x - self.input_mean) @ self.projection)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.input_mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return F.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_buffers_a_state_dict_leaves_out_are_each_members_own(vectorize):
+    """A non-persistent buffer drawn in ``__init__`` is the one each member's seed draws alone (members are rebuilt from
+    your hyperparameters), and one your step updates ends in each ensemble member as in its own fit's module: the same
+    weights, buffers and predictions (a state dict alone would leave the driver's projection and a zero mean)."""
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    solo = [model for model, _ in solo_fits(hparams, Projected)]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    quiet_trainer(strategy=strategy, **FIT).fit(Projected(**hparams), train_loader())
+    members = strategy.ensemble.members
+    assert_same_members([m.state_dict() for m in members], [m.state_dict() for m in solo])
+    x = digits()[0][:16]
+    for member, alone in zip(members, solo):
+        for name in ("projection", "input_mean"):
+            torch.testing.assert_close(member.get_buffer(name), alone.get_buffer(name))
+        torch.testing.assert_close(member(x), alone.eval()(x))
+    assert not torch.equal(members[0].projection, members[1].projection)
+    assert float(members[0].input_mean.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 @pytest.mark.parametrize(
     "hparams, trainer_kwargs",
