@@ -73,7 +73,7 @@ from hqde_lightning.member_data import group_batch_size, member_batch, stack_bat
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
 from hqde_lightning.quick_log import QuickLog
-from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of
+from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of, vmap_miscomputes
 
 __all__ = [
     "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
@@ -197,6 +197,8 @@ class MemberGroup(LightningModule):
             self._manual_only(vectorize)
         elif self.per_member:
             self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
+        elif (why := vmap_miscomputes(module)) is not None:  # the forward pass is right: validation keeps vmap
+            self._without_vmap(vectorize, why, validation=False)
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
         self._vmapped: set[str] = set()
         self._step_started = 0.0
@@ -354,15 +356,20 @@ class MemberGroup(LightningModule):
 
     def _loop_only(self, vectorize: Vectorize, hooks: list[str], callbacks: list[str]) -> None:
         """Steps run member by member, as ``hooks`` of your module and ``callbacks`` that run per member need."""
-        self.modes["validation_step"] = "loop"
-        self._drop_vmap()
         what = " and ".join(f"the {kind} {names}" for kind, names in (("hooks", hooks), ("callbacks", callbacks)) if names)
-        why = f"{what} run once per member, each member with its own attributes, which torch.func.vmap cannot keep apart"
+        self._without_vmap(vectorize, f"{what} run once per member, each member with its own attributes, which torch.func.vmap cannot keep apart")
+
+    def _without_vmap(self, vectorize: Vectorize, why: str, validation: bool = True) -> None:
+        """The training steps (and the validation steps, with ``validation``) run member by member, for the reason ``why``."""
+        if validation:
+            self.modes["validation_step"] = "loop"
+        self._drop_vmap()
+        steps = "steps" if validation else "training steps"
         if vectorize is True:
-            rank_zero_warn(f"HQDEStrategy: `vectorize=True` is ignored: {why}; the steps run member by member.")
+            rank_zero_warn(f"HQDEStrategy: `vectorize=True` is ignored: {why}; the {steps} run member by member.")
             self.modes["training_step"] = "loop"
         elif vectorize == "auto":
-            rank_zero_info(f"HQDEStrategy: `{type(self.module).__name__}`'s steps run member by member: {why}.")
+            rank_zero_info(f"HQDEStrategy: `{type(self.module).__name__}`'s {steps} run member by member: {why}.")
             if len(self._ways) < 2:
                 self.modes["training_step"] = "loop"
 

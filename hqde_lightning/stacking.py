@@ -15,7 +15,8 @@ in one of two ways:
   torchmetrics ``Metric`` objects are swapped for member ``i``'s own copy, and so are the
   template's plain attributes when the members keep their own (:attr:`StackedMembers.member_attributes`).
 
-Both give every parameter slice exactly the gradient member ``i`` would get alone.
+Both give every parameter slice exactly the gradient member ``i`` would get alone, except where torch's vmap rules
+are wrong (:func:`vmap_miscomputes` names the known case, whose training steps then run looped).
 
 Convolution weights (4-D per member) can be laid out channels-last in every member's slice
 (:meth:`StackedMembers.set_channels_last`): oneDNN's CPU convolutions then run channels-last,
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics import Metric
 
-__all__ = ["CapturedLogs", "StackedMembers", "capture_logs", "loss_of"]
+__all__ = ["CapturedLogs", "StackedMembers", "capture_logs", "loss_of", "vmap_miscomputes"]
 
 
 @dataclass
@@ -413,6 +414,19 @@ class StackedMembers(nn.Module):
 
 #: an attribute the template did not have
 _ABSENT = object()
+
+
+def vmap_miscomputes(module: nn.Module) -> str | None:
+    """Why ``torch.func.vmap`` over stacked members would compute ``module``'s gradients wrong, or ``None``.
+
+    The known case: an ``nn.Embedding`` with a ``padding_idx``. With its weight and its indices both batched, torch's
+    vmap rule for the embedding's backward pass leaves only the first member's padding row without a gradient, so the
+    other members would train theirs. Its forward pass is right.
+    """
+    padded = [path for path, sub in module.named_modules() if isinstance(sub, nn.Embedding) and sub.padding_idx is not None]
+    if not padded:
+        return None
+    return f"the nn.Embedding {padded} have a `padding_idx`, whose row torch.func.vmap's backward pass keeps at 0 for the first member only"
 
 
 def loss_of(out: Any) -> Any:

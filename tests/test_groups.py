@@ -164,6 +164,35 @@ def test_buffers_a_state_dict_leaves_out_are_each_members_own(vectorize):
     assert float(members[0].input_mean.abs().sum()) > 0
 
 
+class PixelTokens(Net):
+    """The digits' pixel intensities (0-16) as tokens of an ``nn.Embedding`` whose padding index is the background's 0."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.embedding = nn.Embedding(17, 8, padding_idx=0)
+        self.net = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        return self.net(self.embedding(x.long()).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("vectorize", [True, "auto"])
+def test_an_embeddings_padding_row_stays_untrained_as_alone(vectorize, caplog):
+    """torch.func.vmap's backward pass of an embedding keeps the padding row at 0 for the first member only: such a module
+    trains member by member, saying why, and every member's padding row stays 0 as in its own fit."""
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    solo = solo_states(hparams, PixelTokens)
+    with pytest.warns(UserWarning, match="have a `padding_idx`") if vectorize is True else caplog.at_level(logging.INFO):
+        group = group_states(hparams, vectorize, PixelTokens)
+    assert vectorize is True or "have a `padding_idx`" in caplog.text
+    assert_same_members(group, solo)
+    assert all(float(g["embedding.weight"][0].abs().sum()) == 0 for g in group)
+
+
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 @pytest.mark.parametrize(
     "hparams, trainer_kwargs",
