@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.checkpoint import state_digest
@@ -60,6 +61,9 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
         acting = sorted({type(cb).__name__ for cb in with_module_callbacks(trainer.callbacks, model) if isinstance(cb, _ACT_ON_THE_STACKED_OPTIMIZER)})
         if acting:
             return f"the module uses manual optimization, and {acting} act on a group's one stacked optimizer, which its members do not share"
+    sparse = [path for path, sub in model.named_modules() if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse]
+    if sparse:
+        return f"the embeddings {sparse} have `sparse=True`: their sparse gradients cannot be stacked"
     hooks = unsupported_hooks(model)
     if hooks:
         return f"{type(model).__name__} overrides {hooks}, which act on the whole module (a member group runs a fit's other hooks per member or once for the group)"

@@ -794,6 +794,12 @@ class MemberGroup(LightningModule):
         member's learning rates follow its own metric and its own hooks' calls.
         """
         self._attach()
+        unstacked = self.stack.unstacked()
+        if unstacked:
+            raise GroupUnsupported(
+                f"your module gained {unstacked[:5]} after its members were stacked (layers your `setup` or another hook creates),"
+                " which every member of a group would share; a group stacks the layers your `__init__` creates"
+            )
         if not self.automatic_optimization:
             return self._configure_manual()
         before = dict(vars(self.module))

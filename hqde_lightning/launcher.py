@@ -32,6 +32,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from hqde_lightning.actors import FitOutcome, MemberResult
@@ -239,6 +240,7 @@ class RayEnsembleLauncher(_Launcher):
         # your module in the fit's precision, as a plain fit leaves it ("64-true": float64), and the members built from it
         model = trainer.strategy.precision_plugin.convert_module(model)
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
+        _built_like_members(model, states[0])
         scores = [r.score for r in results]
         try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)
             ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results])
@@ -326,6 +328,18 @@ def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None
     """
     for obj in _data_hooks(model, bound):
         obj.prepare_data()
+
+
+def _built_like_members(model: LightningModule, state: dict[str, Any]) -> None:
+    """Your module with the layers the members' fits gave theirs: a fit calls your ``setup`` and ``configure_model``
+    before training, and the members' fits called them on their copies, not on your module. When a member's state has
+    keys your module lacks, they are called here, as your module's own fit would have called them."""
+    if set(state) <= set(model.state_dict()):
+        return
+    if is_overridden("setup", model, LightningModule):
+        model.setup(stage=TrainerFn.FITTING.value)
+    if is_overridden("configure_model", model, LightningModule):
+        model.configure_model()
 
 
 def _check_score_metric(score_metric: str | None, results: list[MemberResult]) -> None:

@@ -379,6 +379,12 @@ class StackedMembers(nn.Module):
             for path, metric in zip(self.metric_paths, originals):
                 _set_submodule(self.template, path, metric)
 
+    def unstacked(self) -> list[str]:
+        """The template's parameters and buffers that are not stacked: those your code added to it after the members were
+        stacked (a layer your ``setup`` creates), which every member would share."""
+        names = [*self.param_names, *self.buffer_names]
+        return [name for name, _ in [*self.template.named_parameters(), *self.template.named_buffers()] if name not in names]
+
     # ------------------------------------------------------------ optimizers
     @contextmanager
     def swapped_parameters(self) -> Iterator[None]:

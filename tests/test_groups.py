@@ -193,6 +193,59 @@ def test_an_embeddings_padding_row_stays_untrained_as_alone(vectorize, caplog):
     assert all(float(g["embedding.weight"][0].abs().sum()) == 0 for g in group)
 
 
+class LayerFromSetup(Net):
+    """``Net`` whose first layer your ``setup`` creates (as Lightning suggests for layers built at fit time)."""
+
+    def __init__(self, batchnorm: bool = False, **kwargs) -> None:
+        super().__init__(batchnorm=batchnorm, **kwargs)
+        self.net = nn.Linear(32, 10)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "first"):
+            self.first = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.net(self.first(x).relu())
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def test_a_layer_your_setup_creates_is_each_members_own(caplog):
+    """A group stacks the layers ``__init__`` creates; one that ``setup`` adds would be shared by every member (trained by
+    the sum of their gradients). Found before the first step, the members train their own fits instead (saying why):
+    every member ends where its own fit ends, and the ensemble's members, your module too, have the layer."""
+    solo = solo_states(dict(optimizer="sgd"), LayerFromSetup)
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, **FIT)
+    model = LayerFromSetup(optimizer="sgd")
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, train_loader())
+    assert "your module gained ['first.weight', 'first.bias'] after its members were stacked" in caplog.text
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
+    assert hasattr(model, "first")
+    predictions = torch.cat(trainer.predict(model, DataLoader(digits()[0][:8], batch_size=8)))
+    assert predictions.shape[0] == 8
+
+
+def test_sparse_embeddings_train_each_member_its_own_fit(caplog):
+    """``nn.Embedding(sparse=True)`` gives sparse gradients, which cannot be stacked: the members train their own fits, and
+    the info line says why (it failed inside torch's backward pass)."""
+
+    class SparseTokens(PixelTokens):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.embedding = nn.Embedding(17, 8, sparse=True)
+
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(SparseTokens(optimizer="sgd", batchnorm=False), train_loader())
+    assert "the embeddings ['embedding'] have `sparse=True`" in caplog.text
+    first, second = strategy.ensemble.members
+    assert not torch.equal(first.embedding.weight, second.embedding.weight)
+
+
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 @pytest.mark.parametrize(
     "hparams, trainer_kwargs",
