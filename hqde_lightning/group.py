@@ -73,7 +73,7 @@ from hqde_lightning.member_data import group_batch_size, member_batch, stack_bat
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
 from hqde_lightning.quick_log import QuickLog
-from hqde_lightning.stacking import CapturedLogs, StackedMembers, capture_logs, loss_of, vmap_miscomputes
+from hqde_lightning.stacking import CapturedLogs, StackedMembers, UnloggableValue, capture_logs, loss_of, vmap_miscomputes
 
 __all__ = [
     "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
@@ -340,6 +340,8 @@ class MemberGroup(LightningModule):
                 if method != "training_step":  # the training step's mode is set by `vectorize` or the timing
                     self.modes.setdefault(method, "vmap")
                 return out, [(n, k, list(v)) for n, k, v in zip(logs.names, logs.kwargs, logs.values)]
+            except UnloggableValue:
+                raise
             except Exception as err:  # code vmap cannot batch: the loop runs it
                 if saved is None:
                     raise

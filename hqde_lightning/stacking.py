@@ -36,6 +36,7 @@ Plain torch (and torchmetrics' ``Metric`` type): no Lightning, no Ray.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics import Metric
 
-__all__ = ["CapturedLogs", "StackedMembers", "capture_logs", "loss_of", "vmap_miscomputes"]
+__all__ = ["CapturedLogs", "StackedMembers", "UnloggableValue", "capture_logs", "loss_of", "vmap_miscomputes"]
+
+
+class UnloggableValue(ValueError):
+    """Your step logged a value Lightning cannot log (a string, a dict): an error of your code, not one vmap's loop avoids."""
 
 
 @dataclass
@@ -60,6 +65,8 @@ class CapturedLogs:
     def record(self, name: str, value: Any, **kwargs: Any) -> None:
         if name in self.names:
             raise ValueError(f"`self.log({name!r}, ...)` was called twice in one step")
+        if not isinstance(value, (Tensor, Metric, numbers.Number)):  # Lightning's own check, which would come after vmap
+            raise UnloggableValue(f"`self.log({name!r}, ...)` was called, but `{type(value).__name__}` values cannot be logged (log a number, a tensor or a torchmetrics Metric)")
         self.names.append(name)
         self.kwargs.append(kwargs)
         self.values.append(value if isinstance(value, (Tensor, Metric)) else torch.tensor(float(value)))

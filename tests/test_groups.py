@@ -247,6 +247,23 @@ def test_sparse_embeddings_train_each_member_its_own_fit(caplog):
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_a_value_lightning_cannot_log_is_named_as_lightning_names_it(vectorize, caplog):
+    """``self.log`` of a dict or a string raises Lightning's own error, naming the call, under vmap too (it used to be a bare
+    ``float()`` error, and vmap first fell back to the loop as if it could not batch the step)."""
+
+    class LogsADict(Net):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("parts", {"loss": loss})
+            return loss
+
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED, vectorize=vectorize)
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match=r"`self.log\('parts', ...\)` was called, but `dict` values cannot be logged"):
+        quiet_trainer(strategy=strategy, **FIT).fit(LogsADict(), train_loader())
+    assert "member by member" not in caplog.text
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 @pytest.mark.parametrize(
     "hparams, trainer_kwargs",
     [
