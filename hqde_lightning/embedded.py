@@ -61,6 +61,11 @@ def group_blocker(strategy: Any, trainer: Trainer, model: LightningModule) -> st
         acting = sorted({type(cb).__name__ for cb in with_module_callbacks(trainer.callbacks, model) if isinstance(cb, _ACT_ON_THE_STACKED_OPTIMIZER)})
         if acting:
             return f"the module uses manual optimization, and {acting} act on a group's one stacked optimizer, which its members do not share"
+    if model.automatic_optimization and getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return (
+            "float16 mixed precision's gradient scaler would skip the update of every member of a group whenever one member's"
+            " gradients overflow (each member's own fit skips only its own); `precision='bf16-mixed'` needs no scaler"
+        )
     sparse = [path for path, sub in model.named_modules() if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse]
     if sparse:
         return f"the embeddings {sparse} have `sparse=True`: their sparse gradients cannot be stacked"

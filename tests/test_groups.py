@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import DigitsDataModule, DigitsModule, digits, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.classification import MulticlassAccuracy
 
 import hqde_lightning.group_strategy as group_strategy
@@ -244,6 +245,33 @@ def test_sparse_embeddings_train_each_member_its_own_fit(caplog):
     assert "the embeddings ['embedding'] have `sparse=True`" in caplog.text
     first, second = strategy.ensemble.members
     assert not torch.equal(first.embedding.weight, second.embedding.weight)
+
+
+class OverflowsOnce(Net):
+    """``Net`` whose loss, at batch 3, is large enough to overflow float16 gradients in the members whose head's first
+    bias is positive."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * torch.where(self.net[-1].bias[0] > 0, 1e4, 1.0) if batch_idx == 3 else loss
+
+
+def float16_with_a_scaler() -> MixedPrecision:
+    """What ``precision="16-mixed"`` is on a GPU (on a CPU Lightning makes it bfloat16, without a scaler)."""
+    return MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_float16_gradient_scaling_skips_only_the_overflowing_members_update(caplog):
+    """A gradient scaler skips an optimizer step whose gradients overflow: one scaler over a group would skip it for every
+    member. So each member trains its own fit (saying why), with its own scaler: only the members that overflow skip it,
+    as alone."""
+    solo = solo_states(dict(optimizer="sgd"), OverflowsOnce, plugins=[float16_with_a_scaler()])
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(strategy=strategy, **FIT, plugins=[float16_with_a_scaler()]).fit(OverflowsOnce(optimizer="sgd"), train_loader())
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
+    assert "gradient scaler would skip the update of every member" in caplog.text
+    assert len({float(s["net.4.bias"][0] > 0) for s in solo}) == 2  # some members overflowed, others did not
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
