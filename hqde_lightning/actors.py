@@ -40,6 +40,7 @@ from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
 
 from hqde_lightning.aggregation import Aggregator
+from hqde_lightning.attributes import changed_attributes, fingerprints, plain_attributes
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
@@ -333,8 +334,10 @@ class MemberResult:
     callbacks_state: dict[str, Any]
     trainer_state: TrainerState
     score: float | None
-    #: the module's buffers its state dict leaves out (:func:`~hqde_lightning.member.non_persistent_buffers`)
+    #: the module's buffers its state dict leaves out (:func:`~hqde_lightning.codec.non_persistent_buffers`)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the module's plain attributes its fit added or changed (:func:`~hqde_lightning.attributes.changed_attributes`)
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
@@ -415,6 +418,8 @@ class MemberActor:
         seed_everything(context.seed, workers=True, verbose=False)
         if hqde.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
+        module = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs).arguments["model"]
+        before = fingerprints(plain_attributes(module))
         with worker_fit(trainer, f"member {context.index}'s", restart_dir):
             _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
         context.coordinator.emit.remote(FinishedEvent(context.index))
@@ -429,6 +434,7 @@ class MemberActor:
             trainer_state=trainer.state,
             score=sync.score(trainer),
             buffers=state_to_numpy(non_persistent_buffers(trainer.lightning_module)),
+            attributes=changed_attributes(plain_attributes(module), before),
         )
 
 

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from hqde_lightning.actors import MemberResult, _is_scalar
+from hqde_lightning.attributes import changed_attributes, fingerprints, plain_attributes
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
@@ -291,6 +292,7 @@ def fit_group(
         members.append(member)
         rng_states.append(torch.get_rng_state())
     callbacks = with_module_callbacks(trainer.callbacks, model)
+    before = [fingerprints(plain_attributes(member)) for member in members]
     group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)])
     del members
     bound.arguments["model"] = group
@@ -318,6 +320,7 @@ def fit_group(
                 trainer_state=trainer.state,
                 score=sync.score(trainer, i),
                 buffers=state_to_numpy(group.stack.member_buffers(i, saved=False)),
+                attributes=changed_attributes(group.member_attributes(i), before[i]),
             )
         )
     return results, sync

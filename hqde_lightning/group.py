@@ -68,6 +68,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from hqde_lightning.attributes import plain_attributes
 from hqde_lightning.manual_members import configure_members
 from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
@@ -119,9 +120,6 @@ _END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception", *CHECKPO
 #: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
 _WITHIN_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "training_step")
 #: attributes every ``LightningModule`` has (the others are yours: each member keeps its own, see ``MEMBER_HOOKS``)
-_LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
-
-
 class GroupUnsupported(Exception):
     """The module or its configuration cannot be trained as a member group (the reason is the message)."""
 
@@ -170,7 +168,7 @@ class MemberGroup(LightningModule):
         #: whether hooks run per member, each member keeping its own attributes (always under manual optimization)
         self.per_member = bool(self.hooks or member_callbacks or not self.automatic_optimization)
         if self.per_member:
-            self.stack.member_attributes = [{k: v for k, v in vars(m).items() if k not in _LIGHTNING_ATTRIBUTES} for m in members]
+            self.stack.member_attributes = [plain_attributes(m) for m in members]
         object.__setattr__(self, "module", module)
         self.member_ids = list(member_ids)
         self.vectorize = vectorize
@@ -245,6 +243,11 @@ class MemberGroup(LightningModule):
     @property
     def num_members(self) -> int:
         return self.stack.num_members
+
+    def member_attributes(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s plain attributes: its own when hooks run per member, otherwise your module's, which every member shares."""
+        own = self.stack.member_attributes
+        return plain_attributes(self.module) if own is None else dict(own[i])
 
     def _attach(self) -> None:
         """Your module sees the group's trainer (``self.current_epoch``, ``self.trainer`` work inside your steps)."""

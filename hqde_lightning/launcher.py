@@ -246,6 +246,10 @@ class RayEnsembleLauncher(_Launcher):
             ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results])
         except ValueError as err:
             raise RuntimeError(f"HQDEStrategy: the fit ended without a usable member: {err}") from err
+        attributes = {r.index: r.attributes for r in results}  # what each member's fit stored on its module (a plain fit's stays on yours)
+        for member, index in zip(ensemble.members, ensemble.member_ids):
+            vars(member).update(attributes[index])
+        vars(model).update(copy.deepcopy(attributes[results[0].index]))
         score_of = {r.index: r.score for r in results}
         weights = self._prediction_weights([score_of[i] for i in ensemble.member_ids])
         if weights is not None:

@@ -247,6 +247,39 @@ def test_sparse_embeddings_train_each_member_its_own_fit(caplog):
     assert not torch.equal(first.embedding.weight, second.embedding.weight)
 
 
+class KeepsHistory(Net):
+    """Keeps, on the module, the sum of its first layer's weights at the end of each epoch (as a plain fit leaves it)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history: list[float] = []
+
+    def on_train_epoch_end(self) -> None:
+        self.history.append(float(self.net[0].weight.sum()))
+
+
+class KeepsHistoryInThreads(KeepsHistory):
+    """``KeepsHistory`` with a hook a group cannot run: its members train their own fits, in threads."""
+
+    def on_validation_model_zero_grad(self) -> None:
+        super().on_validation_model_zero_grad()
+
+
+@pytest.mark.parametrize("module", [KeepsHistory, KeepsHistoryInThreads], ids=["group", "threads"])
+def test_what_a_fit_stores_on_your_module_is_there_afterwards(module):
+    """Attributes your hooks set during the fit are each member's own afterwards, as on the module of its own fit, in
+    ``strategy.ensemble``; your module gets member 0's (they were lost: the fit trains copies of your module)."""
+    solo = [model.history for model, _ in solo_fits(dict(optimizer="sgd"), module)]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    model = module(optimizer="sgd")
+    quiet_trainer(strategy=strategy, **FIT).fit(model, train_loader())
+    for member, alone in zip(strategy.ensemble.members, solo):
+        assert member.history == pytest.approx(alone, rel=1e-5)
+    assert len(solo[0]) == FIT["max_epochs"] and solo[0] != solo[1]
+    assert model.history == pytest.approx(solo[0])
+    assert model.history is not strategy.ensemble.members[0].history
+
+
 class OverflowsOnce(Net):
     """``Net`` whose loss, at batch 3, is large enough to overflow float16 gradients in the members whose head's first
     bias is positive."""

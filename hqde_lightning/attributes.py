@@ -1,0 +1,53 @@
+"""Your module's plain attributes that a fit changes (a list of epoch losses, a step counter), brought back.
+
+A plain fit trains your module object itself, so what your hooks store on it
+(``self.val_history.append(...)``) is there afterwards. HQDE trains copies of it (a member
+group's, a member thread's or a Ray actor's), so each member reports the plain attributes its
+fit added or changed (:func:`changed_attributes`), and the driver puts each member's on its
+module in ``strategy.ensemble``, and member 0's on your module, as it shows member 0's metrics
+under the plain names.
+
+Only attributes that pickle come back (a member may run in another process), each as a copy of
+its own; Lightning's own attributes are left alone.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from torch import nn
+
+__all__ = ["LIGHTNING_ATTRIBUTES", "changed_attributes", "fingerprints", "plain_attributes"]
+
+#: the attributes every ``LightningModule`` has (its trainer, its submodules, its hyperparameters): not yours
+LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
+
+
+def plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """``module``'s own attributes, without those every ``LightningModule`` has (:data:`LIGHTNING_ATTRIBUTES`)."""
+    return {name: value for name, value in vars(module).items() if name not in LIGHTNING_ATTRIBUTES}
+
+
+def fingerprints(attributes: Mapping[str, Any]) -> dict[str, bytes | None]:
+    """Each attribute pickled (``None`` when it does not pickle): what :func:`changed_attributes` compares against."""
+    return {name: _pickled(value) for name, value in attributes.items()}
+
+
+def changed_attributes(attributes: Mapping[str, Any], before: Mapping[str, bytes | None]) -> dict[str, Any]:
+    """Copies of the ``attributes`` that are new or changed since ``before`` (:func:`fingerprints`), those that pickle."""
+    changed = {}
+    for name, value in attributes.items():
+        now = _pickled(value)
+        if now is not None and now != before.get(name):
+            changed[name] = pickle.loads(now)
+    return changed
+
+
+def _pickled(value: Any) -> bytes | None:
+    try:
+        return pickle.dumps(value)
+    except Exception:  # anything pickle refuses (a lambda, a lock, an open file) stays where it is
+        return None
