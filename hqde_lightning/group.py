@@ -167,8 +167,11 @@ class MemberGroup(LightningModule):
         self.automatic_optimization = module.automatic_optimization
         #: whether hooks run per member, each member keeping its own attributes (always under manual optimization)
         self.per_member = bool(self.hooks or member_callbacks or not self.automatic_optimization)
-        if self.per_member:
-            self.stack.member_attributes = [plain_attributes(m) for m in members]
+        #: each member's own plain attributes: looped code runs with them (hooks too, when they run per member)
+        self.stack.member_attributes = [plain_attributes(m) for m in members]
+        #: where the members' attributes are now: their own (looped code), or your module's, shared (vmapped code runs once
+        #: for all members); see :meth:`_attributes_for`
+        self._attributes_shared = False
         object.__setattr__(self, "module", module)
         self.member_ids = list(member_ids)
         self.vectorize = vectorize
@@ -245,9 +248,24 @@ class MemberGroup(LightningModule):
         return self.stack.num_members
 
     def member_attributes(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s plain attributes: its own when hooks run per member, otherwise your module's, which every member shares."""
+        """Member ``i``'s plain attributes (what its code stored on your module): its own, or your module's while vmapped code
+        keeps them (:meth:`_attributes_for`)."""
+        return plain_attributes(self.module) if self._attributes_shared else dict(self.stack.member_attributes[i])
+
+    def _attributes_for(self, mode: str) -> None:
+        """Puts the members' attributes where code run in ``mode`` reads and writes them: vmapped code runs once for every
+        member, on your module's attributes (the first member's, when it switches from looped code); looped code runs as
+        each member, on its own (shallow copies of your module's, when it switches from vmapped code). So an attribute your step
+        counts or sets ends as each member's own fit leaves it, whichever ways ``vectorize="auto"`` timed."""
         own = self.stack.member_attributes
-        return plain_attributes(self.module) if own is None else dict(own[i])
+        if self.per_member or self._attributes_shared == (mode == "vmap"):  # (hooks per member: no vmap)
+            return
+        if mode == "vmap":
+            vars(self.module).update(own[0])
+        else:
+            shared = plain_attributes(self.module)
+            self.stack.member_attributes = [{name: copy.copy(value) for name, value in shared.items()} for _ in own]
+        self._attributes_shared = mode == "vmap"
 
     def _attach(self) -> None:
         """Your module sees the group's trainer (``self.current_epoch``, ``self.trainer`` work inside your steps)."""
@@ -334,6 +352,7 @@ class MemberGroup(LightningModule):
     def _run(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...], mode: str) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
         """Runs ``method`` for every member; returns the stacked losses and per log name (name, kwargs, per-member values)."""
         self._attach()
+        self._attributes_for(mode)
         if mode == "vmap":
             # until vmap has run a method once, a failure falls back to the loop: the buffers are kept to undo it
             saved = None if method in self._vmapped else [b.clone() for b in self.stack.buffers()]
@@ -357,6 +376,7 @@ class MemberGroup(LightningModule):
                     self._no_vmap()
                 else:
                     self.modes[method] = "loop"
+                self._attributes_for("loop")
         return self._loop(method, args, in_dims)
 
     def _loop_only(self, vectorize: Vectorize, hooks: list[str], callbacks: list[str]) -> None:

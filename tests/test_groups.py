@@ -280,6 +280,32 @@ def test_what_a_fit_stores_on_your_module_is_there_afterwards(module):
     assert model.history is not strategy.ensemble.members[0].history
 
 
+class CountsSteps(Net):
+    """Counts its training steps on the module, and keeps its latest batch's size (no hook: the steps may be vmapped)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps, self.batch_sizes = 0, []
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        self.batch_sizes.append(len(batch[1]))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+def test_what_your_step_stores_counts_each_members_steps_once(vectorize):
+    """Vmapped, your step runs once for every member; looped, once as each member (on the member's own attributes, which
+    follow it across the ways ``vectorize="auto"`` times): either way each member ends with its own fit's count (looped, a
+    shared attribute counted every member's steps)."""
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    model = CountsSteps(optimizer="sgd", batchnorm=False)
+    quiet_trainer(strategy=strategy, **FIT).fit(model, train_loader())
+    steps = FIT["max_epochs"] * FIT["limit_train_batches"]
+    assert model.steps == steps and [m.steps for m in strategy.ensemble.members] == [steps] * MEMBERS
+    assert [len(m.batch_sizes) for m in strategy.ensemble.members] == [steps] * MEMBERS
+
+
 class OverflowsOnce(Net):
     """``Net`` whose loss, at batch 3, is large enough to overflow float16 gradients in the members whose head's first
     bias is positive."""
