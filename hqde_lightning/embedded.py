@@ -115,6 +115,71 @@ def embedded_blocker(strategy: Any, trainer: Trainer) -> str | None:
     return None
 
 
+class ValidationDraws(Callback):
+    """The random numbers your validation loaders draw, drawn from each member's stream, as in its own fit.
+
+    A ``DataLoader`` without a ``generator`` of its own draws its iterator's base seed (and a
+    ``RandomSampler`` without one its order's seed) from torch's global RNG each time Lightning
+    starts a validation pass. In its own fit that is the member's stream; a group runs one
+    validation pass for its members, so the draws came from this process's stream, and each
+    member's later draws (dropout, noise in its steps) differed from its own fit's. This callback
+    counts the draws the validation pass made (up to :data:`MAX_LOADER_DRAWS`, replaying them from
+    the state after the training batch before it) and makes as many from each training member's
+    stream: those made when the loaders' iterators start as the pass starts, those of a sampler at
+    its first batch as it ends. (Lightning undoes the sanity check's draws, ``isolate_rng``.)
+    """
+
+    def __init__(self, group: MemberGroup) -> None:
+        self.group = group
+        self._before: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._before = torch.get_rng_state()  # a validation pass starts after a training batch
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._draw_as_members()  # the loaders' base seeds, drawn when their iterators start
+        self._before = None if trainer.sanity_checking else torch.get_rng_state()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._draw_as_members()  # a sampler's seed, drawn at its first batch (and the iterators of further loaders)
+        self._before = None
+
+    def _draw_as_members(self) -> None:
+        """Makes the draws since :attr:`_before` from each training member's stream, when they were loader draws."""
+        now = torch.get_rng_state()
+        draws = None if self._before is None else _draws_between(self._before, now)
+        if not draws:
+            return
+        stack = self.group.stack
+        for i in range(self.group.num_members):
+            if not self.group.frozen[i]:
+                stack.rng_states[i] = _after_draws(stack.rng_states[i], draws)
+
+
+#: the most random numbers :class:`ValidationDraws` looks for (a loader's base seed and its sampler's seed, for a few loaders)
+MAX_LOADER_DRAWS = 8
+
+
+def _draws_between(before: torch.Tensor, after: torch.Tensor) -> int | None:
+    """How many 64-bit integers drawn from torch's CPU RNG in state ``before`` lead to state ``after`` (``None``: not that)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(before)
+        for draws in range(MAX_LOADER_DRAWS + 1):
+            if torch.equal(torch.get_rng_state(), after):
+                return draws
+            torch.empty((), dtype=torch.int64).random_()
+    return None
+
+
+def _after_draws(state: torch.Tensor, draws: int) -> torch.Tensor:
+    """Torch's CPU RNG state ``state`` after ``draws`` 64-bit integers are drawn from it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(state)
+        for _ in range(draws):
+            torch.empty((), dtype=torch.int64).random_()
+        return torch.get_rng_state()
+
+
 class GroupSync(Callback):
     """The group's epoch-end sync in this process, its per-member scores, and the final member snapshots.
 
@@ -299,7 +364,7 @@ def fit_group(
     sync = make_sync(group)
     strategy_cls(hqde, group, sync).install(trainer)
     trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
-    trainer.callbacks = [sync] + member_callbacks(callbacks, group)
+    trainer.callbacks = [sync, ValidationDraws(group)] + member_callbacks(callbacks, group)
     seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
     getattr(trainer, function_name)(*bound.args, **bound.kwargs)
     metrics = trainer.callback_metrics

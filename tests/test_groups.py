@@ -97,15 +97,15 @@ class MemberOrderEpochs(pl.Callback):
         start_epoch(trainer.train_dataloader, trainer.current_epoch)
 
 
-def solo_fits(hparams: dict, module: type[Net] = Net, **trainer_kwargs) -> list[tuple[Net, pl.Trainer]]:
-    """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer."""
+def solo_fits(hparams: dict, module: type[Net] = Net, fit: dict = FIT, val=None, **trainer_kwargs) -> list[tuple[Net, pl.Trainer]]:
+    """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer (validated on ``val()``)."""
     fits = []
     for i in range(MEMBERS):
         pl.seed_everything(SEED + i, verbose=False)
         model = module(**hparams)
         loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-        trainer = quiet_trainer(**FIT, callbacks=[MemberOrderEpochs()], **trainer_kwargs)
-        trainer.fit(model, loader)
+        trainer = quiet_trainer(**fit, callbacks=[MemberOrderEpochs()], **trainer_kwargs)
+        trainer.fit(model, loader, val() if val else None)
         fits.append((model, trainer))
     return fits
 
@@ -304,6 +304,27 @@ def test_what_your_step_stores_counts_each_members_steps_once(vectorize):
     steps = FIT["max_epochs"] * FIT["limit_train_batches"]
     assert model.steps == steps and [m.steps for m in strategy.ensemble.members] == [steps] * MEMBERS
     assert [len(m.batch_sizes) for m in strategy.ensemble.members] == [steps] * MEMBERS
+
+
+class Validated(Net):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_dropout_draws_as_alone_when_validation_loaders_draw_from_the_global_rng(shuffle):
+    """A validation ``DataLoader`` without a generator draws its seeds from torch's global RNG at every validation pass (the
+    sanity check's too): the member's stream in its own fit. A group validates its members in one pass, and makes as many
+    draws from each member's stream, so looped dropout masks stay each member's own fit's."""
+    x, y = digits()
+    val = lambda: DataLoader(TensorDataset(x[1000:1064], y[1000:1064]), batch_size=32, shuffle=shuffle)  # noqa: E731
+    fit = {**FIT, "limit_val_batches": 2}
+    hparams = dict(optimizer="sgd", batchnorm=False, dropout=0.3)
+    solo = [m.state_dict() for m, _ in solo_fits(hparams, Validated, fit=fit, val=val)]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=strategy, **fit).fit(Validated(**hparams), train_loader(), val())
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
 
 
 class OverflowsOnce(Net):
