@@ -249,8 +249,8 @@ HQDE_CALLBACKS = {
 def test_a_group_under_manual_optimization_syncs_and_draws_as_member_threads_do(callbacks, monkeypatch):
     """With elastic syncs, input noise and dropout, and each of HQDE's callbacks, the members of a group end where the
     members trained in threads (one fit each, as member actors) end: same random numbers, same consensus at every sync.
-    (The loaders carry their generators and no validation runs: a loader without one draws its iterators' seeds from each
-    member's own stream in threads, from the driver's in a group, which shares one validation pass among its members.)"""
+    (The loaders carry their generators and no validation runs; validation loaders without one, whose draws a group makes
+    from each member's stream, are ``test_groups.py``'s.)"""
     threads = _count_threads(monkeypatch)
     ends = {}
     for name, module in (("group", GroupManualDigits), ("threads", ManualDigits)):
