@@ -54,6 +54,7 @@ module allows it, and one after another otherwise.
 from __future__ import annotations
 
 import copy
+import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -281,6 +282,14 @@ def _stack(outputs: Sequence[Any]) -> Any:
     return tree_map(lambda *leaves: torch.stack(leaves) if isinstance(leaves[0], Tensor) else leaves[0], outputs[0], *outputs[1:])
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``, through pickle where ``copy.deepcopy`` refuses it: torch's hook-based
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` keep a computed (non-leaf) weight, which deepcopy does not copy."""
+    try:
+        return copy.deepcopy(module)
+    except RuntimeError:
+        return pickle.loads(pickle.dumps(module))
+
 class Ensemble(nn.Module):
     """All members of an HQDE ensemble and the rule that combines their outputs.
 
@@ -411,7 +420,7 @@ class Ensemble(nn.Module):
 
     def _vmap_outputs(self, members: Sequence[nn.Module], args: tuple[Any, ...]) -> Any:
         params, buffers = torch.func.stack_module_state(list(members))
-        base = copy.deepcopy(members[0]).to("meta")
+        base = copy_module(members[0]).to("meta")
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:
             return torch.func.functional_call(base, (p, b), inputs)
@@ -503,7 +512,7 @@ class Ensemble(nn.Module):
             active = torch.as_tensor(active, dtype=torch.bool)[keep]
         members = []
         for i in keep:
-            member = copy.deepcopy(template)
+            member = copy_module(template)
             member.__dict__.pop("forward", None)  # never inherit an evaluation-time forward patch
             member.load_state_dict({k: torch.as_tensor(v) for k, v in states[i].items()})
             load_buffers(member, buffers[i] if buffers is not None else {})

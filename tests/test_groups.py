@@ -8,6 +8,7 @@ and the same data order (``member_data.member_loader``), after several optimizer
 from __future__ import annotations
 
 import logging
+import warnings
 import re
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -325,6 +326,31 @@ def test_dropout_draws_as_alone_when_validation_loaders_draw_from_the_global_rng
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
     quiet_trainer(strategy=strategy, **fit).fit(Validated(**hparams), train_loader(), val())
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
+
+
+class OldWeightNorm(Net):
+    """``Net`` whose first layer uses torch's hook-based ``weight_norm``: its computed weight is not a leaf tensor."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates it for `parametrizations.weight_norm`
+            self.net[0] = torch.nn.utils.weight_norm(nn.Linear(64, 32))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_module_deepcopy_refuses_still_becomes_an_ensemble():
+    """``copy.deepcopy`` refuses a module with torch's hook-based ``weight_norm`` (a computed, non-leaf weight): the fit
+    used to train every member and then fail building the ensemble. It is copied through pickle instead."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    model = OldWeightNorm(optimizer="sgd", batchnorm=False)
+    trainer.fit(model, train_loader())
+    first, second = strategy.ensemble.members
+    assert not torch.equal(first.net[0].weight_v, second.net[0].weight_v)
+    assert torch.cat(trainer.predict(model, DataLoader(digits()[0][:8], batch_size=8))).shape[0] == 8
 
 
 class OverflowsOnce(Net):
