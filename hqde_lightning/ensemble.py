@@ -427,8 +427,9 @@ class Ensemble(nn.Module):
 
         try:
             return torch.func.vmap(call, in_dims=(0, 0) + (None,) * len(args))(params, buffers, *args)
-        except Exception:  # modules vmap cannot trace (data-dependent control flow, .item(), in-place buffers)
+        except Exception as err:  # modules vmap cannot trace (data-dependent control flow, .item(), in-place buffers)
             self.vectorize = False
+            rank_zero_info(f"Ensemble: evaluating the members one after another: torch.func.vmap cannot run them ({type(err).__name__}: {err}).")
             return None
 
     def combine_outputs(self, outputs: Any) -> Any:

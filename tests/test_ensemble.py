@@ -127,6 +127,27 @@ def test_vectorised_and_looped_member_outputs_agree():
     torch.testing.assert_close(out_fast, torch.stack([m(x) for m in members]))
 
 
+class ReadsItsOutput(nn.Module):
+    """A model vmap cannot run: its forward reads a value of its output (``.item()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(64, 10)
+
+    def forward(self, x):
+        out = self.layer(x)
+        return out * 2 if out.sum().item() > 0 else out
+
+
+def test_members_vmap_cannot_run_are_evaluated_in_turn_saying_why(caplog):
+    members = [ReadsItsOutput() for _ in range(3)]
+    x = torch.randn(7, 64)
+    with caplog.at_level(logging.INFO):
+        out = Ensemble(members, vectorize=True).eval().member_outputs(x)
+    assert "evaluating the members one after another: torch.func.vmap cannot run them" in caplog.text
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+
+
 class SlowCall(nn.Module):
     """A linear member whose every call takes 20 ms: looped, 4 members cost 4 calls; vmapped, one."""
 
