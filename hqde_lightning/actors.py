@@ -40,7 +40,7 @@ from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
 
 from hqde_lightning.aggregation import Aggregator
-from hqde_lightning.attributes import changed_attributes, fingerprints, plain_attributes
+from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
 from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
@@ -338,6 +338,8 @@ class MemberResult:
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     #: the module's plain attributes its fit added or changed (:func:`~hqde_lightning.attributes.changed_attributes`)
     attributes: dict[str, Any] = field(default_factory=dict)
+    #: per ``state_key``, what the fit added to or changed in your callbacks' attributes (:func:`~hqde_lightning.attributes.callback_attributes`)
+    callback_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
@@ -419,7 +421,8 @@ class MemberActor:
         if hqde.member_init == "independent":
             self._independent_init(getattr(trainer, function_name), args, kwargs, context)
         module = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs).arguments["model"]
-        before = fingerprints(plain_attributes(module))
+        before, callbacks = fingerprints(plain_attributes(module)), yours(trainer.callbacks)
+        callbacks_before = {key: fingerprints(vars(cb)) for key, cb in callbacks.items()}
         with worker_fit(trainer, f"member {context.index}'s", restart_dir):
             _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)
         context.coordinator.emit.remote(FinishedEvent(context.index))
@@ -435,6 +438,7 @@ class MemberActor:
             score=sync.score(trainer),
             buffers=state_to_numpy(non_persistent_buffers(trainer.lightning_module)),
             attributes=changed_attributes(plain_attributes(module), before),
+            callback_attributes=callback_attributes(callbacks, callbacks_before),
         )
 
 

@@ -5,7 +5,8 @@ A plain fit trains your module object itself, so what your hooks store on it
 group's, a member thread's or a Ray actor's), so each member reports the plain attributes its
 fit added or changed (:func:`changed_attributes`), and the driver puts each member's on its
 module in ``strategy.ensemble``, and member 0's on your module, as it shows member 0's metrics
-under the plain names.
+under the plain names. Your own callbacks' attributes (a history a callback collects) come back
+the same way, from the member whose callback states the driver takes (:func:`callback_attributes`).
 
 Only attributes that pickle come back (a member may run in another process), each as a copy of
 its own; Lightning's own attributes are left alone.
@@ -14,13 +15,13 @@ its own; Lightning's own attributes are left alone.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-__all__ = ["LIGHTNING_ATTRIBUTES", "changed_attributes", "fingerprints", "plain_attributes"]
+__all__ = ["LIGHTNING_ATTRIBUTES", "callback_attributes", "changed_attributes", "fingerprints", "plain_attributes", "yours"]
 
 #: the attributes every ``LightningModule`` has (its trainer, its submodules, its hyperparameters): not yours
 LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
@@ -29,6 +30,17 @@ LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hpara
 def plain_attributes(module: nn.Module) -> dict[str, Any]:
     """``module``'s own attributes, without those every ``LightningModule`` has (:data:`LIGHTNING_ATTRIBUTES`)."""
     return {name: value for name, value in vars(module).items() if name not in LIGHTNING_ATTRIBUTES}
+
+
+def yours(callbacks: Iterable[Callback]) -> dict[str, Callback]:
+    """Your own callbacks (not Lightning's, not this package's) by ``state_key``: their plain attributes come back too."""
+    return {cb.state_key: cb for cb in callbacks if not type(cb).__module__.startswith(("lightning.", "hqde_lightning."))}
+
+
+def callback_attributes(callbacks: Mapping[str, Callback], before: Mapping[str, Mapping[str, bytes | None]]) -> dict[str, dict[str, Any]]:
+    """Per ``state_key``, copies of the attributes your ``callbacks`` added or changed since ``before``."""
+    changed = {key: changed_attributes(vars(cb), before.get(key, {})) for key, cb in callbacks.items()}
+    return {key: attributes for key, attributes in changed.items() if attributes}
 
 
 def fingerprints(attributes: Mapping[str, Any]) -> dict[str, bytes | None]:
@@ -40,6 +52,8 @@ def changed_attributes(attributes: Mapping[str, Any], before: Mapping[str, bytes
     """Copies of the ``attributes`` that are new or changed since ``before`` (:func:`fingerprints`), those that pickle."""
     changed = {}
     for name, value in attributes.items():
+        if isinstance(value, (Trainer, nn.Module)):  # a reference to the member's own trainer or module, not state to bring back
+            continue
         now = _pickled(value)
         if now is not None and now != before.get(name):
             changed[name] = pickle.loads(now)

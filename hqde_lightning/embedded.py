@@ -38,14 +38,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from hqde_lightning.actors import MemberResult, _is_scalar
-from hqde_lightning.attributes import changed_attributes, fingerprints, plain_attributes
+from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
-from hqde_lightning.member_callbacks import GroupSWA, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
+from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
 
@@ -358,6 +358,7 @@ def fit_group(
         rng_states.append(torch.get_rng_state())
     callbacks = with_module_callbacks(trainer.callbacks, model)
     before = [fingerprints(plain_attributes(member)) for member in members]
+    callbacks_before = {key: fingerprints(vars(cb)) for key, cb in yours(callbacks).items()}
     group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)])
     del members
     bound.arguments["model"] = group
@@ -372,6 +373,9 @@ def fit_group(
     # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)
     callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
     callbacks_state.update({cb.state_key: cb.member_state(cb.state_dict(), 0) for cb in trainer.callbacks if isinstance(cb, GroupSWA)})
+    # your callbacks as the first member's copies left them (those that run per member), or as they ran for the group
+    first = {cb.original_state_key: cb.callback for cb in trainer.callbacks if isinstance(cb, MemberCallback) and cb.position == 0}
+    changed_callbacks = callback_attributes({k: cb for k, cb in {**yours(trainer.callbacks), **first}.items() if k in callbacks_before}, callbacks_before)
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"
@@ -386,6 +390,7 @@ def fit_group(
                 score=sync.score(trainer, i),
                 buffers=state_to_numpy(group.stack.member_buffers(i, saved=False)),
                 attributes=changed_attributes(group.member_attributes(i), before[i]),
+                callback_attributes=changed_callbacks,
             )
         )
     return results, sync

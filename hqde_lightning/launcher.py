@@ -277,6 +277,7 @@ class RayEnsembleLauncher(_Launcher):
                 if getattr(callback, "dirpath", "") is None and "dirpath" in state:
                     callback.dirpath = state["dirpath"]  # resolved inside the member; lets best/last paths load in full
                 callback.load_state_dict(copy.deepcopy(state))
+            vars(callback).update(copy.deepcopy(lead.callback_attributes.get(callback.state_key, {})))  # yours: what the fit stored on it
         strategy.connect(model)
         model.trainer = trainer
         for logger in trainer.loggers:

@@ -281,6 +281,31 @@ def test_what_a_fit_stores_on_your_module_is_there_afterwards(module):
     assert model.history is not strategy.ensemble.members[0].history
 
 
+class EpochHistory(pl.Callback):
+    """A callback of yours that collects each epoch's ``train_loss`` for a plot after the fit (no ``state_dict``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.losses.append(float(trainer.callback_metrics["train_loss_epoch"]))
+
+
+@pytest.mark.parametrize("module", [Net, KeepsHistoryInThreads], ids=["group", "threads"])
+def test_what_your_callback_collects_is_there_afterwards(module):
+    """Your callback's plain attributes come back from the first member's copy, as its own fit leaves them (they were lost:
+    the members run copies of your callbacks)."""
+    solo = EpochHistory()
+    pl.seed_everything(SEED, verbose=False)
+    model = module(optimizer="sgd")
+    quiet_trainer(**FIT, callbacks=[MemberOrderEpochs(), solo]).fit(model, member_loader(train_loader(), SEED, 0, 0, False, print, fill_generators=True))
+    history = EpochHistory()
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    quiet_trainer(strategy=strategy, **FIT, callbacks=[history]).fit(module(optimizer="sgd"), train_loader())
+    assert len(history.losses) == FIT["max_epochs"]
+    assert history.losses == pytest.approx(solo.losses, rel=1e-5)
+
+
 class CountsSteps(Net):
     """Counts its training steps on the module, and keeps its latest batch's size (no hook: the steps may be vmapped)."""
 
