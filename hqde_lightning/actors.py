@@ -373,12 +373,11 @@ class MemberActor:
         return path
 
     @staticmethod
-    def _independent_init(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: MemberContext) -> None:
-        """Re-initialises the member's module under its seed, unless the fit resumes from a checkpoint or snapshot."""
-        bound = inspect.signature(function).bind(*args, **kwargs)
-        if bound.arguments.get("ckpt_path") is not None:
+    def _independent_init(arguments: Mapping[str, Any], context: MemberContext) -> None:
+        """Re-initialises the member's module (the fit's ``arguments``) under its seed, unless the fit resumes from a checkpoint or snapshot."""
+        if arguments.get("ckpt_path") is not None:
             return
-        notice, fallback = reinitialise(bound.arguments["model"])
+        notice, fallback = reinitialise(arguments["model"])
         context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 
     def run(self, payload: bytes, context: MemberContext, data: Mapping[str, Any] | None = None) -> MemberResult:
@@ -418,9 +417,10 @@ class MemberActor:
         unwanted: tuple[type, ...] = (ProgressBar,) if context.index == 0 else (ProgressBar, ModelSummary)
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         seed_everything(context.seed, workers=True, verbose=False)
+        arguments = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs).arguments
         if hqde.member_init == "independent":
-            self._independent_init(getattr(trainer, function_name), args, kwargs, context)
-        module = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs).arguments["model"]
+            self._independent_init(arguments, context)
+        module = arguments["model"]
         before, callbacks = fingerprints(plain_attributes(module)), yours(trainer.callbacks)
         callbacks_before = {key: fingerprints(vars(cb)) for key, cb in callbacks.items()}
         with worker_fit(trainer, f"member {context.index}'s", restart_dir):

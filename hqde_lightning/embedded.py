@@ -167,7 +167,7 @@ def _draws_between(before: torch.Tensor, after: torch.Tensor) -> int | None:
         for draws in range(MAX_LOADER_DRAWS + 1):
             if torch.equal(torch.get_rng_state(), after):
                 return draws
-            torch.empty((), dtype=torch.int64).random_()
+            _draw()
     return None
 
 
@@ -176,8 +176,13 @@ def _after_draws(state: torch.Tensor, draws: int) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(state)
         for _ in range(draws):
-            torch.empty((), dtype=torch.int64).random_()
+            _draw()
         return torch.get_rng_state()
+
+
+def _draw() -> None:
+    """One draw as a ``DataLoader`` or ``RandomSampler`` makes it for a seed: a 64-bit integer from torch's CPU RNG."""
+    torch.empty((), dtype=torch.int64).random_()
 
 
 class GroupSync(Callback):

@@ -290,6 +290,7 @@ def copy_module(module: nn.Module) -> nn.Module:
     except RuntimeError:
         return pickle.loads(pickle.dumps(module))
 
+
 class Ensemble(nn.Module):
     """All members of an HQDE ensemble and the rule that combines their outputs.
 

@@ -119,7 +119,8 @@ _PER_MEMBER = MEMBER_HOOKS + BATCH_HOOKS + CHECKPOINT_HOOKS + ("configure_gradie
 _END_HOOKS = ("on_train_end", "on_fit_end", "teardown", "on_exception", *CHECKPOINT_HOOKS)
 #: hooks that run inside a training batch: a member that asks to stop in one still makes the batch's update
 _WITHIN_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "training_step")
-#: attributes every ``LightningModule`` has (the others are yours: each member keeps its own, see ``MEMBER_HOOKS``)
+
+
 class GroupUnsupported(Exception):
     """The module or its configuration cannot be trained as a member group (the reason is the message)."""
 
