@@ -45,7 +45,7 @@ from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
-from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, tree_to_cpu, use_mirror_loggers
+from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, seed_drawn_attributes, tree_to_cpu, use_mirror_loggers
 from hqde_lightning.member_strategy import MemberStrategy
 from hqde_lightning.turns import resolve
 
@@ -377,7 +377,7 @@ class MemberActor:
         """Re-initialises the member's module (the fit's ``arguments``) under its seed, unless the fit resumes from a checkpoint or snapshot."""
         if arguments.get("ckpt_path") is not None:
             return
-        notice, fallback = reinitialise(arguments["model"])
+        notice, fallback = reinitialise(arguments["model"], seed_drawn_attributes(arguments["model"]))
         context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 
     def run(self, payload: bytes, context: MemberContext, data: Mapping[str, Any] | None = None) -> MemberResult:
@@ -418,10 +418,11 @@ class MemberActor:
         trainer.callbacks = [sync] + [cb for cb in trainer.callbacks if not isinstance(cb, unwanted)]
         seed_everything(context.seed, workers=True, verbose=False)
         arguments = inspect.signature(getattr(trainer, function_name)).bind(*args, **kwargs).arguments
+        module = arguments["model"]
+        # taken before the member's independent init: the attributes it draws in `__init__` come back too
+        before, callbacks = fingerprints(plain_attributes(module)), yours(trainer.callbacks)
         if hqde.member_init == "independent":
             self._independent_init(arguments, context)
-        module = arguments["model"]
-        before, callbacks = fingerprints(plain_attributes(module)), yours(trainer.callbacks)
         callbacks_before = {key: fingerprints(vars(cb)) for key, cb in callbacks.items()}
         with worker_fit(trainer, f"member {context.index}'s", restart_dir):
             _call_and_handle_interrupt(trainer, getattr(trainer, function_name), *args, **kwargs)

@@ -10,18 +10,37 @@ the same way, from the member whose callback states the driver takes (:func:`cal
 
 Only attributes that pickle come back (a member may run in another process), each as a copy of
 its own; Lightning's own attributes are left alone.
+
+An attribute your ``__init__`` draws at random (``self.mask = torch.rand(64) > 0.5`` kept as a plain
+attribute, not a buffer) is each member's own draw, as in its own fit: :func:`drawn_attributes`
+finds such attributes by building your module under two seeds, and the members take them from
+their re-initialised instance. Members whose attributes differ (:func:`differing`) cannot share
+one module's attributes in vmapped code, so their steps run member by member.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Mapping
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-__all__ = ["LIGHTNING_ATTRIBUTES", "callback_attributes", "changed_attributes", "fingerprints", "plain_attributes", "yours"]
+__all__ = [
+    "LIGHTNING_ATTRIBUTES",
+    "callback_attributes",
+    "changed_attributes",
+    "differing",
+    "drawn_attributes",
+    "fingerprints",
+    "plain_attributes",
+    "yours",
+]
 
 #: the attributes every ``LightningModule`` has (its trainer, its submodules, its hyperparameters): not yours
 LIGHTNING_ATTRIBUTES = frozenset(vars(LightningModule())) | {"_hparams", "_hparams_initial", "_hparams_name"}
@@ -58,6 +77,30 @@ def changed_attributes(attributes: Mapping[str, Any], before: Mapping[str, bytes
         if now is not None and now != before.get(name):
             changed[name] = pickle.loads(now)
     return changed
+
+
+def differing(attributes: Sequence[Mapping[str, Any]], containers: bool = True) -> list[str]:
+    """The names whose values are not the same in every one of ``attributes`` (compared pickled; a name some lack counts).
+
+    With ``containers=False``, lists, tuples, sets and dicts are left out (a history each member's
+    training collected differs without being a value the module computes with).
+    """
+    prints = [fingerprints({n: v for n, v in a.items() if containers or not isinstance(v, (list, tuple, set, dict))}) for a in attributes]
+    names = sorted(set().union(*prints)) if prints else []
+    return [n for n in names if len({p.get(n, b"missing") for p in prints}) > 1]
+
+
+def drawn_attributes(build: Callable[[], nn.Module]) -> list[str]:
+    """The plain attributes ``build`` (your module's constructor) draws at random: those that differ between two builds
+    under different seeds of torch, numpy and Python's ``random``. The global random state is left as it was."""
+    built = []
+    with isolate_rng():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            built.append(plain_attributes(build()))
+    return differing(built)
 
 
 def _pickled(value: Any) -> bytes | None:

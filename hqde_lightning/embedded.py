@@ -44,7 +44,7 @@ from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_membe
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
-from hqde_lightning.member import SyncCodec, confidence, reinitialise, sync_state
+from hqde_lightning.member import SyncCodec, confidence, reinitialise, seed_drawn_attributes, sync_state
 from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
@@ -352,17 +352,20 @@ def fit_group(
     """
     model: LightningModule = bound.arguments["model"]
     resuming = bound.arguments.get("ckpt_path") is not None
+    independent = hqde.member_init == "independent" and not resuming
+    drawn = seed_drawn_attributes(model) if independent else []
     members, rng_states = [], []
     for i in member_ids:
         seed_everything(hqde.seed + i, workers=True, verbose=False)
         member = copy.deepcopy(model)
-        if hqde.member_init == "independent" and not resuming:
-            notice, fallback = reinitialise(member)
+        if independent:
+            notice, fallback = reinitialise(member, drawn)
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
     callbacks = with_module_callbacks(trainer.callbacks, model)
-    before = [fingerprints(plain_attributes(member)) for member in members]
+    # against your module's: the attributes each member drew in `__init__` come back too
+    before = fingerprints(plain_attributes(model))
     callbacks_before = {key: fingerprints(vars(cb)) for key, cb in yours(callbacks).items()}
     group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)])
     del members
@@ -394,7 +397,7 @@ def fit_group(
                 trainer_state=trainer.state,
                 score=sync.score(trainer, i),
                 buffers=state_to_numpy(group.stack.member_buffers(i, saved=False)),
-                attributes=changed_attributes(group.member_attributes(i), before[i]),
+                attributes=changed_attributes(group.member_attributes(i), before),
                 callback_attributes=changed_callbacks,
             )
         )

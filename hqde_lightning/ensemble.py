@@ -66,6 +66,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map, tree_map_with_path
 
+from hqde_lightning.attributes import differing, plain_attributes
 from hqde_lightning.codec import load_buffers
 from hqde_lightning.validation import ArgumentTypeError, registry, resolve
 from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition
@@ -348,6 +349,8 @@ class Ensemble(nn.Module):
         if len(self.member_ids) != n:
             raise ValueError(f"`member_ids` needs one entry per member ({n}), got {self.member_ids}")
         self.excluded_members: list[int] = []
+        #: the members' plain attributes that differ (:meth:`_attributes_differ`), once evaluated
+        self._differing: list[str] | None = None
 
     @property
     def num_members(self) -> int:
@@ -384,7 +387,7 @@ class Ensemble(nn.Module):
         """Every active member's output, stacked on a new leading axis (``(num_active, ...)``)."""
         members = [self.members[i] for i in self.active_indices()]
         loop = lambda: _stack([m(*args, **kwargs) for m in members])  # noqa: E731
-        if self.vectorize is False or len(members) < 2 or self.training or kwargs:
+        if self.vectorize is False or len(members) < 2 or self.training or kwargs or self._attributes_differ(members):
             return loop()
         device = _device_type(args)
         if self.vectorize == "auto" and device not in self.vmap_is_faster:
@@ -394,6 +397,16 @@ class Ensemble(nn.Module):
             if stacked is not None:
                 return stacked
         return loop()
+
+    def _attributes_differ(self, members: Sequence[nn.Module]) -> bool:
+        """Whether ``members``' plain attributes that are values (not lists or dicts, such as a history) differ: vmap would
+        run them all with the first member's (an attribute your ``__init__`` draws at random, a temperature). Checked at
+        the first evaluation; the members are then evaluated looped, as the info line says."""
+        if self._differing is None:
+            self._differing = differing([plain_attributes(m) for m in self.members], containers=False)
+            if self._differing:
+                rank_zero_info(f"Ensemble: evaluating the members one after another: their attributes {self._differing} differ, and torch.func.vmap would run every member with the first one's.")
+        return bool(self._differing)
 
     def _time_ways(self, members: Sequence[nn.Module], args: tuple[Any, ...], loop: Callable[[], Any], device: str) -> Any:
         """``vectorize="auto"`` on ``device`` for the first time: times one evaluation each way and keeps the faster.

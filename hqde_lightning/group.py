@@ -33,7 +33,8 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   as ``member_{i}/<name>``, and ``trainer.callback_metrics`` shows them the member's own values
   under the plain names; setting ``trainer.should_stop`` stops that member only. Steps of such a
   module (or with callbacks of yours, see :mod:`hqde_lightning.member_callbacks`) run member by
-  member: vmap cannot keep per-member attributes;
+  member: vmap cannot keep per-member attributes. So do steps of members whose attributes differ
+  from the start (your ``__init__`` draws them at random, see :mod:`hqde_lightning.attributes`);
 * the batch-transfer hooks (:data:`BATCH_HOOKS`, your datamodule's or your module's, as Lightning
   chooses) change each member's own training batch, as that member (its own random
   augmentation), and the members' shared validation batch once.
@@ -68,7 +69,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from hqde_lightning.attributes import plain_attributes
+from hqde_lightning.attributes import differing, plain_attributes
 from hqde_lightning.manual_members import configure_members
 from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
@@ -199,6 +200,8 @@ class MemberGroup(LightningModule):
             self._manual_only(vectorize)
         elif self.per_member:
             self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
+        elif drawn := differing(self.stack.member_attributes):
+            self._without_vmap(vectorize, f"the members' attributes {drawn} differ (your `__init__` draws them at random), and vmapped code runs once, with one member's")
         elif (why := vmap_miscomputes(module)) is not None:  # the forward pass is right: validation keeps vmap
             self._without_vmap(vectorize, why, validation=False)
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)

@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
+from hqde_lightning.attributes import drawn_attributes, plain_attributes
 from hqde_lightning.checkpoint import capture_rng_states
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, load_buffers, non_persistent_buffers, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
@@ -379,14 +380,35 @@ class MemberSync(Callback):
             resolve(posted)
 
 
-def reinitialise(module: LightningModule) -> tuple[str, bool]:
+def rebuild(module: LightningModule) -> LightningModule:
+    """A new instance of ``module``'s class from its saved hyperparameters (``save_hyperparameters()``): runs your ``__init__``."""
+    hparams = dict(module.hparams)
+    hparams_name = getattr(module, "_hparams_name", None)
+    kwargs = {hparams_name: module.hparams} if hparams_name not in (None, "kwargs") else hparams
+    return type(module)(**kwargs)
+
+
+def seed_drawn_attributes(module: LightningModule) -> list[str]:
+    """The plain attributes ``module``'s ``__init__`` draws at random (:func:`~hqde_lightning.attributes.drawn_attributes`),
+    found by rebuilding it twice; none when it cannot be rebuilt (no saved hyperparameters, or the constructor fails)."""
+    if not hasattr(module, "_hparams_initial") or not plain_attributes(module):
+        return []
+    try:
+        return drawn_attributes(lambda: rebuild(module))
+    except Exception:  # the user's constructor failing here fails `reinitialise` too, which says so
+        return []
+
+
+def reinitialise(module: LightningModule, drawn: Sequence[str] = ()) -> tuple[str, bool]:
     """Gives ``module`` fresh initial weights drawn from torch's global RNG (seeded per member).
 
     Preferred: build a new instance from ``module``'s class and its saved hyperparameters
-    (``save_hyperparameters()``), which runs your own init code, and load its state dict into
-    ``module``. When that is not possible (no saved hyperparameters, the constructor fails, or
-    the new state dict does not fit), calls ``reset_parameters()`` of every submodule that has
-    it; parameters owned by modules without it keep their values.
+    (:func:`rebuild`), which runs your own init code, and load its state dict into ``module``,
+    its non-persistent buffers and the plain attributes named in ``drawn`` (those your ``__init__``
+    draws at random, :func:`seed_drawn_attributes`). When that is not possible (no saved
+    hyperparameters, the constructor fails, or the new state dict does not fit), calls
+    ``reset_parameters()`` of every submodule that has it; parameters owned by modules without it
+    keep their values.
 
     Returns:
         a notice for the driver saying which way was used, and whether it was the fallback.
@@ -394,14 +416,15 @@ def reinitialise(module: LightningModule) -> tuple[str, bool]:
     name = type(module).__name__
     reason = f"{name} did not call `save_hyperparameters()`"
     if hasattr(module, "_hparams_initial"):
-        hparams = dict(module.hparams)
-        hparams_name = getattr(module, "_hparams_name", None)
-        kwargs = {hparams_name: module.hparams} if hparams_name not in (None, "kwargs") else hparams
         try:
-            fresh = type(module)(**kwargs)
+            fresh = rebuild(module)
             module.load_state_dict(fresh.state_dict())
             load_buffers(module, non_persistent_buffers(fresh))
-            return f"member_init='independent': each member rebuilt {name} from its saved hyperparameters under its own seed.", False
+            vars(module).update({attribute: vars(fresh)[attribute] for attribute in drawn if attribute in vars(fresh)})
+            notice = f"member_init='independent': each member rebuilt {name} from its saved hyperparameters under its own seed"
+            if drawn:
+                notice += f"; the attributes {list(drawn)}, which `__init__` draws at random, are each member's own draw"
+            return notice + ".", False
         except Exception as err:  # any failure of the user's constructor or a mismatched state leads to the fallback
             reason = f"rebuilding {name}(**hparams) failed ({type(err).__name__}: {err})"
     kept = []

@@ -166,6 +166,47 @@ def test_buffers_a_state_dict_leaves_out_are_each_members_own(vectorize):
     assert float(members[0].input_mean.abs().sum()) > 0
 
 
+class DrawnMask(Net):
+    """``Net`` on a random mask of its input and with a random temperature, both drawn in ``__init__`` as plain attributes
+    (not buffers)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mask = (torch.rand(64) > 0.5).float()
+        self.temperature = 0.5 + float(torch.rand(()))
+
+    def forward(self, x):
+        return self.net(x * self.mask) / self.temperature
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+class DrawnMaskInThreads(DrawnMask):
+    def on_validation_model_eval(self) -> None:  # a hook a member group does not run: the members train in threads
+        super().on_validation_model_eval()
+
+
+@pytest.mark.parametrize("vectorize, module", [(True, DrawnMask), (False, DrawnMask), ("auto", DrawnMaskInThreads)], ids=["vmap", "loop", "threads"])
+def test_attributes_init_draws_at_random_are_each_members_own(vectorize, module):
+    """Each member trains with the mask and temperature its own seed draws (a group's steps then run looped, saying why: vmap
+    would run every member with one member's), and the ensemble's members keep theirs: their outputs are each member's own
+    fit's, although vmap evaluates ensembles of such small MLPs (it would use the first member's mask for all)."""
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    solo = [model for model, _ in solo_fits(hparams, module)]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    with pytest.warns(UserWarning, match=r"attributes \['mask', 'temperature'\] differ") if vectorize is True else nullcontext():
+        quiet_trainer(strategy=strategy, **FIT).fit(module(**hparams), train_loader())
+    members = strategy.ensemble.members
+    assert_same_members([m.state_dict() for m in members], [m.state_dict() for m in solo])
+    assert [m.temperature for m in members] == [m.temperature for m in solo]
+    assert len({m.temperature for m in members}) == MEMBERS
+    x = digits()[0][:16]
+    strategy.ensemble.vectorize = True
+    torch.testing.assert_close(strategy.ensemble.member_outputs(x), torch.stack([m.eval()(x) for m in solo]))
+
+
 class PixelTokens(Net):
     """The digits' pixel intensities (0-16) as tokens of an ``nn.Embedding`` whose padding index is the background's 0."""
 
