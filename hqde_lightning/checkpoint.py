@@ -52,6 +52,7 @@ __all__ = [
     "member_resume_checkpoint",
     "HQDE_KEY",
     "AtomicCheckpointIO",
+    "capture_host_rng_states",
     "capture_rng_states",
     "ensemble_entries",
     "ensemble_members",
@@ -319,15 +320,16 @@ def to_safe_types(obj: Any) -> Any:
     return obj
 
 
+def capture_host_rng_states() -> dict[str, Any]:
+    """numpy's and Python's global random generators' states (entries of :func:`capture_rng_states`)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # tensors and plain numbers only, so that ``torch.load(weights_only=True)`` accepts it
+    return {"numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)), "python": random.getstate()}
+
+
 def capture_rng_states() -> dict[str, Any]:
     """The global random generators' states of this process (torch, CUDA, numpy, python)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        # tensors and plain numbers only, so that ``torch.load(weights_only=True)`` accepts it
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "python": random.getstate(),
-    }
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), **capture_host_rng_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states

@@ -39,7 +39,7 @@ from torch import nn
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
-from hqde_lightning.checkpoint import state_digest
+from hqde_lightning.checkpoint import capture_host_rng_states, state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import MemberGroup, unsupported_hooks
@@ -354,7 +354,7 @@ def fit_group(
     resuming = bound.arguments.get("ckpt_path") is not None
     independent = hqde.member_init == "independent" and not resuming
     drawn = seed_drawn_attributes(model) if independent else []
-    members, rng_states = [], []
+    members, rng_states, host_rng_states = [], [], []
     for i in member_ids:
         seed_everything(hqde.seed + i, workers=True, verbose=False)
         member = copy.deepcopy(model)
@@ -363,11 +363,14 @@ def fit_group(
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
+        host_rng_states.append(capture_host_rng_states())
     callbacks = with_module_callbacks(trainer.callbacks, model)
     # against your module's: the attributes each member drew in `__init__` come back too
     before = fingerprints(plain_attributes(model))
     callbacks_before = {key: fingerprints(vars(cb)) for key, cb in yours(callbacks).items()}
-    group = MemberGroup(model, members, member_ids, hqde.vectorize, rng_states, member_callbacks=[type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)])
+    group = MemberGroup(
+        model, members, member_ids, hqde.vectorize, rng_states, [type(cb).__name__ for cb in callbacks if needs_member_attributes(cb)], host_rng_states
+    )
     del members
     bound.arguments["model"] = group
     sync = make_sync(group)

@@ -70,8 +70,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.attributes import differing, plain_attributes
+from hqde_lightning.checkpoint import capture_host_rng_states, restore_rng_states
 from hqde_lightning.manual_members import configure_members
-from hqde_lightning.member_data import group_batch_size, member_batch, stack_batches
+from hqde_lightning.member_data import group_batch_size, member_batch, ragged, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
 from hqde_lightning.quick_log import QuickLog
@@ -146,6 +147,8 @@ class MemberGroup(LightningModule):
         member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
         vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
         rng_states: per member, the torch RNG state its looped steps draw from.
+        host_rng_states: per member, numpy's and Python's random states its loader's draws come from
+            (:meth:`fetching_as`; default: the current ones).
         member_callbacks: the names of the callbacks that run as each member (:meth:`each_member`):
             with any, the members keep their own attributes and steps run member by member, as for
             a module that overrides :data:`MEMBER_HOOKS`.
@@ -159,9 +162,13 @@ class MemberGroup(LightningModule):
         vectorize: Vectorize = "auto",
         rng_states: Sequence[Tensor] | None = None,
         member_callbacks: Sequence[str] = (),
+        host_rng_states: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.stack = StackedMembers(module, members, rng_states)
+        #: per member, numpy's and Python's random states (:func:`~hqde_lightning.checkpoint.capture_host_rng_states`) its
+        #: loader draws from (:meth:`fetching_as`)
+        self.host_rng_states = list(host_rng_states) if host_rng_states is not None else [capture_host_rng_states() for _ in members]
         #: your module's hooks that run once per member
         self.hooks = {name for name in _PER_MEMBER if is_overridden(name, module, LightningModule)}
         #: your module's hooks that run once for the whole group (:data:`GROUP_HOOKS`)
@@ -242,6 +249,7 @@ class MemberGroup(LightningModule):
         #: the slices, before this step's update, of parameters a member does not train while others do (see :meth:`_hold_slices`)
         self._held_slices: list[tuple[Tensor, int, Tensor, list[tuple[dict[str, Any], str, Tensor | None]]]] = []
         self._warned_held_steps = False
+        self._warned_ragged = False
         #: your module's submodules' training modes while the group evaluates (see :meth:`_follow_mode`)
         self._training_modes: dict[str, bool] | None = None
         #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
@@ -255,6 +263,19 @@ class MemberGroup(LightningModule):
         """Member ``i``'s plain attributes (what its code stored on your module): its own, or your module's while vmapped code
         keeps them (:meth:`_attributes_for`)."""
         return plain_attributes(self.module) if self._attributes_shared else dict(self.stack.member_attributes[i])
+
+    @contextmanager
+    def fetching_as(self, position: int) -> Iterator[None]:
+        """The random streams of the member at ``position`` (torch's, numpy's and Python's) while its loader makes a batch:
+        what your dataset draws (a random augmentation in ``__getitem__``) comes from them, as in the member's own fit."""
+        outer = capture_host_rng_states()
+        restore_rng_states(self.host_rng_states[position])
+        try:
+            with self.stack.member_rng(position):
+                yield
+        finally:
+            self.host_rng_states[position] = capture_host_rng_states()
+            restore_rng_states(outer)
 
     def _attributes_for(self, mode: str) -> None:
         """Puts the members' attributes where code run in ``mode`` reads and writes them: vmapped code runs once for every
@@ -354,8 +375,20 @@ class MemberGroup(LightningModule):
         return mode
 
     def _run(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...], mode: str) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
-        """Runs ``method`` for every member; returns the stacked losses and per log name (name, kwargs, per-member values)."""
+        """Runs ``method`` for every member; returns the stacked losses and per log name (name, kwargs, per-member values).
+
+        A batch whose tensors differ in shape between the members (:func:`~hqde_lightning.member_data.ragged`) cannot be
+        vmapped: that step runs member by member, and the way chosen for the others stays.
+        """
         self._attach()
+        if mode == "vmap" and any(ragged(a) for a, d in zip(args, in_dims) if d == 0):
+            if not self._warned_ragged:
+                rank_zero_info(
+                    f"HQDEStrategy: at step {self.trainer.global_step} the members' batches differ in shape (sequences padded to each"
+                    " batch's longest?): such steps run member by member, the others with torch.func.vmap."
+                )
+                self._warned_ragged = True
+            mode = "loop"
         self._attributes_for(mode)
         if mode == "vmap":
             # until vmap has run a method once, a failure falls back to the loop: the buffers are kept to undo it

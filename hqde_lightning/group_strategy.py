@@ -78,7 +78,7 @@ class GroupStrategy(WorkerStrategy):
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
         warn = lambda message: self.sync.forwarder.handle([Notice(0, f"HQDEStrategy: {message}", warning=True)])  # noqa: E731
-        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on)
+        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on, self.group.fetching_as)
 
     def _gather_on(self, dataset: TensorDataset) -> torch.device | None:
         """Where the group gathers its batches from an in-memory ``TensorDataset``: on the GPU, when it fits there.
@@ -123,7 +123,7 @@ class GroupStrategy(WorkerStrategy):
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
         # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
         sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
-        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone()}}
+        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone(), **self.group.host_rng_states[i]}}
         # the callbacks' and your module's own additions, as member i, in the order a plain fit calls them
         for cb in trainer.callbacks:
             if isinstance(cb, GroupCallback):
@@ -167,9 +167,10 @@ class GroupStrategy(WorkerStrategy):
             self.sync.load_sync_state(section.get("coordinator") or {})
         self.group.loaded_entries = entries  # the weights load after your `on_load_checkpoint` (load_model_state_dict)
         for i, entry in enumerate(entries):
-            rng = entry.get(MEMBER_KEY, {}).get("rng", {}).get("torch")
-            if rng is not None:
-                self.group.stack.rng_states[i] = torch.as_tensor(rng, dtype=torch.uint8).cpu()
+            rng = entry.get(MEMBER_KEY, {}).get("rng", {})
+            if rng.get("torch") is not None:
+                self.group.stack.rng_states[i] = torch.as_tensor(rng["torch"], dtype=torch.uint8).cpu()
+            self.group.host_rng_states[i].update({k: rng[k] for k in ("numpy", "python") if k in rng})
         lead = {k: v for k, v in entries[0].items() if k not in (HQDE_KEY, MEMBER_KEY)}
         if "callbacks" in lead:  # each member copy resumes from its member's entry
             copies = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, MemberCopy)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -26,15 +27,17 @@ import torch
 from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler, TensorDataset, default_collate
 
 __all__ = [
-    "GatheredGroupLoader", "GroupLoader", "MemberOrder", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader",
+    "GatheredGroupLoader", "GroupLoader", "MemberOrder", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "ragged",
     "stack_batches", "start_epoch",
 ]
 
 Warn = Callable[[str], None]
+#: the context a member's batch is made in, by the member's place in the group (see :class:`GroupLoader`)
+FetchingAs = Callable[[int], AbstractContextManager[None]]
 
 
 def member_loader(
@@ -104,21 +107,23 @@ class MemberOrder:
             generator.manual_seed(int(state[0]))
 
 
-def start_epoch(loader: object, epoch: int) -> None:
-    """Re-seeds the member orders in ``loader`` (a member loader, or a group loader's member loaders) for ``epoch``.
+def start_epoch(loaders: object, epoch: int) -> None:
+    """Re-seeds the member orders in ``loaders`` for ``epoch``: a member loader, a group loader's member loaders, or
+    those in a dict, list or tuple of them (several training loaders, which Lightning combines).
 
     Called from ``on_train_epoch_start`` with ``trainer.train_dataloader``; loaders that are not
     member loaders are left alone.
     """
-    for each in loader.loaders if isinstance(loader, GroupLoader) else [loader]:
-        order = getattr(each, "member_order", None)
-        if isinstance(order, MemberOrder):
-            order.start_epoch(epoch)
+    for loader in tree_leaves(loaders):
+        for each in loader.loaders if isinstance(loader, GroupLoader) else [loader]:
+            order = getattr(each, "member_order", None)
+            if isinstance(order, MemberOrder):
+                order.start_epoch(epoch)
 
 
 def group_loader(
     loader: Iterable[Any], seed: int, indices: Sequence[int], epoch: int, bagging: bool, warn: Warn,
-    gather_on: Callable[[TensorDataset], torch.device | None] | None = None,
+    gather_on: Callable[[TensorDataset], torch.device | None] | None = None, fetching_as: FetchingAs | None = None,
 ) -> GroupLoader:
     """The :class:`GroupLoader` of the members ``indices`` of one group, each with its own order.
 
@@ -129,6 +134,7 @@ def group_loader(
     every member, and ``warn`` says so once. Each distinct message reaches ``warn`` once. Over an
     in-memory ``TensorDataset`` the group gathers its batches itself (:class:`GatheredGroupLoader`),
     on the device ``gather_on(dataset)`` names (``None``, or no ``gather_on``: where the dataset is).
+    Otherwise each member's batch is made inside ``fetching_as(position)`` (see :class:`GroupLoader`).
 
     Raises:
         ValueError: ``indices`` is empty.
@@ -149,7 +155,7 @@ def group_loader(
                 f" members {indices}, trained in one process, read one shared stream and train on the same order."
                 " Use a DataLoader over a map-style dataset to give each member its own order."
             )
-        return GroupLoader([loader] * len(indices))
+        return GroupLoader([loader] * len(indices), fetching_as)
     if len(indices) > 1 and isinstance(loader.dataset, IterableDataset) and not bagging:
         warn_once(
             f"the training dataset is iterable ({type(loader.dataset).__name__}): members {indices}, trained in one process,"
@@ -157,10 +163,10 @@ def group_loader(
             " map-style dataset (with `__len__` and `__getitem__`) to give each member its own order."
         )
         shared = member_loader(loader, seed, indices[0], epoch, bagging, _ignore, fill_generators=True)
-        return GroupLoader([shared] * len(indices))
+        return GroupLoader([shared] * len(indices), fetching_as)
     loaders = [member_loader(loader, seed, i, epoch, bagging, warn_once, fill_generators=True) for i in indices]
     if not all(map(_gatherable, loaders)):
-        return GroupLoader(loaders)
+        return GroupLoader(loaders, fetching_as)
     return GatheredGroupLoader(loaders, None if gather_on is None else gather_on(loader.dataset))  # type: ignore[arg-type]
 
 
@@ -173,19 +179,26 @@ class GroupLoader:
 
     Every tensor of the stacked batch is the k members' tensors stacked on a new dimension 0
     (``[k, B, ...]``); tuples, lists, dicts and namedtuples keep their structure, and every other
-    value becomes the :class:`MemberValues` list of the k members' values. A loader object given
+    value becomes the :class:`MemberValues` list of the k members' values, as does a tensor whose
+    shape differs between the members' batches (:func:`stack_batches`). A loader object given
     several times is iterated once per step and its batch goes to each of those members (one
     shared stream). ``len()`` is the loaders' common length, when they have one.
 
+    ``fetching_as(position)``, when given, is entered while the member at ``position`` (the first
+    of a shared stream's) starts its iterator and makes each batch: the group's member's own random
+    streams (:meth:`~hqde_lightning.group.MemberGroup.fetching_as`), so that what a dataset draws
+    in ``__getitem__`` (a random augmentation) is what the member's own fit draws.
+
     Raises:
         ValueError: no loaders, or loaders of different lengths; while iterating, loaders that
-            end at different steps or members' batches of different structure or shape.
+            end at different steps or members' batches of different structure.
     """
 
-    def __init__(self, loaders: Sequence[Iterable[Any]]) -> None:
+    def __init__(self, loaders: Sequence[Iterable[Any]], fetching_as: FetchingAs | None = None) -> None:
         if not loaders:
             raise ValueError("GroupLoader needs at least one member loader; got none.")
         self.loaders: list[Iterable[Any]] = list(loaders)
+        self.fetching_as = fetching_as
         self._streams: list[Iterable[Any]] = []
         self._stream_of: list[int] = []  # member position -> index into _streams
         for item in self.loaders:
@@ -202,10 +215,10 @@ class GroupLoader:
         return len(self._streams[0])  # type: ignore[arg-type]  # TypeError for loaders without a length, as for theirs
 
     def __iter__(self) -> Iterator[Any]:
-        iterators = [iter(stream) for stream in self._streams]
+        iterators = [self._as_member(s, iter, stream) for s, stream in enumerate(self._streams)]
         step = 0
         while True:
-            batches = [next(it, _END) for it in iterators]
+            batches = [self._as_member(s, next, it, _END) for s, it in enumerate(iterators)]
             ended = [s for s, batch in enumerate(batches) if batch is _END]
             if len(ended) == len(batches):
                 return
@@ -214,6 +227,14 @@ class GroupLoader:
                 raise ValueError(f"the loaders of members {members} (positions in the group) ended after {step} batches, before the others.")
             yield stack_batches([batches[s] for s in self._stream_of], step)
             step += 1
+
+
+    def _as_member(self, stream: int, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` inside ``fetching_as`` of the first member reading ``stream``."""
+        if self.fetching_as is None:
+            return call(*args)
+        with self.fetching_as(self._stream_of.index(stream)):
+            return call(*args)
 
 
 class GatheredGroupLoader(GroupLoader):
@@ -282,10 +303,12 @@ def _gatherable(loader: Iterable[Any]) -> bool:
 def stack_batches(batches: Sequence[Any], step: int = 0) -> Any:
     """The members' ``batches`` as one batch: tensors stacked on a new dimension 0, other leaves as :class:`MemberValues`.
 
-    ``step`` only names the step in error messages.
+    Tensors whose shapes differ between members (a ``collate_fn`` that pads sequences to each
+    batch's longest) are kept as :class:`MemberValues` too: such a step runs member by member
+    (:func:`ragged`). ``step`` only names the step in error messages.
 
     Raises:
-        ValueError: the batches differ in structure, or a tensor's shape differs between members.
+        ValueError: the batches differ in structure, or a leaf is a tensor for some members only.
     """
     flat = [tree_flatten_with_path(batch) for batch in batches]
     leaves0, spec = flat[0]
@@ -299,14 +322,20 @@ def stack_batches(batches: Sequence[Any], step: int = 0) -> Any:
         if not tensors:
             stacked.append(MemberValues(values))
             continue
-        shapes = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]
-        if len(tensors) < len(values) or len(set(shapes)) > 1:
-            raise ValueError(
-                f"at step {step} the members' batches differ at batch{keystr(path)}: shapes {shapes} (one per member)."
-                " A group stacks its members' batches, so each member's batch must have the same size and shape."
-            )
+        if len(tensors) < len(values):
+            kinds = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]
+            raise ValueError(f"at step {step} the members' batches differ at batch{keystr(path)}: {kinds} (one per member): a tensor for some members only.")
+        if len({v.shape for v in tensors}) > 1:  # (sequences padded to each batch's longest) each member's own, not stacked
+            stacked.append(MemberValues(tensors))
+            continue
         stacked.append(torch.stack(tensors))
     return tree_unflatten(stacked, spec)
+
+
+def ragged(stacked: Any) -> bool:
+    """Whether a stacked batch holds tensors whose shapes differ between members (see :func:`stack_batches`)."""
+    leaves = tree_leaves(stacked, is_leaf=lambda node: isinstance(node, MemberValues))
+    return any(isinstance(leaf, MemberValues) and isinstance(leaf[0], Tensor) for leaf in leaves)
 
 
 def member_batch(stacked: Any, i: int) -> Any:

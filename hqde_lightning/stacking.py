@@ -250,7 +250,7 @@ class StackedMembers(nn.Module):
         """Runs ``template.<method>(*args)`` for member ``index`` alone (its slices, RNG stream, metric copies and
         attributes); returns the method's output and the captured logs."""
         params, buffers = self._named(index)
-        with self._member_rng(index), self._member_metrics(index), self._member_attributes(index), capture_logs(self.template) as logs:
+        with self.member_rng(index), self._member_metrics(index), self._member_attributes(index), capture_logs(self.template) as logs:
             out = functional_call(self._caller, (params, buffers), (method, *args))
         return out, logs
 
@@ -271,7 +271,7 @@ class StackedMembers(nn.Module):
         tensors = [(name, "_parameters", view) for name, view in zip(self.param_names, views)]
         tensors += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
         try:
-            with self._in_template(tensors), self._member_rng(index), self._member_metrics(index), self._member_attributes(index):
+            with self._in_template(tensors), self.member_rng(index), self._member_metrics(index), self._member_attributes(index):
                 yield self.template
         finally:
             for j, view in enumerate(views):
@@ -351,7 +351,7 @@ class StackedMembers(nn.Module):
                 del own[name]
 
     @contextmanager
-    def _member_rng(self, index: int) -> Iterator[None]:
+    def member_rng(self, index: int) -> Iterator[None]:
         """Member ``index``'s own torch RNG stream (CPU, and the current CUDA device's when used) during the block."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         outer = torch.get_rng_state()
