@@ -8,6 +8,9 @@ tensor, or tensors inside tuples, lists and dicts):
   gives the mean probabilities exactly, ``argmax`` gives the ensemble's class, ``cross_entropy``
   on it is the ensemble's negative log-likelihood).
 * ``"mean"``: weighted mean of the raw outputs (regression, embeddings, anything else).
+
+Under every rule, an integer or boolean leaf (a predicted class, a flag) is the members'
+weighted majority vote (:func:`weighted_vote`), never one member's.
 * ``"auto"`` (default, :class:`AutoCombiner`): the leaf that holds class logits is combined as
   probabilities, every other leaf is averaged. A leaf holds class logits only when evaluation
   showed it: a batch follows the classification contract ``(inputs, target, ...)`` with an
@@ -84,6 +87,7 @@ __all__ = [
     "leaf_paths",
     "non_finite_members",
     "resolve_combiner",
+    "weighted_vote",
 ]
 
 
@@ -119,23 +123,34 @@ def _weighted_mean(outputs: Tensor, weights: Tensor) -> Tensor:
     return (outputs * weights.to(outputs).reshape(shape)).sum(0)
 
 
+def weighted_vote(outputs: Tensor, weights: Tensor) -> Tensor:
+    """Per element, the value of the members' ``outputs`` ``(members, ...)`` that the largest total weight of members gave
+    (their majority vote; on a tie, the value of the first of the tied members)."""
+    w = weights.to(device=outputs.device, dtype=torch.float64).reshape((-1,) + (1,) * (outputs.dim() - 1))
+    agreeing = torch.stack([((outputs == outputs[m]) * w).sum(0) for m in range(outputs.shape[0])])
+    return outputs.gather(0, agreeing.argmax(0, keepdim=True)).squeeze(0)  # (argmax: the first of equal maxima)
+
+
 class MeanCombiner(Combiner):
-    """Weighted mean of raw outputs."""
+    """Weighted mean of raw outputs; integer and boolean outputs (a predicted class, a flag): the weighted majority vote."""
 
     name = "mean"
 
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
-        if not torch.is_floating_point(outputs):
-            return outputs[0]
+        if not (torch.is_floating_point(outputs) or torch.is_complex(outputs)):
+            return weighted_vote(outputs, weights)
         return _weighted_mean(outputs, weights)
 
 
 class ProbabilityCombiner(Combiner):
-    """Log of the weighted mean of member softmax probabilities over the last dimension."""
+    """Log of the weighted mean of member softmax probabilities over the last dimension; integer and boolean outputs: the
+    weighted majority vote."""
 
     name = "probability"
 
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
+        if not torch.is_floating_point(outputs):
+            return weighted_vote(outputs, weights)
         return log_mean_probs(outputs.float(), weights).to(outputs.dtype)
 
     def combines_as_probabilities(self, path: str, outputs: Tensor) -> bool:
@@ -179,18 +194,22 @@ class ClassLogitsLeaf:
     def observe(self, outputs: Any, target: Tensor) -> None:
         """Updates the choice from one forward call's stacked outputs and its batch's targets
         (ignored unless they are integer class indices of shape ``(batch,)``)."""
-        if not is_class_target(target) or target.numel() == 0:
+        if not is_class_target(target) or not bool((target >= 0).any()):
             return
-        self.max_target = max(self.max_target, int(target.max()))
-        candidates = [
-            (int(leaf.shape[-1]), order, path)
-            for order, (path, leaf) in enumerate(leaf_paths(outputs))
-            if is_stacked_logits(leaf) and leaf.shape[1] == target.shape[0] and leaf.shape[-1] > self.max_target
-        ]
+        self.max_target = max(self.max_target, int(target.max()))  # (negative targets are ignore labels, as -100 for `F.cross_entropy`)
+        candidates = [(int(leaf.shape[-1]), order, path) for order, (path, leaf) in enumerate(self.qualifying(outputs, target))]
         if candidates:
             self.num_classes, _, self.path = min(candidates)
         elif self.num_classes is not None and self.num_classes <= self.max_target:
             self.path, self.num_classes = None, None  # larger targets showed the earlier choice was no class logits
+
+    def qualifying(self, outputs: Any, target: Tensor) -> list[tuple[str, Tensor]]:
+        """The leaves of ``outputs`` (stacked) that can hold class logits for ``target``'s batch, given the targets seen so far."""
+        return [
+            (path, leaf)
+            for path, leaf in leaf_paths(outputs)
+            if is_stacked_logits(leaf) and leaf.shape[1] == target.shape[0] and leaf.shape[-1] > self.max_target
+        ]
 
     def matches(self, path: str, leaf: Any) -> bool:
         """Whether ``leaf`` (stacked) at ``path`` is the class-logits leaf."""

@@ -226,9 +226,11 @@ class EnsembleEvaluation(Callback):
         self.strategy = strategy
         self._module: LightningModule | None = None
         self._forward: _EnsembleForward | None = None
-        self._metrics: dict[int, EnsembleMetrics] = {}
+        #: per dataloader index, the built-in metrics of each output leaf that can hold the class logits, by its path
+        self._metrics: dict[int, dict[str, EnsembleMetrics]] = {}
         self._logits = ClassLogitsLeaf()
         self._warned_contract = False
+        self._warned_switch = False
         self._hooks: list[EnsembleEvaluationCallback] = []
         self._compiled = ExitStack()
 
@@ -320,11 +322,13 @@ class EnsembleEvaluation(Callback):
             return
         target = self._forward.target
         calls = self._forward.calls if target is not None else []
+        previous = self._logits.path
         for outputs in calls:
             self._logits.observe(outputs, target)
+        if previous is not None and self._logits.path != previous:
+            self._warn_switch(previous, ensemble)
         logits = next((leaf for leaf in map(self._logits.select, calls) if leaf is not None and leaf.shape[1] == target.shape[0]), None)
-        metrics = self._metrics.get(dataloader_idx)
-        if logits is None or (metrics is not None and metrics.num_classes != logits.shape[-1]):
+        if logits is None:
             if not self._warned_contract:
                 self._warned_contract = True
                 rank_zero_warn(
@@ -333,22 +337,46 @@ class EnsembleEvaluation(Callback):
                     " your own logged metrics (computed on the ensemble's forward) are reported."
                 )
             return
-        if dataloader_idx not in self._metrics:
-            self._metrics[dataloader_idx] = EnsembleMetrics(logits.shape[0], logits.shape[-1], logits.device)
-        self._metrics[dataloader_idx].update(logits.detach(), ensemble.active_weights(), target, ensemble.temperature)
+        # every leaf that can still hold the class logits keeps metrics of its own, so that those of the leaf chosen in the
+        # end count every batch, also when later targets showed an earlier choice wrong (evaluation data ordered by class)
+        per_leaf = self._metrics.setdefault(dataloader_idx, {})
+        for path in [p for p, m in per_leaf.items() if m.num_classes <= self._logits.max_target]:
+            del per_leaf[path]
+        labelled = target >= 0  # an ignore label (-100, `F.cross_entropy`'s `ignore_index`) counts in no metric
+        candidates = dict(reversed([pair for outputs in calls for pair in self._logits.qualifying(outputs, target)]))  # (each path's first call)
+        for path, leaf in candidates.items() if bool(labelled.any()) else ():
+            if path not in per_leaf:
+                per_leaf[path] = EnsembleMetrics(leaf.shape[0], leaf.shape[-1], leaf.device)
+            per_leaf[path].update(leaf.detach()[:, labelled], ensemble.active_weights(), target[labelled], ensemble.temperature)
         for hook in self._hooks:
             hook.on_ensemble_batch(trainer, stage, dataloader_idx, logits.detach(), ensemble)
+
+    def _warn_switch(self, previous: str, ensemble: Ensemble) -> None:
+        """Says once that targets seen later showed the leaf taken for class logits (``previous``) to be none."""
+        if self._warned_switch:
+            return
+        self._warned_switch = True
+        now = self._logits.path
+        rank_zero_warn(
+            f"HQDEStrategy: the members' output {now!r} holds the class logits: targets up to {self._logits.max_target} showed that"
+            f" {previous!r}, taken for them on earlier batches, does not. The built-in ensemble metrics count every batch with {now!r};"
+            f" on those earlier batches the ensemble's output (what your own metrics saw, and callbacks given the logits) combined"
+            f" {previous!r} as class probabilities. Shuffle the evaluation data, or name the leaf from the start:"
+            f" `HQDEStrategy(combine=AutoCombiner(probability_leaf={now!r}))`."
+        )
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._forward is None:
             return
         ensemble = self._forward.ensemble
+        # per dataloader, the metrics of the leaf that holds the class logits
+        chosen = {idx: per_leaf[self._logits.path] for idx, per_leaf in self._metrics.items() if self._logits.path in per_leaf}
         for hook in self._hooks:
-            hook.on_ensemble_epoch_end(trainer, pl_module, stage, ensemble, self._metrics)
+            hook.on_ensemble_epoch_end(trainer, pl_module, stage, ensemble, chosen)
         member_ids = ensemble.active_member_ids()
         values: dict[str, Tensor] = {}
-        for dataloader_idx, metrics in sorted(self._metrics.items()):
-            suffix = f"/dataloader_idx_{dataloader_idx}" if len(self._metrics) > 1 else ""
+        for dataloader_idx, metrics in sorted(chosen.items()):
+            suffix = f"/dataloader_idx_{dataloader_idx}" if len(chosen) > 1 else ""
             values.update(metrics.compute(stage, member_ids, suffix))
         if values:
             pl_module.log_dict({k: v.float() for k, v in values.items()}, add_dataloader_idx=False)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hqde_lightning import Ensemble, HQDEStrategy
-from hqde_lightning.ensemble import ProbabilityCombiner
+from hqde_lightning.ensemble import ProbabilityCombiner, weighted_vote
 
 
 def _trainer(strategy: HQDEStrategy, tmp_path, **kwargs) -> pl.Trainer:
@@ -236,3 +236,103 @@ def test_test_step_that_reshapes_its_input_gets_ensemble_metrics(ray_session, tm
     (results,) = trainer.test(model, datamodule=dm, verbose=False)
     assert results["ensemble/test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
     assert {"member_0/test_acc", "member_1/test_acc", "ensemble/test_nll"} <= set(results)
+
+
+# ------------------------------------------------------------------ integer outputs, class-ordered data, ignore labels
+def test_integer_outputs_are_the_members_weighted_majority_vote():
+    """An integer or boolean output (a predicted class, a flag) is the value the largest weight of members gave, a tie going
+    to the first of the tied members, under every combine rule (before, it was the first member's)."""
+    votes = torch.tensor([[1, 7], [2, 7], [2, 3]])
+    torch.testing.assert_close(weighted_vote(votes, torch.tensor([0.4, 0.3, 0.3])), torch.tensor([2, 7]))
+    torch.testing.assert_close(weighted_vote(votes, torch.tensor([0.5, 0.25, 0.25])), torch.tensor([1, 7]))  # 1 ties with 2
+    torch.testing.assert_close(weighted_vote(votes > 2, torch.tensor([0.2, 0.2, 0.6])), torch.tensor([False, True]))
+
+    class ClassAndLogits(nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.net = nn.Linear(64, 10)
+            torch.manual_seed(seed)
+            nn.init.normal_(self.net.weight)
+
+        def forward(self, x):
+            logits = self.net(x)
+            return logits, logits.argmax(-1)
+
+    members = [ClassAndLogits(s) for s in range(3)]
+    x = torch.randn(200, 64)
+    classes = torch.stack([m(x)[1] for m in members])
+    majority = torch.where(classes[1] == classes[2], classes[1], classes[0])
+    for combine in ("auto", "mean", "probability"):
+        with torch.no_grad():
+            torch.testing.assert_close(Ensemble(members, combine=combine)(x)[1], majority)
+    assert not torch.equal(majority, classes[0])
+
+
+class ClassOrderedTest(DigitsModule):
+    """``forward`` returns ``(logits (batch, 10), features (batch, 8))``: fewer feature columns than classes, so the
+    targets of a test set ordered by class fit the features too on its first batches."""
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x), self.net[0](x)[:, :8]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x)[0], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x)[0], y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x)[0], y))
+
+
+def test_class_ordered_evaluation_data_counts_every_batch_with_the_class_logits(ray_session, tmp_path):
+    """The features fit the targets of the first batches (classes 0-4), the logits every batch: the built-in metrics
+    are those of the logits over every batch, and a warning says the first batches' combined output used the features
+    (before, the metrics came from the features' batches only: 0.120 against 0.277 for one member)."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = _trainer(strategy, tmp_path)
+    model, dm = ClassOrderedTest(), DigitsDataModule()
+    trainer.fit(model, datamodule=dm)
+    dm.setup("test")
+    x, y = dm.test.tensors
+    order = y.argsort(stable=True)
+    x, y = x[order], y[order]
+    with pytest.warns(UserWarning, match=r"output '\[0\]' holds the class logits: targets up to \d showed that '\[1\]'"):
+        (results,) = trainer.test(model, DataLoader(TensorDataset(x, y), batch_size=50), verbose=False)
+    logits = torch.stack([o[0] for o in _stacked_member_outputs(strategy.ensemble, x)])
+    combined = ProbabilityCombiner()(logits, strategy.ensemble.active_weights())
+    assert results["ensemble/test_acc"] == pytest.approx(float((combined.argmax(-1) == y).float().mean()), abs=1e-6)
+    assert results["ensemble/test_nll"] == pytest.approx(float(F.cross_entropy(combined, y)), abs=1e-5)
+    for i in range(2):
+        assert results[f"member_{i}/test_acc"] == pytest.approx(float((logits[i].argmax(-1) == y).float().mean()), abs=1e-6)
+
+
+class IgnoredLabels(DigitsModule):
+    """Its test loss is ``F.cross_entropy``'s, which leaves out targets of -100 (its ``ignore_index``: no label)."""
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+
+def test_ignore_labels_count_in_no_built_in_metric(ray_session, tmp_path):
+    """Targets of -100 are left out of the ensemble's and the members' metrics, as ``F.cross_entropy`` leaves them out
+    of the loss (before, the evaluation failed with an index error)."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = _trainer(strategy, tmp_path)
+    model, dm = IgnoredLabels(), DigitsDataModule()
+    trainer.fit(model, datamodule=dm)
+    dm.setup("test")
+    x, y = dm.test.tensors
+    with_ignored = y.clone()
+    with_ignored[::7] = -100
+    (results,) = trainer.test(model, DataLoader(TensorDataset(x, with_ignored), batch_size=100), verbose=False)
+    labelled = torch.arange(len(y)) % 7 != 0
+    logits = torch.stack(_stacked_member_outputs(strategy.ensemble, x))[:, labelled]
+    combined = ProbabilityCombiner()(logits, strategy.ensemble.active_weights())
+    assert results["ensemble/test_nll"] == pytest.approx(float(F.cross_entropy(combined, y[labelled])), abs=1e-5)
+    for i in range(2):
+        assert results[f"member_{i}/test_acc"] == pytest.approx(float((logits[i].argmax(-1) == y[labelled]).float().mean()), abs=1e-6)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SubsetRandomSampler, TensorDataset
 
 from hqde_lightning.member_data import (
-    GatheredGroupLoader, GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader, start_epoch,
+    GatheredGroupLoader, GroupLoader, MemberValues, group_batch_size, group_loader, member_batch, member_loader, ragged, stack_batches, start_epoch,
 )
 
 Sample = namedtuple("Sample", ["x", "y"])
@@ -307,11 +307,16 @@ def test_subset_sampler_is_reseeded_per_member():
     assert loader.sampler.generator.initial_seed() == 0
 
 
-def test_members_with_different_batch_sizes_are_refused():
+def test_members_batches_of_different_shapes_stay_each_members_own():
+    """Tensors whose shapes differ between the members are not stacked: each member gets its own (the group then runs the
+    step member by member, see test_group_data.py); a tensor for some members only is refused."""
     data = _indices(8)
     group = GroupLoader([DataLoader(data, batch_size=4), DataLoader(TensorDataset(torch.arange(12)), batch_size=6)])
-    with pytest.raises(ValueError, match=r"at step 0 the members' batches differ at batch\[0\]: shapes \[\(4,\), \(6,\)\]"):
-        next(iter(group))
+    batch = next(iter(group))
+    assert ragged(batch) and not ragged(next(iter(GroupLoader([DataLoader(data, batch_size=4)] * 2))))
+    assert [tuple(member_batch(batch, i)[0].shape) for i in range(2)] == [(4,), (6,)]
+    with pytest.raises(ValueError, match=r"at step 3 the members' batches differ at batch\[0\]: \[\(4,\), 'str'\] \(one per member\): a tensor for some"):
+        stack_batches([(torch.zeros(4),), ("a",)], step=3)
     with pytest.raises(ValueError, match=r"same length; got lengths \[2, 3\]"):
         GroupLoader([DataLoader(data, batch_size=4), DataLoader(data, batch_size=3)])
     with pytest.raises(ValueError, match="at least one member"):
