@@ -229,11 +229,19 @@ def ensemble_section(run: Any, members: list[dict[str, Any]], weights: Any, acti
         "sync": run.sync,
         "aggregator": getattr(run.aggregator, "name", type(run.aggregator).__name__),
         "combine": run.combiner.name or "auto",
+        # which output the ensemble's "auto" rule learnt holds class logits (see `ensemble.saved_combiner`)
+        "class_logits": _class_logits(getattr(run, "ensemble", None)),
         "members": members,
         "weights": weights,
         "active": active,
         "coordinator": to_safe_types(coordinator_state),
     }
+
+
+def _class_logits(ensemble: Any) -> dict[str, Any] | None:
+    """What ``ensemble``'s combiner learnt about its class-logits output (``None`` when it has none to keep)."""
+    logits = getattr(getattr(ensemble, "combiner", None), "logits", None)
+    return None if logits is None or logits.path is None else logits.state_dict()
 
 
 def ensemble_members(ensemble: Any, final_checkpoints: Mapping[int, dict[str, Any]], num_members: int) -> tuple[list[dict[str, Any]], Tensor | None, Tensor | None]:

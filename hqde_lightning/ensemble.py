@@ -21,7 +21,8 @@ weighted majority vote (:func:`weighted_vote`), never one member's.
 
   ``predict`` batches usually carry no targets: ``"auto"`` then uses what ``validate``/``test``
   of the same ensemble established (it is kept in ``strategy.ensemble``, also when a checkpoint
-  is loaded into the same strategy), and averages otherwise. To get probabilities without
+  is loaded into the same strategy, and in whole-ensemble checkpoints written after it:
+  :func:`saved_combiner`), and averages otherwise. To get probabilities without
   evaluating first, pass ``combine="probability"`` (all leaves), or
   ``AutoCombiner(probability_leaf="[0]")`` for one leaf of a tuple/dict output.
 
@@ -87,6 +88,7 @@ __all__ = [
     "leaf_paths",
     "non_finite_members",
     "resolve_combiner",
+    "saved_combiner",
     "weighted_vote",
 ]
 
@@ -220,6 +222,13 @@ class ClassLogitsLeaf:
             and (self.num_classes is None or leaf.shape[-1] == self.num_classes)
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What it learnt (kept in whole-ensemble checkpoints, so that a loaded ensemble combines as the saved one did)."""
+        return {"path": self.path, "num_classes": self.num_classes, "max_target": self.max_target}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.path, self.num_classes, self.max_target = state.get("path"), state.get("num_classes"), int(state.get("max_target", -1))
+
     def select(self, outputs: Any) -> Tensor | None:
         """The class-logits leaf of ``outputs`` (stacked), if it has one."""
         return next((leaf for path, leaf in leaf_paths(outputs) if self.matches(path, leaf)), None)
@@ -273,6 +282,16 @@ COMBINERS: dict[str, type[Combiner]] = registry(AutoCombiner, ProbabilityCombine
 def resolve_combiner(combine: str | Combiner) -> Combiner:
     """Returns a :class:`Combiner` for a registered name or an instance (``ValueError`` lists the names)."""
     return resolve(combine, "combine", Combiner, COMBINERS)
+
+
+def saved_combiner(combine: str | Combiner, section: Mapping[str, Any]) -> Combiner:
+    """``combine`` as the ensemble a whole-ensemble checkpoint's ``section`` was saved from combined: an ``"auto"`` rule that
+    has not learnt which output holds class logits takes what the saved one had learnt (``section["class_logits"]``)."""
+    combiner = copy.deepcopy(resolve_combiner(combine))
+    learnt = section.get("class_logits")
+    if isinstance(combiner, AutoCombiner) and combiner.logits.path is None and learnt and learnt.get("path") is not None:
+        combiner.logits.load_state_dict(learnt)
+    return combiner
 
 
 def non_finite_members(states: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -602,7 +621,7 @@ class Ensemble(nn.Module):
             states,
             weights=section.get("weights"),
             active=active,
-            combine=section.get("combine", "auto"),
+            combine=saved_combiner(section.get("combine", "auto"), section),
             temperature=float(section.get("temperature", 1.0)),
         )
         return ensemble.eval()

@@ -16,7 +16,6 @@ process hold the whole ensemble:
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ from hqde_lightning.member import MEMBER_KEY
 from hqde_lightning.member_callbacks import GroupCallback, GroupSWA, MemberCallback, MemberCopy
 from hqde_lightning.member_data import group_loader
 from hqde_lightning.member_lr import MEMBER_STATES
-from hqde_lightning.topology import aggregate
 from hqde_lightning.worker_strategy import WorkerStrategy, checkpoint_round
 
 __all__ = ["GATHER_ON_GPU_BYTES", "GroupStrategy"]
@@ -141,11 +139,11 @@ class GroupStrategy(WorkerStrategy):
         return entries
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Writes the whole ensemble: each member's entry, the consensus as the top-level ``state_dict``."""
+        """Writes the whole ensemble: each member's entry, what your module holds after the fit as the top-level ``state_dict``
+        (the consensus, or independent members' first one's: ``HQDEStrategy.module_state``)."""
         members = self.ensemble_entries(checkpoint)
-        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), [m["state_dict"] for m in members if m]).state
         own = members[self.group.member_ids[0]]
-        top = {**{k: v for k, v in own.items() if k != MEMBER_KEY}, "state_dict": consensus}
+        top = {**{k: v for k, v in own.items() if k != MEMBER_KEY}, "state_dict": self.hqde.module_state([m["state_dict"] for m in members if m])}
         section = ensemble_section(self.hqde, members, None, None, self.sync.sync_state())
         self.checkpoint_io.save_checkpoint(seal_checkpoint(top, section), filepath, storage_options=storage_options)
 

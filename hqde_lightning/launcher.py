@@ -47,7 +47,6 @@ from hqde_lightning.member import MirrorLogger
 from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
-from hqde_lightning.topology import aggregate
 from hqde_lightning.tuning import is_tuning, tune_first
 
 if TYPE_CHECKING:
@@ -256,8 +255,12 @@ class RayEnsembleLauncher(_Launcher):
             ensemble.set_weights(weights)
         strategy.ensemble = ensemble.eval()
         strategy.excluded_members = list(ensemble.excluded_members)
-        final = aggregate(strategy.aggregator, states, scores, members=[r.index for r in results])
-        model.load_state_dict(final.state)
+        model.load_state_dict(strategy.module_state(states, strategy.aggregator, scores, [r.index for r in results]))
+        if strategy.members_are_independent:
+            rank_zero_info(
+                f"HQDEStrategy: your module holds member {results[0].index}'s weights (an average of independently initialised members"
+                " is no trained model); `trainer.strategy.ensemble` holds every member."
+            )
 
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its
         # loops and callback states (e.g. the checkpoint callback's best/last paths) are the run's

@@ -16,7 +16,6 @@ what makes the process a member:
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -32,7 +31,6 @@ from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
 from hqde_lightning.strategy import HQDEStrategy
-from hqde_lightning.topology import aggregate
 from hqde_lightning.turns import resolve
 from hqde_lightning.worker_strategy import CheckpointWriter, WorkerStrategy, checkpoint_round
 
@@ -123,8 +121,7 @@ class MemberStrategy(WorkerStrategy):
         coordinator_state = resolve(coordinator.state_dict.remote())
         # the other members' snapshots are on the CPU; this member's own weights may be on its GPU
         states = [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in m["state_dict"].items()} for m in members if m]
-        consensus = aggregate(copy.deepcopy(self.hqde.aggregator), states).state
-        return ensemble_section(self.hqde, members, None, None, coordinator_state), consensus
+        return ensemble_section(self.hqde, members, None, None, coordinator_state), self.hqde.module_state(states)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:

@@ -9,8 +9,9 @@ Inside each member actor the trainer runs with
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -24,11 +25,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_members, ensemble_section, read_checkpoint, seal_checkpoint
-from hqde_lightning.ensemble import Combiner, Ensemble, resolve_combiner
+from hqde_lightning.ensemble import Combiner, Ensemble, non_finite_members, resolve_combiner, saved_combiner
 from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
-from hqde_lightning.topology import Flat, Topology, resolve_topology
+from hqde_lightning.topology import Flat, Topology, aggregate, resolve_topology
 from hqde_lightning.validation import ArgumentError, check_bool, check_choice, check_int, check_mapping, check_number, check_optional
 
 __all__ = ["HQDEStrategy"]
@@ -267,6 +268,26 @@ class HQDEStrategy(SingleDeviceStrategy):
             return (self.parallel_devices or [torch.device("cuda", 0)])[0]
         return torch.device("cpu")
 
+    @property
+    def members_are_independent(self) -> bool:
+        """Whether the members neither share a start nor ever sync (``sync="none"``, ``member_init="independent"``: a deep ensemble)."""
+        return self.sync == "none" and self.member_init == "independent"
+
+    def module_state(
+        self, states: Sequence[Mapping[str, Any]], aggregator: Aggregator | None = None, scores: Sequence[float | None] | None = None, members: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """The weights your module holds after the fit, and a whole-ensemble checkpoint's top-level ``state_dict``.
+
+        The members' consensus (``aggregator``'s, default a copy of this strategy's), unless the members are independent
+        (:attr:`members_are_independent`): then the first finite member's own weights (member 0, as its metrics show
+        under the plain names), since an average of independently initialised networks is no model anyone trained.
+        """
+        if self.members_are_independent:
+            non_finite = set(non_finite_members(states))
+            return dict(next((state for i, state in enumerate(states) if i not in non_finite), states[0]))
+        rule = aggregator if aggregator is not None else copy.deepcopy(self.aggregator)
+        return aggregate(rule, states, scores, members=members).state
+
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Writes ``checkpoint`` with the driver's ensemble (every member) in ``checkpoint['hqde']``.
@@ -305,7 +326,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         if section is not None and section.get("members") and self.lightning_module is not None:
             self.coordinator_state = dict(section.get("coordinator") or {})
             # the combiner of an ensemble already evaluated keeps what it learnt (which output holds class logits)
-            combiner = self.combiner if self.ensemble is None else self.ensemble.combiner
+            combiner = saved_combiner(self.combiner, section) if self.ensemble is None else self.ensemble.combiner
             states, active = ensemble_entries(checkpoint)
             self.ensemble = Ensemble.from_states(
                 self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner,

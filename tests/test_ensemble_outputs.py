@@ -336,3 +336,24 @@ def test_ignore_labels_count_in_no_built_in_metric(ray_session, tmp_path):
     assert results["ensemble/test_nll"] == pytest.approx(float(F.cross_entropy(combined, y[labelled])), abs=1e-5)
     for i in range(2):
         assert results[f"member_{i}/test_acc"] == pytest.approx(float((logits[i].argmax(-1) == y[labelled]).float().mean()), abs=1e-6)
+
+
+def test_a_saved_ensemble_combines_as_the_one_it_was_saved_from(ray_session, tmp_path):
+    """Which output evaluation showed to hold class logits is in the checkpoint: an ensemble loaded from it combines the
+    logits as probabilities, as the saved one did (before, it averaged them: other predictions from the same file)."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = _trainer(strategy, tmp_path)
+    model, dm = LogitsAndFeatures(), DigitsDataModule()
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    path = str(tmp_path / "ensemble.ckpt")
+    trainer.save_checkpoint(path)
+    x = dm.test.tensors[0][:128]
+    with torch.no_grad():
+        saved_logits, _ = strategy.ensemble(x)
+        loaded_logits, _ = Ensemble.load_from_checkpoint(path, LogitsAndFeatures)(x)
+    torch.testing.assert_close(loaded_logits, saved_logits)
+    fresh = _trainer(HQDEStrategy(num_members=2, sync="none", seed=0), tmp_path)
+    (predicted_logits, _), *_ = fresh.predict(LogitsAndFeatures(), DataLoader(TensorDataset(x), batch_size=128), ckpt_path=path)
+    torch.testing.assert_close(predicted_logits, saved_logits)
+    assert not torch.allclose(saved_logits, torch.stack([o[0] for o in _stacked_member_outputs(strategy.ensemble, x)]).mean(0))

@@ -94,12 +94,16 @@ def test_driver_state_matches_plain_fit(fits, tmp_path):
     assert os.path.isfile(trainer.checkpoint_callback.best_model_path)
 
 
-def test_driver_module_holds_consensus(fits):
-    _, strategy, model, _, _ = fits["none"]
+@pytest.mark.parametrize("sync", ["none", "elastic"])
+def test_driver_module_holds_the_consensus_of_synced_members_and_member_0_of_independent_ones(fits, sync):
+    """Members pulled together each epoch (``elastic``) leave your module their consensus; independently initialised,
+    never synced members (``none``, a deep ensemble) leave it member 0's own weights, a trained model (their average is
+    none: before, it was the module)."""
+    _, strategy, model, _, _ = fits[sync]
     members = [m.state_dict() for m in strategy.ensemble.members]
     for key, value in model.state_dict().items():
         if torch.is_floating_point(value):
-            expected = torch.stack([m[key] for m in members]).mean(0)
+            expected = torch.stack([m[key] for m in members]).mean(0) if sync == "elastic" else members[0][key]
             torch.testing.assert_close(value, expected)
 
 
@@ -140,9 +144,10 @@ def test_checkpoint_holds_every_member_and_rebuilds_without_ray(fits):
     ensemble = Ensemble.load_from_checkpoint(path, DigitsModule)
     x = dm.test.tensors[0][:64]
     torch.testing.assert_close(ensemble.predict_proba(x), strategy.ensemble.predict_proba(x))
-    # the checkpoint's state_dict is the consensus: plain Lightning loading gives the consensus model
-    consensus = DigitsModule.load_from_checkpoint(path)
-    torch.testing.assert_close(consensus.net[0].weight, model.net[0].weight)
+    # the checkpoint's state_dict is what the module holds after the fit (independent members: member 0's own)
+    loaded = DigitsModule.load_from_checkpoint(path)
+    torch.testing.assert_close(loaded.net[0].weight, model.net[0].weight)
+    torch.testing.assert_close(loaded.net[0].weight, section["members"][0]["state_dict"]["net.0.weight"])
 
 
 def test_resume_reproduces_saved_members(ray_session, tmp_path):
