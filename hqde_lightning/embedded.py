@@ -33,7 +33,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
+from lightning.pytorch.utilities.exceptions import _TunerExitException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -42,7 +44,7 @@ from hqde_lightning.attributes import callback_attributes, changed_attributes, f
 from hqde_lightning.checkpoint import capture_host_rng_states, state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
-from hqde_lightning.group import MemberGroup, unsupported_hooks
+from hqde_lightning.group import GroupUnsupported, MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, reinitialise, seed_drawn_attributes, sync_state
 from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
@@ -334,6 +336,23 @@ def _finalized_by_the_driver(loggers: Sequence[Logger]) -> Iterator[None]:
             del logger.finalize
 
 
+def _fit_as_lightning_does(trainer: Trainer, fit: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Runs the group's ``fit`` as Lightning's entry point runs a fit: when it fails (Ctrl-C too), the group's trainer calls
+    ``on_exception`` of its callbacks (your callbacks' member copies: an ``OnExceptionCheckpoint`` writes the members'
+    checkpoint, as each member's own fit would), your datamodule and its strategy, and tears down; the exception goes on
+    to the driver, whose own trainer does the same. A group refusing your module (:class:`GroupUnsupported`, before its
+    first step) is no failure of the fit: the members then train in their other runtime."""
+    try:
+        fit(*args, **kwargs)
+    except (GroupUnsupported, _TunerExitException):
+        raise
+    except BaseException as exception:
+        _interrupt(trainer, exception)
+        trainer._teardown()
+        trainer.state.stage = None  # (as Lightning leaves it)
+        raise
+
+
 def fit_group(
     hqde: Any,
     trainer: Trainer,
@@ -378,7 +397,7 @@ def fit_group(
     trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
     trainer.callbacks = [sync, ValidationDraws(group)] + member_callbacks(callbacks, group)
     seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
-    getattr(trainer, function_name)(*bound.args, **bound.kwargs)
+    _fit_as_lightning_does(trainer, getattr(trainer, function_name), *bound.args, **bound.kwargs)
     metrics = trainer.callback_metrics
     callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
     # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)

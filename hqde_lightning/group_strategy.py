@@ -153,7 +153,7 @@ class GroupStrategy(WorkerStrategy):
         checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
         k = self.group.num_members
-        if section is None:  # a plain checkpoint: each member gets its own copy of it (your `on_load_checkpoint` may change it)
+        if not (section and section.get("members")):  # a plain checkpoint (or one saved before any fit): each member gets its own copy
             entries = [{**checkpoint, "state_dict": dict(checkpoint["state_dict"])} for _ in range(k)]
         else:
             if int(section["num_members"]) != self.hqde.num_members:

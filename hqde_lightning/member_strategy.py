@@ -141,7 +141,7 @@ class MemberStrategy(WorkerStrategy):
         checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
         index = self.context.index
-        if section is not None:
+        if section and section.get("members"):  # (one saved before any fit holds none: its top level is the module's)
             saved = int(section["num_members"])
             if saved != self.num_members:
                 raise MisconfigurationException(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -21,10 +22,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggregator, TrimmedMean, resolve_aggregator
-from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_members, ensemble_section, read_checkpoint, seal_checkpoint
+from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_members, ensemble_section, load_checkpoint_file, read_checkpoint, seal_checkpoint
 from hqde_lightning.ensemble import Combiner, Ensemble, non_finite_members, resolve_combiner, saved_combiner
 from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
@@ -39,6 +40,16 @@ MemberInit = Literal["independent", "shared"]
 MEMBER_INITS: tuple[str, ...] = get_args(MemberInit)
 ScoreMode = Literal["max", "min"]
 FailurePolicy = Literal["fail", "continue"]
+
+
+def _holds_members(filepath: _PATH) -> bool:
+    """Whether ``filepath`` is a local whole-ensemble checkpoint that holds members' states."""
+    if not os.path.isfile(filepath):
+        return False
+    try:
+        return bool((load_checkpoint_file(filepath).get(HQDE_KEY) or {}).get("members"))
+    except Exception:  # not one of ours, or damaged: Lightning's own saving goes on as in a plain fit
+        return False
 
 
 class HQDEStrategy(SingleDeviceStrategy):
@@ -293,8 +304,13 @@ class HQDEStrategy(SingleDeviceStrategy):
         """Writes ``checkpoint`` with the driver's ensemble (every member) in ``checkpoint['hqde']``.
 
         The section also gets the SHA-256 checksums of the consensus and of every member's
-        weights, verified whenever the file is loaded.
+        weights, verified whenever the file is loaded. Holding no ensemble (a fit that failed),
+        it leaves a file that holds members alone: the members' copies of an
+        ``OnExceptionCheckpoint`` wrote their states there as they failed.
         """
+        if self.ensemble is None and _holds_members(filepath):
+            rank_zero_info(f"HQDEStrategy: kept {filepath}: it holds the members' states, which this driver, without an ensemble, would replace with none.")
+            return
         section = ensemble_section(self, *ensemble_members(self.ensemble, self._final_checkpoints, self.num_members), self.coordinator_state)
         section["temperature"] = 1.0 if self.ensemble is None else float(self.ensemble.temperature)
         self.checkpoint_io.save_checkpoint(seal_checkpoint(checkpoint, section), filepath, storage_options=storage_options)

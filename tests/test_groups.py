@@ -1210,6 +1210,50 @@ def test_group_step_checkpoint_holds_every_member_as_of_that_step(tmp_path):
     assert Ensemble.load_from_checkpoint(path, DigitsModule).num_members == 3
 
 
+class FailsAtEpoch1(Net):
+    """``Net`` whose training step raises at epoch 1, batch 2 (``fails=True``)."""
+
+    def __init__(self, fails: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    def training_step(self, batch, batch_idx):
+        if self.hparams.fails and self.current_epoch == 1 and batch_idx == 2:
+            raise ValueError("raised by training_step at epoch 1")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failing_group_fit_runs_on_exception_as_each_members_fit_and_resumes_from_its_checkpoint(tmp_path):
+    """When the step raises, each member's copy of ``OnExceptionCheckpoint`` runs, and the file holds every member at the
+    failing step; resuming from it ends where each member alone, failed and resumed the same way, ends (before, the
+    group's trainer never ran ``on_exception`` and the driver wrote a file holding no member over it)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+
+    hparams = dict(optimizer="adam", batchnorm=False)
+    fit = dict(FIT, max_epochs=3, enable_checkpointing=True)
+    solo = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        model = FailsAtEpoch1(**hparams)
+        saving = OnExceptionCheckpoint(str(tmp_path / f"alone{i}"))
+        with pytest.raises(ValueError, match="at epoch 1"):
+            quiet_trainer(**fit, callbacks=[MemberOrderEpochs(), saving]).fit(model, member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True))
+        resumed = FailsAtEpoch1(fails=False, **hparams)
+        loader = member_loader(train_loader(), SEED, i, 1, False, print, fill_generators=True)  # the order of the epoch it resumes
+        quiet_trainer(**fit, callbacks=[MemberOrderEpochs()]).fit(resumed, loader, ckpt_path=saving.ckpt_path)
+        solo.append(resumed.state_dict())
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    saving = OnExceptionCheckpoint(str(tmp_path / "group"))
+    with pytest.raises(ValueError, match="at epoch 1"):
+        quiet_trainer(strategy=strategy, **fit, callbacks=[saving]).fit(FailsAtEpoch1(**hparams), train_loader())
+    section = load_checkpoint_file(saving.ckpt_path)[HQDE_KEY]
+    assert [m["global_step"] for m in section["members"]] == [10] * MEMBERS  # 8 steps of epoch 0, 2 of epoch 1
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=strategy, **fit).fit(FailsAtEpoch1(fails=False, **hparams), train_loader(), ckpt_path=saving.ckpt_path)
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
+
+
 def test_byzantine_members_in_a_group_send_what_their_actors_send(ray_session):
     """ByzantineMembers in a group: member 1's copy corrupts only member 1's payload, and the rounds match member actors'."""
     from hqde_lightning.callbacks import ByzantineMembers
