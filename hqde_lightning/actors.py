@@ -45,7 +45,7 @@ from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
-from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, reinitialise, seed_drawn_attributes, tree_to_cpu, use_mirror_loggers
+from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, go_on_from, reinitialise, seed_drawn_attributes, tree_to_cpu, use_mirror_loggers
 from hqde_lightning.member_strategy import MemberStrategy
 from hqde_lightning.turns import resolve
 
@@ -421,7 +421,9 @@ class MemberActor:
         module = arguments["model"]
         # taken before the member's independent init: the attributes it draws in `__init__` come back too
         before, callbacks = fingerprints(plain_attributes(module)), yours(trainer.callbacks)
-        if hqde.member_init == "independent":
+        if context.index in hqde.continued_members:  # the same module fitted again: where the last fit left the member
+            go_on_from(module, hqde.continued_members[context.index])
+        elif hqde.member_init == "independent":
             self._independent_init(arguments, context)
         callbacks_before = {key: fingerprints(vars(cb)) for key, cb in callbacks.items()}
         with worker_fit(trainer, f"member {context.index}'s", restart_dir):

@@ -46,7 +46,7 @@ from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_membe
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import GroupUnsupported, MemberGroup, unsupported_hooks
 from hqde_lightning.group_strategy import GroupStrategy
-from hqde_lightning.member import SyncCodec, confidence, reinitialise, seed_drawn_attributes, sync_state
+from hqde_lightning.member import SyncCodec, confidence, go_on_from, reinitialise, seed_drawn_attributes, sync_state
 from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
 from hqde_lightning.topology import LocalExecutor
@@ -372,12 +372,14 @@ def fit_group(
     model: LightningModule = bound.arguments["model"]
     resuming = bound.arguments.get("ckpt_path") is not None
     independent = hqde.member_init == "independent" and not resuming
-    drawn = seed_drawn_attributes(model) if independent else []
+    drawn = seed_drawn_attributes(model) if independent and len(hqde.continued_members) < len(member_ids) else []
     members, rng_states, host_rng_states = [], [], []
     for i in member_ids:
         seed_everything(hqde.seed + i, workers=True, verbose=False)
         member = copy.deepcopy(model)
-        if independent:
+        if i in hqde.continued_members:  # the same module fitted again: where the last fit left the member
+            go_on_from(member, hqde.continued_members[i])
+        elif independent:
             notice, fallback = reinitialise(member, drawn)
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)

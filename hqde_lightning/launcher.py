@@ -43,7 +43,7 @@ from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
 from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
-from hqde_lightning.member import MirrorLogger
+from hqde_lightning.member import MirrorLogger, member_starts
 from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
@@ -117,6 +117,12 @@ class RayEnsembleLauncher(_Launcher):
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
+        # the module the last fit trained, fitted again by this trainer: its members go on from where they ended, as a plain
+        # fit goes on from the module's weights (not drawn afresh)
+        goes_on = strategy.ensemble is not None and model is strategy.trained_module and bound.arguments.get("ckpt_path") is None
+        strategy.continued_members = member_starts(strategy.ensemble) if goes_on else {}
+        if goes_on:
+            rank_zero_info("HQDEStrategy: the members go on from where the last fit of this module left them (`strategy.ensemble`).")
         with tune_first(trainer, function, bound):
             _prepare_data(model, bound)
             self._actors = None
@@ -132,11 +138,13 @@ class RayEnsembleLauncher(_Launcher):
                 results, final_snapshots, strategy.coordinator_state = outcome
                 _check_score_metric(strategy.score_metric, results)
                 self._recover(trainer, model, results)
+                strategy.trained_module = model
                 _attach_fit_data(trainer, model, bound)
                 # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
                 strategy.keep_final_checkpoints(final_snapshots)
                 self._call_ensemble_hooks(trainer, bound)
             finally:
+                strategy.continued_members = {}
                 if self._actors is not None:
                     self._actors.close()
         return None

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
-from hqde_lightning.attributes import drawn_attributes, plain_attributes
+from hqde_lightning.attributes import changed_attributes, drawn_attributes, plain_attributes
 from hqde_lightning.checkpoint import capture_rng_states
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, load_buffers, non_persistent_buffers, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
@@ -378,6 +379,26 @@ class MemberSync(Callback):
         posted = self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot), final)
         if final:
             resolve(posted)
+
+
+def member_starts(ensemble: Any) -> dict[int, dict[str, Any]]:
+    """Each member of ``ensemble`` by index: its weights, non-persistent buffers and plain attributes, where a fit that goes
+    on from this ensemble starts it (:func:`go_on_from`)."""
+    return {
+        index: {
+            "state_dict": {k: v.detach().cpu().clone() for k, v in member.state_dict().items()},
+            "buffers": {k: v.detach().cpu().clone() for k, v in non_persistent_buffers(member).items()},
+            "attributes": changed_attributes(plain_attributes(member), {}),
+        }
+        for index, member in zip(ensemble.member_ids, ensemble.members)
+    }
+
+
+def go_on_from(module: LightningModule, start: Mapping[str, Any]) -> None:
+    """Puts a member's ``start`` (:func:`member_starts`) into ``module``: its weights, buffers and attributes."""
+    module.load_state_dict(start["state_dict"])
+    load_buffers(module, start["buffers"])
+    vars(module).update(copy.deepcopy(start["attributes"]))
 
 
 def rebuild(module: LightningModule) -> LightningModule:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -236,6 +237,11 @@ class HQDEStrategy(SingleDeviceStrategy):
         #: members left out of :attr:`ensemble` because their weights held NaN or Inf (after the
         #: last fit or checkpoint load); logged as ``ensemble/excluded_members`` (their number)
         self.excluded_members: list[int] = []
+        #: the module the last fit trained (driver): fitting it again with this trainer goes on from :attr:`ensemble`
+        self.trained_module: LightningModule | None = None
+        #: while a fit goes on from the last one's ensemble (the same module fitted again, no ``ckpt_path``), each member's
+        #: start there by index (:func:`~hqde_lightning.member.member_starts`), sent to the members with the fit
+        self.continued_members: dict[int, dict[str, Any]] = {}
         self.parallel_devices: list[torch.device] | None = None
         self._num_nodes = 1
         # driver: each member's full Lightning checkpoint from the end of the last fit (weights of
@@ -359,6 +365,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         state["ensemble"] = None
         state["sync_history"] = []
         state["_final_checkpoints"] = {}
+        state["trained_module"] = None
         return state
 
     def __repr__(self) -> str:

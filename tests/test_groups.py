@@ -1254,6 +1254,34 @@ def test_a_failing_group_fit_runs_on_exception_as_each_members_fit_and_resumes_f
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
 
 
+class NetInThreads(Net):
+    def on_validation_model_eval(self) -> None:  # a hook a member group does not run: the members train in threads
+        super().on_validation_model_eval()
+
+
+@pytest.mark.parametrize("module", [Net, NetInThreads], ids=["group", "threads"])
+def test_fitting_the_same_module_again_goes_on_from_where_the_members_ended(module):
+    """The same trainer fits the same module again with more epochs: each member goes on from its weights, as a plain fit
+    goes on from the module's (before, the members were drawn afresh and the first fit's training was lost)."""
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    solo = []
+    for i in range(MEMBERS):
+        pl.seed_everything(SEED + i, verbose=False)
+        model, trainer = module(**hparams), quiet_trainer(**FIT, callbacks=[MemberOrderEpochs()])
+        loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
+        trainer.fit(model, loader)
+        trainer.fit_loop.max_epochs = 4
+        trainer.fit(model, loader)
+        solo.append(model.state_dict())
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    model, trainer = module(**hparams), quiet_trainer(strategy=strategy, **FIT)
+    trainer.fit(model, train_loader())
+    trainer.fit_loop.max_epochs = 4
+    trainer.fit(model, train_loader())
+    assert trainer.global_step == 4 * FIT["limit_train_batches"]
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
+
+
 def test_byzantine_members_in_a_group_send_what_their_actors_send(ray_session):
     """ByzantineMembers in a group: member 1's copy corrupts only member 1's payload, and the rounds match member actors'."""
     from hqde_lightning.callbacks import ByzantineMembers
