@@ -925,6 +925,8 @@ class MemberGroup(LightningModule):
         or after ``optimizer.step(closure=optimizer_closure)``, are every member's.
         """
         self._group_hook("optimizer_step", epoch, batch_idx, optimizer, optimizer_closure)
+        # stopped members back as they stopped at once: a checkpoint your callbacks write at this batch's end holds them so
+        self._restore_frozen()
         if self.learning_rates is not None:
             self.learning_rates.finish_step()
 

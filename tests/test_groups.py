@@ -1254,6 +1254,33 @@ def test_a_failing_group_fit_runs_on_exception_as_each_members_fit_and_resumes_f
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo)
 
 
+class StopsMember0(Net):
+    """Member 0 stops at the end of epoch 0 (``trainer.should_stop`` in its own hook stops that member only)."""
+
+    def on_train_epoch_end(self) -> None:
+        if self.trainer.strategy.member_index == 0 and self.current_epoch == 0:
+            self.trainer.should_stop = True
+
+
+def test_step_checkpoints_hold_a_stopped_member_as_it_stopped(tmp_path):
+    """Checkpoints written at a batch's end after a member stopped hold it as it stopped (before, its entry had moved by
+    the step the group had just made: it runs in the stack all the same and is put back later)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=-1)
+    trainer = quiet_trainer(strategy=strategy, **dict(FIT, max_epochs=3), callbacks=[checkpoints], enable_checkpointing=True)
+    trainer.fit(StopsMember0(optimizer="sgd", batchnorm=False), train_loader())
+    stopped = strategy.ensemble.members[0].state_dict()
+    later = [load_checkpoint_file(str(tmp_path / f"epoch={s // 8}-step={s}.ckpt"))[HQDE_KEY]["members"] for s in (9, 12, 15, 18, 21)]
+    for members in later:
+        for key, value in stopped.items():
+            torch.testing.assert_close(members[0]["state_dict"][key], value, rtol=0, atol=0)
+    assert not torch.equal(later[0][1]["state_dict"]["net.0.weight"], later[-1][1]["state_dict"]["net.0.weight"])  # member 1 trains on
+
+
 class NetInThreads(Net):
     def on_validation_model_eval(self) -> None:  # a hook a member group does not run: the members train in threads
         super().on_validation_model_eval()
