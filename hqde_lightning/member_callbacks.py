@@ -55,7 +55,10 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import BaseFinetuning, BasePredictionWriter, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import (
+    BaseFinetuning, BasePredictionWriter, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary, ProgressBar, RichModelSummary, StochasticWeightAveraging,
+    ThroughputMonitor, WeightAveraging,
+)
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -65,9 +68,10 @@ from hqde_lightning.callbacks.byzantine import ByzantineMembers
 from hqde_lightning.callbacks.noise import QuantumNoise
 from hqde_lightning.callbacks.quantization import AdaptiveQuantization
 from hqde_lightning.group import CHECKPOINT_HOOKS, MEMBER_HOOKS, MemberGroup
+from hqde_lightning.member_data import member_batch
 
 __all__ = [
-    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberFinetuning", "MemberQuantumNoise",
+    "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupThroughputMonitor", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberFinetuning", "MemberQuantumNoise",
     "callback_blocker", "is_group_callback", "member_callbacks", "needs_member_attributes", "runs_per_member",
 ]
 
@@ -539,6 +543,29 @@ class GroupRichModelSummary(GroupModelSummary, RichModelSummary):
     """Lightning's ``RichModelSummary`` for a whole member group (see :class:`GroupModelSummary`)."""
 
 
+class GroupThroughputMonitor(GroupCallback, ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` for a whole member group (build it with :meth:`of`): the samples (and lengths) every
+    member processes. Your ``batch_size_fn`` and ``length_fn`` get each training member's own batch, as in its own fit,
+    and the counts add up; a validation batch, which every member evaluates, counts once per member. (Over the group's
+    stacked batch they would count members, not samples.)"""
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, iter_num: int) -> None:
+        sizes, lengths = self.batch_size_fn, self.length_fn
+        self.batch_size_fn = self._members(sizes, trainer.training)
+        self.length_fn = None if lengths is None else self._members(lengths, trainer.training)
+        try:
+            super()._update(trainer, pl_module, batch, iter_num)
+        finally:
+            self.batch_size_fn, self.length_fn = sizes, lengths
+
+    def _members(self, count: Callable[[Any], int], training: bool) -> Callable[[Any], int]:
+        """``count`` over the members a batch holds: each training member's own batch, or the shared one per member."""
+        training_members = [i for i, stopped in enumerate(self.group.frozen) if not stopped]
+        if training:
+            return lambda stacked: sum(count(member_batch(stacked, i)) for i in training_members)
+        return lambda batch: count(batch) * self.group.num_members
+
+
 class MembersSummary(Summary):
     """Lightning's summary of ``module`` (one member), its totals those of ``members`` members."""
 
@@ -607,6 +634,7 @@ class GroupLearningRateMonitor(GroupCallback, LearningRateMonitor):
 #: Lightning's callbacks a member group runs once, as a version that knows the group's members
 _ONCE_FOR_THE_GROUP: dict[type[Callback], type[GroupCallback]] = {
     StochasticWeightAveraging: GroupSWA, LearningRateMonitor: GroupLearningRateMonitor, ModelSummary: GroupModelSummary, RichModelSummary: GroupRichModelSummary,
+    ThroughputMonitor: GroupThroughputMonitor,
 }
 #: the callbacks a member group replaces by one copy per member
 _COPIES: dict[type[Callback], type[MemberCopy]] = {

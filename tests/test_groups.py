@@ -1281,6 +1281,28 @@ def test_step_checkpoints_hold_a_stopped_member_as_it_stopped(tmp_path):
     assert not torch.equal(later[0][1]["state_dict"]["net.0.weight"], later[-1][1]["state_dict"]["net.0.weight"])  # member 1 trains on
 
 
+def test_throughput_monitor_counts_the_samples_every_member_trains(tmp_path):
+    """``ThroughputMonitor``'s ``batch_size_fn`` gets each member's own batch in a group, as in the member's fit, and the
+    samples add up: k members x steps x batch size (before, it got the stacked batch and counted members)."""
+    import csv
+
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    def batch_size(batch):
+        assert batch[0].shape == (32, 64), "a member's own batch"
+        return batch[0].size(0)
+
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    logger = CSVLogger(str(tmp_path), name="", version="")
+    trainer = quiet_trainer(strategy=strategy, **FIT, logger=logger, log_every_n_steps=1, callbacks=[ThroughputMonitor(batch_size_fn=batch_size, window_size=2)])
+    trainer.fit(Net(optimizer="sgd", batchnorm=False), train_loader())
+    with open(tmp_path / "metrics.csv") as f:
+        samples = [float(row["train/samples"]) for row in csv.DictReader(f) if row.get("train/samples")]
+    steps = FIT["max_epochs"] * FIT["limit_train_batches"]
+    assert samples[-1] == MEMBERS * 32 * steps
+
+
 class NetInThreads(Net):
     def on_validation_model_eval(self) -> None:  # a hook a member group does not run: the members train in threads
         super().on_validation_model_eval()
