@@ -340,6 +340,8 @@ class MemberResult:
     attributes: dict[str, Any] = field(default_factory=dict)
     #: per ``state_key``, what the fit added to or changed in your callbacks' attributes (:func:`~hqde_lightning.attributes.callback_attributes`)
     callback_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: in a member group, the epoch the member stopped early in (its fit loop's state is the group's), else ``None``
+    stopped_in_epoch: int | None = None
 
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state

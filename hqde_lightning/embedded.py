@@ -423,6 +423,7 @@ def fit_group(
                 buffers=state_to_numpy(group.stack.member_buffers(i, saved=False)),
                 attributes=changed_attributes(group.member_attributes(i), before),
                 callback_attributes=changed_callbacks,
+                stopped_in_epoch=group.frozen_at.get(i),
             )
         )
     return results, sync

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -266,13 +267,13 @@ class RayEnsembleLauncher(_Launcher):
         model.load_state_dict(strategy.module_state(states, strategy.aggregator, scores, [r.index for r in results]))
         if strategy.members_are_independent:
             rank_zero_info(
-                f"HQDEStrategy: your module holds member {results[0].index}'s weights (an average of independently initialised members"
+                f"HQDEStrategy: your module holds member {ensemble.member_ids[0]}'s weights (an average of independently initialised members"
                 " is no trained model); `trainer.strategy.ensemble` holds every member."
             )
 
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its
         # loops and callback states (e.g. the checkpoint callback's best/last paths) are the run's
-        lead = max(results, key=lambda r: (_progress(r), -r.index))
+        lead = max(results, key=lambda r: (_progress(r), math.inf if r.stopped_in_epoch is None else r.stopped_in_epoch, -r.index))
         trainer.fit_loop.load_state_dict(lead.fit_loop_state)
         trainer.fit_loop.restarting = False
         trainer.state = lead.trainer_state

@@ -1279,6 +1279,9 @@ def test_step_checkpoints_hold_a_stopped_member_as_it_stopped(tmp_path):
         for key, value in stopped.items():
             torch.testing.assert_close(members[0]["state_dict"][key], value, rtol=0, atol=0)
     assert not torch.equal(later[0][1]["state_dict"]["net.0.weight"], later[-1][1]["state_dict"]["net.0.weight"])  # member 1 trains on
+    # the plain names show the values of the member that trained longest (the first of them), as with member actors
+    metrics = trainer.callback_metrics
+    assert float(metrics["train_loss_epoch"]) == float(metrics["member_1/train_loss_epoch"]) != float(metrics["member_0/train_loss_epoch"])
 
 
 def test_throughput_monitor_counts_the_samples_every_member_trains(tmp_path):
