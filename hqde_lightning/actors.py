@@ -342,6 +342,9 @@ class MemberResult:
     callback_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: in a member group, the epoch the member stopped early in (its fit loop's state is the group's), else ``None``
     stopped_in_epoch: int | None = None
+    #: what its fit left in ``trainer.logged_metrics`` and ``trainer.progress_bar_metrics`` (scalars)
+    logged_metrics: dict[str, float] = field(default_factory=dict)
+    progress_bar_metrics: dict[str, float] = field(default_factory=dict)
 
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
@@ -444,6 +447,8 @@ class MemberActor:
             buffers=state_to_numpy(non_persistent_buffers(trainer.lightning_module)),
             attributes=changed_attributes(plain_attributes(module), before),
             callback_attributes=callback_attributes(callbacks, callbacks_before),
+            logged_metrics={k: float(v) for k, v in trainer.logged_metrics.items() if _is_scalar(v)},
+            progress_bar_metrics={k: float(v) for k, v in trainer.progress_bar_metrics.items() if _is_scalar(v)},
         )
 
 

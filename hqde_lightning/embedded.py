@@ -400,7 +400,7 @@ def fit_group(
     trainer.callbacks = [sync, ValidationDraws(group)] + member_callbacks(callbacks, group)
     seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
     _fit_as_lightning_does(trainer, getattr(trainer, function_name), *bound.args, **bound.kwargs)
-    metrics = trainer.callback_metrics
+    metrics, logged, progress_bar = trainer.callback_metrics, trainer.logged_metrics, set(trainer.progress_bar_metrics)
     callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
     # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)
     callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
@@ -411,11 +411,12 @@ def fit_group(
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"
+        own = {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and _is_scalar(v)}
         results.append(
             MemberResult(
                 index=member,
                 state_dict=state_to_numpy(group.stack.member_state_dict(i)),
-                callback_metrics={k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and _is_scalar(v)},
+                callback_metrics=own,
                 fit_loop_state=trainer.fit_loop.state_dict(),
                 callbacks_state=callbacks_state,
                 trainer_state=trainer.state,
@@ -424,6 +425,8 @@ def fit_group(
                 attributes=changed_attributes(group.member_attributes(i), before),
                 callback_attributes=changed_callbacks,
                 stopped_in_epoch=group.frozen_at.get(i),
+                logged_metrics={k[len(prefix):]: float(v) for k, v in logged.items() if k.startswith(prefix) and _is_scalar(v)},
+                progress_bar_metrics={k: v for k, v in own.items() if k in progress_bar},  # (the group's bar shows its first member's)
             )
         )
     return results, sync

@@ -1306,6 +1306,32 @@ def test_throughput_monitor_counts_the_samples_every_member_trains(tmp_path):
     assert samples[-1] == MEMBERS * 32 * steps
 
 
+class LogsToTheBar(Net):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("bar_only", 2 * loss, prog_bar=True, logger=False)
+        return loss
+
+
+@pytest.mark.parametrize("module", [LogsToTheBar, "threads"], ids=["group", "threads"])
+def test_logged_and_progress_bar_metrics_are_what_a_plain_fit_leaves(module):
+    """``trainer.logged_metrics`` and ``trainer.progress_bar_metrics`` after the fit hold a plain fit's names with the
+    first member's values (and ``logged_metrics`` every member's as ``member_{i}/...``); before, both were empty."""
+    if module == "threads":
+        module = type("LogsToTheBarInThreads", (LogsToTheBar, NetInThreads), {})
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    (alone, plain), *_ = solo_fits(hparams, module)
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, **FIT)
+    trainer.fit(module(**hparams), train_loader())
+    for name, value in plain.logged_metrics.items():
+        assert float(trainer.logged_metrics[name]) == pytest.approx(float(value), abs=1e-5)
+        assert float(trainer.logged_metrics[f"member_0/{name}"]) == pytest.approx(float(value), abs=1e-5)
+    assert f"member_{MEMBERS - 1}/train_loss_epoch" in trainer.logged_metrics
+    assert trainer.progress_bar_metrics.keys() == plain.progress_bar_metrics.keys() == {"bar_only"}
+    assert trainer.progress_bar_metrics["bar_only"] == pytest.approx(plain.progress_bar_metrics["bar_only"], abs=1e-5)
+
+
 class NetInThreads(Net):
     def on_validation_model_eval(self) -> None:  # a hook a member group does not run: the members train in threads
         super().on_validation_model_eval()
