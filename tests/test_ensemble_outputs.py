@@ -268,36 +268,29 @@ def test_integer_outputs_are_the_members_weighted_majority_vote():
     assert not torch.equal(majority, classes[0])
 
 
-class ClassOrderedTest(DigitsModule):
+def _fitted_on_digits(module: type[DigitsModule], tmp_path) -> tuple[pl.Trainer, HQDEStrategy, DigitsModule, list[torch.Tensor]]:
+    """``module`` fitted as a 2-member ensemble on the digits: the trainer, its strategy, the module and the test tensors."""
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
+    trainer = _trainer(strategy, tmp_path)
+    model, dm = module(), DigitsDataModule()
+    trainer.fit(model, datamodule=dm)
+    dm.setup("test")
+    return trainer, strategy, model, dm.test.tensors
+
+
+class ClassOrderedTest(LogitsAndFeatures):
     """``forward`` returns ``(logits (batch, 10), features (batch, 8))``: fewer feature columns than classes, so the
     targets of a test set ordered by class fit the features too on its first batches."""
 
     def forward(self, x: torch.Tensor):
         return self.net(x), self.net[0](x)[:, :8]
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x)[0], y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x)[0], y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_loss", F.cross_entropy(self(x)[0], y))
-
 
 def test_class_ordered_evaluation_data_counts_every_batch_with_the_class_logits(ray_session, tmp_path):
     """The features fit the targets of the first batches (classes 0-4), the logits every batch: the built-in metrics
     are those of the logits over every batch, and a warning says the first batches' combined output used the features
     (before, the metrics came from the features' batches only: 0.120 against 0.277 for one member)."""
-    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
-    trainer = _trainer(strategy, tmp_path)
-    model, dm = ClassOrderedTest(), DigitsDataModule()
-    trainer.fit(model, datamodule=dm)
-    dm.setup("test")
-    x, y = dm.test.tensors
+    trainer, strategy, model, (x, y) = _fitted_on_digits(ClassOrderedTest, tmp_path)
     order = y.argsort(stable=True)
     x, y = x[order], y[order]
     with pytest.warns(UserWarning, match=r"output '\[0\]' holds the class logits: targets up to \d showed that '\[1\]'"):
@@ -321,12 +314,7 @@ class IgnoredLabels(DigitsModule):
 def test_ignore_labels_count_in_no_built_in_metric(ray_session, tmp_path):
     """Targets of -100 are left out of the ensemble's and the members' metrics, as ``F.cross_entropy`` leaves them out
     of the loss (before, the evaluation failed with an index error)."""
-    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
-    trainer = _trainer(strategy, tmp_path)
-    model, dm = IgnoredLabels(), DigitsDataModule()
-    trainer.fit(model, datamodule=dm)
-    dm.setup("test")
-    x, y = dm.test.tensors
+    trainer, strategy, model, (x, y) = _fitted_on_digits(IgnoredLabels, tmp_path)
     with_ignored = y.clone()
     with_ignored[::7] = -100
     (results,) = trainer.test(model, DataLoader(TensorDataset(x, with_ignored), batch_size=100), verbose=False)
@@ -341,14 +329,11 @@ def test_ignore_labels_count_in_no_built_in_metric(ray_session, tmp_path):
 def test_a_saved_ensemble_combines_as_the_one_it_was_saved_from(ray_session, tmp_path):
     """Which output evaluation showed to hold class logits is in the checkpoint: an ensemble loaded from it combines the
     logits as probabilities, as the saved one did (before, it averaged them: other predictions from the same file)."""
-    strategy = HQDEStrategy(num_members=2, sync="none", seed=0)
-    trainer = _trainer(strategy, tmp_path)
-    model, dm = LogitsAndFeatures(), DigitsDataModule()
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
+    trainer, strategy, model, (x, y) = _fitted_on_digits(LogitsAndFeatures, tmp_path)
+    trainer.test(model, DataLoader(TensorDataset(x, y), batch_size=100), verbose=False)
     path = str(tmp_path / "ensemble.ckpt")
     trainer.save_checkpoint(path)
-    x = dm.test.tensors[0][:128]
+    x = x[:128]
     with torch.no_grad():
         saved_logits, _ = strategy.ensemble(x)
         loaded_logits, _ = Ensemble.load_from_checkpoint(path, LogitsAndFeatures)(x)
