@@ -34,7 +34,8 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   under the plain names; setting ``trainer.should_stop`` stops that member only. Steps of such a
   module (or with callbacks of yours, see :mod:`hqde_lightning.member_callbacks`) run member by
   member: vmap cannot keep per-member attributes. So do steps of members whose attributes differ
-  from the start (your ``__init__`` draws them at random, see :mod:`hqde_lightning.attributes`);
+  from the start (your ``__init__`` draws them at random, see :mod:`hqde_lightning.attributes`, or an earlier fit of
+  the same module left them so);
 * the batch-transfer hooks (:data:`BATCH_HOOKS`, your datamodule's or your module's, as Lightning
   chooses) change each member's own training batch, as that member (its own random
   augmentation), and the members' shared validation batch once.
@@ -208,7 +209,7 @@ class MemberGroup(LightningModule):
         elif self.per_member:
             self._loop_only(vectorize, sorted(self.hooks), list(member_callbacks))
         elif drawn := differing(self.stack.member_attributes):
-            self._without_vmap(vectorize, f"the members' attributes {drawn} differ (your `__init__` draws them at random), and vmapped code runs once, with one member's")
+            self._without_vmap(vectorize, f"the members' attributes {drawn} differ (drawn at random in your `__init__`, or kept from an earlier fit), and vmapped code runs once, with one member's")
         elif (why := vmap_miscomputes(module)) is not None:  # the forward pass is right: validation keeps vmap
             self._without_vmap(vectorize, why, validation=False)
         #: the step methods vmap has run once (a later failure is an error, not a reason to loop)
