@@ -52,15 +52,16 @@ __all__ = [
     "member_resume_checkpoint",
     "HQDE_KEY",
     "AtomicCheckpointIO",
-    "capture_host_rng_states",
     "capture_rng_states",
     "ensemble_entries",
     "ensemble_members",
     "ensemble_section",
     "load_checkpoint_file",
+    "loaded_host_rng",
     "member_checksums",
     "read_checkpoint",
     "restore_rng_states",
+    "saved_host_rng",
     "seal_checkpoint",
     "state_digest",
     "to_safe_types",
@@ -328,16 +329,24 @@ def to_safe_types(obj: Any) -> Any:
     return obj
 
 
-def capture_host_rng_states() -> dict[str, Any]:
-    """numpy's and Python's global random generators' states (entries of :func:`capture_rng_states`)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+def saved_host_rng(state: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """numpy's and Python's random states as :func:`capture_rng_states` saves them: ``state`` (``(np.random.get_state(),
+    random.getstate())``, as a member group keeps each member's), or the current ones."""
+    numpy_state, python_state = state if state is not None else (np.random.get_state(), random.getstate())
+    kind, keys, pos, has_gauss, cached = numpy_state
     # tensors and plain numbers only, so that ``torch.load(weights_only=True)`` accepts it
-    return {"numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)), "python": random.getstate()}
+    return {"numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)), "python": python_state}
+
+
+def loaded_host_rng(saved: Mapping[str, Any]) -> tuple[Any, Any]:
+    """What :func:`saved_host_rng` saved, as ``(np.random.get_state(), random.getstate())`` give it."""
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    return (kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached), saved["python"]
 
 
 def capture_rng_states() -> dict[str, Any]:
     """The global random generators' states of this process (torch, CUDA, numpy, python)."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), **capture_host_rng_states()}
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), **saved_host_rng()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -347,11 +356,10 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
     """Restores what :func:`capture_rng_states` returned (missing entries are left alone)."""
     if "torch" in states:
         torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8).cpu())
-    if "numpy" in states:
-        kind, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-    if "python" in states:
-        random.setstate(states["python"])
+    if "numpy" in states and "python" in states:
+        numpy_state, python_state = loaded_host_rng(states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 

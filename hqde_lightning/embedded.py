@@ -41,7 +41,7 @@ from torch import nn
 
 from hqde_lightning.actors import MemberResult, _is_scalar
 from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
-from hqde_lightning.checkpoint import capture_host_rng_states, state_digest
+from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import ClonesEvent, DistanceEvent, Notice, sync_record
 from hqde_lightning.group import GroupUnsupported, MemberGroup, unsupported_hooks
@@ -49,6 +49,7 @@ from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, go_on_from, reinitialise, seed_drawn_attributes, sync_state
 from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
+from hqde_lightning.stacking import host_rng
 from hqde_lightning.topology import LocalExecutor
 
 __all__ = ["GroupSync", "embedded_blocker", "fit_group", "group_blocker", "run_group", "with_module_callbacks"]
@@ -384,7 +385,7 @@ def fit_group(
             forwarder.handle([Notice(i, f"HQDEStrategy: {notice}", warning=fallback)])
         members.append(member)
         rng_states.append(torch.get_rng_state())
-        host_rng_states.append(capture_host_rng_states())
+        host_rng_states.append(host_rng())
     callbacks = with_module_callbacks(trainer.callbacks, model)
     # against your module's: the attributes each member drew in `__init__` come back too
     before = fingerprints(plain_attributes(model))

@@ -71,13 +71,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from hqde_lightning.attributes import differing, plain_attributes
-from hqde_lightning.checkpoint import capture_host_rng_states, restore_rng_states
 from hqde_lightning.manual_members import configure_members
 from hqde_lightning.member_data import group_batch_size, member_batch, ragged, stack_batches
 from hqde_lightning.member_lr import MemberLearningRates, MemberSchedulers, member_copies
 from hqde_lightning.member_optimizer import AddedParamGroups, MemberOptimizer
 from hqde_lightning.quick_log import QuickLog
-from hqde_lightning.stacking import CapturedLogs, StackedMembers, UnloggableValue, capture_logs, loss_of, vmap_miscomputes
+from hqde_lightning.stacking import CapturedLogs, HostRNG, StackedMembers, UnloggableValue, capture_logs, loss_of, vmap_miscomputes
 
 __all__ = [
     "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
@@ -148,8 +147,8 @@ class MemberGroup(LightningModule):
         member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
         vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
         rng_states: per member, the torch RNG state its looped steps draw from.
-        host_rng_states: per member, numpy's and Python's random states its loader's draws come from
-            (:meth:`fetching_as`; default: the current ones).
+        host_rng_states: per member, numpy's and Python's random states (:func:`~hqde_lightning.stacking.host_rng`) its
+            looped steps, hooks and dataset draw from (default: the current ones).
         member_callbacks: the names of the callbacks that run as each member (:meth:`each_member`):
             with any, the members keep their own attributes and steps run member by member, as for
             a module that overrides :data:`MEMBER_HOOKS`.
@@ -163,13 +162,10 @@ class MemberGroup(LightningModule):
         vectorize: Vectorize = "auto",
         rng_states: Sequence[Tensor] | None = None,
         member_callbacks: Sequence[str] = (),
-        host_rng_states: Sequence[dict[str, Any]] | None = None,
+        host_rng_states: Sequence[HostRNG] | None = None,
     ) -> None:
         super().__init__()
-        self.stack = StackedMembers(module, members, rng_states)
-        #: per member, numpy's and Python's random states (:func:`~hqde_lightning.checkpoint.capture_host_rng_states`) its
-        #: loader draws from (:meth:`fetching_as`)
-        self.host_rng_states = list(host_rng_states) if host_rng_states is not None else [capture_host_rng_states() for _ in members]
+        self.stack = StackedMembers(module, members, rng_states, host_rng_states)
         #: your module's hooks that run once per member
         self.hooks = {name for name in _PER_MEMBER if is_overridden(name, module, LightningModule)}
         #: your module's hooks that run once for the whole group (:data:`GROUP_HOOKS`)
@@ -264,19 +260,6 @@ class MemberGroup(LightningModule):
         """Member ``i``'s plain attributes (what its code stored on your module): its own, or your module's while vmapped code
         keeps them (:meth:`_attributes_for`)."""
         return plain_attributes(self.module) if self._attributes_shared else dict(self.stack.member_attributes[i])
-
-    @contextmanager
-    def fetching_as(self, position: int) -> Iterator[None]:
-        """The random streams of the member at ``position`` (torch's, numpy's and Python's) while its loader makes a batch:
-        what your dataset draws (a random augmentation in ``__getitem__``) comes from them, as in the member's own fit."""
-        outer = capture_host_rng_states()
-        restore_rng_states(self.host_rng_states[position])
-        try:
-            with self.stack.member_rng(position):
-                yield
-        finally:
-            self.host_rng_states[position] = capture_host_rng_states()
-            restore_rng_states(outer)
 
     def _attributes_for(self, mode: str) -> None:
         """Puts the members' attributes where code run in ``mode`` reads and writes them: vmapped code runs once for every

@@ -24,7 +24,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, member_resume_checkpoint, read_checkpoint, seal_checkpoint
+from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, loaded_host_rng, member_resume_checkpoint, read_checkpoint, saved_host_rng, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.manual_members import MemberOptimizers
@@ -76,7 +76,7 @@ class GroupStrategy(WorkerStrategy):
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
         warn = lambda message: self.sync.forwarder.handle([Notice(0, f"HQDEStrategy: {message}", warning=True)])  # noqa: E731
-        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on, self.group.fetching_as)
+        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on, self.group.stack.member_rng)
 
     def _gather_on(self, dataset: TensorDataset) -> torch.device | None:
         """Where the group gathers its batches from an in-memory ``TensorDataset``: on the GPU, when it fits there.
@@ -121,7 +121,7 @@ class GroupStrategy(WorkerStrategy):
             entry["callbacks"].update({cb.original_state_key: checkpoint["callbacks"][cb.state_key] for cb in copies if cb.position == i and cb.state_key in checkpoint["callbacks"]})
         # a member that stopped early pairs with the round of the epoch it stopped in, as its actor's final snapshot does
         sync_round = self.group.frozen_at.get(i, checkpoint_round(epoch, self.sync.synced_epoch))
-        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone(), **self.group.host_rng_states[i]}}
+        entry[MEMBER_KEY] = {"index": self.group.member_ids[i], "round": sync_round, "rng": {"torch": self.group.stack.rng_states[i].clone(), **saved_host_rng(self.group.stack.host_rng_states[i])}}
         # the callbacks' and your module's own additions, as member i, in the order a plain fit calls them
         for cb in trainer.callbacks:
             if isinstance(cb, GroupCallback):
@@ -168,7 +168,8 @@ class GroupStrategy(WorkerStrategy):
             rng = entry.get(MEMBER_KEY, {}).get("rng", {})
             if rng.get("torch") is not None:
                 self.group.stack.rng_states[i] = torch.as_tensor(rng["torch"], dtype=torch.uint8).cpu()
-            self.group.host_rng_states[i].update({k: rng[k] for k in ("numpy", "python") if k in rng})
+            if "numpy" in rng and "python" in rng:
+                self.group.stack.host_rng_states[i] = loaded_host_rng(rng)
         lead = {k: v for k, v in entries[0].items() if k not in (HQDE_KEY, MEMBER_KEY)}
         if "callbacks" in lead:  # each member copy resumes from its member's entry
             copies = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, MemberCopy)]

@@ -186,7 +186,7 @@ class GroupLoader:
 
     ``fetching_as(position)``, when given, is entered while the member at ``position`` (the first
     of a shared stream's) starts its iterator and makes each batch: the group's member's own random
-    streams (:meth:`~hqde_lightning.group.MemberGroup.fetching_as`), so that what a dataset draws
+    streams (:meth:`~hqde_lightning.stacking.StackedMembers.member_rng`), so that what a dataset draws
     in ``__getitem__`` (a random augmentation) is what the member's own fit draws.
 
     Raises:

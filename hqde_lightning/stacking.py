@@ -37,17 +37,19 @@ from __future__ import annotations
 
 import copy
 import numbers
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics import Metric
 
-__all__ = ["CapturedLogs", "StackedMembers", "UnloggableValue", "capture_logs", "loss_of", "vmap_miscomputes"]
+__all__ = ["CapturedLogs", "HostRNG", "StackedMembers", "UnloggableValue", "capture_logs", "host_rng", "loss_of", "set_host_rng", "vmap_miscomputes"]
 
 
 class UnloggableValue(ValueError):
@@ -100,6 +102,20 @@ class _MethodCaller(nn.Module):
         return getattr(self.module, method)(*args, **kwargs)
 
 
+#: numpy's and Python's global random states, as ``np.random.get_state()`` and ``random.getstate()`` give them
+HostRNG = tuple[Any, Any]
+
+
+def host_rng() -> HostRNG:
+    """numpy's and Python's global random states now."""
+    return np.random.get_state(), random.getstate()
+
+
+def set_host_rng(state: HostRNG) -> None:
+    np.random.set_state(state[0])
+    random.setstate(state[1])
+
+
 class StackedMembers(nn.Module):
     """The parameters and buffers of ``members`` stacked on dimension 0, callable per member.
 
@@ -109,9 +125,13 @@ class StackedMembers(nn.Module):
         members: k modules with ``template``'s parameter and buffer names and shapes.
         rng_states: per member, the torch CPU RNG state its looped calls start from (default:
             copies of the current state).
+        host_rng_states: per member, numpy's and Python's random states (:func:`host_rng`) its looped
+            calls start from (default: the current ones).
     """
 
-    def __init__(self, template: nn.Module, members: Sequence[nn.Module], rng_states: Sequence[Tensor] | None = None) -> None:
+    def __init__(
+        self, template: nn.Module, members: Sequence[nn.Module], rng_states: Sequence[Tensor] | None = None, host_rng_states: Sequence[HostRNG] | None = None
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("StackedMembers needs at least one member")
@@ -147,6 +167,7 @@ class StackedMembers(nn.Module):
         states = list(rng_states) if rng_states is not None else [torch.get_rng_state() for _ in members]
         self.rng_states = [s.clone() for s in states]
         self.cuda_rng_states: list[Tensor | None] = [None] * self.num_members
+        self.host_rng_states = list(host_rng_states) if host_rng_states is not None else [host_rng() for _ in members]
         self._scratch_metrics: list[nn.Module] | None = None
         #: per member, its own values of the template's plain attributes (``None``: the members share the template's)
         self.member_attributes: list[dict[str, Any]] | None = None
@@ -352,9 +373,11 @@ class StackedMembers(nn.Module):
 
     @contextmanager
     def member_rng(self, index: int) -> Iterator[None]:
-        """Member ``index``'s own torch RNG stream (CPU, and the current CUDA device's when used) during the block."""
+        """Member ``index``'s own random streams during the block: torch's (CPU, and the current CUDA device's when used),
+        numpy's and Python's global ones (what its hooks, looped steps and dataset draw)."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        outer = torch.get_rng_state()
+        outer, outer_host = torch.get_rng_state(), host_rng()
+        set_host_rng(self.host_rng_states[index])
         outer_cuda = torch.cuda.get_rng_state() if cuda else None
         torch.set_rng_state(self.rng_states[index])
         if cuda and self.cuda_rng_states[index] is not None:
@@ -364,7 +387,8 @@ class StackedMembers(nn.Module):
         try:
             yield
         finally:
-            self.rng_states[index] = torch.get_rng_state()
+            self.rng_states[index], self.host_rng_states[index] = torch.get_rng_state(), host_rng()
+            set_host_rng(outer_host)
             if cuda:
                 self.cuda_rng_states[index] = torch.cuda.get_rng_state()
                 torch.cuda.set_rng_state(outer_cuda)
