@@ -287,13 +287,18 @@ def _gatherable(loader: Iterable[Any]) -> bool:
     """Whether a member loader reads an in-memory ``TensorDataset`` in the main process with the default collation.
 
     Then :class:`GatheredGroupLoader` can gather the members' batches itself: a ``DataLoader``
-    over exactly a ``TensorDataset``, batches from a batch sampler, no worker processes, the
-    default ``collate_fn`` and no pinned memory.
+    over exactly a ``TensorDataset``, batches from a batch sampler whose order comes from a
+    generator of its own (or a sequential one), no worker processes, the default ``collate_fn``
+    and no pinned memory.
     """
+    batch_sampler = loader.batch_sampler if isinstance(loader, DataLoader) else None
+    orders = batch_sampler if batch_sampler is not None and type(batch_sampler) is not BatchSampler else getattr(loader, "sampler", None)
     return (
         isinstance(loader, DataLoader)
         and type(loader.dataset) is TensorDataset
         and loader.batch_sampler is not None
+        # its order drawn from a generator of its own: a sampler drawing from the global streams draws in the member's (`GroupLoader`)
+        and (isinstance(orders, SequentialSampler) or isinstance(getattr(orders, "generator", None), torch.Generator))
         and loader.num_workers == 0
         and loader.collate_fn is default_collate
         and not loader.pin_memory
@@ -369,19 +374,26 @@ def _reseed_sampler(copied: DataLoader, generator: torch.Generator, warn: Warn, 
             " sampler draws from torch's, numpy's or Python's global RNG (seeded per member). Give it a `generator`"
             " attribute (a torch.Generator) to have it re-seeded per member."
         )
+        # each member its own copy (a random state the sampler keeps starts the same in each), the dataset shared
+        _install(copied, copy.deepcopy(sampler, {id(copied.dataset): copied.dataset}), custom_batches)
         return
     if not (isinstance(sampler.generator, torch.Generator) or (fill and sampler.generator is None)):
         return
     reseeded = copy.copy(sampler)
     reseeded.generator = generator
+    _install(copied, reseeded, custom_batches)
+
+
+def _install(copied: DataLoader, sampler: Any, custom_batches: bool) -> None:
+    """Makes ``sampler`` order the copy ``copied`` of a loader: as its batch sampler (``custom_batches``), or as its sampler."""
     # DataLoader refuses to set its samplers once built; the copy is ours, so its attributes are set directly
     if custom_batches:
-        vars(copied)["batch_sampler"] = reseeded
+        vars(copied)["batch_sampler"] = sampler
         return
-    vars(copied)["sampler"] = reseeded
-    if batch_sampler is not None:
-        batches = copy.copy(batch_sampler)
-        batches.sampler = reseeded
+    vars(copied)["sampler"] = sampler
+    if copied.batch_sampler is not None:
+        batches = copy.copy(copied.batch_sampler)
+        batches.sampler = sampler
         vars(copied)["batch_sampler"] = batches
 
 
