@@ -247,6 +247,7 @@ class MemberGroup(LightningModule):
         self._held_slices: list[tuple[Tensor, int, Tensor, list[tuple[dict[str, Any], str, Tensor | None]]]] = []
         self._warned_held_steps = False
         self._warned_ragged = False
+        self._warned_skip = False
         #: your module's submodules' training modes while the group evaluates (see :meth:`_follow_mode`)
         self._training_modes: dict[str, bool] | None = None
         #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
@@ -798,6 +799,13 @@ class MemberGroup(LightningModule):
         skips = self._hook("on_train_batch_start", batch, batch_idx)
         self._step_started = self._probe_clock()
         # a hook that returns -1 skips the rest of the epoch: in a group, once every member's does
+        if any(skip == -1 for skip in skips) and not all(skip == -1 for skip in skips) and not self._warned_skip:
+            self._warned_skip = True
+            rank_zero_warn(
+                f"HQDEStrategy: `{type(self.module).__name__}.on_train_batch_start` returned -1 (skip the rest of the epoch) for some"
+                " members only: a group skips the rest of an epoch when every member's hook does, so those members go on training"
+                " this epoch, unlike in their own fits. To stop a member for good, set `self.trainer.should_stop = True` in its hook."
+            )
         return -1 if skips and all(skip == -1 for skip in skips) else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_s
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, SubsetRandomSampler, TensorDataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, SubsetRandomSampler, TensorDataset, default_collate
 
 __all__ = [
     "GatheredGroupLoader", "GroupLoader", "MemberOrder", "MemberValues", "group_batch_size", "group_loader", "member_batch", "member_loader", "ragged",
@@ -68,6 +68,11 @@ def member_loader(
     order = MemberOrder(seed, index)
     if bagging:
         copied = _bootstrap_loader(loader, seed, index, order.sampler)
+        if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+            warn(
+                f"`HQDEStrategy(bagging=True)` draws each member's bootstrap sample uniformly and shuffles it: the training loader's"
+                f" {type(loader.sampler).__name__} (its weights or order) is not used."
+            )
     else:
         copied = _copy_loader(loader)
         if isinstance(loader.dataset, IterableDataset):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -242,3 +243,27 @@ def test_a_sampler_without_a_generator_orders_each_member_as_its_own_fit(sampler
     with pytest.warns(UserWarning, match="has no `generator` attribute"):
         group = in_a_group(make, data, True)
     same(group, alone(make, data))
+
+
+def test_bagging_says_it_leaves_a_weighted_sampler_out():
+    """``bagging=True`` draws each member's bootstrap sample uniformly: a ``WeightedRandomSampler``'s weights are not used,
+    and a warning says so (before, they were dropped silently)."""
+    x, y = digits()
+    weighted = DataLoader(torch.utils.data.TensorDataset(x[:480], y[:480]), batch_size=32, sampler=torch.utils.data.WeightedRandomSampler(torch.ones(480), 480))
+    with pytest.warns(UserWarning, match=r"bagging=True\)` draws each member's bootstrap sample uniformly .* WeightedRandomSampler"):
+        member_loader(weighted, SEED, 0, 0, True, lambda message: warnings.warn(message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        member_loader(loader(torch.utils.data.TensorDataset(x[:480], y[:480])), SEED, 0, 0, True, lambda message: warnings.warn(message))
+
+
+class SkipsForMember1(Net):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.trainer.strategy.member_index == 1 and batch_idx == 3 else None
+
+
+def test_a_skip_of_some_members_only_is_reported():
+    """``on_train_batch_start`` returning -1 for one member does not skip the group's epoch: a warning says that member
+    goes on training (it used to, silently)."""
+    with pytest.warns(UserWarning, match="returned -1 .* for some members only"):
+        in_a_group(lambda: SkipsForMember1(optimizer="sgd", batchnorm=False), lambda: loader(torch.utils.data.TensorDataset(*[t[:480] for t in digits()])), False)
