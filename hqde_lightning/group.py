@@ -536,7 +536,7 @@ class MemberGroup(LightningModule):
         positions = [i for i in positions if not self.frozen[i] or hook in _END_HOOKS]
         results, per_member, stopped = [], [], [self.frozen[i] for i in positions]
         for i in positions:
-            with self.running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i) as member, self._member_metrics(i), capture_logs(member) as logs:
+            with self.running_as(i, hook in _WITHIN_BATCH), self.stack.as_member(i, hook in BATCH_HOOKS) as member, self._member_metrics(i), capture_logs(member) as logs:
                 results.append(call(member, self._member_args(hook, i, args, member)))
             per_member.append(logs)
         if self.stack.requires_grad_changed:  # a member froze or unfroze parameters (`requires_grad`)

@@ -16,6 +16,7 @@ process hold the whole ensemble:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -76,7 +77,11 @@ class GroupStrategy(WorkerStrategy):
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
         warn = lambda message: self.sync.forwarder.handle([Notice(0, f"HQDEStrategy: {message}", warning=True)])  # noqa: E731
-        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on, self.group.stack.member_rng)
+        return group_loader(dataloader, self.hqde.seed, self.group.member_ids, trainer.current_epoch, self.hqde.bagging, warn, self._gather_on, self._fetching_as)
+
+    def _fetching_as(self, position: int) -> AbstractContextManager[None]:
+        """The random streams a member's loader makes its batches in: the member's own torch, numpy and Python ones."""
+        return self.group.stack.member_rng(position, host=True)
 
     def _gather_on(self, dataset: TensorDataset) -> torch.device | None:
         """Where the group gathers its batches from an in-memory ``TensorDataset``: on the GPU, when it fits there.

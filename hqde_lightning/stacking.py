@@ -276,13 +276,14 @@ class StackedMembers(nn.Module):
         return out, logs
 
     @contextmanager
-    def as_member(self, index: int) -> Iterator[nn.Module]:
+    def as_member(self, index: int, host: bool = False) -> Iterator[nn.Module]:
         """The template as member ``index`` during the block, for code that is not a step (hooks, callbacks).
 
         Its parameters are member ``index``'s slices (``nn.Parameter`` views: in-place changes
         reach the stack) with the slices of the stacked gradients as ``.grad`` (or, once
         :meth:`keep_member_parameters` ran, the same views every time, with their own ``.grad``); its buffers,
-        metrics, attributes and torch RNG stream are the member's. Yields the template.
+        metrics, attributes and torch RNG stream are the member's (with ``host``, its numpy and Python streams too:
+        :meth:`member_rng`). Yields the template.
 
         A parameter's ``requires_grad`` is the member's own (:attr:`member_requires_grad`): setting it
         in the block (freezing a layer from some epoch on) is kept for the member, and
@@ -292,7 +293,7 @@ class StackedMembers(nn.Module):
         tensors = [(name, "_parameters", view) for name, view in zip(self.param_names, views)]
         tensors += [(name, "_buffers", getattr(self, f"buffer_{j}")[index]) for j, name in enumerate(self.buffer_names)]
         try:
-            with self._in_template(tensors), self.member_rng(index), self._member_metrics(index), self._member_attributes(index):
+            with self._in_template(tensors), self.member_rng(index, host), self._member_metrics(index), self._member_attributes(index):
                 yield self.template
         finally:
             for j, view in enumerate(views):
@@ -372,12 +373,15 @@ class StackedMembers(nn.Module):
                 del own[name]
 
     @contextmanager
-    def member_rng(self, index: int) -> Iterator[None]:
-        """Member ``index``'s own random streams during the block: torch's (CPU, and the current CUDA device's when used),
-        numpy's and Python's global ones (what its hooks, looped steps and dataset draw)."""
+    def member_rng(self, index: int, host: bool = False) -> Iterator[None]:
+        """Member ``index``'s own torch random stream during the block (CPU, and the current CUDA device's when used), and
+        with ``host`` its own numpy and Python global ones too: for its data (what its dataset and batch hooks draw, a
+        random augmentation). Swapping those costs about 0.15 ms (numpy's state is read and written whole), more than many
+        looped steps of small models, so steps and other hooks draw them from the group's."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        outer, outer_host = torch.get_rng_state(), host_rng()
-        set_host_rng(self.host_rng_states[index])
+        outer, outer_host = torch.get_rng_state(), host_rng() if host else None
+        if outer_host is not None:
+            set_host_rng(self.host_rng_states[index])
         outer_cuda = torch.cuda.get_rng_state() if cuda else None
         torch.set_rng_state(self.rng_states[index])
         if cuda and self.cuda_rng_states[index] is not None:
@@ -387,8 +391,10 @@ class StackedMembers(nn.Module):
         try:
             yield
         finally:
-            self.rng_states[index], self.host_rng_states[index] = torch.get_rng_state(), host_rng()
-            set_host_rng(outer_host)
+            self.rng_states[index] = torch.get_rng_state()
+            if outer_host is not None:
+                self.host_rng_states[index] = host_rng()
+                set_host_rng(outer_host)
             if cuda:
                 self.cuda_rng_states[index] = torch.cuda.get_rng_state()
                 torch.cuda.set_rng_state(outer_cuda)

@@ -184,7 +184,7 @@ def test_members_batches_of_different_shapes_train_each_member_as_alone(caplog):
 
 class HostAugmented(Net):
     """``Net`` augmenting its training batches in ``on_after_batch_transfer`` with numpy's and Python's global generators
-    (noise and a flip), and scaling its loss by a draw of Python's in the step."""
+    (noise and a flip)."""
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         x, y = batch
@@ -194,14 +194,10 @@ class HostAugmented(Net):
                 x = x.view(-1, 8, 8).flip(2).reshape(-1, 64)
         return x, y
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y) * random.uniform(0.9, 1.1)
 
-
-def test_numpy_and_python_draws_in_hooks_and_steps_are_each_members_own():
-    """A member's hooks and looped steps draw from its own numpy and Python streams, as its own fit does (before, from the
-    group's: 0.02-0.06 from alone)."""
+def test_numpy_and_python_draws_in_batch_hooks_are_each_members_own():
+    """A member's batch hooks draw from its own numpy and Python streams, as its own fit does (before, from the group's:
+    0.02-0.06 from alone)."""
     make = lambda: HostAugmented(optimizer="sgd", batchnorm=False)  # noqa: E731
     data = lambda: loader(torch.utils.data.TensorDataset(*[t[:480] for t in digits()]))  # noqa: E731
     same(in_a_group(make, data, False), alone(make, data))
