@@ -425,7 +425,7 @@ class Ensemble(nn.Module):
         """Every active member's output, stacked on a new leading axis (``(num_active, ...)``)."""
         members = [self.members[i] for i in self.active_indices()]
         loop = lambda: _stack([m(*args, **kwargs) for m in members])  # noqa: E731
-        if self.vectorize is False or len(members) < 2 or self.training or kwargs or self._attributes_differ(members):
+        if self.vectorize is False or len(members) < 2 or self.training or kwargs or self._attributes_differ():
             return loop()
         device = _device_type(args)
         if self.vectorize == "auto" and device not in self.vmap_is_faster:
@@ -436,7 +436,7 @@ class Ensemble(nn.Module):
                 return stacked
         return loop()
 
-    def _attributes_differ(self, members: Sequence[nn.Module]) -> bool:
+    def _attributes_differ(self) -> bool:
         """Whether ``members``' plain attributes that are values (not lists or dicts, such as a history) differ: vmap would
         run them all with the first member's (an attribute your ``__init__`` draws at random, a temperature). Checked at
         the first evaluation; the members are then evaluated looped, as the info line says."""

@@ -326,7 +326,7 @@ class EnsembleEvaluation(Callback):
         for outputs in calls:
             self._logits.observe(outputs, target)
         if previous is not None and self._logits.path != previous:
-            self._warn_switch(previous, ensemble)
+            self._warn_switch(previous)
         logits = next((leaf for leaf in map(self._logits.select, calls) if leaf is not None and leaf.shape[1] == target.shape[0]), None)
         if logits is None:
             if not self._warned_contract:
@@ -351,7 +351,7 @@ class EnsembleEvaluation(Callback):
         for hook in self._hooks:
             hook.on_ensemble_batch(trainer, stage, dataloader_idx, logits.detach(), ensemble)
 
-    def _warn_switch(self, previous: str, ensemble: Ensemble) -> None:
+    def _warn_switch(self, previous: str) -> None:
         """Says once that targets seen later showed the leaf taken for class logits (``previous``) to be none."""
         if self._warned_switch:
             return

@@ -212,6 +212,8 @@ class GroupLoader:
                 self._streams.append(item)
                 found = len(self._streams) - 1
             self._stream_of.append(found)
+        #: per stream, the place of the first member reading it (whose random streams make its batches)
+        self._first_reader = [self._stream_of.index(s) for s in range(len(self._streams))]
         lengths = [_length(stream) for stream in self._streams]
         if len({n for n in lengths if n is not None}) > 1:
             raise ValueError(f"the member loaders of a group must have the same length; got lengths {lengths}.")
@@ -238,7 +240,7 @@ class GroupLoader:
         """``call(*args)`` inside ``fetching_as`` of the first member reading ``stream``."""
         if self.fetching_as is None:
             return call(*args)
-        with self.fetching_as(self._stream_of.index(stream)):
+        with self.fetching_as(self._first_reader[stream]):
             return call(*args)
 
 
@@ -296,11 +298,11 @@ def _gatherable(loader: Iterable[Any]) -> bool:
     generator of its own (or a sequential one), no worker processes, the default ``collate_fn``
     and no pinned memory.
     """
-    batch_sampler = loader.batch_sampler if isinstance(loader, DataLoader) else None
-    orders = batch_sampler if batch_sampler is not None and type(batch_sampler) is not BatchSampler else getattr(loader, "sampler", None)
+    if not isinstance(loader, DataLoader):
+        return False
+    orders, _ = _ordering_sampler(loader)
     return (
-        isinstance(loader, DataLoader)
-        and type(loader.dataset) is TensorDataset
+        type(loader.dataset) is TensorDataset
         and loader.batch_sampler is not None
         # its order drawn from a generator of its own: a sampler drawing from the global streams draws in the member's (`GroupLoader`)
         and (isinstance(orders, SequentialSampler) or isinstance(getattr(orders, "generator", None), torch.Generator))
@@ -365,11 +367,17 @@ def _copy_loader(loader: DataLoader) -> DataLoader:
     return copied
 
 
+def _ordering_sampler(loader: DataLoader) -> tuple[Any, bool]:
+    """The sampler that orders ``loader``'s batches, and whether it is a batch sampler of its own (not Lightning's or
+    torch's plain ``BatchSampler`` around the sampler)."""
+    batch_sampler = loader.batch_sampler
+    custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
+    return (batch_sampler if custom_batches else loader.sampler), custom_batches
+
+
 def _reseed_sampler(copied: DataLoader, generator: torch.Generator, warn: Warn, fill: bool) -> None:
     """Puts ``generator`` into a copy of the sampler that orders ``copied``'s batches, when it has one."""
-    batch_sampler = copied.batch_sampler
-    custom_batches = batch_sampler is not None and type(batch_sampler) is not BatchSampler
-    sampler = batch_sampler if custom_batches else copied.sampler
+    sampler, custom_batches = _ordering_sampler(copied)
     if isinstance(sampler, SequentialSampler):
         return
     if not hasattr(sampler, "generator"):
