@@ -137,13 +137,20 @@ class MemberPool:
         return [results[i] for i in sorted(results)]
 
     def kill(self) -> None:
-        """Stops every member actor this pool started."""
+        """Stops every member actor this pool started and lets go of the pool's objects in Ray's object store.
+
+        With no reference left, Ray does not try to recover them when their node is gone (as
+        on a single machine whose raylet died) while it shuts down.
+        """
         for actor in self._actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
         self._actors = []
+        self._payload_ref = None
+        self._futures.clear()
+        self._starting.clear()
 
     def _watch_starts(self) -> None:
         """Records where started members run; fails the fit when an actor waited longer than ``member_start_timeout_s``.

@@ -10,6 +10,8 @@ in a fresh process (``spawn``) that starts the cluster, fits and shuts the clust
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import threading
 import time
 import warnings
@@ -26,19 +28,59 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_DIR = os.path.join(os.path.dirname(TESTS_DIR), "examples")
 
 
+class ScenarioProcessDied(RuntimeError):
+    """The scenario's process ended without a result (Ray's core worker may end its driver process itself)."""
+
+
+def _report(results: Any, scenario: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """In the scenario's process: runs ``scenario`` and hands its result, or the exception it raised, to the test."""
+    try:
+        results.put((True, scenario(*args)))
+    except BaseException as err:  # handed to the test, which raises it
+        try:
+            pickle.dumps(err)
+        except Exception:  # not picklable: its text
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        results.put((False, err))
+
+
 def _in_fresh_process(scenario: Callable[..., Any], *args: Any) -> Any:
-    """Runs ``scenario`` in a new process whose raylets (started by ``Cluster``) import these tests' modules."""
+    """Runs ``scenario`` in a new process whose raylets (started by ``Cluster``) import these tests' modules.
+
+    Raises ``ScenarioProcessDied`` as soon as that process ends without a result, rather than
+    waiting out ``SCENARIO_TIMEOUT_S``.
+    """
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([TESTS_DIR, EXAMPLES_DIR, *(previous or "").split(os.pathsep)]) if p)
-    pool = get_context("spawn").Pool(1)
+    context = get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_report, args=(results, scenario, args), daemon=True)
+    process.start()
+    deadline = time.monotonic() + SCENARIO_TIMEOUT_S
     try:
-        return pool.apply_async(scenario, args).get(timeout=SCENARIO_TIMEOUT_S)
+        while True:
+            try:
+                succeeded, value = results.get(timeout=1)
+                break
+            except queue.Empty:
+                if not process.is_alive():
+                    try:  # a result written just before the process ended
+                        succeeded, value = results.get(timeout=5)
+                        break
+                    except queue.Empty:
+                        raise ScenarioProcessDied(f"the scenario's process ended (exit code {process.exitcode}) without a result") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the scenario did not end within {SCENARIO_TIMEOUT_S} s") from None
     finally:
-        pool.terminate()  # a scenario that hangs is stopped with its process (Ray's reaper stops its raylets)
+        process.terminate()  # a scenario that hangs is stopped with its process (Ray's reaper stops its raylets)
+        process.join(30)
         if previous is None:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = previous
+    if not succeeded:
+        raise value
+    return value
 
 
 class BlockAfterMarker(pl.Callback):
@@ -219,6 +261,12 @@ def _raylet_dies(root: str) -> dict[str, Any]:
 
 
 def test_local_raylet_death_fails_saying_ray_stopped(tmp_path):
-    result = _in_fresh_process(_raylet_dies, str(tmp_path))
+    # Once the raylet is dead, Ray's core worker ends the driver's process itself ("The connection to the
+    # plasma store is failed. Terminate the process.") whenever it next touches the object store; in about one
+    # run in thirty that came before the fit could fail. That is Ray's doing, so such a run is tried once more.
+    try:
+        result = _in_fresh_process(_raylet_dies, str(tmp_path / "first"))
+    except ScenarioProcessDied:
+        result = _in_fresh_process(_raylet_dies, str(tmp_path / "second"))
     assert "epoch" not in result
     assert "Ray itself stopped (its raylet died)" in result["error"], result["error"]
