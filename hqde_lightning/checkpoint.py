@@ -28,6 +28,7 @@ files from a source you trust, since unpickling them can run code.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -36,7 +37,7 @@ import re
 import secrets
 import socket
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+
+from hqde_lightning.attributes import differing, plain_attributes
+from hqde_lightning.codec import non_persistent_buffers
+from hqde_lightning.ensemble import combine_name
 
 __all__ = [
     "member_resume_checkpoint",
@@ -56,6 +62,7 @@ __all__ = [
     "ensemble_entries",
     "ensemble_members",
     "ensemble_section",
+    "member_extras",
     "load_checkpoint_file",
     "loaded_host_rng",
     "member_checksums",
@@ -229,7 +236,7 @@ def ensemble_section(run: Any, members: list[dict[str, Any]], weights: Any, acti
         "seed": run.seed,
         "sync": run.sync,
         "aggregator": getattr(run.aggregator, "name", type(run.aggregator).__name__),
-        "combine": run.combiner.name or "auto",
+        "combine": combine_name(run.combiner),
         # which output the ensemble's "auto" rule learnt holds class logits (see `ensemble.saved_combiner`)
         "class_logits": _class_logits(getattr(run, "ensemble", None)),
         "members": members,
@@ -259,11 +266,47 @@ def ensemble_members(ensemble: Any, final_checkpoints: Mapping[int, dict[str, An
     members = [dict(final_checkpoints.get(i, {})) for i in range(num_members)]
     weights = torch.zeros(num_members, dtype=torch.float64)
     active = torch.zeros(num_members, dtype=torch.bool)
+    extras = member_extras([non_persistent_buffers(m) for m in ensemble.members], [plain_attributes(m) for m in ensemble.members])
     for position, index in enumerate(ensemble.member_ids):
         members[index]["state_dict"] = {k: v.detach().cpu() for k, v in ensemble.members[position].state_dict().items()}
+        members[index]["extras"] = extras[position]
         weights[index] = ensemble.weights[position].cpu()
         active[index] = ensemble.active[position].cpu()
     return members, weights, active
+
+
+def member_extras(buffers: Sequence[Mapping[str, Tensor]], attributes: Sequence[Mapping[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """Per member, what sets it apart outside its ``state_dict``, for its checkpoint entry: of its non-persistent
+    ``buffers`` and plain ``attributes``, those in which the members differ (drawn at random in ``__init__``, a
+    history each fit collected). A module loaded from a checkpoint would otherwise hold one fresh draw for every
+    member. Attributes that ``torch.load(weights_only=True)`` cannot read back (custom classes, numpy arrays) are
+    left out, with a warning naming them."""
+    names = [n for n in buffers[0] if any(not torch.equal(b[n].cpu(), buffers[0][n].cpu()) for b in buffers[1:] if n in b)]
+    differ = differing(attributes)
+    unsafe = [n for n in differ if not all(_loads_safely(a.get(n)) for a in attributes)]
+    if unsafe:
+        rank_zero_warn(
+            f"HQDE checkpoint: the members' attributes {unsafe} differ but are left out of the file (`torch.load(weights_only=True)`"
+            " reads tensors, numbers, strings and lists/dicts of them only); a loaded ensemble's members hold your module's own."
+        )
+    return [
+        {
+            "buffers": {n: b[n].detach().cpu().clone() for n in names if n in b},
+            "attributes": {n: copy.deepcopy(a[n]) for n in differ if n not in unsafe and n in a},
+        }
+        for b, a in zip(buffers, attributes)
+    ]
+
+
+def _loads_safely(value: Any) -> bool:
+    """Whether ``torch.load(weights_only=True)`` reads ``value`` back as it is."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_loads_safely(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _loads_safely(v) for k, v in value.items())
+    return False
 
 
 def seal_checkpoint(checkpoint: Mapping[str, Any], section: dict[str, Any]) -> dict[str, Any]:
@@ -294,12 +337,13 @@ def verify_checksums(checkpoint: Mapping[str, Any], path: _PATH) -> None:
             raise RuntimeError(f"{path} is damaged: member {index}'s weights do not match the checksum written with them.")
 
 
-def ensemble_entries(checkpoint: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Tensor | None]:
-    """Every member's weights in an HQDE checkpoint, and which members take part in predictions.
+def ensemble_entries(checkpoint: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Tensor | None, list[dict[str, dict[str, Any]]]]:
+    """Every member's weights in an HQDE checkpoint, which members take part in predictions, and what else sets each apart.
 
-    Returns ``(states, active)``: ``active`` is the section's mask (``None``: all members), with
-    members that hold no weights (they never reported a state) given the consensus weights,
-    switched off and named in a warning.
+    Returns ``(states, active, extras)``: ``active`` is the section's mask (``None``: all
+    members), with members that hold no weights (they never reported a state) given the
+    consensus weights, switched off and named in a warning; ``extras`` per member its
+    ``"buffers"`` and ``"attributes"`` (empty in files written before they were kept).
     """
     section = checkpoint[HQDE_KEY]
     members = list(section["members"])
@@ -310,7 +354,8 @@ def ensemble_entries(checkpoint: Mapping[str, Any]) -> tuple[list[dict[str, Any]
         active = torch.ones(len(members), dtype=torch.bool) if active is None else torch.as_tensor(active, dtype=torch.bool).clone()
         active[missing] = False
     states = [checkpoint["state_dict"] if i in missing else m["state_dict"] for i, m in enumerate(members)]
-    return states, active
+    extras = [{"buffers": {}, "attributes": {}, **((m or {}).get("extras") or {})} for m in members]
+    return states, active, extras
 
 
 def to_safe_types(obj: Any) -> Any:

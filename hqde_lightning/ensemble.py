@@ -62,7 +62,7 @@ import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -73,7 +73,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tre
 from hqde_lightning.attributes import differing, plain_attributes
 from hqde_lightning.codec import load_buffers
 from hqde_lightning.validation import ArgumentTypeError, registry, resolve
-from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition
+from hqde_lightning.uncertainty import check_temperature, combine_probabilities, fit_temperature, log_mean_probs, temper, uncertainty_decomposition, widened
 
 __all__ = [
     "COMBINERS",
@@ -83,6 +83,8 @@ __all__ = [
     "Ensemble",
     "MeanCombiner",
     "ProbabilityCombiner",
+    "class_logits_batches",
+    "combine_name",
     "is_class_target",
     "is_stacked_logits",
     "leaf_paths",
@@ -153,7 +155,7 @@ class ProbabilityCombiner(Combiner):
     def __call__(self, outputs: Tensor, weights: Tensor) -> Tensor:
         if not torch.is_floating_point(outputs):
             return weighted_vote(outputs, weights)
-        return log_mean_probs(outputs.float(), weights).to(outputs.dtype)
+        return log_mean_probs(widened(outputs), weights).to(outputs.dtype)
 
     def combines_as_probabilities(self, path: str, outputs: Tensor) -> bool:
         return torch.is_floating_point(outputs)
@@ -284,6 +286,14 @@ def resolve_combiner(combine: str | Combiner) -> Combiner:
     return resolve(combine, "combine", Combiner, COMBINERS)
 
 
+def combine_name(combiner: Combiner) -> str:
+    """What a checkpoint records of ``combiner``: its registered name (:data:`COMBINERS`), or for a rule of yours
+    its class's import path (not a registered name: a loaded ensemble then needs it passed again)."""
+    if COMBINERS.get(combiner.name) is type(combiner):
+        return combiner.name
+    return f"{type(combiner).__module__}.{type(combiner).__qualname__}"
+
+
 def saved_combiner(combine: str | Combiner, section: Mapping[str, Any]) -> Combiner:
     """``combine`` as the ensemble a whole-ensemble checkpoint's ``section`` was saved from combined: an ``"auto"`` rule that
     has not learnt which output holds class logits takes what the saved one had learnt (``section["class_logits"]``)."""
@@ -292,6 +302,11 @@ def saved_combiner(combine: str | Combiner, section: Mapping[str, Any]) -> Combi
     if isinstance(combiner, AutoCombiner) and combiner.logits.path is None and learnt and learnt.get("path") is not None:
         combiner.logits.load_state_dict(learnt)
     return combiner
+
+
+def _listed(values: Any) -> Any:
+    """``values`` for an error message (a tensor as a list)."""
+    return values.tolist() if isinstance(values, Tensor) else values
 
 
 def non_finite_members(states: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -344,7 +359,9 @@ class Ensemble(nn.Module):
         vectorize: how members are evaluated: ``True`` in one ``torch.func.vmap`` call over their stacked
             weights, ``False`` one after another, ``"auto"`` (default) the faster of the two, timed at
             the first evaluation on each device type (vmap is faster on GPUs; on CPUs a vectorised
-            convolution can be twice as slow). Members vmap cannot run are evaluated one after another.
+            convolution can be twice as slow). Members vmap cannot run are evaluated one after another,
+            and so are members with trainable parameters while gradients are on (vmap runs on
+            detached stacked copies, so no gradient would reach them).
         member_ids: each member's index in the run that trained it (``0..n-1`` when ``None``);
             differs from the position when members were left out. Metrics are named after it.
         temperature: the temperature of the combined class probabilities (a buffer; see
@@ -370,12 +387,12 @@ class Ensemble(nn.Module):
             raise ValueError("`members` must hold at least one module")
         self.members = nn.ModuleList(members)
         n = len(members)
-        self.register_buffer("weights", torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).clone())
-        self.register_buffer("active", torch.ones(n, dtype=torch.bool) if active is None else torch.as_tensor(active, dtype=torch.bool).clone())
-        if self.weights.shape != (n,) or self.active.shape != (n,):
-            raise ValueError(f"`weights` and `active` need one entry per member ({n})")
-        if not bool(self.active.any()):
-            raise ValueError("`active` must keep at least one member")
+        self.register_buffer("weights", torch.full((n,), 1.0 / n, dtype=torch.float64))
+        self.register_buffer("active", torch.ones(n, dtype=torch.bool))
+        if weights is not None:
+            self.set_weights(weights)
+        if active is not None:
+            self.set_active(active)
         self.register_buffer("temperature", torch.tensor(check_temperature(temperature), dtype=torch.float64))
         self.combiner = copy.deepcopy(resolve_combiner(combine))
         if not (isinstance(vectorize, bool) or vectorize == "auto"):
@@ -394,6 +411,15 @@ class Ensemble(nn.Module):
     def num_members(self) -> int:
         return len(self.members)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """What the ``"auto"`` rule learnt (which output holds class logits), kept in :meth:`state_dict` with the buffers."""
+        return {"class_logits": self.combiner.logits.state_dict() if isinstance(self.combiner, AutoCombiner) else None}
+
+    def set_extra_state(self, state: Any) -> None:
+        learnt = state.get("class_logits") if isinstance(state, Mapping) else None
+        if isinstance(self.combiner, AutoCombiner) and learnt is not None:
+            self.combiner.logits.load_state_dict(learnt)
+
     def active_indices(self) -> list[int]:
         """Positions (in :attr:`members`) of the active members."""
         return [i for i in range(self.num_members) if bool(self.active[i])]
@@ -411,21 +437,21 @@ class Ensemble(nn.Module):
         """Chooses which members take part in predictions (at least one)."""
         mask = torch.as_tensor(active, dtype=torch.bool, device=self.active.device)
         if mask.shape != self.active.shape or not bool(mask.any()):
-            raise ValueError(f"`active` needs {self.num_members} booleans with at least one True")
+            raise ValueError(f"`active` needs {self.num_members} booleans (one per member) with at least one True, got {_listed(active)}")
         self.active.copy_(mask)
 
     def set_weights(self, weights: Sequence[float] | Tensor) -> None:
         """Sets the per-member combination weights (non-negative, one per member)."""
         w = torch.as_tensor(weights, dtype=torch.float64, device=self.weights.device)
         if w.shape != self.weights.shape or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-            raise ValueError(f"`weights` needs {self.num_members} finite non-negative numbers")
+            raise ValueError(f"`weights` needs {self.num_members} finite non-negative numbers (one per member), got {_listed(weights)}")
         self.weights.copy_(w)
 
     def member_outputs(self, *args: Any, **kwargs: Any) -> Any:
         """Every active member's output, stacked on a new leading axis (``(num_active, ...)``)."""
         members = [self.members[i] for i in self.active_indices()]
         loop = lambda: _stack([m(*args, **kwargs) for m in members])  # noqa: E731
-        if self.vectorize is False or len(members) < 2 or self.training or kwargs or self._attributes_differ():
+        if self.vectorize is False or len(members) < 2 or self.training or kwargs or self._attributes_differ() or self._needs_gradients():
             return loop()
         device = _device_type(args)
         if self.vectorize == "auto" and device not in self.vmap_is_faster:
@@ -435,6 +461,10 @@ class Ensemble(nn.Module):
             if stacked is not None:
                 return stacked
         return loop()
+
+    def _needs_gradients(self) -> bool:
+        """Whether gradients should reach the members' parameters (vmap runs on detached stacked copies of them)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.members.parameters())
 
     def _attributes_differ(self) -> bool:
         """Whether ``members``' plain attributes that are values (not lists or dicts, such as a history) differ: vmap would
@@ -493,7 +523,7 @@ class Ensemble(nn.Module):
             if not isinstance(leaf, Tensor):
                 return leaf
             out = self.combiner.combine_leaf(keystr(path), leaf, weights)
-            return temper(out.float(), self.temperature).to(out.dtype) if self.combiner.combines_as_probabilities(keystr(path), leaf) else out
+            return temper(widened(out), self.temperature).to(out.dtype) if self.combiner.combines_as_probabilities(keystr(path), leaf) else out
 
         return tree_map_with_path(combine, outputs)
 
@@ -501,16 +531,34 @@ class Ensemble(nn.Module):
         """The combined output of the active members (see the module docstring for the rules)."""
         return self.combine_outputs(self.member_outputs(*args, **kwargs))
 
+    def class_logits(self, outputs: Any, user: str = "predict_proba") -> Tensor:
+        """The class logits among the members' stacked ``outputs``: the output itself when it is one
+        ``(members, batch, classes)`` tensor, else the leaf the ``"auto"`` rule holds as class logits
+        (named with ``AutoCombiner(probability_leaf=...)``, or learnt in ``validate``/``test`` from
+        integer targets). ``ValueError`` (naming ``user``) when there is none."""
+        if is_stacked_logits(outputs):
+            return outputs
+        leaf = self.combiner.logits.select(outputs) if isinstance(self.combiner, AutoCombiner) else None
+        if leaf is not None:
+            return leaf
+        found = ", ".join(f"{path or 'output'}: {tuple(leaf.shape) if isinstance(leaf, Tensor) else type(leaf).__name__}" for path, leaf in leaf_paths(outputs))
+        raise ValueError(
+            f"{user} needs class logits: members that return a (batch, classes) tensor, or an output with one leaf known to hold"
+            " them (`combine=AutoCombiner(probability_leaf='[0]')` names it; `trainer.validate`/`test` with integer targets"
+            f" learns it). The members' stacked outputs are {found}."
+        )
+
     @torch.no_grad()
     def predict_proba(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The ensemble's class probabilities softmax(log p̄ / T) (outputs treated as logits; T: :attr:`temperature`)."""
-        return combine_probabilities(self.member_outputs(*args, **kwargs), self.active_weights(), self.temperature)[1]
+        """The ensemble's class probabilities softmax(log p̄ / T) of the class logits (:meth:`class_logits`; T: :attr:`temperature`)."""
+        return combine_probabilities(self.class_logits(self.member_outputs(*args, **kwargs)), self.active_weights(), self.temperature)[1]
 
     @torch.no_grad()
     def predict_with_uncertainty(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """:meth:`predict_proba`'s ``probs`` with ``entropy``, ``mutual_information`` and ``member_probs``
-        (outputs treated as logits; see :func:`hqde_lightning.uncertainty.uncertainty_decomposition`)."""
-        return uncertainty_decomposition(self.member_outputs(*args, **kwargs), self.active_weights(), self.temperature)
+        (see :func:`hqde_lightning.uncertainty.uncertainty_decomposition`)."""
+        logits = self.class_logits(self.member_outputs(*args, **kwargs), "predict_with_uncertainty")
+        return uncertainty_decomposition(logits, self.active_weights(), self.temperature)
 
     def calibrate(self, loader: Iterable[Any]) -> float:
         """Fits, stores and returns the temperature T minimising the NLL of softmax(log p̄ / T) on
@@ -530,10 +578,12 @@ class Ensemble(nn.Module):
         active: Sequence[bool] | Tensor | None = None,
         member_ids: Sequence[int] | None = None,
         buffers: Sequence[Mapping[str, Any]] | None = None,
+        attributes: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> Ensemble:
         """Builds an ensemble of deep copies of ``template``, member ``i`` loaded with ``states[i]`` (and ``buffers[i]``,
-        buffers its state dict leaves out, by name: those a fit left on member ``i``'s module).
+        buffers its state dict leaves out, by name: those a fit left on member ``i``'s module; and copies of
+        ``attributes[i]``, plain attributes set on it by name).
 
         States holding NaN or Inf leave the ensemble: a warning names them, ``weights``/``active``
         (one entry per state) lose their entries, and ``excluded_members`` lists their
@@ -569,6 +619,7 @@ class Ensemble(nn.Module):
             member.__dict__.pop("forward", None)  # never inherit an evaluation-time forward patch
             member.load_state_dict({k: torch.as_tensor(v) for k, v in states[i].items()})
             load_buffers(member, buffers[i] if buffers is not None else {})
+            vars(member).update(copy.deepcopy(attributes[i]) if attributes is not None else {})
             members.append(member)
         ensemble = cls(members, weights=weights, active=active, member_ids=[ids[i] for i in keep], **kwargs)
         ensemble.excluded_members = excluded
@@ -581,6 +632,7 @@ class Ensemble(nn.Module):
         module_class: type[nn.Module],
         map_location: Any = "cpu",
         weights_only: bool = True,
+        combine: str | Combiner | None = None,
         **module_kwargs: Any,
     ) -> Ensemble:
         """Rebuilds the ensemble saved by ``HQDEStrategy`` for inference, without Ray.
@@ -594,6 +646,10 @@ class Ensemble(nn.Module):
             weights_only: ``True`` (default) loads tensors and plain values only and refuses
                 any other pickled object; ``False`` also loads e.g. hyper-parameters of custom
                 types -- only for files from a source you trust, since unpickling can run code.
+            combine: how the loaded ensemble combines its members' outputs; ``None`` (default):
+                as the saved one did. An ensemble that combined with a :class:`Combiner` of your
+                own needs it passed here (the file names its class; without it, ``"auto"`` is
+                used, with a warning).
             **module_kwargs: extra constructor arguments.
 
         Members whose saved weights hold NaN or Inf are left out (see :meth:`from_states`).
@@ -615,13 +671,24 @@ class Ensemble(nn.Module):
         else:
             template = module_class(**module_kwargs)
         template.eval()
-        states, active = ensemble_entries(checkpoint)
+        saved = section.get("combine", "auto")
+        if combine is None and saved not in COMBINERS:
+            warnings.warn(
+                f"{checkpoint_path!r} holds an ensemble that combined its members with {saved}, a rule of yours: pass it as"
+                f" `Ensemble.load_from_checkpoint(..., combine={saved.rpartition('.')[2]}(...))` to combine the same way;"
+                " this one combines with 'auto'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        states, active, extras = ensemble_entries(checkpoint)
         ensemble = cls.from_states(
             template,
             states,
             weights=section.get("weights"),
             active=active,
-            combine=saved_combiner(section.get("combine", "auto"), section),
+            buffers=[e["buffers"] for e in extras],
+            attributes=[e["attributes"] for e in extras],
+            combine=saved_combiner(combine if combine is not None else saved if saved in COMBINERS else "auto", section),
             temperature=float(section.get("temperature", 1.0)),
         )
         return ensemble.eval()
@@ -632,28 +699,54 @@ class Ensemble(nn.Module):
 
 @torch.no_grad()
 def _log_mean_probs_over(ensemble: Ensemble, loader: Iterable[Any]) -> tuple[Tensor, Tensor]:
-    """log p̄ (uncalibrated) of ``ensemble``'s active members over every batch of ``loader``, and the targets.
-
-    Batches must be ``(inputs, int targets, ...)`` with the members returning ``(batch, classes)``
-    logits for ``inputs`` (``ValueError`` otherwise). Runs in eval mode and restores the mode.
-    """
+    """log p̄ (uncalibrated) of ``ensemble``'s active members over every batch of ``loader``, and the targets
+    (:func:`class_logits_batches`: ignore labels are left out). Runs in eval mode and restores the mode."""
     was_training = ensemble.training
-    device = ensemble.weights.device
     log_probs: list[Tensor] = []
     targets: list[Tensor] = []
     ensemble.eval()
     try:
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not is_class_target(batch[1]):
-                raise ValueError(f"calibration needs batches `(inputs, targets, ...)` with integer class targets of shape (batch,); got a {type(batch).__name__}")
-            logits = ensemble.member_outputs(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch[0]))
-            if not is_stacked_logits(logits) or logits.shape[1] != batch[1].shape[0]:
-                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise ValueError(f"calibration needs members that return (batch, classes) logits; the stacked outputs have shape {shape} for a batch of {batch[1].shape[0]}")
-            log_probs.append(log_mean_probs(logits.float(), ensemble.active_weights()).cpu())
-            targets.append(batch[1].cpu())
+        for logits, target in class_logits_batches(ensemble, [loader], "calibration"):
+            log_probs.append(log_mean_probs(widened(logits), ensemble.active_weights()).cpu())
+            targets.append(target.cpu())
     finally:
         ensemble.train(was_training)
     if not targets:
         raise ValueError("calibration got an empty loader: it needs at least one batch")
     return torch.cat(log_probs), torch.cat(targets)
+
+
+def class_logits_batches(ensemble: Ensemble, loaders: Iterable[Iterable[Any]], user: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """The active members' stacked class logits ``(members, batch, classes)`` for every ``(inputs, int targets, ...)``
+    batch of ``loaders``, with its targets; inputs with a negative target (an ignore label, as -100 for
+    ``F.cross_entropy``) are left out, as the built-in metrics leave them out. The ensemble's ``"auto"``
+    rule learns from these targets which output holds class logits, as in ``trainer.test``.
+
+    Inputs are moved to the members' device, and floating ones cast to the members' dtype, as
+    Lightning's precision plugin does in ``trainer.test`` (``"64-true"``, ``"bf16-true"``).
+    Call it without gradients and in the mode you want. ``user`` names the caller in the
+    ``ValueError`` raised for a batch or an output that does not follow this contract.
+    """
+    device = ensemble.weights.device
+    dtype = next((p.dtype for p in ensemble.members.parameters() if p.is_floating_point()), None)
+
+    def to_members(value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        return value.to(device=device, dtype=dtype) if dtype is not None and value.is_floating_point() else value.to(device)
+
+    for loader in loaders:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(f"{user} needs batches `(inputs, targets, ...)` with integer class targets of shape (batch,); got a {type(batch).__name__}")
+            target = batch[1]
+            if not is_class_target(target):
+                got = f"of dtype {target.dtype} and shape {tuple(target.shape)}" if isinstance(target, Tensor) else f"of type {type(target).__name__}"
+                raise ValueError(f"{user} needs integer class targets of shape (batch,) as the second item of each batch; got targets {got}")
+            outputs = ensemble.member_outputs(tree_map(to_members, batch[0]))
+            ensemble.combiner.observe_targets(outputs, target)  # the "auto" rule learns which output holds class logits, as in `test`
+            logits = ensemble.class_logits(outputs, user)
+            if logits.shape[1] != target.shape[0]:
+                raise ValueError(f"{user}: the members' class logits have shape {tuple(logits.shape)} for a batch of {target.shape[0]} targets")
+            keep = target >= 0
+            yield logits[:, keep.to(logits.device)], target[keep]

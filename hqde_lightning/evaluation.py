@@ -49,7 +49,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from hqde_lightning.ensemble import AutoCombiner, ClassLogitsLeaf, Ensemble, is_class_target, is_stacked_logits, leaf_paths
 from hqde_lightning.pickling import uncompiled
-from hqde_lightning.uncertainty import aurc, combine_probabilities, reliability_bins
+from hqde_lightning.uncertainty import aurc, combine_log_probabilities, reliability_bins
 
 __all__ = ["EnsembleEvaluation", "EnsembleEvaluationCallback", "EnsembleMetrics", "classification_batch", "reliability_diagram"]
 
@@ -102,6 +102,11 @@ def classification_batch(batch: Any) -> tuple[Tensor, Tensor] | None:
     return (inputs, target) if is_class_target(target) else None
 
 
+def _picked(values: Tensor, target: Tensor) -> Tensor:
+    """``values[n, target[n]]`` for every input ``n``."""
+    return values.gather(1, target.view(-1, 1)).squeeze(1)
+
+
 class EnsembleMetrics:
     """Ensemble and per-member torchmetrics (accuracy, NLL, ECE, Brier, disagreement, AURC) for one stage and dataloader.
 
@@ -130,20 +135,21 @@ class EnsembleMetrics:
     def update(self, member_logits: Tensor, weights: Tensor, target: Tensor, temperature: float | Tensor = 1.0) -> None:
         """Adds one batch: ``member_logits`` ``(members, batch, classes)``, ``weights`` ``(members,)``,
         integer ``target`` ``(batch,)``; the ensemble's probabilities get ``temperature``."""
-        member_probs, probs = combine_probabilities(member_logits, weights, temperature)
-        picked = probs.gather(1, target.view(-1, 1)).squeeze(1)
+        member_log_probs, log_probs = combine_log_probabilities(member_logits, weights, temperature)
+        member_probs, probs = member_log_probs.exp(), log_probs.exp()
         one_hot = torch.nn.functional.one_hot(target, probs.shape[-1]).to(probs)
         classes = member_probs.argmax(-1)
         pairs = list(itertools.combinations(range(classes.shape[0]), 2))
-        disagreement = torch.stack([(classes[i] != classes[j]).float().mean() for i, j in pairs]).mean() if pairs else torch.zeros((), device=probs.device)
+        # per input: the share of member pairs whose classes differ
+        disagreement = torch.stack([(classes[i] != classes[j]) for i, j in pairs]).to(probs).mean(0) if pairs else torch.zeros_like(target, dtype=probs.dtype)
         self.ensemble["acc"].update(probs, target)
         self.ensemble["ece"].update(probs, target)
-        self.ensemble["nll"].update(-torch.log(picked.clamp_min(1e-12)))
+        self.ensemble["nll"].update(-_picked(log_probs, target))
         self.ensemble["brier"].update(((probs - one_hot) ** 2).sum(-1))
         self.ensemble["disagreement"].update(disagreement)
-        for metrics, p in zip(self.members, member_probs):
+        for metrics, p, log_p in zip(self.members, member_probs, member_log_probs):
             metrics["acc"].update(p, target)
-            metrics["nll"].update(-torch.log(p.gather(1, target.view(-1, 1)).squeeze(1).clamp_min(1e-12)))
+            metrics["nll"].update(-_picked(log_p, target))
         for (confidence, correct), p in zip(self.selective, [probs, *member_probs]):
             top, predicted = p.max(-1)
             confidence.update(top)
@@ -242,8 +248,17 @@ class EnsembleEvaluation(Callback):
         if ensemble is None:
             rank_zero_warn("HQDEStrategy has no trained ensemble yet (call `fit` or pass an HQDE `ckpt_path`): evaluating the module itself.")
             return
-        # the members in your module's precision and device, as the strategy set it up ("64-true": float64)
-        ensemble = self.strategy.precision_plugin.convert_module(ensemble).to(pl_module.device).eval()
+        path = pl_module.trainer.ckpt_path
+        if path is not None and str(path) == self.strategy.plain_checkpoint:
+            rank_zero_warn(
+                f"{path!r} holds no HQDE ensemble (a plain Lightning checkpoint): evaluating your module with its weights, as a plain"
+                " Trainer would. The strategy's ensemble is kept; evaluate it without `ckpt_path`, or with an HQDE checkpoint."
+            )
+            return
+        # the members in your module's precision and device, as the strategy set it up ("64-true": float64); the
+        # combination weights and temperature stay float64 ("bf16-true" would round them, and checkpoints keep them)
+        ensemble.members = self.strategy.precision_plugin.convert_module(ensemble.members)
+        ensemble = ensemble.to(pl_module.device).eval()
         self._hooks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, EnsembleEvaluationCallback)]
         self._forward = _EnsembleForward(ensemble)
         # compiled steps would trace the ensemble's Python (graph breaks at every call): they wait until the end

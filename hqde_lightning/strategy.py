@@ -242,6 +242,9 @@ class HQDEStrategy(SingleDeviceStrategy):
         #: while a fit goes on from the last one's ensemble (the same module fitted again, no ``ckpt_path``), each member's
         #: start there by index (:func:`~hqde_lightning.member.member_starts`), sent to the members with the fit
         self.continued_members: dict[int, dict[str, Any]] = {}
+        #: the last checkpoint loaded that holds no ensemble (a plain Lightning one): ``validate``/``test``/``predict``
+        #: from it evaluate the weights it holds, not :attr:`ensemble`
+        self.plain_checkpoint: str | None = None
         self.parallel_devices: list[torch.device] | None = None
         self._num_nodes = 1
         # driver: each member's full Lightning checkpoint from the end of the last fit (weights of
@@ -345,13 +348,16 @@ class HQDEStrategy(SingleDeviceStrategy):
         load = super().load_checkpoint
         checkpoint = read_checkpoint(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only is not False))
         section = checkpoint.get(HQDE_KEY)
-        if section is not None and section.get("members") and self.lightning_module is not None:
+        holds_members = section is not None and bool(section.get("members"))
+        self.plain_checkpoint = None if holds_members else str(checkpoint_path)
+        if holds_members and self.lightning_module is not None:
             self.coordinator_state = dict(section.get("coordinator") or {})
             # the combiner of an ensemble already evaluated keeps what it learnt (which output holds class logits)
             combiner = saved_combiner(self.combiner, section) if self.ensemble is None else self.ensemble.combiner
-            states, active = ensemble_entries(checkpoint)
+            states, active, extras = ensemble_entries(checkpoint)
             self.ensemble = Ensemble.from_states(
                 self.lightning_module, states, weights=section.get("weights"), active=active, combine=combiner,
+                buffers=[e["buffers"] for e in extras], attributes=[e["attributes"] for e in extras],
                 temperature=float(section.get("temperature", 1.0)),
             ).eval()
             self.excluded_members = list(self.ensemble.excluded_members)
@@ -366,6 +372,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         state["sync_history"] = []
         state["_final_checkpoints"] = {}
         state["trained_module"] = None
+        state["plain_checkpoint"] = None
         return state
 
     def __repr__(self) -> str:

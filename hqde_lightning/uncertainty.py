@@ -28,9 +28,11 @@ from hqde_lightning.validation import check_int
 __all__ = [
     "aurc",
     "check_temperature",
+    "combine_log_probabilities",
     "combine_probabilities",
     "fit_temperature",
     "log_mean_probs",
+    "widened",
     "mutual_information",
     "ood_detection_metrics",
     "predictive_entropy",
@@ -53,6 +55,11 @@ def _check_members(member: Tensor, weights: Tensor | None) -> Tensor:
     if weights.shape != (member.shape[0],):
         raise ValueError(f"`weights` needs one entry per member ({member.shape[0]}), got shape {tuple(weights.shape)}")
     return weights
+
+
+def widened(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 for the maths, or as it is when it is float64 already (half and bfloat16 are widened)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def log_mean_probs(member_logits: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -94,12 +101,16 @@ def combine_probabilities(member_logits: Tensor, weights: Tensor | None = None, 
     ``probs`` = softmax(log p̄ / T) with p̄ = Σ_i w_i softmax(z_i): T = 1 gives the weighted mean of
     the member probabilities; the temperature scales the combined distribution, not the members.
     """
+    member_log_probs, log_probs = combine_log_probabilities(member_logits, weights, temperature)
+    return member_log_probs.exp(), log_probs.exp()
+
+
+def combine_log_probabilities(member_logits: Tensor, weights: Tensor | None = None, temperature: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    """:func:`combine_probabilities` in log space, ``(member_log_probs, log_probs)``: finite where the
+    probabilities underflow to 0 (a confident member's wrong classes), as a negative log-likelihood needs."""
     weights = _check_members(member_logits, weights)
-    member_logits = member_logits.float()
-    member_probs = torch.softmax(member_logits, dim=-1)
-    if float(temperature) == 1.0:
-        return member_probs, (member_probs * weights.to(member_probs).view(-1, 1, 1)).sum(0)
-    return member_probs, temper(log_mean_probs(member_logits, weights), temperature).exp()
+    member_logits = widened(member_logits)
+    return torch.log_softmax(member_logits, dim=-1), temper(log_mean_probs(member_logits, weights), temperature)
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:

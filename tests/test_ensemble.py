@@ -116,6 +116,7 @@ def test_unknown_combiner_named_in_error():
         resolve_combiner("vote")
 
 
+@torch.no_grad()  # evaluation: with gradients on, the members are evaluated looped
 def test_vectorised_and_looped_member_outputs_agree():
     members = _members()
     x = torch.randn(7, 64)
@@ -139,6 +140,7 @@ class ReadsItsOutput(nn.Module):
         return out * 2 if out.sum().item() > 0 else out
 
 
+@torch.no_grad()  # evaluation: with gradients on, the members are evaluated looped
 def test_members_vmap_cannot_run_are_evaluated_in_turn_saying_why(caplog):
     members = [ReadsItsOutput() for _ in range(3)]
     x = torch.randn(7, 64)
@@ -160,6 +162,7 @@ class SlowCall(nn.Module):
         return self.linear(x)
 
 
+@torch.no_grad()  # evaluation: with gradients on, the members are evaluated looped
 def test_auto_keeps_vmap_where_it_is_faster(caplog):
     members = [SlowCall().eval() for _ in range(4)]
     ensemble = Ensemble(copy.deepcopy(members)).eval()
@@ -171,6 +174,7 @@ def test_auto_keeps_vmap_where_it_is_faster(caplog):
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
 
 
+@torch.no_grad()  # evaluation: with gradients on, the members are evaluated looped
 def test_auto_keeps_the_loop_where_vmap_is_slower(monkeypatch):
     members = _members(4)
     vmapped, calls = Ensemble._vmap_outputs, []

@@ -11,7 +11,6 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -20,8 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from hqde_lightning.ensemble import Ensemble
-from hqde_lightning.evaluation import classification_batch
+from hqde_lightning.ensemble import Ensemble, class_logits_batches
 from hqde_lightning.misconfiguration import lightning_arguments
 from hqde_lightning.selection import anneal, brute_force, build_qubo, exact_k_cost_weight, prediction_similarity, qubo_offset
 from hqde_lightning.validation import check_choice, check_int, check_number, check_optional
@@ -66,8 +64,10 @@ class EnsembleSelection(Callback):
         seed: seed of the annealing, or ``None`` for a random one.
 
     Attributes:
-        selected: boolean mask of the chosen members (``None`` before a selection).
-        member_accuracy: validation accuracy of every member (``None`` before a selection).
+        selected: boolean mask of the chosen members, by position in ``ensemble.members`` (their
+            indices in the run are ``ensemble.member_ids``: members with NaN weights are not there);
+            ``None`` before a selection.
+        member_accuracy: validation accuracy of every member, by position (``None`` before a selection).
         energy: the QUBO energy of the chosen subset (``None`` before a selection).
 
     Raises:
@@ -104,7 +104,7 @@ class EnsembleSelection(Callback):
         mask = self.select(ensemble, loaders)
         ensemble.set_active(mask)
         assert self.member_accuracy is not None
-        chosen = np.flatnonzero(mask).tolist()
+        chosen = [ensemble.member_ids[i] for i in np.flatnonzero(mask)]
         rank_zero_info(
             f"EnsembleSelection: kept {len(chosen)} of {mask.size} members {chosen} (validation accuracy of the kept"
             f" members {self.member_accuracy[mask].mean():.4f}, of all members {self.member_accuracy.mean():.4f};"
@@ -203,34 +203,18 @@ def _as_loaders(loaders: Any) -> list[Iterable[Any]]:
 
 
 def _predict(ensemble: Ensemble, loaders: list[Iterable[Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Every member's predicted classes ``(N, S)`` and the targets ``(S,)`` over all batches."""
+    """Every member's predicted classes ``(N, S)`` and the targets ``(S,)`` over all batches (ignore labels left out)."""
     previous_active = ensemble.active.clone()
     was_training = ensemble.training
-    device = ensemble.active.device
     predictions: list[Tensor] = []
     targets: list[Tensor] = []
     ensemble.eval()
     ensemble.set_active(torch.ones_like(previous_active))
     try:
         with torch.no_grad():
-            for loader in loaders:
-                for batch in loader:
-                    pair = classification_batch(batch)
-                    if pair is None:
-                        raise ValueError(
-                            "EnsembleSelection needs validation batches `(inputs, targets, ...)` with integer class"
-                            f" targets of shape (batch,); got a batch of type {type(batch).__name__}."
-                        )
-                    inputs, target = pair
-                    logits = ensemble.member_outputs(move_data_to_device(inputs, device))
-                    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[1] != target.shape[0]:
-                        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                        raise ValueError(
-                            "EnsembleSelection needs each member to return `(batch, classes)` logits; the stacked member"
-                            f" outputs have shape {shape} for a batch of {target.shape[0]}."
-                        )
-                    predictions.append(logits.argmax(dim=-1).cpu())
-                    targets.append(target.cpu())
+            for logits, target in class_logits_batches(ensemble, loaders, "EnsembleSelection"):
+                predictions.append(logits.argmax(dim=-1).cpu())
+                targets.append(target.cpu())
     finally:
         ensemble.set_active(previous_active)
         ensemble.train(was_training)
