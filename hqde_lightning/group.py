@@ -284,6 +284,8 @@ class MemberGroup(LightningModule):
             self._follow_mode()
         if self.module.device != self.device:  # `self.device` inside your steps (the template moved with the stack)
             self.module.to(self.device)
+        if self.module.dtype != self.dtype:  # `self.dtype` inside your steps: the precision's ("64-true": float64), as in a plain fit
+            self.module.to(dtype=self.dtype)
 
     def _follow_mode(self) -> None:
         """Your module follows the group into eval mode (Lightning's evaluation loops switch the group) and back.

@@ -25,26 +25,27 @@ import copy
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.nn.parameter import is_lazy
 
 from hqde_lightning.actors import FitOutcome, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
-from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group
+from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group, with_module_callbacks
 from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
-from hqde_lightning.member import MirrorLogger, member_starts
+from hqde_lightning.member import MirrorLogger, SyncCodec, member_starts
 from hqde_lightning.member_threads import MemberThreads
 from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
@@ -115,6 +116,8 @@ class RayEnsembleLauncher(_Launcher):
         model: LightningModule = bound.arguments["model"]
         ckpt_path = bound.arguments.get("ckpt_path")
         _check_ckpt_path_exists(ckpt_path)
+        _check_initialised(model)
+        _check_one_codec(with_module_callbacks(trainer.callbacks, model))
         if ckpt_path is not None and os.path.isfile(str(ckpt_path)):
             bound.arguments["ckpt_path"] = os.path.abspath(str(ckpt_path))
             self._check_resume(bound.arguments["ckpt_path"], bound.arguments.get("weights_only"))
@@ -251,13 +254,14 @@ class RayEnsembleLauncher(_Launcher):
         _built_like_members(model, states[0])
         scores = [r.score for r in results]
         try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)
-            ensemble = Ensemble.from_states(model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results])
+            # with what each member's fit stored on its module (a plain fit's stays on yours)
+            ensemble = Ensemble.from_states(
+                model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results],
+                attributes=[r.attributes for r in results],
+            )
         except ValueError as err:
             raise RuntimeError(f"HQDEStrategy: the fit ended without a usable member: {err}") from err
-        attributes = {r.index: r.attributes for r in results}  # what each member's fit stored on its module (a plain fit's stays on yours)
-        for member, index in zip(ensemble.members, ensemble.member_ids):
-            vars(member).update(attributes[index])
-        vars(model).update(copy.deepcopy(attributes[results[0].index]))
+        vars(model).update(copy.deepcopy(results[0].attributes))
         score_of = {r.index: r.score for r in results}
         weights = self._prediction_weights([score_of[i] for i in ensemble.member_ids])
         if weights is not None:
@@ -299,6 +303,30 @@ class RayEnsembleLauncher(_Launcher):
             logger.log_metrics(excluded, trainer.global_step)
             logger.save()
             logger.finalize("success")
+
+
+def _check_initialised(model: LightningModule) -> None:
+    """Refuses a module with lazy layers (``nn.LazyLinear``...) that have not taken their shapes yet, before any member starts:
+    members are copied, compared, snapshotted and stacked before their first batch."""
+    lazy = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if is_lazy(tensor)]
+    if lazy:
+        raise MisconfigurationException(
+            f"HQDEStrategy: {type(model).__name__}'s parameters/buffers {lazy} are not initialised yet: lazy modules (`nn.LazyLinear`...)"
+            " take their shapes at the first batch, and the members are copied and stacked before it. Run one batch through"
+            " your module before `trainer.fit` (`model(example_input)`), or give those layers their input sizes."
+        )
+
+
+def _check_one_codec(callbacks: Sequence[Callback]) -> None:
+    """Refuses two callbacks that both encode what a member sends at a sync (``SyncCodec``s): a sync sends one encoding,
+    so all but the first would be ignored (``ByzantineMembers`` with ``AdaptiveQuantization``: no quantization, or no attack)."""
+    codecs = [type(cb).__name__ for cb in callbacks if isinstance(cb, SyncCodec)]
+    if len(codecs) > 1:
+        raise MisconfigurationException(
+            f"HQDEStrategy: the callbacks {codecs} each encode the weights a member sends at a sync, and a sync sends one"
+            " encoding, so only the first would act. Keep one of them (`ByzantineMembers` sends its members' weights"
+            " uncompressed)."
+        )
 
 
 def _check_ckpt_path_exists(ckpt_path: Any) -> None:

@@ -99,7 +99,11 @@ class _MethodCaller(nn.Module):
         self.module = module
 
     def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.module, method)(*args, **kwargs)
+        out = getattr(self.module, method)(*args, **kwargs)
+        #: the module's buffers as the call left them: your code may rebind one (``self.ema = 0.9 * self.ema + ...``),
+        #: which ``functional_call`` would drop when it puts the originals back
+        self.last_buffers = dict(self.module.named_buffers(remove_duplicate=False))
+        return out
 
 
 #: numpy's and Python's global random states, as ``np.random.get_state()`` and ``random.getstate()`` give them
@@ -153,11 +157,15 @@ class StackedMembers(nn.Module):
         self.set_channels_last(any(_is_channels_last(p) for p in template.parameters()))
         for j, name in enumerate(self.buffer_names):
             self.register_buffer(f"buffer_{j}", torch.stack([dict(m.named_buffers())[name] for m in members]).clone())
-        # every state_dict key of the template (tied parameters appear under each of their names)
-        aliases = {id(p): n for n, p in template.named_parameters()}
-        self._state_keys = {name: ("param", self.param_names.index(aliases[id(p)])) for name, p in template.named_parameters(remove_duplicate=False)}
-        for name, _ in template.named_buffers():
-            self._state_keys[name] = ("buffer", self.buffer_names.index(name))
+        # every state_dict key of the template (tied parameters and buffers appear under each of their names)
+        first = {id(t): n for n, t in [*template.named_parameters(), *template.named_buffers()]}
+        #: per stacked name, every name the template holds that tensor under (a decoder weight tied to an embedding)
+        self.aliases: dict[str, list[str]] = {}
+        self._state_keys = {}
+        for kind, names, named in (("param", self.param_names, template.named_parameters), ("buffer", self.buffer_names, template.named_buffers)):
+            for name, tensor in named(remove_duplicate=False):
+                self.aliases.setdefault(first[id(tensor)], []).append(name)
+                self._state_keys[name] = (kind, names.index(first[id(tensor)]))
         self.state_keys = [k for k in template.state_dict() if k in self._state_keys]
         # torchmetrics objects hold state outside parameters and buffers: one copy per member
         self.metric_paths = [path for path, sub in template.named_modules() if isinstance(sub, Metric) and path]
@@ -245,18 +253,19 @@ class StackedMembers(nn.Module):
             self._scratch_metrics = [copy.deepcopy(self.template.get_submodule(path)) for path in self.metric_paths]
         scratch = self._scratch_metrics
 
-        def one(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Any, tuple[Tensor, ...]]:
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Any, tuple[Tensor, ...], dict[int, Tensor]]:
             with capture_logs(self.template) as logs:
                 out = functional_call(self._caller, (p, b), (method, *inputs))
             if any(isinstance(v, Metric) for v in logs.values):
                 raise RuntimeError(f"`{method}` logs a torchmetrics Metric object, which vmap cannot batch")
             names.append(logs)
             loss = loss_of(out)
-            return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values)
+            return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values), self._rebound(b)
 
         try:
             with self._swapped_metrics(scratch):
-                out, values = vmap(one, in_dims=(0, 0, *in_dims), randomness="different")(params, buffers, *args)
+                out, values, rebound = vmap(one, in_dims=(0, 0, *in_dims), randomness="different")(params, buffers, *args)
+            self._keep_rebound(rebound)
         finally:
             updated = [path for path, metric in zip(self.metric_paths, scratch) if metric._update_count]
             if updated:
@@ -273,7 +282,25 @@ class StackedMembers(nn.Module):
         params, buffers = self._named(index)
         with self.member_rng(index), self._member_metrics(index), self._member_attributes(index), capture_logs(self.template) as logs:
             out = functional_call(self._caller, (params, buffers), (method, *args))
+        self._keep_rebound(self._rebound(buffers), index)
         return out, logs
+
+    def _rebound(self, passed: Mapping[str, Tensor]) -> dict[int, Tensor]:
+        """The buffers the last call rebound (``self.ema = 0.9 * self.ema + ...``), by position in :attr:`buffer_names`:
+        those the template held as another tensor than ``passed`` (what :meth:`_named` gave the call) when it returned."""
+        left = self._caller.last_buffers
+        rebound = {}
+        for j, name in enumerate(self.buffer_names):
+            now = next((left[alias] for alias in self.aliases[name] if left.get(alias) is not passed[f"module.{name}"]), None)
+            if isinstance(now, Tensor):
+                rebound[j] = now
+        return rebound
+
+    def _keep_rebound(self, rebound: Mapping[int, Tensor], index: int | None = None) -> None:
+        """Writes rebound buffers (:meth:`_rebound`) into the stack: member ``index``'s slice, or every member's (stacked values)."""
+        for j, value in rebound.items():
+            stacked = getattr(self, f"buffer_{j}")
+            _copy_rebound(self.buffer_names[j], stacked if index is None else stacked[index], value)
 
     @contextmanager
     def as_member(self, index: int, host: bool = False) -> Iterator[nn.Module]:
@@ -439,20 +466,37 @@ class StackedMembers(nn.Module):
         (``table`` is ``"_parameters"`` or ``"_buffers"``) during the block."""
         originals = []
         for name, table, tensor in tensors:
-            parent, _, leaf = name.rpartition(".")
-            entries = getattr(self.template.get_submodule(parent), table)
-            originals.append((entries, leaf, entries[leaf]))
-            entries[leaf] = tensor
+            for alias in self.aliases.get(name, [name]):  # every name a tied tensor has
+                parent, _, leaf = alias.rpartition(".")
+                entries = getattr(self.template.get_submodule(parent), table)
+                originals.append((name, table, entries, leaf, entries[leaf], tensor))
+                entries[leaf] = tensor
         try:
             yield
         finally:
-            for entries, leaf, original in originals:
+            rebound = {}
+            for name, table, entries, leaf, original, tensor in originals:
+                if table == "_buffers" and entries[leaf] is not tensor and isinstance(entries[leaf], Tensor):
+                    rebound[name] = (tensor, entries[leaf])  # your hook rebound the buffer: the member keeps the new value
                 entries[leaf] = original
+            for name, (tensor, value) in rebound.items():
+                _copy_rebound(name, tensor, value)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> StackedMembers:
         # the template moves with the stack (its non-parameter tensors, its `device`)
         self.template._apply(fn)
         return super()._apply(fn, recurse)
+
+
+def _copy_rebound(name: str, target: Tensor, value: Tensor) -> None:
+    """Copies ``value``, the tensor your code rebound the buffer ``name`` to, into its place in the stack ``target``."""
+    if value.shape != target.shape:
+        raise RuntimeError(
+            f"your code replaced the buffer {name!r} ({tuple(target.shape)} per member) with a tensor of shape {tuple(value.shape)}:"
+            " a member group keeps its members' buffers stacked, so a buffer keeps its shape (`vectorize` does not change this)"
+        )
+    with torch.no_grad():
+        target.copy_(value)
 
 
 #: an attribute the template did not have
