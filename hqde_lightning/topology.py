@@ -2,9 +2,11 @@
 
 * ``flat``: every member's weights go to one process, which runs the aggregator once.
 * ``tree``: pairwise reduction in ceil(log2 n) rounds; each round's pairs are combined in
-  parallel tasks and only the partial results move on. Exact for mean-like rules (a pair's
-  result carries the total weight of the pair's members that took part, so the weighted mean
-  of partial means is the mean). Robust rules (``Aggregator.robust``: geometric median,
+  parallel tasks and only the partial results move on. Exact for the mean (a pair's result
+  carries the total weight of the pair's members that took part, so the weighted mean of
+  partial means is the mean), and for superposition when the member count is a power of two.
+  Entanglement is refused: it weighs each member by its agreement with all the others, which
+  a pair cannot see (its two members agree equally, so every pair would be a plain mean). Robust rules (``Aggregator.robust``: geometric median,
   trimmed mean, Krum, Multi-Krum, the outlier filter) are refused: a pair holding one bad
   member has no honest majority, so a median of pairwise medians has no breakdown guarantee
   (2 of 7 members sending -100x weights move it as far as the plain mean).
@@ -232,7 +234,13 @@ class Tree(Topology):
                 f"`topology='tree'` with `aggregator={rule!r}`: the tree combines members two at a time, and a pair holding"
                 " one bad member has no honest majority, so a robust rule loses its breakdown guarantee there. Use"
                 " `topology='flat'` or `topology='mapreduce'` with this aggregator, or a mean-like aggregator"
-                " ('mean', 'superposition', 'entanglement') on the tree."
+                " ('mean', 'superposition') on the tree."
+            )
+        if rule.name == "entanglement":
+            raise ValueError(
+                f"`topology='tree'` with `aggregator={rule!r}`: entanglement weighs each member by its agreement with all the"
+                " others, which a pair cannot see (two members agree with each other equally, so every pair would be a plain"
+                " mean). Use `topology='flat'` or `topology='mapreduce'` with it, or 'mean'/'superposition' on the tree."
             )
 
     def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):

@@ -12,7 +12,7 @@ from torch import nn
 from hqde_lightning import HQDEStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, MultiKrum, TrimmedMean
+from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, MultiKrum, TrimmedMean, resolve_aggregator
 from hqde_lightning.codec import payload_layout, payload_nbytes
 from hqde_lightning.topology import Flat, LocalExecutor, MapReduce, Tree, resolve_topology
 
@@ -169,3 +169,12 @@ def test_topologies_agree_in_a_real_fit(ray_session, tmp_path):
         (sync,) = fits[name].sync_history
         assert sync["topology"] == name and sync["comm_rounds"] == 2 and sync["bytes_moved"] > sync["bytes_received"]
     assert fits["flat"].sync_history[0]["comm_rounds"] == 1
+
+
+def test_the_tree_refuses_entanglement_which_a_pair_would_make_a_plain_mean():
+    """Both members of a pair agree with each other equally: every pair weighed 0.5/0.5, and a tree of entanglement
+    gave the plain mean (0.06 from flat's consensus with one member moving away from three)."""
+    with pytest.raises(ValueError, match=r"entanglement weighs each member by its agreement with all the others"):
+        Tree().check(resolve_aggregator("entanglement"))
+    with pytest.raises(MisconfigurationException, match=r"topology='tree'.*entanglement"):
+        HQDEStrategy(num_members=3, aggregator="entanglement", topology="tree")
