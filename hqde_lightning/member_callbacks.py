@@ -585,6 +585,23 @@ class MembersSummary(Summary):
     def total_flops(self) -> int:
         return super().total_flops * self.members
 
+    def _forward_example_input(self) -> None:
+        """Runs your ``example_input_array`` through your module's (or datamodule's) batch hooks, as a plain fit's summary
+        does. (Lightning looks the hooks up on the trainer's module, which is the group here, and would call the
+        datamodule's, none or not.)"""
+        module = self._model
+        selector = module._trainer._data_connector._datahook_selector if module._trainer is not None else None
+
+        def own_hook(hook_name: str, *args: Any) -> Any:
+            owner = selector.get_instance(hook_name) if selector is not None else module
+            return getattr(owner if isinstance(owner, pl.LightningDataModule) else module, hook_name)(*args)
+
+        module._call_batch_hook = own_hook  # an instance attribute shadows the class's method
+        try:
+            super()._forward_example_input()
+        finally:
+            del module._call_batch_hook
+
     def _get_summary_data(self) -> list[tuple[str, list[str]]]:
         members, self.members = self.members, 1  # the rows are one member's (Lightning's "other params" row included)
         try:

@@ -7,6 +7,7 @@ references: its seed's initial weights, its own data order).
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -152,3 +153,27 @@ def test_two_callbacks_that_encode_the_sync_payload_are_refused_before_the_fit()
         names = [type(cb).__name__ for cb in callbacks]
         with pytest.raises(MisconfigurationException, match=re.escape(f"the callbacks {names} each encode the weights a member sends")):
             trainer.fit(Net(), train_loader())
+
+
+class WithExampleInput(Net):
+    """An ``example_input_array`` (the model summary runs it through the layers) and a batch hook of its own."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.example_input_array = torch.zeros(2, 64)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return batch
+
+
+def test_the_model_summary_runs_your_example_input_through_your_batch_hooks(caplog):
+    """Before, a group failed at the start of the fit with the default ``enable_model_summary=True``: Lightning called the
+    datamodule's batch hooks ("No LightningDataModule is available to call hooks on")."""
+    model = WithExampleInput(batchnorm=False)
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, seed=SEED, sync="none"), enable_model_summary=True, **FIT)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, train_loader())
+    assert "[2, 64]" in caplog.text and "[2, 10]" in caplog.text  # the summary's in and out sizes
