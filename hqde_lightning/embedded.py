@@ -210,8 +210,14 @@ class GroupSync(Callback):
         self._loss_sum: torch.Tensor | None = None
         #: per member, whether any of its steps this epoch returned a loss (a member's mean loss counts only those)
         self._returned: torch.Tensor | None = None
-        self._num_batches = 0
-        self._num_samples = 0
+        self._num_batches: torch.Tensor | None = None
+        #: per member (its place in the group), the samples it trained on since the last sync round (the round's prior)
+        self._num_samples = [0] * group.num_members
+        #: per member, whether it trains in the batch that runs now
+        self._training_now: torch.Tensor | None = None
+        self._training_flags: list[bool] = []
+        #: per member (its place in the group), the score of the last epoch it trained
+        self._last_scores: dict[int, float | None] = {}
 
     def sync_state(self) -> dict[str, Any]:
         """The coordinator's part of checkpoints: the aggregator's state (reputations) and the sync history."""
@@ -222,18 +228,32 @@ class GroupSync(Callback):
         self.history = list(state.get("history", []))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._loss_sum, self._returned, self._num_batches = None, None, 0
+        self._loss_sum, self._returned, self._num_batches = None, None, None
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # the members' orders of this epoch, resumed or not
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        training = [not stopped for stopped in self.group.frozen]  # a member that stops in this batch still trained it
+        if self._training_now is None or self._training_flags != training:
+            self._training_flags, self._training_now = training, torch.tensor(training)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         losses, returned = self.group.last_losses, self.group.last_returned
+        if self._training_now.device != losses.device:
+            self._training_now = self._training_now.to(losses.device)
+        training = self._training_now
+        # a stopped member's slices still run in the stack: its mean loss counts the batches it trained only, as in its own fit
+        losses, returned, counts = torch.where(training, losses, torch.zeros_like(losses)), returned & training, training.long()
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._returned = returned if self._returned is None else self._returned | returned
-        self._num_batches += 1
-        self._num_samples += self.group.last_batch_size
+        self._num_batches = counts if self._num_batches is None else self._num_batches + counts
+        for i, trains in enumerate(self._training_flags):
+            self._num_samples[i] += self.group.last_batch_size if trains else 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
+        for i in range(self.group.num_members):  # the score of each member's last trained epoch, which a stopped member keeps
+            if self._num_batches is not None and int(self._num_batches[i]) > 0:
+                self._last_scores[i] = self._epoch_score(trainer, i)
         if self.synced_epoch == epoch:
             return
         self.synced_epoch = epoch
@@ -249,16 +269,23 @@ class GroupSync(Callback):
         self.final = {self.group.member_ids[i]: strategy.member_checkpoint(snapshot, i) for i in range(self.group.num_members)}
 
     def score(self, trainer: Trainer, i: int) -> float | None:
-        """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch."""
+        """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch;
+        a member that did not train this epoch (it stopped earlier) keeps the score of the last epoch it trained."""
+        if (self._num_batches is None or int(self._num_batches[i]) == 0) and i in self._last_scores:
+            return self._last_scores[i]
+        return self._epoch_score(trainer, i)
+
+    def _epoch_score(self, trainer: Trainer, i: int) -> float | None:
         name = self.hqde.score_metric
         metric = None if name is None else trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{name}")
-        loss_sum = self._loss_sum[i] if self._loss_sum is not None and bool(self._returned[i]) else None  # (set together)
-        return confidence(name, metric, self.hqde.score_mode, loss_sum, self._num_batches)
+        trained = self._loss_sum is not None and bool(self._returned[i])  # (set together)
+        return confidence(name, metric, self.hqde.score_mode, self._loss_sum[i] if trained else None, int(self._num_batches[i]) if trained else 0)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:
         """One sync round: every training member's weights to the consensus (:meth:`_consensus`), then ``sync`` applied to each."""
         group, stack = self.group, self.group.stack
-        training = [i for i in range(group.num_members) if not group.frozen[i]]  # stopped members leave the rounds
+        # stopped members leave the rounds after the epoch they stopped in: its own fit still syncs at that epoch's end
+        training = [i for i in range(group.num_members) if not group.frozen[i] or group.frozen_at.get(i) == epoch]
         if not training:
             return
         members = [group.member_ids[i] for i in training]
@@ -269,22 +296,25 @@ class GroupSync(Callback):
         payloads = [codecs[i].encode_for_sync(trainer, group, dict(s)) if i in codecs else state_to_numpy(s) for i, s in zip(training, states)]
         scores = [self.score(trainer, i) for i in training]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
-        consensus, events = self._consensus(epoch, members, payloads, scores, max(self._num_samples, 1), step)
-        self._num_samples = 0
-        for member, state in zip(members, states):
+        consensus, events = self._consensus(epoch, members, payloads, scores, [max(self._num_samples[i], 1) for i in training], step)
+        self._num_samples = [0] * group.num_members
+        for i, member, state in zip(training, members, states):
             events.append(DistanceEvent(member, step, distance_to_consensus(state, consensus)))
             apply_sync_(state, consensus, self.hqde.sync, self.hqde.sync_strength)
+            if group.frozen[i]:
+                group.keep_frozen_as_now(i)
         self.forwarder.handle(events)
 
-    def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: int, step: int) -> tuple[dict[str, Any], list[Any]]:
-        """Reduces the round's ``payloads`` (one per member of ``members``) here, through the run's topology and aggregator.
+    def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: list[int], step: int) -> tuple[dict[str, Any], list[Any]]:
+        """Reduces the round's ``payloads`` (one per member of ``members``, with the samples it trained on) here, through the
+        run's topology and aggregator.
 
         Returns the consensus (numpy arrays) and the events for the driver (the round's record).
         """
-        entries = [(p, s, num_samples, payload_nbytes(p), payload_layout(p)) for p, s in zip(payloads, scores)]
+        entries = [(p, s, n, payload_nbytes(p), payload_layout(p)) for p, s, n in zip(payloads, scores, num_samples)]
         started = time.perf_counter()
         result, comm = self.hqde.topology.reduce(
-            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, [num_samples] * len(entries), LocalExecutor(), entries[0][4], members
+            payloads, [e[3] for e in entries], self.aggregator, None if None in scores else scores, num_samples, LocalExecutor(), entries[0][4], members
         )
         record = sync_record(epoch, members, result, time.perf_counter() - started, entries, comm, step, self.hqde.topology.name)
         self.history.append(record.as_dict())

@@ -237,6 +237,9 @@ class MemberGroup(LightningModule):
         self.last_outputs: list[Any] = [None] * self.num_members
         #: per member (its place in the group), whether it stopped early (see :meth:`freeze`)
         self.frozen = [False] * self.num_members
+        #: the place of the member whose values your plain metric names show this epoch: the lowest one training at the
+        #: epoch's start, as the member that writes checkpoints with member actors
+        self.lead = 0
         #: per stopped member (its place in the group), the epoch it stopped in (its last trained epoch)
         self.frozen_at: dict[int, int] = {}
         self._frozen_values: dict[int, list[Tensor]] = {}
@@ -491,7 +494,7 @@ class MemberGroup(LightningModule):
         return torch.stack(outs), relayed
 
     def _relay(self, logs: list[tuple[str, dict[str, Any], Any]], batch_size: int) -> None:
-        """Logs each training member's value as ``member_{i}/<name>``, and the group's first member's also as ``<name>`` (not sent to loggers).
+        """Logs each training member's value as ``member_{i}/<name>``, and the lead member's (:attr:`lead`) also as ``<name>`` (not sent to loggers).
 
         Values go through :class:`~hqde_lightning.quick_log.QuickLog`: after a name's first ``self.log``
         in a loop, each member's value updates its Lightning result directly (a few tensor operations,
@@ -501,8 +504,9 @@ class MemberGroup(LightningModule):
         the latest such step; after a fit, of its last step, as a plain fit's are), and the plain
         name only for values reduced over the epoch (what checkpoint and learning-rate callbacks
         monitor) or shown in the progress bar. Stopped members log nothing
-        more under their own names; the plain name stays the first member's, stopped or not
-        (Lightning keeps one metric object per name for the whole fit).
+        more under their own names; the plain name is the value of the lowest member training at the epoch's start
+        (:attr:`lead`: the member that writes checkpoints with member actors), so that a checkpoint callback that
+        monitors it follows that member once member 0 stopped.
         """
         # a value logged per step only (Lightning's default in `training_step`) reaches the loggers
         # every `log_every_n_steps` steps: the members' values are logged at those steps, and at
@@ -517,7 +521,8 @@ class MemberGroup(LightningModule):
                     if not self.frozen[i] and values[i] is not None:  # (a member under manual optimization may not log a name)
                         self._quick_log(f"member_{member}/{name}", values[i], {**options, "prog_bar": False})
             if epoch_level or options.get("prog_bar", False):
-                self._quick_log(name, next(v for v in values if v is not None), {**options, "logger": False})
+                value = values[self.lead] if values[self.lead] is not None else next(v for v in values if v is not None)
+                self._quick_log(name, value, {**options, "logger": False})
 
     # -------------------------------------------------------- per-member hooks
     def each_member(self, hook: str, call: Callable[[LightningModule, tuple[Any, ...]], Any], args: tuple[Any, ...] = (), positions: Sequence[int] | None = None) -> list[Any]:
@@ -526,7 +531,7 @@ class MemberGroup(LightningModule):
         ``member`` is your module as that member (:meth:`~hqde_lightning.stacking.StackedMembers.as_member`),
         ``member_args`` the hook's ``args`` as the member's own fit would pass them (its batch, its step's
         outputs, its loss), ``trainer.callback_metrics`` show the member's ``member_{i}/<name>`` values under the
-        plain names, and what it logs is logged as ``member_{i}/<name>`` (the first member's also as
+        plain names, and what it logs is logged as ``member_{i}/<name>`` (the lead member's also as
         ``<name>``, not sent to loggers, for callbacks that monitor it). Members that stopped early are
         skipped, except for the hooks that end a fit. Setting ``trainer.should_stop`` stops the member
         only (:meth:`stop_member`).
@@ -549,7 +554,7 @@ class MemberGroup(LightningModule):
                 options = kwargs if batch_size is None else {"batch_size": batch_size, **kwargs}
                 if not was_stopped:
                     self._quick_log(f"member_{self.member_ids[i]}/{name}", value, {**options, "prog_bar": False})
-                if i == 0:
+                if i == self.lead:
                     self._quick_log(name, value, {**options, "logger": False})
         return results
 
@@ -700,7 +705,7 @@ class MemberGroup(LightningModule):
             return
         self.frozen[position] = True
         self.frozen_at[position] = self.trainer.current_epoch if self._trainer is not None else 0
-        self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
+        self.keep_frozen_as_now(position)
         # its optimizer state as of its last update: its slices are put back after each step, its step counts go into checkpoints
         self._frozen_states[position], self.frozen_steps[position] = [], {}
         stacked = self._trainer is not None and self.automatic_optimization  # under manual optimization a stopped member's optimizers are left alone
@@ -713,6 +718,20 @@ class MemberGroup(LightningModule):
                         self._frozen_states[position].append((n, pid, key, value[position].detach().clone()))
         if self._active():  # a parameter only this member trained no longer needs a gradient
             self.stack.settle_requires_grad(self._active())
+
+    def _forget_plain_names(self) -> None:
+        """The lead member changed: the results your plain names were logged into are dropped, so that the new lead's
+        values (another member's metric objects) register afresh. Lightning refuses a name logged with other options
+        (another metric object) into the same result; it starts each epoch's values anew anyway."""
+        loop = self.trainer.fit_loop.epoch_loop
+        for results in (loop._results, loop.val_loop._results):
+            for key in [k for k, result in results.items() if not getattr(getattr(result, "meta", None), "name", "member_").startswith("member_")]:
+                del results[key]
+
+    def keep_frozen_as_now(self, position: int) -> None:
+        """Stopped member ``position``'s weights and buffers as they are now are what it keeps (its last sync round, in the
+        epoch it stopped in, changed them: its own fit syncs at that epoch's end too)."""
+        self._frozen_values[position] = [t[position].detach().clone() for t in (*self.stack.params, *self.stack.buffers())]
 
     def _active(self) -> list[int]:
         """The places of the members that still train (have not stopped early)."""
@@ -795,6 +814,10 @@ class MemberGroup(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._release_stops()  # `min_epochs` met at the end of the last epoch: a member held back stops before this one
+        lead = next((i for i in range(self.num_members) if not self.frozen[i]), self.lead)
+        if lead != self.lead:
+            self.lead = lead
+            self._forget_plain_names()
         self._hook("on_train_epoch_start")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:

@@ -113,33 +113,36 @@ class RemoteGroupSync(GroupSync):
         epoch = trainer.current_epoch
         if self.synced_epoch == epoch:
             return
-        self._finish_frozen(trainer, epoch)  # before the round: the coordinator must not wait for them
-        super().on_train_epoch_end(trainer, pl_module)
+        self._finish_frozen(trainer, epoch, in_this_epoch=False)  # before the round: the coordinator must not wait for them
+        super().on_train_epoch_end(trainer, pl_module)  # members that stopped in this epoch take part in its round
+        self._finish_frozen(trainer, epoch, in_this_epoch=True)  # and then leave
         self._post_snapshots(trainer, epoch, self._unfinished())
-        if self._loss_sum is not None:
-            self._report_progress(trainer, self._num_batches, self._loss_sum / max(self._num_batches, 1))
+        if self._loss_sum is not None and self._num_batches is not None:
+            self._report_progress(trainer, int(self._num_batches.max()), self._loss_sum / self._num_batches.clamp_min(1))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._post_snapshots(trainer, trainer.current_epoch - 1, self._unfinished(), final=True)
 
     # ---------------------------------------------------------------- helpers
-    def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: int, step: int) -> tuple[dict[str, Any], list[Any]]:
+    def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: list[int], step: int) -> tuple[dict[str, Any], list[Any]]:
         """Sends each member's payload to the coordinator (by value: it keeps its own copy) and waits for the round's consensus."""
         calls = [
-            self.coordinator.sync.remote(member, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, num_samples, step)
-            for member, payload, score in zip(members, payloads, scores)
+            self.coordinator.sync.remote(member, epoch, payload, payload_nbytes(payload), payload_layout(payload), score, samples, step)
+            for member, payload, score, samples in zip(members, payloads, scores, num_samples)
         ]
         (consensus_ref,) = ray.get(calls)[0]
         return ray.get(consensus_ref), []
 
-    def _finish_frozen(self, trainer: Trainer, epoch: int) -> None:
-        """Members frozen since the last epoch end (early stopping) post their final snapshot and leave the rounds.
+    def _finish_frozen(self, trainer: Trainer, epoch: int, in_this_epoch: bool) -> None:
+        """Members frozen since the last epoch end (early stopping) post their final snapshot and leave the rounds: those that
+        stopped in this epoch (``in_this_epoch``, after its round, which they take part in) or in an earlier one (stopped
+        after that epoch's end: before this epoch's round).
 
         Each snapshot is a checkpoint dump of the group (one per stopped member: rare, and the
         group's state is what a snapshot cuts the member out of).
         """
-        stopped = [i for i in self._unfinished() if self.group.frozen[i]]
+        stopped = [i for i in self._unfinished() if self.group.frozen[i] and (self.group.frozen_at.get(i) == epoch) == in_this_epoch]
         for i in stopped:  # a member's snapshot round is its last trained epoch: the one it stopped in
             self._post_snapshots(trainer, self.group.frozen_at.get(i, epoch - 1), [i], final=True)
             self.finish(self.group.member_ids[i])

@@ -48,7 +48,7 @@ whole-ensemble checkpoints hold each member's callback state under the key it ha
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -224,6 +224,10 @@ class MemberQuantumNoise(_IndexedCopy, QuantumNoise):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         if self._its_turn():
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def _perturb(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tensors: Iterable[Tensor], batches_done: int, steps_done: int) -> None:
+        if not self.group.frozen[self.position]:  # a stopped member's fit has ended: no noise drawn, nothing logged
+            super()._perturb(trainer, pl_module, tensors, batches_done, steps_done)
 
     def _log_name(self) -> str:
         return f"member_{self.member_id}/noise_scale"
