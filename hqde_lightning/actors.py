@@ -145,6 +145,8 @@ class Coordinator:
         self.done: set[int] = set()
         #: those final snapshots
         self.finals: dict[int, dict[str, Any]] = {}
+        #: per member whose fit has said it stops, the last epoch it trains (it may still be saving that epoch's checkpoint)
+        self.last_epochs: dict[int, int] = {}
         self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
@@ -221,6 +223,11 @@ class Coordinator:
         self._notify_snapshot()
         self._report_clones()
 
+    def stops_after(self, member: int, epoch: int) -> None:
+        """``member``'s fit stops after ``epoch`` (early stopping): it will not train a later epoch, so it writes no later checkpoint."""
+        self.last_epochs[member] = epoch
+        self._notify_snapshot()
+
     # -------------------------------------------------------------- snapshots
     def post_snapshot(self, member: int, round_id: int, snapshot: dict[str, Any], final: bool = False) -> None:
         """Keeps ``member``'s latest snapshot (copied out of the object store, so it outlives the member).
@@ -282,12 +289,16 @@ class Coordinator:
         runs, then the next one when member 0 stops early (``trainer.should_stop``, early
         stopping) or is given up on. A lower member that still runs but has not reached
         ``epoch`` yet is waited for (it may yet train in ``epoch``); one that has reached it, or
-        finished after training it, is the writer instead.
+        finished after training it, is the writer instead. A lower member that said it stops
+        after an earlier epoch (:meth:`stops_after`) is passed over, though it may still be
+        saving that epoch's checkpoint.
         """
 
         def decide() -> str | None:
             for lower in range(member):
                 posted = self.snapshots[lower][0] if lower in self.snapshots else None
+                if self.last_epochs.get(lower, epoch) < epoch and lower not in self.done:
+                    continue  # it stops after an earlier epoch
                 if lower in self.active and lower not in self.done:
                     if posted is None or posted < epoch - 1:
                         return None  # still training, not in ``epoch`` yet

@@ -75,14 +75,22 @@ class CheckpointWriter:
         self.coordinator = coordinator
         self.member = member
         self._epoch: int | None = None
+        self._stops_after: int | None = None
 
     def holds(self, strategy: Strategy) -> bool:
-        """Whether the worker of ``strategy`` writes checkpoints in its trainer's current epoch."""
-        if self.member == 0:
-            return True
+        """Whether the worker of ``strategy`` writes checkpoints in its trainer's current epoch.
+
+        A worker whose fit stops after this epoch says so first (:meth:`Coordinator.stops_after`), so that the next
+        member writes the next epoch's checkpoints even while this one still saves its last.
+        """
         module = strategy.lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         epoch = trainer.current_epoch if trainer is not None else 0
+        if trainer is not None and trainer.should_stop and trainer.fit_loop._can_stop_early and self._stops_after is None:
+            self._stops_after = epoch
+            resolve(self.coordinator.stops_after.remote(self.member, epoch))
+        if self.member == 0:
+            return True
         if self._epoch == epoch:
             return True
         if resolve(self.coordinator.is_writer.remote(self.member, epoch)):

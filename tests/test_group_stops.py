@@ -98,11 +98,13 @@ def test_a_stopped_member_keeps_the_superposition_score_of_its_last_epoch():
     assert not torch.allclose(group.ensemble.weights, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-4)
 
 
-def test_checkpoints_monitor_the_lowest_member_still_training(tmp_path):
-    """Before, the plain ``val_acc`` stayed the stopped member 0's: every later file carried its value and the epoch-0
-    file stayed "best" (member actors follow member 1, the member that then writes checkpoints)."""
+@pytest.mark.parametrize("threads", [False, True], ids=["group", "threads"])
+def test_checkpoints_monitor_the_lowest_member_still_training(tmp_path, threads):
+    """Before, in a group the plain ``val_acc`` stayed the stopped member 0's: every later file carried its value and the
+    epoch-0 file stayed "best" (member actors follow member 1, the member that then writes checkpoints). In threads the
+    epoch-1 file was never written: member 0, still saving its last checkpoint, was taken for that epoch's writer."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc", mode="max", save_top_k=-1, filename="{epoch}-{val_acc:.4f}")
-    _, trainer = _fit(DigitsModule, threads=False, callbacks=[StopsAfterEpochZero(), checkpoint], sync="none", fit=dict(enable_checkpointing=True))
+    _, trainer = _fit(DigitsModule, threads=threads, callbacks=[StopsAfterEpochZero(), checkpoint], sync="none", fit=dict(enable_checkpointing=True))
     scores = {int(m[1]): float(m[2]) for m in (re.match(r"epoch=(\d+)-val_acc=([\d.]+)\.ckpt", f) for f in os.listdir(tmp_path)) if m}
     assert sorted(scores) == [0, 1, 2]
     assert scores[2] == pytest.approx(float(trainer.callback_metrics["member_1/val_acc"]), abs=1e-4)
