@@ -390,9 +390,9 @@ class MemberActor:
 
     @staticmethod
     def _independent_init(arguments: Mapping[str, Any], context: MemberContext) -> None:
-        """Re-initialises the member's module (the fit's ``arguments``) under its seed, unless the fit resumes from a checkpoint or snapshot."""
-        if arguments.get("ckpt_path") is not None:
-            return
+        """Re-initialises the member's module (the fit's ``arguments``) under its seed; also when the fit resumes from a checkpoint
+        or snapshot, which then replaces the weights: the non-persistent buffers and attributes your ``__init__`` draws stay
+        the member's own."""
         notice, fallback = reinitialise(arguments["model"], seed_drawn_attributes(arguments["model"]))
         context.coordinator.emit.remote(Notice(context.index, f"HQDEStrategy: {notice}", warning=fallback))
 

@@ -397,12 +397,14 @@ def fit_group(
     """Fits members ``member_ids`` of ``hqde``'s ensemble as one group with ``trainer``, a copy of the user's (loggers set).
 
     Each member is a copy of the fit's module under its own seed (re-initialised for
-    ``member_init="independent"`` unless the fit resumes); ``make_sync`` builds the group's sync
+    ``member_init="independent"``, also when the fit resumes: what your ``__init__`` draws outside the state dict is
+    then the member's own); ``make_sync`` builds the group's sync
     callback, ``strategy_cls`` its strategy. Returns the members' results and the sync callback.
     """
     model: LightningModule = bound.arguments["model"]
-    resuming = bound.arguments.get("ckpt_path") is not None
-    independent = hqde.member_init == "independent" and not resuming
+    # also when the fit resumes: the checkpoint replaces the weights, and each member keeps the non-persistent buffers and
+    # attributes its `__init__` draws (as member i resumed alone, built under its seed, would)
+    independent = hqde.member_init == "independent"
     drawn = seed_drawn_attributes(model) if independent and len(hqde.continued_members) < len(member_ids) else []
     members, rng_states, host_rng_states = [], [], []
     for i in member_ids:

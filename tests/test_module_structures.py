@@ -177,3 +177,43 @@ def test_the_model_summary_runs_your_example_input_through_your_batch_hooks(capl
     with caplog.at_level(logging.INFO):
         trainer.fit(model, train_loader())
     assert "[2, 64]" in caplog.text and "[2, 10]" in caplog.text  # the summary's in and out sizes
+
+
+class DrawsOutsideItsState(Net):
+    """A random projection (a non-persistent buffer) and a random input mask (a plain attribute), both drawn in
+    ``__init__``: each member's own, and in no state dict."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("projection", torch.randn(64, 64) / 8, persistent=False)
+        self.mask = (torch.rand(64) > 0.5).float()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net((x * self.mask) @ self.projection), y)
+
+
+class DrawsOutsideItsStateInThreads(DrawsOutsideItsState):
+    """A hook a member group cannot run (it acts on the whole module): the members train in threads, each by its own fit."""
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+
+
+@pytest.mark.parametrize("module", [DrawsOutsideItsState, DrawsOutsideItsStateInThreads], ids=["group", "threads"])
+def test_a_resumed_fit_keeps_what_each_members_init_draws_outside_its_state(tmp_path, module):
+    """Before, a resumed fit gave every member your module's projection and mask (the members were not rebuilt under
+    their seeds when resuming): member 1 ended 0.09 away from the uninterrupted fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    hparams = dict(optimizer="sgd", batchnorm=False)
+    uninterrupted = _group_fit(module(**hparams), False).ensemble.members
+    first = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=first, **{**FIT, "max_epochs": 1}, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)], enable_checkpointing=True).fit(
+        module(**hparams), train_loader()
+    )
+    resumed = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=resumed, **FIT).fit(module(**hparams), train_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert_same_members([m.state_dict() for m in resumed.ensemble.members], [m.state_dict() for m in uninterrupted], atol=1e-6)
+    for member, alone in zip(resumed.ensemble.members, uninterrupted):
+        assert torch.equal(member.projection, alone.projection) and torch.equal(member.mask, alone.mask)
