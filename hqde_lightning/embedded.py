@@ -49,6 +49,7 @@ from hqde_lightning.group_strategy import GroupStrategy
 from hqde_lightning.member import SyncCodec, confidence, go_on_from, reinitialise, seed_drawn_attributes, sync_state
 from hqde_lightning.member_callbacks import GroupSWA, MemberCallback, MemberCopy, callback_blocker, member_callbacks, needs_member_attributes
 from hqde_lightning.member_data import start_epoch
+from hqde_lightning.pickling import CopiedFit
 from hqde_lightning.stacking import host_rng
 from hqde_lightning.topology import LocalExecutor
 
@@ -329,10 +330,10 @@ class GroupSync(Callback):
         self.forwarder.handle([ClonesEvent(members, epoch) for members in groups.values() if len(members) > 1])
 
 
-def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
+def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, Any], forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
     """Fits every member of ``trainer.strategy``'s ensemble as one group in this process.
 
-    ``payload`` is the pickled fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`),
+    ``payload`` is the pickled (or deep-copied) fit without its data (:func:`~hqde_lightning.pickling.pickle_or_copy_fit`),
     ``data`` the fit's data arguments (``datamodule``, ``train_dataloaders``...), used as they are.
     Returns the members' results, their final snapshots and the sync state (aggregator state,
     history).
@@ -342,7 +343,8 @@ def run_group(trainer: Trainer, payload: bytes, data: Mapping[str, Any], forward
             its optimizer is not element-wise).
     """
     hqde = trainer.strategy
-    copy_trainer, function_name, args, kwargs = pickle.loads(payload)  # cloudpickle's loads is pickle's
+    # cloudpickle's loads is pickle's
+    copy_trainer, function_name, args, kwargs = payload.fit if isinstance(payload, CopiedFit) else pickle.loads(payload)
     bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
     copy_trainer.loggers = trainer.loggers
     with _finalized_by_the_driver(trainer.loggers):

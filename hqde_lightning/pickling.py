@@ -6,6 +6,10 @@ Ray's own copy, ``ray.cloudpickle`` (the Ray path passes its ``dumps``), so that
 registered with ``ray.cloudpickle.register_pickle_by_value`` travel by value. Either way a
 process that trains without Ray never imports it.
 
+A member group in this process whose module pickle refuses (``torch.nn.utils.parametrize``, which
+``parametrizations.weight_norm``/``spectral_norm`` use, only allows ``copy.deepcopy``) trains a deep
+copy of the fit instead (:func:`pickle_or_copy_fit`).
+
 A module compiled with ``torch.compile`` is pickled as it was before compiling: the functions
 ``torch.compile`` made cannot be pickled, so the members train your module uncompiled (a member
 group vectorises its members with ``torch.func.vmap`` instead), and a warning says so.
@@ -13,9 +17,11 @@ group vectorises its members with ``torch.func.vmap`` instead), and a warning sa
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -24,7 +30,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["pickle_fit", "uncompiled"]
+__all__ = ["CopiedFit", "pickle_fit", "pickle_or_copy_fit", "uncompiled"]
 
 #: pickles an object to bytes (``cloudpickle.dumps`` or ``ray.cloudpickle.dumps``)
 Dumps = Callable[[Any], bytes]
@@ -61,6 +67,25 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
         ) from err
     finally:
         trainer.loggers = loggers
+
+
+@dataclass
+class CopiedFit:
+    """A fit copied with ``copy.deepcopy`` (``(trainer, function name, args, kwargs)``), for members in this process."""
+
+    fit: tuple[Any, ...]
+
+
+def pickle_or_copy_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes | CopiedFit:
+    """:func:`pickle_fit`, or when pickle refuses something that ``copy.deepcopy`` copies (a parametrized module), a deep
+    copy of the fit: for members that train in this process. Raises :func:`pickle_fit`'s error when both refuse."""
+    try:
+        return pickle_fit(trainer, function, bound, model)
+    except MisconfigurationException as refused:
+        try:
+            return pickle_fit(trainer, function, bound, model, dumps=lambda fit: CopiedFit(copy.deepcopy(fit)))  # type: ignore[arg-type, return-value]
+        except MisconfigurationException:
+            raise refused from refused.__cause__
 
 
 @contextmanager

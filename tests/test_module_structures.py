@@ -217,3 +217,21 @@ def test_a_resumed_fit_keeps_what_each_members_init_draws_outside_its_state(tmp_
     assert_same_members([m.state_dict() for m in resumed.ensemble.members], [m.state_dict() for m in uninterrupted], atol=1e-6)
     for member, alone in zip(resumed.ensemble.members, uninterrupted):
         assert torch.equal(member.projection, alone.projection) and torch.equal(member.mask, alone.mask)
+
+
+class Parametrized(Net):
+    """``Net`` with its first layer under a ``torch.nn.utils.parametrizations`` rule (which pickle refuses to copy)."""
+
+    def __init__(self, rule: str = "weight_norm", **kwargs) -> None:
+        super().__init__(**kwargs)
+        getattr(torch.nn.utils.parametrizations, rule)(self.net[0])
+
+
+@pytest.mark.parametrize(("rule", "vectorize"), [("weight_norm", True), ("weight_norm", False), ("spectral_norm", "auto")])
+def test_parametrized_modules_train_in_a_group_as_alone(rule, vectorize):
+    """Before, the fit failed before training: pickle refuses parametrized modules, and the error's advice (create it in
+    ``setup``) sent the members to threads. A member group in this process deep-copies such a fit instead."""
+    hparams = dict(rule=rule, optimizer="sgd", batchnorm=False)
+    solo = [model.state_dict() for model, _ in solo_fits(hparams, Parametrized)]
+    members = _group_fit(Parametrized(**hparams), vectorize).ensemble.members
+    assert_same_members([m.state_dict() for m in members], solo)
