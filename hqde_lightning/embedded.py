@@ -211,11 +211,11 @@ class GroupSync(Callback):
         self._loss_sum: torch.Tensor | None = None
         #: per member, whether any of its steps this epoch returned a loss (a member's mean loss counts only those)
         self._returned: torch.Tensor | None = None
-        self._num_batches: torch.Tensor | None = None
+        #: per member, the batches it trained this epoch
+        self._num_batches: list[int] | None = None
         #: per member (its place in the group), the samples it trained on since the last sync round (the round's prior)
         self._num_samples = [0] * group.num_members
         #: per member, whether it trains in the batch that runs now
-        self._training_now: torch.Tensor | None = None
         self._training_flags: list[bool] = []
         #: per member (its place in the group), the score of the last epoch it trained
         self._last_scores: dict[int, float | None] = {}
@@ -233,27 +233,22 @@ class GroupSync(Callback):
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # the members' orders of this epoch, resumed or not
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        training = [not stopped for stopped in self.group.frozen]  # a member that stops in this batch still trained it
-        if self._training_now is None or self._training_flags != training:
-            self._training_flags, self._training_now = training, torch.tensor(training)
+        self._training_flags = [not stopped for stopped in self.group.frozen]  # a member that stops in this batch still trained it
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        losses, returned = self.group.last_losses, self.group.last_returned
-        if self._training_now.device != losses.device:
-            self._training_now = self._training_now.to(losses.device)
-        training = self._training_now
-        # a stopped member's slices still run in the stack: its mean loss counts the batches it trained only, as in its own fit
-        losses, returned, counts = torch.where(training, losses, torch.zeros_like(losses)), returned & training, training.long()
+        losses, returned, training = self.group.last_losses, self.group.last_returned, self._training_flags
+        if not all(training):  # a stopped member's slices still run in the stack: its mean loss counts the batches it trained only
+            trains = torch.tensor(training, device=losses.device)
+            losses, returned = torch.where(trains, losses, torch.zeros_like(losses)), returned & trains
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._returned = returned if self._returned is None else self._returned | returned
-        self._num_batches = counts if self._num_batches is None else self._num_batches + counts
-        for i, trains in enumerate(self._training_flags):
-            self._num_samples[i] += self.group.last_batch_size if trains else 0
+        self._num_batches = [n + t for n, t in zip(self._num_batches or [0] * len(training), training)]
+        self._num_samples = [n + (self.group.last_batch_size if t else 0) for n, t in zip(self._num_samples, training)]
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         for i in range(self.group.num_members):  # the score of each member's last trained epoch, which a stopped member keeps
-            if self._num_batches is not None and int(self._num_batches[i]) > 0:
+            if self._num_batches is not None and self._num_batches[i] > 0:
                 self._last_scores[i] = self._epoch_score(trainer, i)
         if self.synced_epoch == epoch:
             return
@@ -272,7 +267,7 @@ class GroupSync(Callback):
     def score(self, trainer: Trainer, i: int) -> float | None:
         """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch;
         a member that did not train this epoch (it stopped earlier) keeps the score of the last epoch it trained."""
-        if (self._num_batches is None or int(self._num_batches[i]) == 0) and i in self._last_scores:
+        if (self._num_batches is None or self._num_batches[i] == 0) and i in self._last_scores:
             return self._last_scores[i]
         return self._epoch_score(trainer, i)
 
@@ -280,7 +275,7 @@ class GroupSync(Callback):
         name = self.hqde.score_metric
         metric = None if name is None else trainer.callback_metrics.get(f"member_{self.group.member_ids[i]}/{name}")
         trained = self._loss_sum is not None and bool(self._returned[i])  # (set together)
-        return confidence(name, metric, self.hqde.score_mode, self._loss_sum[i] if trained else None, int(self._num_batches[i]) if trained else 0)
+        return confidence(name, metric, self.hqde.score_mode, self._loss_sum[i] if trained else None, self._num_batches[i] if trained else 0)
 
     def _exchange(self, trainer: Trainer, epoch: int) -> None:
         """One sync round: every training member's weights to the consensus (:meth:`_consensus`), then ``sync`` applied to each."""

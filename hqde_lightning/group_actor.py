@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
@@ -118,7 +119,8 @@ class RemoteGroupSync(GroupSync):
         self._finish_frozen(trainer, epoch, in_this_epoch=True)  # and then leave
         self._post_snapshots(trainer, epoch, self._unfinished())
         if self._loss_sum is not None and self._num_batches is not None:
-            self._report_progress(trainer, int(self._num_batches.max()), self._loss_sum / self._num_batches.clamp_min(1))
+            batches = torch.tensor(self._num_batches, device=self._loss_sum.device).clamp_min(1)
+            self._report_progress(trainer, max(self._num_batches), self._loss_sum / batches)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
