@@ -240,3 +240,18 @@ def test_selection_names_the_members_it_kept_by_their_index_in_the_run(caplog):
     with caplog.at_level(logging.INFO):
         selection.on_ensemble_fit_end(quiet_trainer(), SimpleNamespace(ensemble=ensemble), lambda: DataLoader(TensorDataset(x, y), batch_size=16))
     assert f"members {ensemble.active_member_ids()}" in caplog.text
+
+
+def test_a_true_precision_converts_the_members_not_the_combination_weights(tmp_path):
+    """Before, ``"bf16-true"`` converted the whole stored ensemble: its float64 temperature and weights were rounded to
+    bfloat16 (1.37 -> 1.367) for good, and checkpoints kept the rounded values."""
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    trainer = quiet_trainer(strategy=strategy, default_root_dir=str(tmp_path), limit_train_batches=4, precision="bf16-true")
+    dm = DigitsDataModule()
+    trainer.fit(DigitsModule(), datamodule=dm)
+    strategy.ensemble.temperature.fill_(1.37)
+    strategy.ensemble.set_weights([0.5, 0.3, 0.2])
+    trainer.test(DigitsModule(), datamodule=dm, verbose=False)
+    assert strategy.ensemble.members[0].net[0].weight.dtype == torch.bfloat16
+    assert strategy.ensemble.temperature.dtype == torch.float64 and float(strategy.ensemble.temperature) == 1.37
+    assert strategy.ensemble.weights.tolist() == [0.5, 0.3, 0.2]
