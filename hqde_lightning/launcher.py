@@ -164,6 +164,7 @@ class RayEnsembleLauncher(_Launcher):
         strategy = self._strategy
         if embedded_blocker(strategy, trainer) is not None:
             return None
+        _warn_ray_unused(strategy)
         strategy.sync_history, strategy.dropped_members = [], []
         forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
         payload, data = _pickle_without_data(trainer, function, bound, pickle_or_copy_fit)
@@ -172,6 +173,7 @@ class RayEnsembleLauncher(_Launcher):
     def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome:
         """Trains every member in a thread of this process, one at a time (:class:`~hqde_lightning.member_threads.MemberThreads`)."""
         strategy = self._strategy
+        _warn_ray_unused(strategy)
         strategy.sync_history, strategy.dropped_members = [], []
         payload, data = _pickle_without_data(trainer, function, bound)
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
@@ -314,6 +316,15 @@ def _check_initialised(model: LightningModule) -> None:
             f"HQDEStrategy: {type(model).__name__}'s parameters/buffers {lazy} are not initialised yet: lazy modules (`nn.LazyLinear`...)"
             " take their shapes at the first batch, and the members are copied and stacked before it. Run one batch through"
             " your module before `trainer.fit` (`model(example_input)`), or give those layers their input sizes."
+        )
+
+
+def _warn_ray_unused(strategy: Any) -> None:
+    """Says that ``ray_init_kwargs`` are not used by a fit that trains its members in this process, without Ray."""
+    if strategy.ray_init_kwargs:
+        rank_zero_warn(
+            f"HQDEStrategy: `ray_init_kwargs` ({sorted(strategy.ray_init_kwargs)}) are not used: this fit trains its members in"
+            " this process and starts no Ray. Pass `members_per_worker=1` (or a `ray_address`) to train them in Ray actors."
         )
 
 

@@ -8,6 +8,7 @@ in Ray actors import this module (and Ray).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from hqde_lightning.placement import NodeCapacity
 
-__all__ = ["alive_nodes", "connect_ray", "driver_pythonpath", "head_node_id", "sigint_deferred", "start_ray"]
+__all__ = ["alive_nodes", "check_init_kwargs", "connect_ray", "driver_pythonpath", "head_node_id", "sigint_deferred", "start_ray"]
 
 _AUTH_HINT = (
     " Ray >= 2.60 enables token authentication by default: set `RAY_AUTH_MODE=token` (and the cluster's token)"
@@ -43,6 +44,7 @@ def start_ray(address: str | None, init_kwargs: Mapping[str, Any]) -> None:
     """
     if ray.is_initialized():
         return
+    check_init_kwargs(init_kwargs)
     if address is not None:
         connect_ray(address, init_kwargs)
         return
@@ -71,10 +73,26 @@ def sigint_deferred() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
+def check_init_kwargs(init_kwargs: Mapping[str, Any]) -> None:
+    """Refuses ``ray_init_kwargs`` keys ``ray.init`` does not take (a typo would otherwise read as an unreachable cluster).
+
+    Checked when Ray is about to start, not when ``HQDEStrategy`` is built: building it must not import Ray.
+    """
+    accepted = inspect.signature(ray.init).parameters
+    unknown = sorted(str(key) for key in init_kwargs if key not in accepted and not str(key).startswith("_"))
+    if unknown:
+        known = sorted(name for name, parameter in accepted.items() if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+        raise MisconfigurationException(
+            f"`HQDEStrategy(ray_init_kwargs=...)` has keys `ray.init` does not take: {unknown}. Its arguments are {known}"
+            " (and private ones starting with '_')."
+        )
+
+
 def connect_ray(address: str, init_kwargs: Mapping[str, Any]) -> None:
     """Joins the Ray cluster at ``address`` (no-op when Ray is already initialised)."""
     if ray.is_initialized():
         return
+    check_init_kwargs(init_kwargs)
     try:
         _check_reachable(address)
         ray.init(address=address, **dict(init_kwargs))

@@ -32,11 +32,15 @@ from hqde_lightning.events import SyncRecord
 from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.topology import Flat, Topology, aggregate, resolve_topology
-from hqde_lightning.validation import ArgumentError, check_bool, check_choice, check_int, check_mapping, check_number, check_optional
+from hqde_lightning.validation import ArgumentError, ArgumentTypeError, check_bool, check_choice, check_int, check_mapping, check_number, check_optional
 
 __all__ = ["HQDEStrategy"]
 
 _RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
+#: the largest seed numpy and Lightning's ``seed_everything`` take
+_MAX_SEED = 2**32 - 1
+#: Ray's own resources, which ``ray.remote`` takes as keywords, not under ``resources``
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 MemberInit = Literal["independent", "shared"]
 MEMBER_INITS: tuple[str, ...] = get_args(MemberInit)
 ScoreMode = Literal["max", "min"]
@@ -174,6 +178,7 @@ class HQDEStrategy(SingleDeviceStrategy):
             self.topology = resolve_topology(topology)
             self.topology.check(self.aggregator)
             if outlier_threshold is not None:
+                check_number(outlier_threshold, "outlier_threshold", 0, open_low=True)
                 if not isinstance(self.topology, Flat):
                     raise ValueError(
                         f"`outlier_threshold` compares whole weight vectors in the coordinator and needs `topology='flat'`,"
@@ -188,6 +193,11 @@ class HQDEStrategy(SingleDeviceStrategy):
             check_choice(on_member_failure, "on_member_failure", get_args(FailurePolicy))
             check_choice(score_mode, "score_mode", get_args(ScoreMode))
             check_optional(check_int, seed, "seed", 0)
+            if seed is not None and seed + num_members - 1 > _MAX_SEED:  # member i draws from seed + i
+                raise ArgumentError(
+                    "seed", seed, f"<= {_MAX_SEED - num_members + 1} with num_members={num_members}",
+                    "`{name}` must be {requirement} (member i draws from seed + i, and seeds go up to 2**32 - 1), got {value!r}",
+                )
             check_number(member_start_timeout_s, "member_start_timeout_s", 0, open_low=True)
             check_bool(bagging, "bagging")
             if not (isinstance(vectorize, bool) or vectorize == "auto"):
@@ -409,6 +419,17 @@ def _check_resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:
     resources = check_mapping(resources, "resources_per_member", _RESOURCE_KEYS)
     for key in ("num_cpus", "num_gpus", "memory"):
         check_optional(check_number, resources.get(key), f"resources_per_member['{key}']", 0)
+    custom = check_mapping(resources.get("resources"), "resources_per_member['resources']")
+    builtin = [key for key in custom if key in _RAY_BUILTIN_RESOURCES]
+    if builtin:
+        raise InvalidArgument(
+            f"`resources_per_member['resources']` names Ray's own resources {builtin}: give CPUs, GPUs and memory as"
+            " `resources_per_member={'num_cpus': ..., 'num_gpus': ..., 'memory': ...}`; `resources` holds custom resources only."
+        )
+    for key, amount in custom.items():
+        if not isinstance(key, str):
+            raise ArgumentTypeError("resources_per_member['resources']", custom, "a dict of custom resource names (strings) to amounts >= 0")
+        check_number(amount, f"resources_per_member['resources'][{key!r}]", 0)
     if resources.get("num_gpus", 0) > 1:
         raise ValueError(f"`resources_per_member['num_gpus']={resources['num_gpus']!r}`: a member trains on one device, so use a value in [0, 1].")
     return resources

@@ -38,6 +38,13 @@ from hqde_lightning import HQDEStrategy
         ({"score_metric": 5}, "score_metric=5"),
         ({"ray_init_kwargs": "x"}, "ray_init_kwargs='x'.*must be a dict"),
         ({"ray_init_kwargs": {"address": "auto"}}, "ray_address='auto'"),
+        # member i draws from seed + i: Lightning refused 2**32 deep in `fit`, naming no parameter
+        ({"seed": 2**32 - 1, "num_members": 2}, r"seed=4294967295.*<= 4294967294 with num_members=2"),
+        ({"outlier_threshold": -1}, r"HQDEStrategy\(outlier_threshold=-1\)"),  # it named `threshold`
+        # these reached Ray unchecked: a raw AttributeError at `Trainer(...)`, or Ray's own errors in `fit`
+        ({"resources_per_member": {"resources": "x"}}, r"resources_per_member\['resources'\]` must be a dict"),
+        ({"resources_per_member": {"resources": {"CPU": 1}}}, r"names Ray's own resources \['CPU'\]: give CPUs"),
+        ({"resources_per_member": {"resources": {"accelerator": -1}}}, r"resources_per_member\['resources'\]\['accelerator'\]` must be finite and >= 0"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, message):
@@ -116,4 +123,22 @@ def test_score_metric_never_logged_warns_naming_what_was_logged(ray_session, tmp
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     with pytest.warns(UserWarning, match="`score_metric='val_accuracy'` was never logged.*'val_acc'"):
+        trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
+
+
+def test_ray_init_kwargs_that_ray_init_does_not_take_are_named():
+    """Before, a typo reached `ray.init`, whose error read as an unreachable cluster (with a token-authentication hint)."""
+    from hqde_lightning.ray_runtime import check_init_kwargs
+
+    check_init_kwargs({"num_cpus": 2, "_temp_dir": "/tmp"})
+    with pytest.raises(MisconfigurationException, match=r"keys `ray.init` does not take: \['num_cpu'\]. Its arguments are \[.*'num_cpus'"):
+        check_init_kwargs({"num_cpu": 2})
+
+
+def test_ray_init_kwargs_a_fit_in_this_process_does_not_use_are_warned_about():
+    trainer = pl.Trainer(
+        strategy=HQDEStrategy(num_members=2, ray_init_kwargs={"num_cpus": 1}), max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match=r"`ray_init_kwargs` \(\['num_cpus'\]\) are not used: this fit trains its members in this process"):
         trainer.fit(DigitsModule(), datamodule=DigitsDataModule())
