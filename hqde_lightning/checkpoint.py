@@ -281,7 +281,7 @@ def member_extras(buffers: Sequence[Mapping[str, Tensor]], attributes: Sequence[
     history each fit collected). A module loaded from a checkpoint would otherwise hold one fresh draw for every
     member. Attributes that ``torch.load(weights_only=True)`` cannot read back (custom classes, numpy arrays) are
     left out, with a warning naming them."""
-    names = [n for n in buffers[0] if any(not torch.equal(b[n].cpu(), buffers[0][n].cpu()) for b in buffers[1:] if n in b)]
+    names = [n for n in buffers[0] if any(not torch.equal(b[n], buffers[0][n]) for b in buffers[1:] if n in b)]
     differ = differing(attributes)
     unsafe = [n for n in differ if not all(_loads_safely(a.get(n)) for a in attributes)]
     if unsafe:

@@ -328,7 +328,7 @@ class GroupSync(Callback):
 def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, Any], forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
     """Fits every member of ``trainer.strategy``'s ensemble as one group in this process.
 
-    ``payload`` is the pickled (or deep-copied) fit without its data (:func:`~hqde_lightning.pickling.pickle_or_copy_fit`),
+    ``payload`` is the pickled (or deep-copied) fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`),
     ``data`` the fit's data arguments (``datamodule``, ``train_dataloaders``...), used as they are.
     Returns the members' results, their final snapshots and the sync state (aggregator state,
     history).

@@ -25,9 +25,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from hqde_lightning.attributes import plain_attributes
 from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, loaded_host_rng, member_extras, member_resume_checkpoint, read_checkpoint, saved_host_rng, seal_checkpoint
-from hqde_lightning.codec import non_persistent_buffers
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.manual_members import MemberOptimizers
@@ -141,14 +139,12 @@ class GroupStrategy(WorkerStrategy):
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
         """One entry per member of the ensemble, by index: the group's members cut out of ``checkpoint``, ``{}`` for others."""
         entries: list[dict[str, Any]] = [{} for _ in range(self.hqde.num_members)]
-        buffers, attributes = [], []
         for i, member in enumerate(self.group.member_ids):
             entries[member] = self.member_checkpoint(checkpoint, i)
-            with self.group.stack.as_member(i) as module:
-                buffers.append({k: v.detach() for k, v in non_persistent_buffers(module).items()})
-                attributes.append(plain_attributes(module))
-        for member, extras in zip(self.group.member_ids, member_extras(buffers, attributes)):
-            entries[member]["extras"] = extras
+        positions = range(self.group.num_members)
+        extras = member_extras([self.group.stack.member_buffers(i, saved=False) for i in positions], [self.group.member_attributes(i) for i in positions])
+        for member, own in zip(self.group.member_ids, extras):
+            entries[member]["extras"] = own
         return entries
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:

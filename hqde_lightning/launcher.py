@@ -47,7 +47,7 @@ from hqde_lightning.forwarder import EventForwarder
 from hqde_lightning.group import GroupUnsupported
 from hqde_lightning.member import MirrorLogger, SyncCodec, member_starts
 from hqde_lightning.member_threads import MemberThreads
-from hqde_lightning.pickling import pickle_fit, pickle_or_copy_fit
+from hqde_lightning.pickling import pickle_fit
 from hqde_lightning.progress import EnsembleProgress
 from hqde_lightning.tuning import is_tuning, tune_first
 
@@ -167,7 +167,7 @@ class RayEnsembleLauncher(_Launcher):
         _warn_ray_unused(strategy)
         strategy.sync_history, strategy.dropped_members = [], []
         forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
-        payload, data = _pickle_without_data(trainer, function, bound, pickle_or_copy_fit)
+        payload, data = _pickle_without_data(trainer, function, bound, copy_if_refused=True)
         return run_group(trainer, payload, data, forwarder)
 
     def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome:
@@ -420,10 +420,10 @@ def _progress(result: MemberResult) -> tuple[int, int]:
     return int(epochs), int(steps)
 
 
-def _pickle_without_data(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, pickle: Callable[..., Any] = pickle_fit) -> tuple[Any, dict[str, Any]]:
-    """The fit without its data arguments pickled (by ``pickle``: :func:`pickle_fit` or, for a member group here,
-    :func:`pickle_or_copy_fit`), and those arguments (used as they are, never pickled)."""
+def _pickle_without_data(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, copy_if_refused: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The fit without its data arguments pickled (:func:`pickle_fit`; with ``copy_if_refused``, for a member group here,
+    deep-copied when pickle refuses it), and those arguments (used as they are, never pickled)."""
     data = {name: bound.arguments[name] for name in _DATA_ARGUMENTS if bound.arguments.get(name) is not None}
     without_data = inspect.signature(function).bind_partial(**{k: v for k, v in bound.arguments.items() if k not in data})
-    return pickle(trainer, function, without_data, bound.arguments["model"]), data
+    return pickle_fit(trainer, function, without_data, bound.arguments["model"], copy_if_refused=copy_if_refused), data
 

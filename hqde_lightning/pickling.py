@@ -8,7 +8,7 @@ process that trains without Ray never imports it.
 
 A member group in this process whose module pickle refuses (``torch.nn.utils.parametrize``, which
 ``parametrizations.weight_norm``/``spectral_norm`` use, only allows ``copy.deepcopy``) trains a deep
-copy of the fit instead (:func:`pickle_or_copy_fit`).
+copy of the fit instead (:func:`pickle_fit` with ``copy_if_refused``).
 
 A module compiled with ``torch.compile`` is pickled as it was before compiling: the functions
 ``torch.compile`` made cannot be pickled, so the members train your module uncompiled (a member
@@ -30,7 +30,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["CopiedFit", "pickle_fit", "pickle_or_copy_fit", "uncompiled"]
+__all__ = ["CopiedFit", "pickle_fit", "uncompiled"]
 
 #: pickles an object to bytes (``cloudpickle.dumps`` or ``ray.cloudpickle.dumps``)
 Dumps = Callable[[Any], bytes]
@@ -39,8 +39,20 @@ Dumps = Callable[[Any], bytes]
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
-def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule, dumps: Dumps = cloudpickle.dumps) -> bytes:
+@dataclass
+class CopiedFit:
+    """A fit copied with ``copy.deepcopy`` (``(trainer, function name, args, kwargs)``), for members in this process."""
+
+    fit: tuple[Any, ...]
+
+
+def pickle_fit(
+    trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule, dumps: Dumps = cloudpickle.dumps, copy_if_refused: bool = False
+) -> bytes | CopiedFit:
     """Pickles ``(trainer, function name, args, kwargs)`` with ``dumps``, without the trainer's loggers (members get stand-ins).
+
+    With ``copy_if_refused`` (members that train in this process), a fit that pickle refuses but ``copy.deepcopy`` copies
+    (a parametrized module) comes back as a :class:`CopiedFit`.
 
     Raises:
         MisconfigurationException: when something cannot be pickled, naming the first attribute
@@ -56,7 +68,14 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
     trainer.loggers = []
     try:
         with uncompiled(model), _without_data(trainer):
-            return dumps((trainer, function.__name__, bound.args, bound.kwargs))
+            fit = (trainer, function.__name__, bound.args, bound.kwargs)
+            try:
+                return dumps(fit)
+            except Exception:
+                copied = _deep_copy(fit) if copy_if_refused else None
+                if copied is None:
+                    raise  # pickle's refusal, named below
+                return copied
     except Exception as err:
         datamodule = bound.arguments.get("datamodule") or bound.arguments.get("train_dataloaders")
         culprit = _find_unpicklable(model, "model", dumps) or _find_unpicklable(datamodule, "datamodule", dumps) or "an object passed to `fit`"
@@ -69,23 +88,12 @@ def pickle_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArgumen
         trainer.loggers = loggers
 
 
-@dataclass
-class CopiedFit:
-    """A fit copied with ``copy.deepcopy`` (``(trainer, function name, args, kwargs)``), for members in this process."""
-
-    fit: tuple[Any, ...]
-
-
-def pickle_or_copy_fit(trainer: Trainer, function: Callable, bound: inspect.BoundArguments, model: LightningModule) -> bytes | CopiedFit:
-    """:func:`pickle_fit`, or when pickle refuses something that ``copy.deepcopy`` copies (a parametrized module), a deep
-    copy of the fit: for members that train in this process. Raises :func:`pickle_fit`'s error when both refuse."""
+def _deep_copy(fit: tuple[Any, ...]) -> CopiedFit | None:
+    """``fit`` copied with ``copy.deepcopy``, or ``None`` when that is refused too."""
     try:
-        return pickle_fit(trainer, function, bound, model)
-    except MisconfigurationException as refused:
-        try:
-            return pickle_fit(trainer, function, bound, model, dumps=lambda fit: CopiedFit(copy.deepcopy(fit)))  # type: ignore[arg-type, return-value]
-        except MisconfigurationException:
-            raise refused from refused.__cause__
+        return CopiedFit(copy.deepcopy(fit))
+    except Exception:  # the caller reports pickle's refusal
+        return None
 
 
 @contextmanager

@@ -32,13 +32,13 @@ __all__ = [
     "combine_probabilities",
     "fit_temperature",
     "log_mean_probs",
-    "widened",
     "mutual_information",
     "ood_detection_metrics",
     "predictive_entropy",
     "reliability_bins",
     "temper",
     "uncertainty_decomposition",
+    "widened",
 ]
 
 #: the temperatures :func:`fit_temperature` may return
@@ -70,8 +70,12 @@ def log_mean_probs(member_logits: Tensor, weights: Tensor | None = None) -> Tens
     """
     if member_logits.dim() < 2:
         raise ValueError(f"`member_logits` needs a member axis and a class axis, got shape {tuple(member_logits.shape)}")
-    log_probs = torch.log_softmax(member_logits, dim=-1)
-    n = member_logits.shape[0]
+    return _log_weighted_mean(torch.log_softmax(member_logits, dim=-1), weights)
+
+
+def _log_weighted_mean(log_probs: Tensor, weights: Tensor | None) -> Tensor:
+    """log Σ_i w_i exp(``log_probs[i]``) (uniform ``weights`` when ``None``), computed stably with ``logsumexp``."""
+    n = log_probs.shape[0]
     w = torch.full((n,), 1.0 / n, dtype=log_probs.dtype, device=log_probs.device) if weights is None else torch.as_tensor(weights).to(log_probs)
     log_w = torch.log(w.clamp_min(torch.finfo(log_probs.dtype).tiny))
     return torch.logsumexp(log_probs + log_w.reshape((-1,) + (1,) * (log_probs.dim() - 1)), dim=0)
@@ -109,8 +113,8 @@ def combine_log_probabilities(member_logits: Tensor, weights: Tensor | None = No
     """:func:`combine_probabilities` in log space, ``(member_log_probs, log_probs)``: finite where the
     probabilities underflow to 0 (a confident member's wrong classes), as a negative log-likelihood needs."""
     weights = _check_members(member_logits, weights)
-    member_logits = widened(member_logits)
-    return torch.log_softmax(member_logits, dim=-1), temper(log_mean_probs(member_logits, weights), temperature)
+    member_log_probs = torch.log_softmax(widened(member_logits), dim=-1)
+    return member_log_probs, temper(_log_weighted_mean(member_log_probs, weights), temperature)
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:

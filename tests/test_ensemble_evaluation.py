@@ -196,6 +196,21 @@ def test_checkpoints_keep_each_members_own_draws(tmp_path):
         torch.testing.assert_close(loaded(x), saved.eval()(x))
 
 
+def test_checkpoints_a_group_writes_during_the_fit_keep_each_members_own_draws(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    trainer = quiet_trainer(
+        strategy=strategy, default_root_dir=str(tmp_path), limit_train_batches=6, enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    dm = DigitsDataModule()
+    trainer.fit(DrawsInInit(), datamodule=dm)
+    loaded = Ensemble.load_from_checkpoint(str(tmp_path / "last.ckpt"), DrawsInInit)
+    assert [m.scale for m in loaded.members] == [m.scale for m in strategy.ensemble.members]
+    assert all(torch.equal(a.shift, b.shift) for a, b in zip(loaded.members, strategy.ensemble.members))
+
+
 class MedianOfMembers(Combiner):
     """The element-wise median of the members' outputs (a rule of the user's own)."""
 
