@@ -38,10 +38,11 @@ import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.trainer.call import _call_and_handle_interrupt
 from lightning.pytorch.trainer.states import TrainerState
+from torch import Tensor
 
 from hqde_lightning.aggregation import Aggregator
 from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
-from hqde_lightning.checkpoint import AtomicCheckpointIO, state_digest
+from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, AtomicCheckpointIO, state_digest
 from hqde_lightning.codec import non_persistent_buffers, state_to_numpy
 from hqde_lightning.events import ClonesEvent, Event, FinishedEvent, Notice, sync_record
 from hqde_lightning.topology import Executor, LocalExecutor, Topology, combine_group
@@ -147,6 +148,8 @@ class Coordinator:
         self.finals: dict[int, dict[str, Any]] = {}
         #: per member whose fit has said it stops, the last epoch it trains (it may still be saving that epoch's checkpoint)
         self.last_epochs: dict[int, int] = {}
+        #: per member, the latest epoch it started training (:meth:`starts_epoch`)
+        self.started_epochs: dict[int, int] = {}
         self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
         self._snapshot_waiters: list[asyncio.Event] = []
@@ -228,6 +231,12 @@ class Coordinator:
         self.last_epochs[member] = epoch
         self._notify_snapshot()
 
+    def starts_epoch(self, member: int, epoch: int) -> None:
+        """``member`` trains ``epoch`` now (its fit did not stop after the epoch before): it writes ``epoch``'s checkpoints
+        rather than a higher member (:meth:`is_writer`)."""
+        self.started_epochs[member] = epoch
+        self._notify_snapshot()
+
     # -------------------------------------------------------------- snapshots
     def post_snapshot(self, member: int, round_id: int, snapshot: dict[str, Any], final: bool = False) -> None:
         """Keeps ``member``'s latest snapshot (copied out of the object store, so it outlives the member).
@@ -287,9 +296,10 @@ class Coordinator:
 
         The writer of an epoch is the lowest-index member that trains in it: member 0 while it
         runs, then the next one when member 0 stops early (``trainer.should_stop``, early
-        stopping) or is given up on. A lower member that still runs but has not reached
-        ``epoch`` yet is waited for (it may yet train in ``epoch``); one that has reached it, or
-        finished after training it, is the writer instead. A lower member that said it stops
+        stopping) or is given up on. A lower member that still runs but has not started
+        ``epoch`` yet (:meth:`starts_epoch`) is waited for: it may yet train in ``epoch``, or stop
+        before it (even after posting the snapshot of the epoch before). One that has started it,
+        or finished after training it, is the writer instead. A lower member that said it stops
         after an earlier epoch (:meth:`stops_after`) is passed over, though it may still be
         saving that epoch's checkpoint.
         """
@@ -300,9 +310,7 @@ class Coordinator:
                 if self.last_epochs.get(lower, epoch) < epoch and lower not in self.done:
                     continue  # it stops after an earlier epoch
                 if lower in self.active and lower not in self.done:
-                    if posted is None or posted < epoch - 1:
-                        return None  # still training, not in ``epoch`` yet
-                    return "lower"
+                    return "lower" if self.started_epochs.get(lower, -1) >= epoch else None
                 if posted is not None and posted >= epoch:
                     return "lower"  # trained ``epoch`` to its end before it finished
             return "self"
@@ -340,7 +348,8 @@ class MemberResult:
 
     index: int
     state_dict: dict[str, np.ndarray]
-    callback_metrics: dict[str, float]
+    #: what its fit left in ``trainer.callback_metrics`` (scalars, as CPU tensors of their own dtype: :func:`scalar_metrics`)
+    callback_metrics: dict[str, Tensor]
     fit_loop_state: dict[str, Any]
     callbacks_state: dict[str, Any]
     trainer_state: TrainerState
@@ -353,8 +362,8 @@ class MemberResult:
     callback_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: in a member group, the epoch the member stopped early in (its fit loop's state is the group's), else ``None``
     stopped_in_epoch: int | None = None
-    #: what its fit left in ``trainer.logged_metrics`` and ``trainer.progress_bar_metrics`` (scalars)
-    logged_metrics: dict[str, float] = field(default_factory=dict)
+    #: what its fit left in ``trainer.logged_metrics`` (as ``callback_metrics``) and ``trainer.progress_bar_metrics`` (floats)
+    logged_metrics: dict[str, Tensor] = field(default_factory=dict)
     progress_bar_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -385,7 +394,7 @@ class MemberActor:
     @staticmethod
     def _write_snapshot(snapshot: dict[str, Any], index: int, directory: str) -> str:
         path = os.path.join(directory, f"member_{index}.ckpt")
-        AtomicCheckpointIO().save_checkpoint(snapshot, path)
+        AtomicCheckpointIO().save_checkpoint({k: v for k, v in snapshot.items() if k != EXTRAS_CANDIDATES}, path)
         return path
 
     @staticmethod
@@ -450,7 +459,7 @@ class MemberActor:
         return MemberResult(
             index=context.index,
             state_dict=state_to_numpy(trainer.lightning_module.state_dict()),
-            callback_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)},
+            callback_metrics=scalar_metrics(trainer.callback_metrics),
             fit_loop_state=trainer.fit_loop.state_dict(),
             callbacks_state=callbacks_state,
             trainer_state=trainer.state,
@@ -458,7 +467,7 @@ class MemberActor:
             buffers=state_to_numpy(non_persistent_buffers(trainer.lightning_module)),
             attributes=changed_attributes(plain_attributes(module), before),
             callback_attributes=callback_attributes(callbacks, callbacks_before),
-            logged_metrics={k: float(v) for k, v in trainer.logged_metrics.items() if _is_scalar(v)},
+            logged_metrics=scalar_metrics(trainer.logged_metrics),
             progress_bar_metrics={k: float(v) for k, v in trainer.progress_bar_metrics.items() if _is_scalar(v)},
         )
 
@@ -506,3 +515,9 @@ def _prepared_in_driver() -> None:
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """The scalar ``metrics`` whose names start with ``prefix`` (taken off), as 0-dim CPU tensors that keep their dtype
+    (a ``"64-true"`` fit's values stay float64 in the driver, as a plain fit's)."""
+    return {k[len(prefix):]: torch.as_tensor(v).detach().cpu().reshape(()) for k, v in metrics.items() if k.startswith(prefix) and _is_scalar(v)}

@@ -50,7 +50,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from hqde_lightning.attributes import differing, plain_attributes
+from hqde_lightning.attributes import changed_attributes, differing, plain_attributes
 from hqde_lightning.codec import non_persistent_buffers
 from hqde_lightning.ensemble import combine_name
 
@@ -62,7 +62,10 @@ __all__ = [
     "ensemble_entries",
     "ensemble_members",
     "ensemble_section",
+    "EXTRAS_CANDIDATES",
+    "extras_candidates",
     "member_extras",
+    "module_extras_candidates",
     "load_checkpoint_file",
     "loaded_host_rng",
     "member_checksums",
@@ -76,6 +79,8 @@ __all__ = [
 ]
 
 HQDE_KEY = "hqde"
+#: a member entry's key for what its ``extras`` are picked from when the section is written (see :func:`extras_candidates`)
+EXTRAS_CANDIDATES = "extras_candidates"
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 #: ``.{target}.{host tag}-{pid}-{random}.tmp``: the temporary file of one write in progress
 _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
@@ -239,7 +244,7 @@ def ensemble_section(run: Any, members: list[dict[str, Any]], weights: Any, acti
         "combine": combine_name(run.combiner),
         # which output the ensemble's "auto" rule learnt holds class logits (see `ensemble.saved_combiner`)
         "class_logits": _class_logits(getattr(run, "ensemble", None)),
-        "members": members,
+        "members": _with_extras(members),
         "weights": weights,
         "active": active,
         "coordinator": to_safe_types(coordinator_state),
@@ -266,22 +271,41 @@ def ensemble_members(ensemble: Any, final_checkpoints: Mapping[int, dict[str, An
     members = [dict(final_checkpoints.get(i, {})) for i in range(num_members)]
     weights = torch.zeros(num_members, dtype=torch.float64)
     active = torch.zeros(num_members, dtype=torch.bool)
-    extras = member_extras([non_persistent_buffers(m) for m in ensemble.members], [plain_attributes(m) for m in ensemble.members])
     for position, index in enumerate(ensemble.member_ids):
-        members[index]["state_dict"] = {k: v.detach().cpu() for k, v in ensemble.members[position].state_dict().items()}
-        members[index]["extras"] = extras[position]
+        member = ensemble.members[position]
+        members[index]["state_dict"] = {k: v.detach().cpu() for k, v in member.state_dict().items()}
+        members[index][EXTRAS_CANDIDATES] = module_extras_candidates(member)
         weights[index] = ensemble.weights[position].cpu()
         active[index] = ensemble.active[position].cpu()
     return members, weights, active
 
 
-def member_extras(buffers: Sequence[Mapping[str, Tensor]], attributes: Sequence[Mapping[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+def extras_candidates(buffers: Mapping[str, Tensor], attributes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What one member's entry keeps for :func:`ensemble_section` to pick its ``extras`` from: copies of its
+    non-persistent ``buffers`` and of its plain ``attributes`` (those that pickle; not its trainer or modules).
+
+    Kept under :data:`EXTRAS_CANDIDATES` in every entry and snapshot (of a group, a member actor or
+    thread), so that the writer compares the members wherever they trained."""
+    return {
+        "buffers": {n: b.detach().cpu().clone() for n, b in buffers.items()},
+        "attributes": changed_attributes(attributes, {}),
+    }
+
+
+def module_extras_candidates(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """:func:`extras_candidates` of a member that is a module of its own (in a member actor or thread, in an ensemble)."""
+    return extras_candidates(non_persistent_buffers(module), plain_attributes(module))
+
+
+def member_extras(candidates: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
     """Per member, what sets it apart outside its ``state_dict``, for its checkpoint entry: of its non-persistent
-    ``buffers`` and plain ``attributes``, those in which the members differ (drawn at random in ``__init__``, a
-    history each fit collected). A module loaded from a checkpoint would otherwise hold one fresh draw for every
-    member. Attributes that ``torch.load(weights_only=True)`` cannot read back (custom classes, numpy arrays) are
-    left out, with a warning naming them."""
-    names = [n for n in buffers[0] if any(not torch.equal(b[n], buffers[0][n]) for b in buffers[1:] if n in b)]
+    buffers and plain attributes (:func:`extras_candidates`), those in which the members differ (drawn at random in
+    ``__init__``, a history each fit collected). A module loaded from a checkpoint would otherwise hold one fresh draw
+    for every member. Attributes that ``torch.load(weights_only=True)`` cannot read back (custom classes, numpy arrays)
+    are left out, with a warning naming them."""
+    buffers = [c["buffers"] for c in candidates]
+    attributes = [c["attributes"] for c in candidates]
+    names = [n for n in buffers[0] if any(n not in b or not torch.equal(b[n], buffers[0][n]) for b in buffers[1:])]
     differ = differing(attributes)
     unsafe = [n for n in differ if not all(_loads_safely(a.get(n)) for a in attributes)]
     if unsafe:
@@ -291,11 +315,26 @@ def member_extras(buffers: Sequence[Mapping[str, Tensor]], attributes: Sequence[
         )
     return [
         {
-            "buffers": {n: b[n].detach().cpu().clone() for n in names if n in b},
+            "buffers": {n: b[n] for n in names if n in b},
             "attributes": {n: copy.deepcopy(a[n]) for n in differ if n not in unsafe and n in a},
         }
         for b, a in zip(buffers, attributes)
     ]
+
+
+def _with_extras(members: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``members`` (entries by index) with their :data:`EXTRAS_CANDIDATES` replaced by ``extras``: what sets each apart
+    from the others that have candidates (:func:`member_extras`). The entries themselves are left as they are (a
+    coordinator in this process holds the snapshots among them)."""
+    holding = [i for i, m in enumerate(members) if m and EXTRAS_CANDIDATES in m]
+    extras = dict(zip(holding, member_extras([members[i][EXTRAS_CANDIDATES] for i in holding]))) if holding else {}
+    out = []
+    for i, m in enumerate(members):
+        entry = {k: v for k, v in m.items() if k != EXTRAS_CANDIDATES}
+        if i in extras:
+            entry["extras"] = extras[i]
+        out.append(entry)
+    return out
 
 
 def _loads_safely(value: Any) -> bool:
@@ -312,7 +351,7 @@ def _loads_safely(value: Any) -> bool:
 def seal_checkpoint(checkpoint: Mapping[str, Any], section: dict[str, Any]) -> dict[str, Any]:
     """``checkpoint`` with the ensemble ``section`` as ``checkpoint['hqde']``, its checksums added to the section."""
     section["checksums"] = member_checksums(checkpoint.get("state_dict"), section["members"])
-    return {**checkpoint, HQDE_KEY: section}
+    return {**{k: v for k, v in checkpoint.items() if k != EXTRAS_CANDIDATES}, HQDE_KEY: section}
 
 
 def verify_checksums(checkpoint: Mapping[str, Any], path: _PATH) -> None:

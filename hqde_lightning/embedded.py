@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from hqde_lightning.actors import MemberResult, _is_scalar
+from hqde_lightning.actors import MemberResult, scalar_metrics
 from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
@@ -441,7 +441,7 @@ def fit_group(
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"
-        own = {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and _is_scalar(v)}
+        own = scalar_metrics(metrics, prefix)
         results.append(
             MemberResult(
                 index=member,
@@ -455,7 +455,7 @@ def fit_group(
                 attributes=changed_attributes(group.member_attributes(i), before),
                 callback_attributes=changed_callbacks,
                 stopped_in_epoch=group.frozen_at.get(i),
-                logged_metrics={k[len(prefix):]: float(v) for k, v in logged.items() if k.startswith(prefix) and _is_scalar(v)},
+                logged_metrics=scalar_metrics(logged, prefix),
                 progress_bar_metrics={k: v for k, v in own.items() if k in progress_bar},  # (the group's bar shows its first member's)
             )
         )

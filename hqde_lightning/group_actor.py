@@ -103,6 +103,12 @@ class RemoteGroupSync(GroupSync):
         # the state the members start (or resume) from, for checkpoints written before their next epoch end
         self._post_snapshots(trainer, trainer.current_epoch - 1, range(self.group.num_members))
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        for i in self._unfinished():  # they write this epoch's checkpoints, not a higher member
+            if not self.group.frozen[i]:
+                self.coordinator.starts_epoch.remote(self.group.member_ids[i], trainer.current_epoch)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         now = time.monotonic()
@@ -191,7 +197,7 @@ class GroupActorStrategy(GroupStrategy):
     def __init__(self, hqde: Any, group: MemberGroup, sync: RemoteGroupSync) -> None:
         super().__init__(hqde, group, sync)
         self.coordinator = sync.coordinator
-        self._writer = CheckpointWriter(sync.coordinator, min(group.member_ids))
+        self._writer = CheckpointWriter(sync.coordinator, group.member_ids)
 
     @property
     def is_global_zero(self) -> bool:

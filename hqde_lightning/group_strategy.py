@@ -25,7 +25,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from hqde_lightning.checkpoint import HQDE_KEY, ensemble_section, loaded_host_rng, member_extras, member_resume_checkpoint, read_checkpoint, saved_host_rng, seal_checkpoint
+from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, HQDE_KEY, ensemble_section, extras_candidates, loaded_host_rng, member_resume_checkpoint, read_checkpoint, saved_host_rng, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.manual_members import MemberOptimizers
@@ -134,6 +134,7 @@ class GroupStrategy(WorkerStrategy):
             elif isinstance(cb, MemberCallback) and cb.position == i:
                 cb.save_into(trainer, entry)
         self.group.save_member_checkpoint(entry, i)
+        entry[EXTRAS_CANDIDATES] = extras_candidates(self.group.stack.member_buffers(i, saved=False), self.group.member_attributes(i))
         return entry
 
     def ensemble_entries(self, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,10 +142,6 @@ class GroupStrategy(WorkerStrategy):
         entries: list[dict[str, Any]] = [{} for _ in range(self.hqde.num_members)]
         for i, member in enumerate(self.group.member_ids):
             entries[member] = self.member_checkpoint(checkpoint, i)
-        positions = range(self.group.num_members)
-        extras = member_extras([self.group.stack.member_buffers(i, saved=False) for i in positions], [self.group.member_attributes(i) for i in positions])
-        for member, own in zip(self.group.member_ids, extras):
-            entries[member]["extras"] = own
         return entries
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:

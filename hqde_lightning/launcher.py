@@ -284,12 +284,12 @@ class RayEnsembleLauncher(_Launcher):
         trainer.fit_loop.restarting = False
         trainer.state = lead.trainer_state
         metrics, logged = trainer.callback_metrics, trainer.logged_metrics
-        metrics.update({k: torch.tensor(v) for k, v in lead.callback_metrics.items()})
-        logged.update({k: torch.tensor(v) for k, v in lead.logged_metrics.items()})
+        metrics.update(lead.callback_metrics)
+        logged.update(lead.logged_metrics)
         trainer.progress_bar_metrics.update(lead.progress_bar_metrics)
         for result in results:
-            metrics.update({f"member_{result.index}/{k}": torch.tensor(v) for k, v in result.callback_metrics.items()})
-            logged.update({f"member_{result.index}/{k}": torch.tensor(v) for k, v in result.logged_metrics.items()})
+            metrics.update({f"member_{result.index}/{k}": v for k, v in result.callback_metrics.items()})
+            logged.update({f"member_{result.index}/{k}": v for k, v in result.logged_metrics.items()})
         excluded = {"ensemble/excluded_members": float(len(strategy.excluded_members))}
         metrics.update({k: torch.tensor(v) for k, v in excluded.items()})
         for callback in trainer.callbacks:

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from hqde_lightning.attributes import changed_attributes, drawn_attributes, plain_attributes
-from hqde_lightning.checkpoint import capture_rng_states
+from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, capture_rng_states, module_extras_candidates
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, load_buffers, non_persistent_buffers, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 from hqde_lightning.member_data import start_epoch
@@ -298,6 +298,7 @@ class MemberSync(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches = None, 0
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # this epoch's order, resumed or not
+        self.ctx.coordinator.starts_epoch.remote(self.ctx.index, trainer.current_epoch)  # it writes this epoch's checkpoints, not a higher member
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -376,6 +377,7 @@ class MemberSync(Callback):
         """
         snapshot = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         snapshot[MEMBER_KEY] = {"index": self.ctx.index, "round": epoch, "rng": capture_rng_states()}
+        snapshot[EXTRAS_CANDIDATES] = module_extras_candidates(trainer.lightning_module)
         posted = self.ctx.coordinator.post_snapshot.remote(self.ctx.index, epoch, tree_to_cpu(snapshot), final)
         if final:
             resolve(posted)

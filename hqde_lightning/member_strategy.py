@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from hqde_lightning.checkpoint import HQDE_KEY, capture_rng_states, ensemble_section, member_resume_checkpoint, read_checkpoint, seal_checkpoint
+from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, HQDE_KEY, capture_rng_states, ensemble_section, module_extras_candidates, member_resume_checkpoint, read_checkpoint, seal_checkpoint
 from hqde_lightning.events import Notice
 from hqde_lightning.member import MEMBER_KEY, MemberContext, MemberSync
 from hqde_lightning.member_data import member_loader
@@ -55,7 +55,7 @@ class MemberStrategy(WorkerStrategy):
         super().__init__(hqde, device)
         self.context = context
         self._member_sync = member_sync
-        self._writer = CheckpointWriter(context.coordinator, context.index)
+        self._writer = CheckpointWriter(context.coordinator, [context.index])
 
     @property
     def member_index(self) -> int:
@@ -110,6 +110,7 @@ class MemberStrategy(WorkerStrategy):
         round_id = checkpoint_round(epoch, self._member_sync.synced_epoch)
         own = {k: v for k, v in checkpoint.items() if k != HQDE_KEY}
         own[MEMBER_KEY] = {"index": index, "round": round_id, "rng": capture_rng_states()}
+        own[EXTRAS_CANDIDATES] = module_extras_candidates(self.lightning_module)
         members: list[dict[str, Any]] = [{} for _ in range(self.num_members)]
         members[index] = own
         coordinator = self.context.coordinator

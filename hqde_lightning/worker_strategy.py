@@ -10,6 +10,7 @@ precision plugin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,27 +69,29 @@ class CheckpointWriter:
 
     Args:
         coordinator: handle of the fit's coordinator actor.
-        member: the lowest-index member the worker trains.
+        members: the members the worker trains (one in a member actor or thread, a group's in a group actor).
     """
 
-    def __init__(self, coordinator: Any, member: int) -> None:
+    def __init__(self, coordinator: Any, members: Sequence[int]) -> None:
         self.coordinator = coordinator
-        self.member = member
+        self.members = sorted(members)
+        self.member = self.members[0]
         self._epoch: int | None = None
         self._stops_after: int | None = None
 
     def holds(self, strategy: Strategy) -> bool:
         """Whether the worker of ``strategy`` writes checkpoints in its trainer's current epoch.
 
-        A worker whose fit stops after this epoch says so first (:meth:`Coordinator.stops_after`), so that the next
-        member writes the next epoch's checkpoints even while this one still saves its last.
+        A worker whose fit stops after this epoch says so first, for each of its members (:meth:`Coordinator.stops_after`),
+        so that the next member writes the next epoch's checkpoints even while this one still saves its last.
         """
         module = strategy.lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         epoch = trainer.current_epoch if trainer is not None else 0
         if trainer is not None and trainer.should_stop and trainer.fit_loop._can_stop_early and self._stops_after is None:
             self._stops_after = epoch
-            resolve(self.coordinator.stops_after.remote(self.member, epoch))
+            for member in self.members:
+                resolve(self.coordinator.stops_after.remote(member, epoch))
         if self.member == 0:
             return True
         if self._epoch == epoch:

@@ -196,10 +196,15 @@ def test_checkpoints_keep_each_members_own_draws(tmp_path):
         torch.testing.assert_close(loaded(x), saved.eval()(x))
 
 
-def test_checkpoints_a_group_writes_during_the_fit_keep_each_members_own_draws(tmp_path):
+@pytest.mark.parametrize("members_per_worker", ["auto", 1, 2], ids=["group", "member-actors", "group-actors"])
+def test_checkpoints_written_during_the_fit_keep_each_members_own_draws(tmp_path, members_per_worker, request):
+    """Member and group actors wrote entries without them before: a loaded ensemble's members held your module's draw.
+    With two group actors (members 0-1 and 2) the writer compares its own members with the other actor's snapshot."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    strategy = HQDEStrategy(num_members=3, sync="none", seed=0)
+    if members_per_worker != "auto":
+        request.getfixturevalue("ray_session")
+    strategy = HQDEStrategy(num_members=3, sync="none", seed=0, members_per_worker=members_per_worker)
     trainer = quiet_trainer(
         strategy=strategy, default_root_dir=str(tmp_path), limit_train_batches=6, enable_checkpointing=True,
         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],

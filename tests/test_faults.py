@@ -236,3 +236,45 @@ def test_a_final_snapshot_without_new_steps_does_not_replace_the_epoch_end_one()
     coordinator.post_snapshot(0, 0, {"global_step": 19, "loops": "epoch end", "state_dict": {}})
     coordinator.post_snapshot(0, 0, {"global_step": 23, "loops": "stopped mid-epoch", "state_dict": {}}, final=True)
     assert coordinator.latest_snapshot(0)["loops"] == "stopped mid-epoch", "steps trained after the epoch end count"
+
+
+def test_the_writer_of_an_epoch_waits_for_a_lower_member_that_may_still_stop_before_it():
+    """Member 0 posted its snapshot of epoch 2's end, and its early stopping (checked at that epoch's end) has not said
+    yet whether it trains epoch 3. Before, a faster member 1 asking then was told member 0 writes epoch 3's checkpoints,
+    and skipped the save it was making; now it is told once member 0 starts epoch 3 or says it stops."""
+    from hqde_lightning.turns import InProcessActor
+
+    def asking_after(tell) -> bool:
+        coordinator = InProcessActor(Coordinator(2, resolve_aggregator("mean"), resolve_topology("flat"), check_clones=False, in_process=True))
+        for member in range(2):
+            coordinator.post_snapshot.remote(member, 2, {"global_step": 30, "state_dict": {}}).result()
+        writes = coordinator.is_writer.remote(1, 3)
+        time.sleep(0.3)
+        assert not writes.done(), "member 0 may still train epoch 3, or stop before it"
+        tell(coordinator)
+        return writes.result(timeout=10)
+
+    assert asking_after(lambda c: c.stops_after.remote(0, 2)), "member 0 stopped: member 1 writes epoch 3's checkpoints"
+    assert not asking_after(lambda c: c.starts_epoch.remote(0, 3)), "member 0 trains epoch 3: it writes them"
+
+
+def test_a_group_actor_that_stops_early_hands_the_writer_role_on_for_every_member_it_trains():
+    """A group actor of members 0 and 1 whose fit stops after epoch 2 (both stopped early) still saves that epoch's
+    checkpoint when the actor of members 2 and 3 asks whether it writes epoch 3's. Before, only member 0's stop was
+    announced: member 1 counted as a lower member still training, and epoch 3's checkpoints were not written."""
+    from types import SimpleNamespace
+
+    from hqde_lightning.turns import InProcessActor
+    from hqde_lightning.worker_strategy import CheckpointWriter
+
+    coordinator = InProcessActor(Coordinator(4, resolve_aggregator("mean"), resolve_topology("flat"), check_clones=False, in_process=True))
+
+    def strategy(epoch: int, should_stop: bool) -> SimpleNamespace:
+        trainer = SimpleNamespace(current_epoch=epoch, should_stop=should_stop, fit_loop=SimpleNamespace(_can_stop_early=True))
+        return SimpleNamespace(lightning_module=SimpleNamespace(_trainer=trainer))
+
+    for member in range(4):  # every member's snapshot of epoch 2's end
+        coordinator.post_snapshot.remote(member, 2, {"global_step": 30, "state_dict": {}}).result()
+    assert CheckpointWriter(coordinator, [0, 1]).holds(strategy(2, should_stop=True))  # saving its last epoch's checkpoint
+    writes = coordinator.is_writer.remote(2, 3)
+    assert writes.result(timeout=10), "the next group writes epoch 3's checkpoints"

@@ -112,18 +112,29 @@ class ReadsItsDtype(Net):
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.dtypes.add(self.dtype)
-        return F.cross_entropy(self.net(x.to(self.dtype)), y)
+        loss = F.cross_entropy(self.net(x.to(self.dtype)), y)
+        self.log("loss", loss, on_epoch=True)
+        return loss
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 def test_self_dtype_is_the_precisions_inside_a_groups_steps(vectorize):
     """Under ``precision="64-true"`` your module's ``self.dtype`` is float64 in its steps, as in a plain fit (before:
-    float32, and ``x.to(self.dtype)`` failed against the float64 weights)."""
+    float32, and ``x.to(self.dtype)`` failed against the float64 weights), and what it logs reaches
+    ``trainer.callback_metrics`` in float64 (before: float32, 1.0303689 for 1.0303689043)."""
     hparams = dict(optimizer="sgd", batchnorm=False)
-    solo = [model for model, _ in solo_fits(hparams, ReadsItsDtype, precision="64-true")]
-    members = _group_fit(ReadsItsDtype(**hparams), vectorize, precision="64-true").ensemble.members
-    assert_same_members([m.state_dict() for m in members], [m.state_dict() for m in solo])
+    solo = solo_fits(hparams, ReadsItsDtype, precision="64-true")
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
+    trainer = quiet_trainer(strategy=strategy, precision="64-true", **FIT)
+    trainer.fit(ReadsItsDtype(**hparams), train_loader())
+    members = strategy.ensemble.members
+    assert_same_members([m.state_dict() for m in members], [m.state_dict() for m, _ in solo])
     assert all(m.dtypes == {torch.float64} for m in members)
+    for i, (_, alone) in enumerate(solo):
+        for name in ("loss_step", "loss_epoch"):
+            own, expected = trainer.callback_metrics[f"member_{i}/{name}"], alone.callback_metrics[name]
+            assert own.dtype == expected.dtype == torch.float64
+            torch.testing.assert_close(own, expected, rtol=1e-9, atol=1e-12)
 
 
 class LazyFirstLayer(Net):
