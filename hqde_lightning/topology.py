@@ -2,9 +2,12 @@
 
 * ``flat``: every member's weights go to one process, which runs the aggregator once.
 * ``tree``: pairwise reduction in ceil(log2 n) rounds; each round's pairs are combined in
-  parallel tasks and only the partial results move on. Exact for the mean (a pair's result
-  carries the total weight of the pair's members that took part, so the weighted mean of
-  partial means is the mean), and for superposition when the member count is a power of two.
+  parallel tasks and only the partial results move on. Exact for the mean and for
+  superposition, for any number of members: a pair's result carries the total weight ``W`` of
+  the pair's members that took part, so the weighted mean of partial means is the mean, and
+  the score ``rule.partial_score`` gives it — for superposition the log-mean-exp
+  ``S = T log(sum_i w_i exp(c_i / T) / W)``, so that ``W exp(S / T)`` is the sum of its members'
+  ``w_i exp(c_i / T)`` and every member ends with the weight it gets on ``flat``.
   Entanglement is refused: it weighs each member by its agreement with all the others, which
   a pair cannot see (its two members agree equally, so every pair would be a plain mean). Robust rules (``Aggregator.robust``: geometric median,
   trimmed mean, Krum, Multi-Krum, the outlier filter) are refused: a pair holding one bad
@@ -15,6 +18,7 @@
   for coordinate-wise rules (mean, trimmed mean); whole-vector rules (geometric median, Krum,
   entanglement) see one shard at a time, which is a different estimator but keeps the rule's
   breakdown guarantee in every shard (the bad members are a minority of every shard).
+  Entanglement keeps one reference per shard (the shard's previous consensus), see below.
 
 "Excluded" means the same on every topology: a member with a NaN/Inf value anywhere is left
 out of the whole consensus (every shard of ``mapreduce``) and carries no weight, also in a
@@ -23,7 +27,11 @@ out of the whole consensus (every shard of ``mapreduce``) and carries no weight,
 Payloads are decoded by :mod:`hqde_lightning.codec`, and every aggregation rule is applied
 through :func:`aggregate`, once per reduction task. ``flat`` applies the caller's rule itself, in
 the calling process, so a rule that keeps per-member state (reputations) advances once per round;
-``tree`` and ``mapreduce`` give each task a copy of the rule (a partial input must not advance it).
+``tree`` gives each task a copy of the rule (a partial input must not advance it), and ``mapreduce``
+gives each shard's task a copy of ``rule.shard_rule(shard)``: a new copy of the rule for most
+rules, and for entanglement the shard's own instance, kept inside the rule (and its
+``state_dict``, so checkpoints keep it), into which the state the task ended with is loaded
+back, so each shard's reference is that shard's previous consensus.
 
 Work runs through an :class:`Executor`: :class:`LocalExecutor` runs tasks in this process (unit
 tests, small models); the coordinator uses ``hqde_lightning.actors.RayExecutor``, which runs them
@@ -37,7 +45,6 @@ Plain numpy/torch only: no Ray, no Lightning.
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,19 +104,28 @@ def combine_group(
     weights: Sequence[float],
     keys: Sequence[str] | None = None,
     members: Sequence[int] | None = None,
-) -> tuple[dict[str, np.ndarray] | None, list[float], list[int], dict[str, Any], list[int]]:
+) -> tuple[dict[str, np.ndarray] | None, list[float], list[int], dict[str, Any], list[int], dict[str, Any]]:
     """One reduction task: decodes ``payloads`` (values, their ``keys`` only) and applies ``rule`` with :func:`aggregate`.
 
     Returns the consensus as numpy arrays, the weight each input received, the excluded
-    inputs, the rule's info and the inputs holding NaN/Inf values. When every input holds
-    NaN/Inf the consensus is ``None``, every weight is zero and ``rule`` is not called.
+    inputs, the rule's info, the inputs holding NaN/Inf values and ``rule.state_dict()`` after
+    the task (a task may run in another process, where what it does to ``rule`` stays). When
+    every input holds NaN/Inf the consensus is ``None``, every weight is zero and ``rule`` is
+    not called.
     """
     states = [decode_payload(p, keys) for p in payloads]
     non_finite = [i for i, state in enumerate(states) if not _is_finite(state)]
     if len(non_finite) == len(states):
-        return None, [0.0] * len(states), non_finite, {}, non_finite
+        return None, [0.0] * len(states), non_finite, {}, non_finite, rule.state_dict()
     result = aggregate(rule, states, scores, weights, members)
-    return state_to_numpy(result.state), [float(w) for w in result.member_weights], result.excluded, result.info, non_finite
+    return (
+        state_to_numpy(result.state),
+        [float(w) for w in result.member_weights],
+        result.excluded,
+        result.info,
+        non_finite,
+        rule.state_dict(),
+    )
 
 
 @dataclass
@@ -176,11 +192,23 @@ class Topology(ABC):
 
         ``layout`` maps every floating-point entry's name to its number of values. ``members``
         (each payload's member index) reaches the rule where it is applied to whole rounds
-        (``flat``); ``tree`` and ``mapreduce`` apply copies of it to partial inputs.
+        (``flat``); ``tree`` and ``mapreduce`` apply copies of it (of its per-shard instances,
+        ``rule.shard_rule``, on ``mapreduce``) to partial inputs.
         """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in ``value`` (nested dicts, lists and tuples)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return int(value.nbytes)
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _result(state: Mapping[str, np.ndarray], weights: Sequence[float], excluded: Sequence[int], info: dict[str, Any]) -> AggregationResult:
@@ -194,7 +222,7 @@ class Flat(Topology):
     name = "flat"
 
     def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):
-        state, member_weights, excluded, info, _ = combine_group(rule, executor.fetch(payloads), scores, list(weights), members=members)
+        state, member_weights, excluded, info, _, _ = combine_group(rule, executor.fetch(payloads), scores, list(weights), members=members)
         if state is None:
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
         consensus_bytes = sum(v.nbytes for v in state.values())
@@ -212,15 +240,15 @@ class _Node:
     nbytes: int
 
 
-def _combined_score(sides: Sequence[_Node]) -> float | None:
-    """Weight-averaged score of ``sides`` over those with a finite score (NaN when none has one)."""
+def _combined_score(rule: Aggregator, sides: Sequence[_Node]) -> float | None:
+    """The score the partial result of ``sides`` carries on: ``rule.partial_score`` (``None`` without scores).
+
+    For superposition it is the log-mean-exp of the sides' scores, so that the partial result,
+    with the total weight of ``sides``, weighs exactly as much as its members together.
+    """
     if any(side.score is None for side in sides):
         return None
-    usable = [side for side in sides if math.isfinite(side.score) and side.weight > 0]
-    total = sum(side.weight for side in usable)
-    if not usable or total <= 0:
-        return float("nan")
-    return sum(side.score * side.weight for side in usable) / total
+    return rule.partial_score([side.score for side in sides], [side.weight for side in sides])
 
 
 class Tree(Topology):
@@ -269,7 +297,7 @@ class Tree(Topology):
                 if handle is None:
                     next_nodes.append(pair[0])
                     continue
-                state, pair_weights, pair_excluded, pair_info, _ = resolved.pop(0)
+                state, pair_weights, pair_excluded, pair_info, _, _ = resolved.pop(0)
                 for side, w in zip(pair, pair_weights):
                     for member in side.members:
                         member_weight[member] *= w
@@ -281,7 +309,7 @@ class Tree(Topology):
                 kept = [side for index, side in enumerate(pair) if index not in pair_excluded]
                 size = sum(v.nbytes for v in state.values())
                 bytes_moved += size
-                next_nodes.append(_Node(state, sum(side.weight for side in kept), _combined_score(kept), pair[0].members + pair[1].members, size))
+                next_nodes.append(_Node(state, sum(side.weight for side in kept), _combined_score(rule, kept), pair[0].members + pair[1].members, size))
             nodes = next_nodes
         if not nodes:
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
@@ -316,10 +344,15 @@ class MapReduce(Topology):
     def reduce(self, payloads, sizes, rule, scores, weights, executor, layout, members=None):
         keys_sizes = dict(layout)
         shards = self.shards(keys_sizes)
-        handles = [executor.submit(combine_group, copy.deepcopy(rule), list(payloads), scores, list(weights), shard) for shard in shards]
+        shard_rules = [rule.shard_rule(",".join(shard)) for shard in shards]
+        handles = [
+            executor.submit(combine_group, copy.deepcopy(shard_rule), list(payloads), scores, list(weights), shard)
+            for shard_rule, shard in zip(shard_rules, shards)
+        ]
         outputs = executor.gather(handles)
         total = sum(keys_sizes.values()) or 1
         rounds, tasks, bytes_in = 2, len(shards), sum(sizes)
+        state_bytes = sum(_nbytes(out[5]) for out in outputs)  # the shard rules' state coming back
         non_finite = sorted({i for out in outputs for i in out[4]})
         if len(non_finite) == len(payloads):
             raise ValueError("every member state holds NaN or Inf values; there is nothing to aggregate")
@@ -328,22 +361,27 @@ class MapReduce(Topology):
             keep = [i for i in range(len(payloads)) if i not in non_finite]
             sub_scores = None if scores is None else [scores[i] for i in keep]
             sub_weights = [weights[i] for i in keep]
-            redone = executor.gather([executor.submit(combine_group, copy.deepcopy(rule), [payloads[i] for i in keep], sub_scores, sub_weights, shards[j]) for j in redo])
-            for j, (shard_state, shard_weights, shard_excluded, shard_info, _) in zip(redo, redone):
+            redone = executor.gather(
+                [executor.submit(combine_group, copy.deepcopy(shard_rules[j]), [payloads[i] for i in keep], sub_scores, sub_weights, shards[j]) for j in redo]
+            )
+            state_bytes += sum(_nbytes(out[5]) for out in redone)
+            for j, (shard_state, shard_weights, shard_excluded, shard_info, _, rule_state) in zip(redo, redone):
                 full_weights = np.zeros(len(payloads))
                 full_weights[keep] = shard_weights
-                outputs[j] = (shard_state, full_weights.tolist(), [keep[e] for e in shard_excluded] + non_finite, shard_info, non_finite)
+                outputs[j] = (shard_state, full_weights.tolist(), [keep[e] for e in shard_excluded] + non_finite, shard_info, non_finite, rule_state)
             rounds, tasks = rounds + 1, tasks + len(redo)
             bytes_in += sum(sizes[i] for i in keep) * sum(keys_sizes[k] for j in redo for k in shards[j]) // total
         state: dict[str, np.ndarray] = {}
         member_weights = np.zeros(len(payloads))
         excluded: set[int] = set()
-        for shard, (shard_state, shard_weights, shard_excluded, _, _) in zip(shards, outputs):
+        for shard, shard_rule, (shard_state, shard_weights, shard_excluded, _, _, rule_state) in zip(shards, shard_rules, outputs):
+            shard_rule.load_state_dict(rule_state)  # the state the shard's task left its copy in
             state.update(shard_state)
             member_weights += np.asarray(shard_weights) * sum(keys_sizes[k] for k in shard) / total
             excluded.update(shard_excluded)
         consensus_bytes = sum(v.nbytes for v in state.values())
-        return _result(state, member_weights.tolist(), excluded, {"shards": len(shards)}), CommStats(rounds, bytes_in + consensus_bytes, tasks)
+        stats = CommStats(rounds, bytes_in + consensus_bytes + state_bytes, tasks)
+        return _result(state, member_weights.tolist(), excluded, {"shards": len(shards)}), stats
 
     def __repr__(self) -> str:
         return f"MapReduce(num_reducers={self.num_reducers})"

@@ -370,6 +370,18 @@ def test_mad_outliers_flags_far_member_only() -> None:
     assert not bool(mad_outliers(rows[:2]).any())
 
 
+def test_mad_outliers_never_flag_one_of_two_members() -> None:
+    """With two rows both are exactly as far from their midpoint; float rounding used to flag one below threshold 1.349."""
+    generator = np.random.default_rng(1)
+    for threshold in (0.5, 1.0, 1.3, 3.5):
+        for _ in range(300):
+            pair = torch.tensor(generator.normal(size=(2, 5)))
+            assert not bool(mad_outliers(pair, threshold).any())
+            assert not bool(mad_outliers(torch.tensor(np.round(pair.numpy(), 3)), threshold).any())
+    assert mad_outliers(torch.tensor([[1.0, 2.0]]), 0.1).tolist() == [False]
+    assert mad_outliers(torch.tensor([[0.0], [1e30]]), 0.1).tolist() == [False, False]
+
+
 def test_mad_outliers_when_mad_is_zero() -> None:
     row = random_rows(10, 1, 8)[0] + 3
     rows = row.expand(5, -1).clone()
@@ -436,6 +448,38 @@ def test_superposition_weights_numbers() -> None:
     np.testing.assert_allclose(result.info["amplitudes"], [0.5, math.sqrt(0.75)], rtol=1e-6)
 
 
+def test_superposition_weights_where_scores_over_temperature_overflow() -> None:
+    """c / T beyond float64 (T = 1e-310, or c = 1e300 with T = 1e-10) gave NaN; the limit puts all weight on the best."""
+    scores = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert superposition_weights(scores, 1e-310).tolist() == [0.0, 0.0, 1.0]
+    assert superposition_weights(torch.tensor([1e300, 0.0, -1.0], dtype=torch.float64), 1e-10).tolist() == [1.0, 0.0, 0.0]
+    assert superposition_weights(torch.tensor([-1e308, 1e308], dtype=torch.float64), 1.0).tolist() == [0.0, 1.0]
+    # tied best members share the weight in proportion to their prior; a best member of zero prior gets none
+    tied = superposition_weights(torch.tensor([3.0, 3.0, 1.0]), 1e-310, prior=torch.tensor([1.0, 3.0, 1.0]))
+    assert tied.tolist() == [0.25, 0.75, 0.0]
+    assert superposition_weights(torch.tensor([5.0, 3.0, 1.0]), 1e-310, prior=torch.tensor([0.0, 1.0, 1.0])).tolist() == [0.0, 1.0, 0.0]
+    # ordinary temperatures are unchanged: softmax(c / T + log prior)
+    prior = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    expected = torch.softmax(torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64) / 0.7 + prior.log(), dim=0)
+    torch.testing.assert_close(superposition_weights(torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), 0.7, prior), expected, rtol=1e-12, atol=0)
+    rows = random_rows(31, 3, 6)
+    result = Superposition(temperature=1e-310)(states_of(rows), scores=[1.0, 2.0, 3.0])
+    assert torch.equal(consensus_of(result), rows[2]) and result.member_weights.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_superposition_partial_score_carries_the_members_weight() -> None:
+    """W * exp(S / T) of a partial result equals the sum of its members' w_i * exp(c_i / T)."""
+    rule = Superposition(temperature=0.5)
+    scores, weights = [0.2, -1.0, 1.5], [1.0, 4.0, 2.0]
+    carried = rule.partial_score(scores, weights)
+    total = sum(w * math.exp(c / 0.5) for c, w in zip(scores, weights))
+    assert math.isclose(sum(weights) * math.exp(carried / 0.5), total, rel_tol=1e-12)
+    assert rule.partial_score([1.0, 1.0], [2.0, 3.0]) == 1.0  # equal scores carry that score exactly
+    assert math.isclose(rule.partial_score([1.0, float("nan")], [1.0, 1.0]), 1.0 + 0.5 * math.log(0.5), rel_tol=1e-12)
+    assert math.isnan(rule.partial_score([float("nan"), float("-inf")], [1.0, 1.0]))
+    assert math.isclose(Superposition(temperature=1e-310).partial_score([1e300, 0.0], [1.0, 1.0]), 1e300)
+
+
 # ---------------------------------------------------------------------------------------------
 # entanglement
 
@@ -494,7 +538,7 @@ def test_entanglement_state_dict_and_sharded_calls() -> None:
     assert bool(torch.isfinite(consensus_of(shard)).all())
     empty = Entanglement()
     empty.load_state_dict({"reference": None})
-    assert empty.state_dict() == {"reference": None}
+    assert empty.state_dict() == {"reference": None, "shards": {}}
 
 
 def test_update_cosines_for_zero_updates() -> None:
@@ -572,6 +616,81 @@ def test_geometric_median_known_answers() -> None:
     assert cut_short.info == {"iterations": 1, "converged": False}
 
 
+def _exact_geometric_median(points: np.ndarray, weights: np.ndarray | None = None, iterations: int = 3000) -> np.ndarray:
+    """A long float64 Weiszfeld run from the coordinate-wise median: the reference geometric median."""
+    weights = np.ones(len(points)) if weights is None else weights
+    z = np.median(points, axis=0)
+    for _ in range(iterations):
+        beta = weights / np.maximum(np.linalg.norm(points - z, axis=1), 1e-12)
+        z = beta @ points / beta.sum()
+    return z
+
+
+def _smoothed_gradient(points: np.ndarray, z: np.ndarray, eps: float = 1e-8) -> float:
+    """Norm of sum_i p_i (z - x_i) / max(eps, ||z - x_i||) with equal p_i summing to one: GeometricMedian's stop rule."""
+    offsets = z - points
+    return float(np.linalg.norm((offsets / np.maximum(np.linalg.norm(offsets, axis=1), eps)[:, None]).mean(axis=0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("magnitude", [1e9, 1e20])
+@pytest.mark.parametrize("num_bad", [1, 2, 3, 4])
+def test_geometric_median_a_far_minority_moves_it_no_further_than_the_exact_median(
+    dtype: torch.dtype, magnitude: float, num_bad: int
+) -> None:
+    """f of 2f + 1 members at 1e9 or 1e20: the result is the exact geometric median, and says it converged.
+
+    The stop rule used the prior-weighted mean distance, which the far members inflate: one member at
+    1e9 of five stopped it 1885 away from the honest members (the exact median is 0.36 away), and in
+    float32 a member at 1e20 overflowed every distance and gave the plain mean; both said converged.
+    """
+    n = 2 * num_bad + 1
+    generator = np.random.default_rng(num_bad)
+    rows = np.vstack([generator.normal(size=(n - num_bad, 300)) * 0.05, np.full((num_bad, 300), magnitude)])
+    members = torch.tensor(rows, dtype=dtype)
+    points = members.double().numpy()
+    honest = points[: n - num_bad]
+    spread = float(np.linalg.norm(honest - honest.mean(axis=0), axis=1).mean())
+    exact = _exact_geometric_median(points)
+    result = GeometricMedian()(states_of(members))
+    z = consensus_of(result).double().numpy()
+    assert result.info["converged"] is True
+    assert _smoothed_gradient(points, z) < 1e-5  # what converged=True promises
+    assert np.linalg.norm(z - exact) < 1e-3 * spread
+    assert np.linalg.norm(z - honest.mean(axis=0)) <= np.linalg.norm(exact - honest.mean(axis=0)) + 1e-3 * spread
+    assert float(result.member_weights[n - num_bad :].sum()) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [-100.0, 1e3, 1e5])
+@pytest.mark.parametrize("num_bad", [1, 2])
+def test_geometric_median_resists_the_scale_attack(scale: float, num_bad: int) -> None:
+    """``ByzantineMembers(attack="scale")``: bad members send ``scale`` times their honest float32 weights."""
+    generator = np.random.default_rng(0)
+    n = 2 * num_bad + 3
+    shared = generator.normal(size=4000) * 0.05
+    honest = shared + generator.normal(size=(n, 4000)) * 0.0005
+    rows = honest.copy()
+    rows[:num_bad] *= scale
+    members = torch.tensor(rows, dtype=torch.float32)
+    points = members.double().numpy()
+    spread = float(np.linalg.norm(points[num_bad:] - points[num_bad:].mean(axis=0), axis=1).mean())
+    exact = _exact_geometric_median(points)
+    result = GeometricMedian()(states_of(members))
+    assert result.info["converged"] is True
+    assert np.linalg.norm(consensus_of(result).double().numpy() - exact) < 1e-2 * spread
+
+
+def test_geometric_median_stop_rule_ignores_scale_and_offset() -> None:
+    rows = random_rows(30, 6, 40).double()
+    counts = [1.0, 2.0, 1.0, 3.0, 1.0, 2.0]
+    base = GeometricMedian()(states_of(rows), sample_counts=counts)
+    for scale, offset in ((1e-3, 0.0), (1e4, 0.0), (1.0, 1e6), (-7.0, 3e3)):
+        moved = GeometricMedian()(states_of(rows * scale + offset), sample_counts=counts)
+        assert moved.info == base.info
+        torch.testing.assert_close(moved.member_weights, base.member_weights, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(consensus_of(moved), consensus_of(base) * scale + offset, rtol=1e-9, atol=1e-9 * abs(scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # trimmed mean and Krum
 
@@ -632,6 +751,21 @@ def test_krum_too_few_members_falls_back_to_the_geometric_median_warning_once(ru
         assert aggregator(states_of(rows[:3])).info["fallback"] == "geometric_median"  # no second warning
     with pytest.raises(ValueError, match=r"Krum needs n > 2f \+ 2 members: got n=4, f=1"):
         krum_scores(rows, 1)
+
+
+@pytest.mark.parametrize("rule", [Krum, MultiKrum])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_krum_fallback_is_as_robust_as_the_exact_geometric_median(rule: Callable[..., Aggregator], dtype: torch.dtype) -> None:
+    """n <= 2f + 2 falls back to the geometric median, which must not be dragged by far members either."""
+    generator = np.random.default_rng(5)
+    rows = np.vstack([generator.normal(size=(3, 300)) * 0.05, np.full((2, 300), 1e20)])
+    members = torch.tensor(rows, dtype=dtype)
+    with pytest.warns(RuntimeWarning, match="needs n > 2f"):
+        result = rule(num_byzantine=2)(states_of(members))
+    assert result.info["fallback"] == "geometric_median" and result.info["converged"] is True
+    points = members.double().numpy()
+    spread = float(np.linalg.norm(points[:3] - points[:3].mean(axis=0), axis=1).mean())
+    assert np.linalg.norm(consensus_of(result).double().numpy() - _exact_geometric_median(points)) < 1e-3 * spread
 
 
 def test_multi_krum_needs_num_selected_members() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from torch import nn
 from hqde_lightning import HQDEStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from hqde_lightning.aggregation import GeometricMedian, Krum, Mean, MultiKrum, TrimmedMean, resolve_aggregator
+from hqde_lightning.aggregation import Entanglement, GeometricMedian, Krum, Mean, MultiKrum, Superposition, TrimmedMean, resolve_aggregator
 from hqde_lightning.codec import payload_layout, payload_nbytes
 from hqde_lightning.topology import Flat, LocalExecutor, MapReduce, Tree, resolve_topology
 
@@ -45,6 +47,109 @@ def test_same_mean_as_flat(topology, n):
     else:
         assert comm.rounds == 2 and comm.tasks == min(3, len(layout))
     assert comm.bytes_moved >= (sum(sizes) if n > 1 else 0)
+
+
+def _vector(state, keys) -> np.ndarray:
+    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in keys])
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 8, 9, 16])
+def test_tree_superposition_is_exact_for_any_number_of_members(n, temperature):
+    """Each partial result carries the log-mean-exp of its members' scores: the tree gives flat's weights and consensus.
+
+    It used to carry the weighted average score, which is not exact even for powers of two
+    (4 members holding 0, 1, 2, 3 with scores 0, 0, 0, 3: flat 2.7401, tree 2.5052).
+    """
+    generator = np.random.default_rng(100 * n + int(10 * temperature))
+    payloads = [{"w": generator.normal(size=(3, 4)), "b": generator.normal(size=5)} for _ in range(n)]
+    sizes = [payload_nbytes(p) for p in payloads]
+    layout = payload_layout(payloads[0])
+    scores = list(generator.normal(size=n) * 2)
+    counts = list(generator.integers(1, 20, size=n).astype(float))
+    rule = Superposition(temperature=temperature)
+    flat, _ = Flat().reduce(payloads, sizes, rule, scores, counts, LocalExecutor(), layout)
+    tree, _ = Tree().reduce(payloads, sizes, rule, scores, counts, LocalExecutor(), layout)
+    np.testing.assert_allclose(tree.member_weights.numpy(), flat.member_weights.numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(_vector(tree.state, layout), _vector(flat.state, layout), rtol=0, atol=1e-6)
+    logits = np.asarray(scores) / temperature + np.log(counts)
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(tree.member_weights.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_tree_superposition_reported_case_and_edge_scores():
+    values = [{"w": np.array([float(i)])} for i in range(4)]
+    sizes = [payload_nbytes(p) for p in values]
+    flat, _ = Flat().reduce(values, sizes, Superposition(), [0.0, 0.0, 0.0, 3.0], [1.0] * 4, LocalExecutor(), {"w": 1})
+    tree, _ = Tree().reduce(values, sizes, Superposition(), [0.0, 0.0, 0.0, 3.0], [1.0] * 4, LocalExecutor(), {"w": 1})
+    expected = np.exp([0.0, 0.0, 0.0, 3.0]) @ np.arange(4) / np.exp([0.0, 0.0, 0.0, 3.0]).sum()  # 2.7401
+    assert abs(float(tree.state["w"][0]) - expected) < 1e-12 and abs(float(flat.state["w"][0]) - expected) < 1e-12
+    torch.testing.assert_close(tree.member_weights, flat.member_weights, rtol=0, atol=1e-12)
+    # non-finite scores (weight zero), a member with NaN values (excluded) and a temperature whose c / T overflows
+    payloads = _payloads(7)
+    key = next(iter(payloads[4]))
+    payloads[4][key] = np.full_like(payloads[4][key], np.nan)
+    sizes = [payload_nbytes(p) for p in payloads]
+    layout = payload_layout(payloads[0])
+    scores = [0.5, float("nan"), 1.0, float("-inf"), 2.0, -0.3, 1.7]
+    counts = [3.0, 1.0, 2.0, 5.0, 1.0, 4.0, 2.0]
+    for rule in (Superposition(temperature=0.7), Superposition(temperature=1e-310)):
+        flat, _ = Flat().reduce(payloads, sizes, rule, scores, counts, LocalExecutor(), layout)
+        tree, _ = Tree().reduce(payloads, sizes, rule, scores, counts, LocalExecutor(), layout)
+        assert tree.excluded == flat.excluded == [4]
+        np.testing.assert_allclose(tree.member_weights.numpy(), flat.member_weights.numpy(), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(_vector(tree.state, layout), _vector(flat.state, layout), rtol=0, atol=1e-6)
+    assert tree.member_weights.tolist() == [0.0] * 6 + [1.0]  # T -> 0: the best member left (6; 4 is excluded)
+
+
+def _entangled(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Entanglement by hand (strength 1, equal counts): softmax of the row sums of the update cosines."""
+    updates = rows - reference
+    unit = updates / np.linalg.norm(updates, axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    agreement = cosines.sum(axis=1) - np.diag(cosines)
+    weights = np.exp(agreement - agreement.max())
+    return (weights / weights.sum()) @ rows
+
+
+class _CopyingExecutor(LocalExecutor):
+    """Runs each task on copies of its arguments, as a Ray task would: what it does to the rule stays there."""
+
+    def submit(self, fn, *args):
+        return fn(*copy.deepcopy(args))
+
+
+@pytest.mark.parametrize("executor", [LocalExecutor(), _CopyingExecutor()], ids=["local", "copying"])
+def test_mapreduce_entanglement_keeps_each_shards_reference(executor):
+    """Round 2 of every shard uses that shard's round-1 consensus as reference (it used the members' mean every round)."""
+    generator = np.random.default_rng(0)
+    layout = {"a": 6, "b": 4}
+    rounds = [[{k: generator.normal(size=size) for k, size in layout.items()} for _ in range(4)] for _ in range(3)]
+    rule, topology = Entanglement(), MapReduce(num_reducers=2)
+    assert topology.shards(layout) == [["a"], ["b"]]
+    expected = {k: [] for k in layout}
+    for key in layout:
+        reference = None
+        for payloads in rounds:
+            rows = np.stack([p[key] for p in payloads])
+            consensus = _entangled(rows, rows.mean(axis=0) if reference is None else reference)
+            expected[key].append(consensus)
+            reference = consensus
+    saved = None
+    for index, payloads in enumerate(rounds):
+        result, _ = topology.reduce(payloads, [payload_nbytes(p) for p in payloads], rule, None, [1.0] * 4, executor, layout)
+        for key in layout:
+            np.testing.assert_allclose(result.state[key].numpy(), expected[key][index], rtol=0, atol=1e-12)
+        if index == 0:
+            saved = copy.deepcopy(rule.state_dict())
+    # the shards' references are in the rule's state (what checkpoints save), and a restored rule continues alike
+    assert sorted(saved["shards"]) == ["a", "b"] and saved["reference"] is None
+    np.testing.assert_allclose(saved["shards"]["a"]["reference"].numpy(), expected["a"][0], rtol=0, atol=1e-12)
+    restored = Entanglement()
+    restored.load_state_dict(saved)
+    result, _ = topology.reduce(rounds[1], [payload_nbytes(p) for p in rounds[1]], restored, None, [1.0] * 4, executor, layout)
+    for key in layout:
+        np.testing.assert_allclose(result.state[key].numpy(), expected[key][1], rtol=0, atol=1e-12)
 
 
 def test_mapreduce_shards_are_balanced():

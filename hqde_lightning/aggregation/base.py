@@ -14,6 +14,8 @@ Plain torch only: no Ray, no Lightning.
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,6 +240,32 @@ class Aggregator(ABC):
             that are not a weighted mean, the weights say how much each row counted
             (e.g. the final Weiszfeld weights), normalised to sum to one.
         """
+
+    def partial_score(self, scores: Sequence[float], weights: Sequence[float]) -> float:
+        """The score a partial result of members with these ``scores`` and ``weights`` carries on.
+
+        A topology that combines partial results (``tree``) gives each one the total weight of
+        its members and this score. This default is the weight-averaged finite score (NaN when
+        no member with a positive weight has one); rules that use the scores override it so
+        that combining partial results equals combining the members
+        (:meth:`Superposition.partial_score <hqde_lightning.aggregation.superposition.Superposition.partial_score>`).
+        """
+        usable = [(float(s), float(w)) for s, w in zip(scores, weights) if math.isfinite(float(s)) and float(w) > 0]
+        total = sum(w for _, w in usable)
+        if not usable or total <= 0:
+            return float("nan")
+        return sum(s * w for s, w in usable) / total
+
+    def shard_rule(self, shard: str) -> Aggregator:
+        """The instance of this rule to apply to one shard of the parameters (``mapreduce``).
+
+        This default is a new copy of the rule every time, so partial inputs never advance the
+        rule's state; rules whose state belongs to the parameters they saw (entanglement's
+        reference) override it to keep one instance per shard across rounds, inside their
+        :meth:`state_dict`. The topology loads the state the shard's task ended with back into
+        the instance (the task may run elsewhere).
+        """
+        return copy.deepcopy(self)
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (stateful rules override this)."""

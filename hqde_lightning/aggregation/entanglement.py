@@ -14,9 +14,10 @@ consensus is the weighted mean of the members. Members whose update points the s
 the others weigh more; a member that disagrees with everyone weighs less.
 
 The reference is a single flattened vector. When a call has a different number of columns
-from the stored reference (a topology that shards parameters across calls), that call uses
-the members' mean as the reference; such a topology should give every shard its own
-instance so each shard keeps its own reference.
+from the stored reference, that call uses the members' mean as the reference. A topology that
+shards the parameters across calls (``mapreduce``) applies :meth:`Entanglement.shard_rule`, one
+instance per shard that keeps that shard's own reference across rounds; those instances are
+part of :meth:`Entanglement.state_dict`, so checkpoints keep every shard's reference.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Entanglement(Aggregator):
     def __init__(self, strength: float = 1.0) -> None:
         self.strength = check_number(strength, "strength", 0)
         self._reference: Tensor | None = None
+        self._shards: dict[str, Entanglement] = {}
 
     def combine(self, matrix: Tensor, scores: Tensor | None, prior: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         if self._reference is not None and self._reference.numel() == matrix.shape[1]:
@@ -78,15 +80,33 @@ class Entanglement(Aggregator):
         self._reference = consensus.detach().clone()
         return consensus, weights, {"reference": source, "agreement": agreement.tolist()}
 
+    def shard_rule(self, shard: str) -> Entanglement:
+        """This rule's own instance for the shard named ``shard``, kept across rounds.
+
+        Created on first use with the same strength and no reference (its first round uses the
+        members' mean); after that it holds the shard's previous consensus.
+        """
+        if shard not in self._shards:
+            self._shards[shard] = Entanglement(self.strength)
+        return self._shards[shard]
+
     def state_dict(self) -> dict[str, Any]:
-        """Returns ``{"reference": previous consensus (1-D tensor in the members' matrix dtype) or None}``."""
-        return {"reference": None if self._reference is None else self._reference.clone()}
+        """Returns ``{"reference": previous consensus (1-D tensor in the members' matrix dtype) or None,
+        "shards": {shard name: the shard instance's state dict}}``."""
+        return {
+            "reference": None if self._reference is None else self._reference.clone(),
+            "shards": {name: rule.state_dict() for name, rule in self._shards.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores the reference saved by :meth:`state_dict`.
+        """Restores the reference and the shards' references saved by :meth:`state_dict`.
 
         Args:
-            state: a mapping with key ``"reference"`` holding a tensor or ``None``.
+            state: a mapping with key ``"reference"`` holding a tensor or ``None``, and
+                optionally ``"shards"`` (older checkpoints have none: no shard has a reference).
         """
-        reference = state["reference"]
+        reference = state.get("reference")
         self._reference = None if reference is None else torch.as_tensor(reference).reshape(-1).clone()
+        self._shards = {}
+        for name, saved in dict(state.get("shards") or {}).items():
+            self.shard_rule(name).load_state_dict(saved)

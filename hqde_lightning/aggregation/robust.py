@@ -75,8 +75,8 @@ def mad_outliers(matrix: Tensor, threshold: float = 3.5) -> Tensor:
         raise ValueError(f"`matrix` must have shape (num_members, num_values), got {tuple(matrix.shape)}")
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError("`matrix` must be finite; drop NaN/Inf rows before the outlier test")
-    if matrix.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool)
+    if matrix.shape[0] <= 2:  # one row, or two rows equally far from their midpoint: no majority to compare with
+        return torch.zeros(matrix.shape[0], dtype=torch.bool)
     median = coordinate_median(matrix)
     distances = torch.linalg.vector_norm(matrix - median, dim=1).to(torch.float64)
     centre = coordinate_median(distances.unsqueeze(1))[0]

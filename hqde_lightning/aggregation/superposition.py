@@ -9,9 +9,11 @@ reputation) and renormalised:
 
     weight_i = softmax(c / T)_i * prior_i / sum_j softmax(c / T)_j * prior_j
 
-which equals ``softmax(c / T + log prior)`` and is computed that way to avoid underflow.
-A small ``T`` approaches picking the best member; a large ``T`` approaches the plain
-prior-weighted mean. With no scores, or all scores equal, the weights are exactly the
+which equals ``softmax(c / T + log prior)`` and is computed that way to avoid underflow,
+with the best score (among members of positive prior) subtracted before the division by ``T``
+so that no ``c / T`` overflows. A small ``T`` approaches picking the best member (where
+``c / T`` would overflow, the weights are that limit: all on the best-scored members, in
+proportion to their prior); a large ``T`` approaches the plain prior-weighted mean. With no scores, or all scores equal, the weights are exactly the
 normalised prior, so the consensus is exactly :class:`~hqde_lightning.aggregation.mean.Mean`'s.
 
 The same rule combines member predictions: ``sum_i weight_i * p_i`` over member
@@ -20,6 +22,8 @@ probabilities, using :func:`superposition_weights`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,7 +72,14 @@ def superposition_weights(scores: Tensor, temperature: float, prior: Tensor | No
         prior = torch.ones_like(prior)
     if scores.numel() == 0 or bool((scores == scores[0]).all()):
         return normalise(prior)
-    return torch.softmax(scores / temperature + torch.log(prior), dim=0)
+    # softmax(c / T + log prior), with the best score among members of positive prior subtracted
+    # first so that c / T cannot overflow: (c - best) / T is <= 0 for those members, -inf where it
+    # underflows (T -> 0 keeps all the weight on the best members, in proportion to their prior)
+    positive = prior > 0
+    best = scores[positive].max()
+    logits = ((scores - best) / temperature).nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    logits = torch.where(positive, logits + torch.log(torch.where(positive, prior, 1.0)), float("-inf"))
+    return torch.softmax(logits, dim=0)
 
 
 class Superposition(Aggregator):
@@ -93,3 +104,23 @@ class Superposition(Aggregator):
             probabilities = superposition_weights(scores, self.temperature)
         info = {"amplitudes": probabilities.sqrt().tolist(), "temperature": self.temperature}
         return weights.to(matrix.dtype) @ matrix, weights, info
+
+    def partial_score(self, scores: Sequence[float], weights: Sequence[float]) -> float:
+        """The log-mean-exp ``T * log(sum_i w_i exp(c_i / T) / sum_i w_i)`` of the finite scores.
+
+        A partial result (the superposition of some members) that carries the total weight
+        ``W = sum_i w_i`` of its members and this score gets ``W * exp(S / T)``, exactly the
+        sum of its members' ``w_i * exp(c_i / T)``, so combining partial results (a tree)
+        gives every member the weight it gets when all are combined at once. Members without
+        a finite score add nothing (they have weight zero in the superposition); NaN when no
+        member of positive weight has a finite score. Computed with the best such score taken
+        out first, so no ``exp`` overflows.
+        """
+        pairs = [(float(c), float(w)) for c, w in zip(scores, weights)]
+        total = sum(w for _, w in pairs)
+        usable = [(c, w) for c, w in pairs if math.isfinite(c) and w > 0]
+        if not usable or total <= 0:
+            return float("nan")
+        best = max(c for c, _ in usable)
+        mass = sum(w * math.exp((c - best) / self.temperature) for c, w in usable)  # >= the best's weight > 0
+        return best + self.temperature * math.log(mass / total)
