@@ -11,7 +11,9 @@ How a state dict travels:
    ``max_bits``, the bottom share ``min_bits`` and the rest ``base_bits``.
 2. :func:`encode` turns the state dict into an :class:`EncodedState`: numpy buffers only
    (picklable, no torch tensors), 4-bit codes packed two per byte, 8-bit codes one per byte,
-   one float32 scale and one float32 minimum per 4/8-bit block, 16-bit blocks as float16.
+   one float32 scale and one float32 minimum per 4/8-bit block, 16-bit blocks as float16 with
+   one int8 power-of-two exponent per block. Pickled, an :class:`EncodedState` is one byte
+   buffer holding every tensor's buffers plus a small header (see :attr:`EncodedState.nbytes`).
 3. :func:`decode` rebuilds tensors with the original keys, shapes and dtypes (on the CPU).
 4. :class:`ErrorFeedback` keeps what quantization lost and adds it back before the next
    encode, so the time average of what was sent converges to the true weights.
@@ -22,10 +24,19 @@ maximum ``hi`` uses ``scale = (hi - lo) / (2**b - 1)`` and codes ``round((x - lo
 in ``[0, 2**b - 1]``, so every value decodes to within ``scale / 2`` (plus float32 rounding).
 A block holding NaN or ±Inf decodes as non-finite, so downstream finite checks still see it.
 
-Why float16 for 16-bit blocks: weights are small numbers, and float16's 10-bit mantissa
-(relative error ≤ 2**-11) is eight times finer than bfloat16's 7-bit one. float16 only
-covers ``|x| ≤ 65504``; a tensor whose 16-bit blocks hold larger finite values is sent as
-bfloat16 instead (same size, float32's range), and ``half_dtype="bfloat16"`` forces that.
+Why float16 for 16-bit blocks: float16's 10-bit mantissa (relative error ≤ 2**-11) is eight
+times finer than bfloat16's 7-bit one, but its range is narrow: normal only for
+``2**-14 ≤ |x| ≤ 65504``, so tiny weights would fall into its subnormals (17 % error at 1e-7,
+flushed to 0 below 3e-8) and large ones overflow. Each 16-bit block is therefore scaled
+losslessly by a power of two before the cast: with ``k = floor(log2(m))`` for the block's
+largest finite magnitude ``m`` (``k`` clamped to [-128, 127], stored as one int8 per block; 0
+for a block without a finite non-zero value), the block is sent as ``float16(x · 2**(14 - k))``
+and decoded as that times ``2**(k - 14)``, which puts ``m`` in [2**14, 2**15). So every value
+``|x| ≥ m · 2**-28`` of a block decodes with relative error ≤ 2**-11 whatever its magnitude
+(every normal float32 value, 1.2e-38 to 3.4e38; a float32 subnormal, which holds fewer bits
+itself, may round once more to its own spacing); the rare smaller values in the same block are
+within ``m · 2**-39`` of theirs (absolute). NaN and ±Inf stay NaN and ±Inf; zeros stay zero.
+``half_dtype="bfloat16"`` stores the scaled values as bfloat16 instead (relative error ≤ 2**-8).
 
 Pass-through (32 bits): non-float tensors (``num_batches_tracked``, masks) and float tensors
 the plan marks 32 are sent as their raw bytes, exactly.
@@ -34,6 +45,7 @@ the plan marks 32 are sent as their raw bytes, exactly.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -69,8 +81,11 @@ PlanWidth = Literal[4, 8, 16]
 HalfDtype = Literal["float16", "bfloat16"]
 _PLAN_BITS: tuple[int, ...] = get_args(PlanWidth)
 _HALF_DTYPES: tuple[str, ...] = get_args(HalfDtype)
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
 _PARAM_BYTES = 8  # one float32 scale + one float32 minimum per 4/8-bit block
+_EXP_BYTES = 1  # one int8 power-of-two exponent per 16-bit block
+#: a 16-bit block is scaled so that its largest finite magnitude lies in [2**_HALF_TOP, 2**(_HALF_TOP + 1))
+_HALF_TOP = 14
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _WEIGHT_SHARE = 0.7
 _GRAD_SHARE = 0.3
 
@@ -95,7 +110,10 @@ class EncodedTensor:
         codes8: uint8 codes of the 8-bit blocks, in block order.
         scale8: float32 scale per 8-bit block.
         min8: float32 minimum per 8-bit block.
-        half: values of the 16-bit blocks: float16, or bfloat16 bit patterns as uint16.
+        half: values of the 16-bit blocks, each scaled by ``2**(14 - exp16)`` of its block:
+            float16, or bfloat16 bit patterns as uint16.
+        exp16: int8 per 16-bit block: ``floor(log2)`` of the block's largest finite magnitude,
+            clamped to [-128, 127] (0 when the block has no finite non-zero value).
         raw: the tensor's raw bytes when it passes through; empty otherwise.
     """
 
@@ -111,6 +129,7 @@ class EncodedTensor:
     scale8: np.ndarray = field(default_factory=lambda: _empty(np.float32))
     min8: np.ndarray = field(default_factory=lambda: _empty(np.float32))
     half: np.ndarray = field(default_factory=lambda: _empty(np.float16))
+    exp16: np.ndarray = field(default_factory=lambda: _empty(np.int8))
     raw: np.ndarray = field(default_factory=lambda: _empty(np.uint8))
 
     @property
@@ -131,7 +150,8 @@ class EncodedTensor:
     def buffers(self) -> tuple[np.ndarray, ...]:
         """All numpy buffers of this tensor (what crosses the wire)."""
         return (
-            self.bits, self.packed4, self.scale4, self.min4, self.codes8, self.scale8, self.min8, self.half, self.raw
+            self.bits, self.packed4, self.scale4, self.min4, self.codes8, self.scale8, self.min8, self.half, self.exp16,
+            self.raw,
         )
 
     @property
@@ -161,9 +181,18 @@ class EncodedState:
     def nbytes(self) -> int:
         """Payload size in bytes: the sum of every numpy buffer's ``nbytes``.
 
-        Keys, dtype names and shapes (a few bytes of metadata per tensor) are not counted.
+        Keys, dtype names and shapes are not counted. They stay small on the wire: a pickled
+        :class:`EncodedState` is one byte buffer with every tensor's buffers back to back, the
+        keys, and a header of a few integers per tensor (storage kind, block size, shape, in the
+        narrowest unsigned integer type that holds them), so it exceeds ``nbytes`` by the keys'
+        lengths plus about 15 bytes per tensor and about 300 bytes once (e.g. 50 tensors of 300
+        values at 8 bits keyed ``p0`` to ``p49``: ``nbytes`` 15,900, pickled 16,945 bytes).
         """
         return sum(entry.nbytes for entry in self.tensors.values())
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles as one byte buffer plus a compact header, not as ten small numpy arrays per tensor."""
+        return _unpack_state, _pack_state(self)
 
     @property
     def fp32_nbytes(self) -> int:
@@ -211,6 +240,90 @@ def _block_lengths(numel: int, block_size: int) -> np.ndarray:
     if lengths.size:
         lengths[-1] = numel - (lengths.size - 1) * block_size
     return lengths
+
+
+#: header code of a tensor's storage: pass-through (raw bytes), or quantized with 16-bit blocks as float16 / bfloat16
+_KIND_PASSTHROUGH = 0
+_KIND_OF_HALF = {"float16": 1, "bfloat16": 2}
+_HALF_OF_KIND = {code: name for name, code in _KIND_OF_HALF.items()}
+
+
+def _pack_state(state: EncodedState) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray, np.ndarray]:
+    """``(keys, dtype names, header, blob)``: what a pickled :class:`EncodedState` holds.
+
+    ``header`` holds ``kind, block_size, ndim, *shape`` per tensor in the narrowest unsigned integer
+    dtype; ``blob`` every tensor's :meth:`EncodedTensor.buffers` as bytes, back to back. The sizes of
+    the buffers follow from the header and each tensor's bit map (the first buffer), as in
+    :func:`analytical_nbytes`.
+    """
+    header: list[int] = []
+    chunks: list[np.ndarray] = []
+    for entry in state.tensors.values():
+        kind = _KIND_PASSTHROUGH if entry.passthrough else _KIND_OF_HALF[entry.half_dtype]
+        header += [kind, int(entry.block_size), len(entry.shape), *(int(d) for d in entry.shape)]
+        chunks += [np.ascontiguousarray(buffer).reshape(-1).view(np.uint8) for buffer in entry.buffers()]
+    dtypes = tuple(sys.intern(entry.dtype) for entry in state.tensors.values())  # repeated names pickle as references
+    packed = np.array(header, dtype=np.min_scalar_type(max(header, default=0)))
+    blob = np.concatenate(chunks) if chunks else _empty(np.uint8)
+    return tuple(state.tensors), dtypes, packed, blob
+
+
+def _unpack_state(keys: tuple[str, ...], dtypes: tuple[str, ...], header: np.ndarray, blob: np.ndarray) -> EncodedState:
+    """The :class:`EncodedState` that :func:`_pack_state` packed (buffers are fresh, writable copies)."""
+    if len(keys) != len(dtypes):
+        raise ValueError(f"corrupt EncodedState: {len(keys)} keys but {len(dtypes)} dtype names")
+    blob = np.asarray(blob).reshape(-1).view(np.uint8)
+    numbers = [int(v) for v in np.asarray(header).reshape(-1)]
+    position = offset = 0
+
+    def take(count: int, dtype: type[np.generic]) -> np.ndarray:
+        nonlocal offset
+        size = count * np.dtype(dtype).itemsize
+        if offset + size > blob.size:
+            raise ValueError("corrupt EncodedState: its byte buffer is shorter than its header describes")
+        chunk = blob[offset : offset + size].copy().view(dtype)
+        offset += size
+        return chunk
+
+    tensors: dict[str, EncodedTensor] = {}
+    for key, dtype in zip(keys, dtypes):
+        kind, block_size, ndim = numbers[position : position + 3]
+        shape = tuple(numbers[position + 3 : position + 3 + ndim])
+        position += 3 + ndim
+        numel = math.prod(shape)
+        if kind == _KIND_PASSTHROUGH:
+            raw = take(numel * getattr(torch, dtype).itemsize, np.uint8)
+            tensors[key] = EncodedTensor(dtype=dtype, shape=shape, block_size=block_size, raw=raw)
+            continue
+        half_dtype = _HALF_OF_KIND[kind]
+        bits = take(_num_blocks(numel, block_size), np.uint8)
+        lengths = _block_lengths(numel, block_size)
+        values = {b: int(lengths[bits == b].sum()) for b in _PLAN_BITS}
+        blocks = {b: int((bits == b).sum()) for b in _PLAN_BITS}
+        counts = {
+            "packed4": -(-values[4] // 2), "scale4": blocks[4], "min4": blocks[4],
+            "codes8": values[8], "scale8": blocks[8], "min8": blocks[8],
+            "half": values[16], "exp16": blocks[16],
+        }
+        fields = {}
+        for name, buffer_dtype in _QUANTIZED_BUFFERS:
+            if name == "half" and half_dtype == "bfloat16":
+                buffer_dtype = np.uint16  # bfloat16 bit patterns
+            fields[name] = take(counts[name], buffer_dtype)
+        tensors[key] = EncodedTensor(
+            dtype=dtype, shape=shape, block_size=block_size, bits=bits, half_dtype=half_dtype, **fields
+        )
+    if offset != blob.size or position != len(numbers):
+        raise ValueError("corrupt EncodedState: its byte buffer or header is longer than its tensors need")
+    return EncodedState(tensors=tensors)
+
+
+#: the buffers of a quantized tensor after its bit map, in :meth:`EncodedTensor.buffers` order, with their dtypes
+_QUANTIZED_BUFFERS: tuple[tuple[str, type[np.generic]], ...] = (
+    ("packed4", np.uint8), ("scale4", np.float32), ("min4", np.float32),
+    ("codes8", np.uint8), ("scale8", np.float32), ("min8", np.float32),
+    ("half", np.float16), ("exp16", np.int8),
+)
 
 
 def _resolve_plan(
@@ -306,6 +419,43 @@ def _from_half(half: np.ndarray, half_dtype: str) -> np.ndarray:
     return bf16.to(torch.float32).numpy()
 
 
+def _half_exponents(rows: np.ndarray) -> np.ndarray:
+    """int8 ``floor(log2(max |finite value|))`` per row (block), clamped to [-128, 127]; 0 without a finite non-zero value."""
+    with np.errstate(invalid="ignore"):
+        peak = np.where(np.isfinite(rows), np.abs(rows), 0.0).max(axis=1)
+    exponent = np.frexp(peak)[1].astype(np.int64) - 1  # peak in [2**k, 2**(k + 1)); frexp(0) gives exponent 0
+    exponent[peak == 0] = 0
+    return np.clip(exponent, -128, 127).astype(np.int8)
+
+
+def _powers_of_two(exponents: np.ndarray) -> np.ndarray:
+    """float64 ``2**exponents`` (exact; a float32 could not hold 2**142)."""
+    return np.ldexp(np.ones(exponents.shape, dtype=np.float64), exponents.astype(np.int32))
+
+
+def _encode_half(rows: np.ndarray, mask: np.ndarray, half_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """16-bit storage of the real values of ``rows`` (blocks) and the int8 exponent per block.
+
+    Each block is multiplied by ``2**(14 - k)`` (exact: a power of two, in float64) so its largest
+    finite magnitude lies in [2**14, 2**15), within float16's normal range and far from its overflow.
+    """
+    exponents = _half_exponents(rows)
+    with np.errstate(invalid="ignore"):
+        scaled = rows.astype(np.float64) * _powers_of_two(_HALF_TOP - exponents.astype(np.int64))[:, None]
+    # float64 -> float32 is exact down to 2**-126, far below float16's smallest subnormal 2**-24
+    return _to_half(scaled[mask].astype(np.float32), half_dtype), exponents
+
+
+def _decode_half(half: np.ndarray, exponents: np.ndarray, mask: np.ndarray, half_dtype: str) -> np.ndarray:
+    """``(blocks, block_size)`` float32 values of the 16-bit blocks: the stored halves times ``2**(k - 14)`` per block."""
+    grid = np.zeros(mask.shape, dtype=np.float64)
+    grid[mask] = _from_half(half, half_dtype)
+    with np.errstate(invalid="ignore"):
+        grid *= _powers_of_two(exponents.astype(np.int64) - _HALF_TOP)[:, None]
+    # a finite value rounded up past float32's maximum (within 2**-11 of 2**128) stays finite
+    return np.where(np.isfinite(grid), np.clip(grid, -_FLOAT32_MAX, _FLOAT32_MAX), grid).astype(np.float32)
+
+
 def _block_view(numel: int, num_blocks: int, block_size: int) -> np.ndarray:
     """Boolean ``(num_blocks, block_size)`` mask of the positions that hold real values."""
     return (np.arange(num_blocks * block_size) < numel).reshape(num_blocks, block_size)
@@ -329,11 +479,7 @@ def _encode_quantized(
         fields[scale_name], fields[min_name] = scale, low
     selected = plan == 16
     if selected.any():
-        values = blocks[selected][valid[selected]]
-        finite = values[np.isfinite(values)]
-        if half_dtype == "float16" and finite.size and np.abs(finite).max() > _FLOAT16_MAX:
-            half_dtype = "bfloat16"
-        fields["half"] = _to_half(values, half_dtype)
+        fields["half"], fields["exp16"] = _encode_half(blocks[selected], valid[selected], half_dtype)
     return EncodedTensor(
         dtype=dtype_name, shape=tuple(tensor.shape), block_size=block_size, bits=plan, half_dtype=half_dtype, **fields
     )
@@ -353,8 +499,8 @@ def encode(
             32 for pass-through; keys left out pass through), or one width from
             {4, 8, 16, 32} applied to every floating-point tensor.
         block_size: values per block; must match the plan's.
-        half_dtype: storage of 16-bit blocks, ``"float16"`` (default; falls back to bfloat16 per
-            tensor when values exceed float16's range) or ``"bfloat16"``.
+        half_dtype: storage of 16-bit blocks, ``"float16"`` (default; relative error ≤ 2**-11 at
+            any magnitude, thanks to the per-block power-of-two scale) or ``"bfloat16"`` (≤ 2**-8).
 
     Returns:
         The encoded state. Non-float and empty tensors always pass through as raw bytes.
@@ -399,10 +545,7 @@ def _decode_tensor(entry: EncodedTensor) -> Tensor:
         blocks[selected] = _affine_decode(grid, scale, low)
     selected = entry.bits == 16
     if selected.any():
-        mask = valid[selected]
-        grid = np.zeros(mask.shape, dtype=np.float32)
-        grid[mask] = _from_half(entry.half, entry.half_dtype)
-        blocks[selected] = grid
+        blocks[selected] = _decode_half(entry.half, entry.exp16, valid[selected], entry.half_dtype)
     flat = blocks.reshape(-1)[:numel]
     return torch.from_numpy(flat.copy()).to(dtype).reshape(entry.shape)
 
@@ -432,9 +575,10 @@ def analytical_nbytes(
     """The payload size :func:`encode` will produce, computed from shapes, dtypes and the plan alone.
 
     Per quantized tensor: one byte per block (the bit map), ``ceil(n4 / 2) + 8·blocks4`` for the
-    4-bit blocks, ``n8 + 8·blocks8`` for the 8-bit blocks and ``2·n16`` for the 16-bit ones, where
-    ``n4``, ``n8``, ``n16`` count the values in blocks of that width and ``blocks4``, ``blocks8`` the
-    blocks (8 bytes: a float32 scale and minimum each). A pass-through tensor costs its raw bytes.
+    4-bit blocks, ``n8 + 8·blocks8`` for the 8-bit blocks and ``2·n16 + blocks16`` for the 16-bit
+    ones, where ``n4``, ``n8``, ``n16`` count the values in blocks of that width and ``blocks4``,
+    ``blocks8``, ``blocks16`` the blocks (8 bytes each for a 4/8-bit block: a float32 scale and
+    minimum; 1 byte for a 16-bit block: its int8 exponent). A pass-through tensor costs its raw bytes.
 
     Args:
         specs: per key, either the tensor itself or a ``(shape, dtype)`` pair.
@@ -463,7 +607,7 @@ def analytical_nbytes(
         total += plan.size
         total += -(-values[4] // 2) + _PARAM_BYTES * blocks[4]
         total += values[8] + _PARAM_BYTES * blocks[8]
-        total += 2 * values[16]
+        total += 2 * values[16] + _EXP_BYTES * blocks[16]
     return total
 
 

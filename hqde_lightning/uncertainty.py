@@ -46,12 +46,15 @@ TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 def _check_members(member: Tensor, weights: Tensor | None) -> Tensor:
-    """``weights`` as a float tensor of one entry per member (uniform when ``None``)."""
+    """``weights`` as a tensor of one entry per member (uniform when ``None``) on ``member``'s device, in
+    ``member``'s widened dtype (float32, or float64 for float64 members): never rounded to half or bfloat16,
+    whose rounding would leave weights that do not sum to 1."""
     if member.dim() != 3:
         raise ValueError(f"member outputs must have shape (members, batch, classes), got {tuple(member.shape)}")
+    dtype = torch.promote_types(member.dtype, torch.float32)
     if weights is None:
-        return torch.full((member.shape[0],), 1.0 / member.shape[0], dtype=member.dtype, device=member.device)
-    weights = torch.as_tensor(weights).to(member)
+        return torch.full((member.shape[0],), 1.0 / member.shape[0], dtype=dtype, device=member.device)
+    weights = torch.as_tensor(weights).to(device=member.device, dtype=dtype)
     if weights.shape != (member.shape[0],):
         raise ValueError(f"`weights` needs one entry per member ({member.shape[0]}), got shape {tuple(weights.shape)}")
     return weights
@@ -118,13 +121,22 @@ def combine_log_probabilities(member_logits: Tensor, weights: Tensor | None = No
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:
-    """H[p] = −Σ_c p_c log p_c over the last dimension (nats; 0·log 0 = 0)."""
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    """H[p] = −Σ_c p_c log p_c over the last dimension (nats; 0·log 0 = 0).
+
+    Computed in at least float32 (``xlogy``: exact for tiny probabilities, no clamp); the result is in
+    :func:`widened` dtype (float32 for half / bfloat16 / float32 probabilities, float64 for float64).
+    """
+    probs = widened(probs)
+    return 0.0 - torch.special.xlogy(probs, probs).sum(-1)  # 0.0 - 0.0 = +0.0 for a one-hot p
 
 
 def mutual_information(member_probs: Tensor, weights: Tensor | None = None) -> Tensor:
-    """H[p̄] − Σ_i w_i H[p_i] per input, ``(batch,)``: 0 when the members agree, up to log(members) when they disagree completely."""
-    weights = _check_members(member_probs, weights).to(member_probs)
+    """H[p̄] − Σ_i w_i H[p_i] per input, ``(batch,)``: 0 when the members agree, up to log(members) when they disagree completely.
+
+    Computed in at least float32, weights included; the result is in :func:`widened` dtype.
+    """
+    weights = _check_members(member_probs, weights)
+    member_probs = widened(member_probs)
     mean = (member_probs * weights.view(-1, 1, 1)).sum(0)
     expected = (predictive_entropy(member_probs) * weights.view(-1, 1)).sum(0)
     return (predictive_entropy(mean) - expected).clamp_min(0.0)

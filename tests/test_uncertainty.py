@@ -15,6 +15,7 @@ from hqde_lightning.uncertainty import (
     TEMPERATURE_RANGE,
     aurc,
     check_temperature,
+    combine_log_probabilities,
     combine_probabilities,
     fit_temperature,
     log_mean_probs,
@@ -23,6 +24,7 @@ from hqde_lightning.uncertainty import (
     predictive_entropy,
     reliability_bins,
     temper,
+    uncertainty_decomposition,
 )
 
 
@@ -35,6 +37,47 @@ def test_entropy_and_mutual_information_bounds():
     assert float(predictive_entropy(torch.full((4,), 0.25))) == pytest.approx(math.log(4))
     weighted = mutual_information(disagree[:2], torch.tensor([0.75, 0.25]))
     assert float(weighted) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_entropy_of_one_hot_low_precision_probabilities_is_exact(dtype):
+    """0·log 0 = 0 in every dtype: float16 probabilities used to give NaN (a 1e-12 clamp rounds to 0 in float16)."""
+    one_hot = torch.eye(3, dtype=dtype)
+    members = one_hot[[0, 1]].unsqueeze(1)  # (2 members, 1 input, 3 classes), sure of different classes
+    entropy, information = predictive_entropy(members[0]), mutual_information(members)
+    assert entropy.dtype == information.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.isfinite(entropy).all() and torch.isfinite(information).all()
+    assert float(entropy) == 0.0
+    assert float(information) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(mutual_information(members, torch.tensor([0.7, 0.3]))) == pytest.approx(-(0.7 * math.log(0.7) + 0.3 * math.log(0.3)), abs=1e-6)
+    tiny = torch.tensor([1 - 2e-30, 1e-30, 1e-30], dtype=torch.float64)  # no clamp: exact for tiny probabilities
+    assert float(predictive_entropy(tiny)) == pytest.approx(2e-30 * (1 + math.log(1e30)), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
+def test_low_precision_logits_combine_to_a_distribution(dtype, weights):
+    """The member weights are not rounded to the logits' dtype: the ensemble's probabilities sum to 1
+    (bfloat16 used to give 1.00195) and entropy − MI (the aleatoric part) is >= 0."""
+    logits = torch.randn(3, 64, 10, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w = None if weights is None else torch.tensor(weights)
+    eps = torch.finfo(torch.float32).eps
+    _, log_probs = combine_log_probabilities(logits, w)
+    assert log_probs.dtype == torch.float32
+    assert (log_probs.exp().sum(-1) - 1).abs().max() <= 4 * eps
+    parts = uncertainty_decomposition(logits, w)
+    assert (parts["probs"].sum(-1) - 1).abs().max() <= 4 * eps
+    assert (parts["entropy"] - parts["mutual_information"]).min() >= -1e-6
+    reference = (torch.softmax(logits.double(), -1) * (torch.full((3,), 1 / 3) if w is None else w).double().view(-1, 1, 1)).sum(0)
+    assert torch.allclose(parts["probs"].double(), reference, atol=1e-6)
+    # two confident members that disagree, weighted 0.7 / 0.3: all the uncertainty is disagreement
+    confident = torch.zeros(2, 1, 4)
+    confident[0, 0, 0] = confident[1, 0, 1] = 50.0
+    parts = uncertainty_decomposition(confident.to(dtype), torch.tensor([0.7, 0.3]))
+    binary = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
+    assert float(parts["entropy"]) == pytest.approx(binary, abs=1e-6)
+    assert float(parts["mutual_information"]) == pytest.approx(binary, abs=1e-6)
+    assert float(parts["entropy"] - parts["mutual_information"]) >= -1e-6
 
 
 def test_log_mean_probs_and_temperature():
