@@ -27,11 +27,11 @@ from typing import Any
 import ray
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ray import cloudpickle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hqde_lightning.actors import Coordinator, FitOutcome, MemberResult
+from hqde_lightning.actors import Coordinator, FitOutcome, FitRemains, MemberResult
 from hqde_lightning.codec import keeps_members_apart
 from hqde_lightning.embedded import embedded_blocker
 from hqde_lightning.forwarder import EventForwarder
@@ -45,12 +45,17 @@ from hqde_lightning.resources import worker_members, worker_options
 
 __all__ = ["ActorFit"]
 
+#: how long a failed fit waits for the coordinator to hand over the members' latest snapshots
+_REMAINS_TIMEOUT_S = 60.0
+
 
 class ActorFit:
     """Trains an ``HQDEStrategy`` fit's members in Ray actors (see the module docstring)."""
 
-    def __init__(self, strategy: Any) -> None:
+    def __init__(self, strategy: Any, remains: FitRemains) -> None:
         self._strategy = strategy
+        #: gets the members' latest snapshots when the fit fails
+        self._remains = remains
         self._coordinator: Any = None
         self._pool: MemberPool | None = None
         self._started_ray = False
@@ -147,8 +152,20 @@ class ActorFit:
             .remote(strategy.num_members, copy.deepcopy(strategy.aggregator), strategy.topology, check_clones=check_clones)
         )
         self._coordinator = coordinator
-        results = self._run_members(trainer, payload, coordinator, workers)
+        try:
+            results = self._run_members(trainer, payload, coordinator, workers)
+        except BaseException as err:
+            if not isinstance(err, GroupUnsupported):  # (before any step: the members then train one per actor)
+                self._keep_remains(coordinator)
+            raise
         return results, ray.get(coordinator.latest_snapshots.remote()), ray.get(coordinator.state_dict.remote())
+
+    def _keep_remains(self, coordinator: Any) -> None:
+        """The failed fit's members as the coordinator last heard of them (the member that failed, where it failed)."""
+        try:
+            self._remains.snapshots.update(ray.get(coordinator.latest_snapshots.remote(), timeout=_REMAINS_TIMEOUT_S))
+        except Exception as err:  # the coordinator is gone too: the fit's own error goes on
+            rank_zero_warn(f"HQDEStrategy: the members' states could not be fetched after the fit failed ({type(err).__name__}: {err}).")
 
     def _run_members(self, trainer: Trainer, payload: bytes, coordinator: Any, workers: list[list[int]]) -> list[MemberResult]:
         """Runs the actors in a :class:`~hqde_lightning.member_pool.MemberPool` until every member finished or was given up on."""

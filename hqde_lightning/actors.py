@@ -50,7 +50,7 @@ from hqde_lightning.member import MemberContext, MemberSync, MirrorLogger, go_on
 from hqde_lightning.member_strategy import MemberStrategy
 from hqde_lightning.turns import resolve
 
-__all__ = ["Coordinator", "FitOutcome", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "member_failed", "worker_fit"]
+__all__ = ["Coordinator", "FitOutcome", "FitRemains", "MemberActor", "MemberInterrupted", "MemberResult", "RayExecutor", "member_failed", "worker_fit"]
 
 
 class MemberInterrupted(Exception):
@@ -148,7 +148,8 @@ class Coordinator:
         self.finals: dict[int, dict[str, Any]] = {}
         #: per member whose fit has said it stops, the last epoch it trains (it may still be saving that epoch's checkpoint)
         self.last_epochs: dict[int, int] = {}
-        #: per member, the latest epoch it started training (:meth:`starts_epoch`)
+        #: per member, the first and the latest epoch it started training in this fit (:meth:`starts_epoch`)
+        self.first_epochs: dict[int, int] = {}
         self.started_epochs: dict[int, int] = {}
         self.events: list[Event] = []
         self.history: list[dict[str, Any]] = []
@@ -234,6 +235,7 @@ class Coordinator:
     def starts_epoch(self, member: int, epoch: int) -> None:
         """``member`` trains ``epoch`` now (its fit did not stop after the epoch before): it writes ``epoch``'s checkpoints
         rather than a higher member (:meth:`is_writer`)."""
+        self.first_epochs.setdefault(member, epoch)
         self.started_epochs[member] = epoch
         self._notify_snapshot()
 
@@ -299,20 +301,22 @@ class Coordinator:
         stopping) or is given up on. A lower member that still runs but has not started
         ``epoch`` yet (:meth:`starts_epoch`) is waited for: it may yet train in ``epoch``, or stop
         before it (even after posting the snapshot of the epoch before). One that has started it,
-        or finished after training it, is the writer instead. A lower member that said it stops
-        after an earlier epoch (:meth:`stops_after`) is passed over, though it may still be
-        saving that epoch's checkpoint.
+        or finished after training it in this fit, is the writer instead. A lower member that said
+        it stops after an earlier epoch (:meth:`stops_after`), or that resumed past ``epoch`` (its
+        first epoch in this fit is a later one), is passed over.
         """
 
         def decide() -> str | None:
             for lower in range(member):
                 posted = self.snapshots[lower][0] if lower in self.snapshots else None
+                if self.first_epochs.get(lower, epoch) > epoch:
+                    continue  # resumed past ``epoch``: it does not train it in this fit
                 if self.last_epochs.get(lower, epoch) < epoch and lower not in self.done:
                     continue  # it stops after an earlier epoch
                 if lower in self.active and lower not in self.done:
                     return "lower" if self.started_epochs.get(lower, -1) >= epoch else None
-                if posted is not None and posted >= epoch:
-                    return "lower"  # trained ``epoch`` to its end before it finished
+                if self.started_epochs.get(lower, -1) >= epoch and posted is not None and posted >= epoch:
+                    return "lower"  # trained ``epoch`` to its end in this fit before it finished
             return "self"
 
         return await self._until(decide) == "self"
@@ -369,6 +373,20 @@ class MemberResult:
 
 #: what a fit's members bring back to the launcher: their results, their final snapshots, the sync state
 FitOutcome = tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class FitRemains:
+    """What a failed fit leaves of its members for the driver, which keeps it as a plain fit's module keeps its weights.
+
+    Attributes:
+        snapshots: each member's latest full checkpoint: where the fit failed (a member group here, the member that
+            failed, a group actor), else as of the member's last epoch end.
+        callback_attributes: per ``state_key``, what a member group here stored on your callbacks.
+    """
+
+    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
+    callback_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class MemberActor:

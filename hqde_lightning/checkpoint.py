@@ -448,14 +448,22 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int) -> dict[str, Any]:
+def member_resume_checkpoint(checkpoint: dict[str, Any], entry: dict[str, Any], index: int, own: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
     """What member ``index`` resumes from: its own entry of an HQDE checkpoint.
 
-    An empty entry (a member that never reported a state) resumes from the checkpoint's top
-    level (the consensus). An entry holding weights only (written by older versions) is
-    completed from the top level (loops, callbacks, versions) with a fresh optimizer state,
-    since the top level's optimizer state is not this member's.
+    An empty entry (a member that never reported a state: it had not started when the fit
+    failed, or it was given up on) resumes from the checkpoint's top level (the consensus),
+    or, given ``own`` (the member's weights as a new fit starts it), starts as a new fit
+    would: from ``own``, at epoch 0, with fresh optimizers. Independent members take ``own``,
+    since the top level would make the member a copy of member 0. An entry holding weights
+    only (written by older versions) is completed from the top level (loops, callbacks,
+    versions) with a fresh optimizer state, since the top level's optimizer state is not this
+    member's.
     """
+    if not entry and own is not None:
+        warnings.warn(f"HQDEStrategy: member {index} has no state of its own in the checkpoint (it never trained); it starts as in a new fit.", UserWarning, stacklevel=2)
+        fresh = {k: v for k, v in checkpoint.items() if k not in (HQDE_KEY, "loops", "callbacks", "epoch", "global_step")}
+        return {**fresh, "state_dict": dict(own), "optimizer_states": [], "lr_schedulers": []}
     if not entry:
         return checkpoint
     if "pytorch-lightning_version" in entry:

@@ -24,6 +24,7 @@ import copy
 import inspect
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -39,7 +40,7 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from hqde_lightning.actors import MemberResult, scalar_metrics
+from hqde_lightning.actors import FitOutcome, FitRemains, MemberResult, scalar_metrics
 from hqde_lightning.attributes import callback_attributes, changed_attributes, fingerprints, plain_attributes, yours
 from hqde_lightning.checkpoint import state_digest
 from hqde_lightning.codec import apply_sync_, distance_to_consensus, keeps_members_apart, payload_layout, payload_nbytes, state_to_numpy
@@ -264,6 +265,13 @@ class GroupSync(Callback):
         assert isinstance(strategy, GroupStrategy)
         self.final = {self.group.member_ids[i]: strategy.member_checkpoint(snapshot, i) for i in range(self.group.num_members)}
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # the members where the fit failed: what the driver keeps of them (`strategy.ensemble`, an exception checkpoint)
+        try:
+            self.on_fit_end(trainer, pl_module)
+        except Exception as err:  # your exception goes on as it is
+            warnings.warn(f"HQDEStrategy: the members' states where the fit failed could not be kept ({type(err).__name__}: {err}).")
+
     def score(self, trainer: Trainer, i: int) -> float | None:
         """Member ``i``'s confidence: its ``score_metric`` (``member_{id}/<name>``), or −its mean training loss this epoch;
         a member that did not train this epoch (it stopped earlier) keeps the score of the last epoch it trained."""
@@ -325,13 +333,13 @@ class GroupSync(Callback):
         self.forwarder.handle([ClonesEvent(members, epoch) for members in groups.values() if len(members) > 1])
 
 
-def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, Any], forwarder: Any) -> tuple[list[MemberResult], dict[int, dict[str, Any]], dict[str, Any]]:
+def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, Any], forwarder: Any, remains: FitRemains) -> FitOutcome:
     """Fits every member of ``trainer.strategy``'s ensemble as one group in this process.
 
     ``payload`` is the pickled (or deep-copied) fit without its data (:func:`~hqde_lightning.pickling.pickle_fit`),
     ``data`` the fit's data arguments (``datamodule``, ``train_dataloaders``...), used as they are.
     Returns the members' results, their final snapshots and the sync state (aggregator state,
-    history).
+    history); a failed fit leaves what it trained in ``remains``.
 
     Raises:
         GroupUnsupported: before any training step, when the group cannot run this module (e.g.
@@ -343,7 +351,7 @@ def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, A
     bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
     copy_trainer.loggers = trainer.loggers
     with _finalized_by_the_driver(trainer.loggers):
-        results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder))
+        results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder), remains=remains)
     return results, sync.final, sync.sync_state()
 
 
@@ -390,13 +398,15 @@ def fit_group(
     forwarder: Any,
     make_sync: Callable[[MemberGroup], GroupSync],
     strategy_cls: type[GroupStrategy] = GroupStrategy,
+    remains: FitRemains | None = None,
 ) -> tuple[list[MemberResult], GroupSync]:
     """Fits members ``member_ids`` of ``hqde``'s ensemble as one group with ``trainer``, a copy of the user's (loggers set).
 
     Each member is a copy of the fit's module under its own seed (re-initialised for
     ``member_init="independent"``, also when the fit resumes: what your ``__init__`` draws outside the state dict is
     then the member's own); ``make_sync`` builds the group's sync
-    callback, ``strategy_cls`` its strategy. Returns the members' results and the sync callback.
+    callback, ``strategy_cls`` its strategy. Returns the members' results and the sync callback; when the fit fails,
+    ``remains`` gets the members' states where it failed and what it stored on your callbacks.
     """
     model: LightningModule = bound.arguments["model"]
     # also when the fit resumes: the checkpoint replaces the weights, and each member keeps the non-persistent buffers and
@@ -429,15 +439,21 @@ def fit_group(
     trainer._data_connector.prepare_data = lambda: None  # ran once in the driver
     trainer.callbacks = [sync, ValidationDraws(group)] + member_callbacks(callbacks, group)
     seed_everything(hqde.seed + min(member_ids), workers=True, verbose=False)
-    _fit_as_lightning_does(trainer, getattr(trainer, function_name), *bound.args, **bound.kwargs)
+    try:
+        _fit_as_lightning_does(trainer, getattr(trainer, function_name), *bound.args, **bound.kwargs)
+    except GroupUnsupported:  # before any step: the members train in their other runtime
+        raise
+    except BaseException:
+        if remains is not None:  # what the failed fit trained, for the driver
+            remains.snapshots.update(sync.final)
+            remains.callback_attributes = _your_callbacks_changed(trainer, callbacks_before)
+        raise
     metrics, logged, progress_bar = trainer.callback_metrics, trainer.logged_metrics, set(trainer.progress_bar_metrics)
     callbacks_state = {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb is not sync and cb.state_dict()}
     # your callbacks in the driver take the state of the group's first member's copy (as from member 0 with actors)
     callbacks_state.update({cb.original_state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, MemberCopy) and cb.position == 0})
     callbacks_state.update({cb.state_key: cb.member_state(cb.state_dict(), 0) for cb in trainer.callbacks if isinstance(cb, GroupSWA)})
-    # your callbacks as the first member's copies left them (those that run per member), or as they ran for the group
-    first = {cb.original_state_key: cb.callback for cb in trainer.callbacks if isinstance(cb, MemberCallback) and cb.position == 0}
-    changed_callbacks = callback_attributes({k: cb for k, cb in {**yours(trainer.callbacks), **first}.items() if k in callbacks_before}, callbacks_before)
+    changed_callbacks = _your_callbacks_changed(trainer, callbacks_before)
     results = []
     for i, member in enumerate(group.member_ids):
         prefix = f"member_{member}/"
@@ -460,3 +476,10 @@ def fit_group(
             )
         )
     return results, sync
+
+
+def _your_callbacks_changed(trainer: Trainer, before: Mapping[str, Mapping[str, bytes | None]]) -> dict[str, dict[str, Any]]:
+    """What the group's fit stored on your callbacks (those fingerprinted ``before`` it): as the first member's copies left
+    them (callbacks that run per member), or as they ran for the group."""
+    first = {cb.original_state_key: cb.callback for cb in trainer.callbacks if isinstance(cb, MemberCallback) and cb.position == 0}
+    return callback_attributes({k: cb for k, cb in {**yours(trainer.callbacks), **first}.items() if k in before}, before)

@@ -24,6 +24,7 @@ import inspect
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,10 +103,15 @@ class RemoteGroupSync(GroupSync):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the state the members start (or resume) from, for checkpoints written before their next epoch end
         self._post_snapshots(trainer, trainer.current_epoch - 1, range(self.group.num_members))
+        self._starts_epoch(trainer)  # (a fit resumed mid-epoch calls no `on_train_epoch_start` for that epoch)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        for i in self._unfinished():  # they write this epoch's checkpoints, not a higher member
+        self._starts_epoch(trainer)
+
+    def _starts_epoch(self, trainer: Trainer) -> None:
+        """The group's training members train ``trainer.current_epoch``: they write its checkpoints, not a higher member."""
+        for i in self._unfinished():
             if not self.group.frozen[i]:
                 self.coordinator.starts_epoch.remote(self.group.member_ids[i], trainer.current_epoch)
 
@@ -131,6 +137,13 @@ class RemoteGroupSync(GroupSync):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._post_snapshots(trainer, trainer.current_epoch - 1, self._unfinished(), final=True)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # the members where the fit failed: what the driver keeps of them (`strategy.ensemble`, an exception checkpoint)
+        try:
+            self._post_snapshots(trainer, trainer.current_epoch - 1, self._unfinished(), final=True)
+        except Exception as err:  # your exception goes on as it is
+            warnings.warn(f"HQDEStrategy: members {self.group.member_ids}'s states where the fit failed could not be kept ({type(err).__name__}: {err}).")
 
     # ---------------------------------------------------------------- helpers
     def _consensus(self, epoch: int, members: list[int], payloads: list[Any], scores: list[float | None], num_samples: list[int], step: int) -> tuple[dict[str, Any], list[Any]]:

@@ -25,7 +25,7 @@ import copy
 import inspect
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,9 +37,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parameter import is_lazy
 
-from hqde_lightning.actors import FitOutcome, MemberResult
+from hqde_lightning.actors import FitOutcome, FitRemains, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
-from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
+from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, HQDE_KEY, load_checkpoint_file
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group, with_module_callbacks
@@ -66,6 +66,8 @@ class RayEnsembleLauncher(_Launcher):
         self._strategy = strategy
         #: the Ray actors of the current (or last) fit, when it needed them
         self._actors: ActorFit | None = None
+        #: what the current fit's members leave when it fails
+        self._remains = FitRemains()
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -130,8 +132,9 @@ class RayEnsembleLauncher(_Launcher):
         with tune_first(trainer, function, bound):
             _prepare_data(model, bound)
             self._actors = None
+            self._remains, outcome = FitRemains(), None
             try:
-                blocker, outcome = group_blocker(strategy, trainer, model), None
+                blocker = group_blocker(strategy, trainer, model)
                 if blocker is None:
                     try:
                         outcome = self._fit_embedded(trainer, function, bound)
@@ -147,11 +150,52 @@ class RayEnsembleLauncher(_Launcher):
                 # every member's final full state: what ``trainer.save_checkpoint`` in the driver writes, so that it resumes
                 strategy.keep_final_checkpoints(final_snapshots)
                 self._call_ensemble_hooks(trainer, bound)
+            except BaseException:
+                if outcome is None:  # the members' fit failed: keep what it trained, as a plain fit's module keeps its weights
+                    self._keep_remains(trainer, model)
+                raise
             finally:
                 strategy.continued_members = {}
                 if self._actors is not None:
                     self._actors.close()
         return None
+
+    def _keep_remains(self, trainer: Trainer, model: LightningModule) -> None:
+        """After a failed fit: the driver keeps the members as the fit left them (:class:`~hqde_lightning.actors.FitRemains`),
+        as a plain fit's module keeps the weights it reached.
+
+        ``strategy.ensemble`` holds them, your module their consensus (or member 0's weights), the trainer's loops and your
+        callbacks' states are the furthest member's, and ``trainer.save_checkpoint`` writes every member's snapshot: an
+        ``OnExceptionCheckpoint`` of the driver writes a file each member resumes from. When no member reported a state
+        (the fit failed before its first epoch's end, with member actors) nothing changes: the last fit's ensemble stays.
+        """
+        strategy = self._strategy
+        snapshots = {i: s for i, s in sorted(self._remains.snapshots.items()) if s and s.get("state_dict") is not None}
+        if not snapshots:
+            return
+        try:
+            model = trainer.strategy.precision_plugin.convert_module(model)
+            states = [{k: torch.as_tensor(v) for k, v in s["state_dict"].items()} for s in snapshots.values()]
+            extras = [s.get(EXTRAS_CANDIDATES) or {} for s in snapshots.values()]
+            _built_like_members(model, states[0])
+            ensemble = Ensemble.from_states(
+                model, states, combine=strategy.combiner, member_ids=list(snapshots), buffers=[e.get("buffers", {}) for e in extras],
+                attributes=[e.get("attributes", {}) for e in extras],
+            )
+            model.load_state_dict(strategy.module_state(states, members=list(snapshots)))
+            strategy.ensemble, strategy.excluded_members, strategy.trained_module = ensemble.eval(), list(ensemble.excluded_members), model
+            strategy.keep_final_checkpoints(snapshots)
+            lead = max(snapshots.values(), key=lambda s: (s.get("epoch", 0), s.get("global_step", 0)))
+            trainer.fit_loop.load_state_dict(lead["loops"]["fit_loop"])
+            trainer.fit_loop.restarting = False
+            _restore_callbacks(trainer, lead.get("callbacks", {}), self._remains.callback_attributes)
+        except Exception as err:  # the fit's own error goes on
+            rank_zero_warn(f"HQDEStrategy: the members' states could not be kept after the fit failed ({type(err).__name__}: {err}).")
+            return
+        rank_zero_warn(
+            f"HQDEStrategy: the fit failed; `strategy.ensemble` holds members {list(snapshots)} as it left them (at epoch {lead.get('epoch')},"
+            f" step {lead.get('global_step')} for the furthest), your module their {'first' if strategy.members_are_independent else 'consensus'}'s weights."
+        )
 
     def _fit_embedded(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome | None:
         """Trains every member as one group in this process, without Ray, when :func:`embedded_blocker` allows it.
@@ -168,7 +212,7 @@ class RayEnsembleLauncher(_Launcher):
         strategy.sync_history, strategy.dropped_members = [], []
         forwarder = EventForwarder(trainer, strategy, EnsembleProgress(strategy.num_members, enabled=False))
         payload, data = _pickle_without_data(trainer, function, bound, copy_if_refused=True)
-        return run_group(trainer, payload, data, forwarder)
+        return run_group(trainer, payload, data, forwarder, self._remains)
 
     def _fit_threads(self, trainer: Trainer, function: Callable, bound: inspect.BoundArguments) -> FitOutcome:
         """Trains every member in a thread of this process, one at a time (:class:`~hqde_lightning.member_threads.MemberThreads`)."""
@@ -177,7 +221,7 @@ class RayEnsembleLauncher(_Launcher):
         strategy.sync_history, strategy.dropped_members = [], []
         payload, data = _pickle_without_data(trainer, function, bound)
         progress = EnsembleProgress(strategy.num_members, enabled=trainer.progress_bar_callback is not None)
-        threads = MemberThreads(strategy, payload, data, [MirrorLogger.describe(logger) for logger in trainer.loggers], EventForwarder(trainer, strategy, progress))
+        threads = MemberThreads(strategy, payload, data, [MirrorLogger.describe(logger) for logger in trainer.loggers], EventForwarder(trainer, strategy, progress), self._remains)
         try:
             return threads.run()
         finally:
@@ -196,7 +240,7 @@ class RayEnsembleLauncher(_Launcher):
             return self._fit_threads(trainer, function, bound)
         from hqde_lightning.actor_fit import ActorFit  # imports Ray: only fits with Ray actors pay for it
 
-        self._actors = ActorFit(strategy)
+        self._actors = ActorFit(strategy, self._remains)
         return self._actors.run(trainer, function, bound, _data_hooks(bound.arguments["model"], bound), blocker)
 
     def _call_ensemble_hooks(self, trainer: Trainer, bound: inspect.BoundArguments) -> None:
@@ -292,19 +336,25 @@ class RayEnsembleLauncher(_Launcher):
             logged.update({f"member_{result.index}/{k}": v for k, v in result.logged_metrics.items()})
         excluded = {"ensemble/excluded_members": float(len(strategy.excluded_members))}
         metrics.update({k: torch.tensor(v) for k, v in excluded.items()})
-        for callback in trainer.callbacks:
-            state = lead.callbacks_state.get(callback.state_key)
-            if state:
-                if getattr(callback, "dirpath", "") is None and "dirpath" in state:
-                    callback.dirpath = state["dirpath"]  # resolved inside the member; lets best/last paths load in full
-                callback.load_state_dict(copy.deepcopy(state))
-            vars(callback).update(copy.deepcopy(lead.callback_attributes.get(callback.state_key, {})))  # yours: what the fit stored on it
+        _restore_callbacks(trainer, lead.callbacks_state, lead.callback_attributes)
         strategy.connect(model)
         model.trainer = trainer
         for logger in trainer.loggers:
             logger.log_metrics(excluded, trainer.global_step)
             logger.save()
             logger.finalize("success")
+
+
+def _restore_callbacks(trainer: Trainer, states: Mapping[str, Any], attributes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Your callbacks in the driver take the ``states`` (by ``state_key``) and the ``attributes`` (yours: what the fit stored
+    on them) of the member that trained furthest."""
+    for callback in trainer.callbacks:
+        state = states.get(callback.state_key)
+        if state:
+            if getattr(callback, "dirpath", "") is None and "dirpath" in state:
+                callback.dirpath = state["dirpath"]  # resolved inside the member; lets best/last paths load in full
+            callback.load_state_dict(copy.deepcopy(state))
+        vars(callback).update(copy.deepcopy(attributes.get(callback.state_key, {})))
 
 
 def _check_initialised(model: LightningModule) -> None:

@@ -38,7 +38,7 @@ from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, capture_rng_states, mod
 from hqde_lightning.codec import SYNC_MODES, apply_sync_, distance_to_consensus, load_buffers, non_persistent_buffers, payload_layout, payload_nbytes, state_to_numpy
 from hqde_lightning.events import DistanceEvent, HparamsEvent, MetricsEvent, ProgressEvent
 from hqde_lightning.member_data import start_epoch
-from hqde_lightning.turns import resolve
+from hqde_lightning.turns import MemberCancelled, resolve
 
 __all__ = ["SYNC_MODES", "MemberContext", "MemberSync", "MemberTrainer", "MirrorLogger", "SyncCodec", "confidence", "sync_state", "tree_to_cpu", "use_mirror_loggers"]
 #: the entry of a member snapshot that holds its index, sync round and RNG states
@@ -290,15 +290,29 @@ class MemberSync(Callback):
             )
         # the state this member starts (or resumes) from, for checkpoints written before its next epoch end
         self._post_snapshot(trainer, trainer.current_epoch - 1)
+        self._starts_epoch(trainer)  # (a fit resumed mid-epoch calls no `on_train_epoch_start` for that epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the member's final state: what a checkpoint written after ``fit`` (even by the driver) resumes from
         self._post_snapshot(trainer, trainer.current_epoch - 1, final=True)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # the member's state where its fit failed: what the driver keeps of it (`strategy.ensemble`, an exception checkpoint)
+        if isinstance(exception, MemberCancelled):  # (a member thread stopped because another failed can no longer post)
+            return
+        try:
+            self._post_snapshot(trainer, trainer.current_epoch - 1, final=True)
+        except Exception as err:  # your exception goes on as it is
+            warnings.warn(f"HQDEStrategy: member {self.ctx.index}'s state where its fit failed could not be kept ({type(err).__name__}: {err}).")
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loss_sum, self._num_batches = None, 0
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # this epoch's order, resumed or not
-        self.ctx.coordinator.starts_epoch.remote(self.ctx.index, trainer.current_epoch)  # it writes this epoch's checkpoints, not a higher member
+        self._starts_epoch(trainer)
+
+    def _starts_epoch(self, trainer: Trainer) -> None:
+        """The member trains ``trainer.current_epoch``: it writes that epoch's checkpoints, not a higher member."""
+        self.ctx.coordinator.starts_epoch.remote(self.ctx.index, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

@@ -123,7 +123,8 @@ class MemberPool:
                     if isinstance(err.cause, GroupUnsupported):
                         raise err.cause from None
                     if not isinstance(err.cause, RayActorError):
-                        raise _member_error(self.workers[worker], err) from None
+                        error = _member_error(self.workers[worker], err)
+                        raise error from error.__cause__  # (Ray's error, with the member's traceback, where it is yours)
                     self._on_worker_death(worker, err)
                 except RayActorError as err:
                     self._on_worker_death(worker, err)
@@ -265,7 +266,13 @@ def _describe(workers: list[list[int]], options: list[dict[str, Any]]) -> str:
 
 
 def _member_error(members: list[int], err: Exception) -> BaseException:
+    """The error a member's actor raised, as the driver raises it: your exception itself (its type, your message after
+    ``"member i failed: "``), with Ray's error, which shows the member's traceback, as its cause."""
     who = f"member {members[0]}" if len(members) == 1 else f"members {members}"
     if isinstance(err, RayTaskError):
-        return member_failed(who, err.cause if isinstance(err.cause, MemberInterrupted) else err.as_instanceof_cause(), str(err))
+        cause = err.cause
+        if isinstance(cause, BaseException) and not isinstance(cause, MemberInterrupted):
+            cause.__cause__ = err
+            return member_failed(who, cause, type(cause).__name__)
+        return member_failed(who, cause if isinstance(cause, MemberInterrupted) else err.as_instanceof_cause(), str(err))
     return RuntimeError(f"{who}'s actor died: {err}")

@@ -149,7 +149,8 @@ class MemberStrategy(WorkerStrategy):
                     f"{checkpoint_path} holds {saved} members but `HQDEStrategy(num_members={self.num_members})`;"
                     f" resume with `num_members={saved}`."
                 )
-            checkpoint = member_resume_checkpoint(checkpoint, section["members"][index], index)
+            own = self.lightning_module.state_dict() if self.hqde.members_are_independent else None
+            checkpoint = member_resume_checkpoint(checkpoint, section["members"][index], index, own)
             if index == 0 and section.get("coordinator"):
                 self.context.coordinator.load_state_dict.remote(section["coordinator"])
         if MEMBER_KEY in checkpoint:

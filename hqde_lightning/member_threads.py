@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hqde_lightning.actors import Coordinator, MemberActor, MemberResult, member_failed
+from hqde_lightning.actors import Coordinator, FitRemains, MemberActor, MemberResult, member_failed
 from hqde_lightning.codec import keeps_members_apart
 from hqde_lightning.member import MemberContext
 from hqde_lightning.turns import InProcessActor, MemberCancelled, Turns, resolve
@@ -53,14 +53,16 @@ class MemberThreads:
             datamodule's ``setup`` builds is the member's own.
         mirrors: per user logger, what the members' stand-in loggers show.
         forwarder: hands the members' events to the driver's loggers and progress bars.
+        remains: gets the members' latest snapshots when the fit fails.
     """
 
-    def __init__(self, strategy: Any, payload: bytes, data: Mapping[str, Any], mirrors: list[dict[str, Any]], forwarder: Any) -> None:
+    def __init__(self, strategy: Any, payload: bytes, data: Mapping[str, Any], mirrors: list[dict[str, Any]], forwarder: Any, remains: FitRemains) -> None:
         self.strategy = strategy
         self.payload = payload
         self.data = data
         self.mirrors = mirrors
         self.forwarder = forwarder
+        self.remains = remains
         self.turns = Turns()
         #: each member's index once its thread's work is done
         self._finished: queue.Queue[int] = queue.Queue()
@@ -91,11 +93,13 @@ class MemberThreads:
                 self.turns.cancel()
             _join(threads)
             if failed is not None:
+                self.remains.snapshots.update(coordinator.latest_snapshots())
                 raise _member_error(failed, outcomes[failed])
             return [outcomes[i] for i in sorted(outcomes)], coordinator.latest_snapshots(), coordinator.state_dict()  # type: ignore[misc]
         except KeyboardInterrupt:  # Ctrl-C reaches the main thread only
             self.turns.cancel()
             _join(threads)
+            self.remains.snapshots.update(coordinator.latest_snapshots())
             raise
         finally:
             handle.stop()

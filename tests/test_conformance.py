@@ -277,14 +277,19 @@ def _recorded(path: str) -> list[tuple[int, str, str]]:
 def test_member_error_runs_on_exception_in_member_and_reaches_driver(ray_session, tmp_path):
     record = str(tmp_path / "exceptions.tsv")
     trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, members_per_worker=1), callbacks=[RecordException(record)], default_root_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="raised by training_step at batch 2"):
+    with pytest.raises(ValueError, match=r"^member \d failed: raised by training_step at batch 2$") as raised:
         trainer.fit(FailingModule(ValueError), datamodule=DigitsDataModule())
+    assert type(raised.value) is ValueError, "your exception itself, not Ray's wrapper of it"
+    assert "training_step" in str(raised.value.__cause__), "Ray's error, with the member's traceback, is its cause"
     assert trainer.interrupted
+    failed = int(str(raised.value).split()[1])
+    assert failed in trainer.strategy.ensemble.member_ids, "the members as the failed fit left them (before: no ensemble)"
+    assert trainer.global_step == 2, "the furthest member's progress, as a plain fit's trainer keeps it (before: 0)"
     recorded = _recorded(record)
     in_members = [r for r in recorded if r[0] != os.getpid()]
     assert in_members and all(kind == "ValueError" and "raised by training_step at batch 2" in msg for _, kind, msg in in_members)
-    # the driver's fit (its own `on_exception` included) sees a ValueError with the user's message
-    assert any(pid == os.getpid() and "ValueError" in kind and "raised by training_step at batch 2" in msg for pid, kind, msg in recorded)
+    # the driver's fit (its own `on_exception` included) sees the ValueError with the user's message
+    assert any(pid == os.getpid() and kind == "ValueError" and msg.endswith("failed: raised by training_step at batch 2") for pid, kind, msg in recorded)
 
 
 def test_keyboard_interrupt_in_member_ends_the_fit_as_a_plain_fit(ray_session, tmp_path):
