@@ -188,7 +188,7 @@ class MemberGroup(LightningModule):
         self._log_hyperparams = module._log_hyperparams
         for name in _DATA_HOOKS:
             if is_overridden(name, module, LightningModule):
-                setattr(self, name, getattr(module, name))
+                setattr(self, name, self._on_template(getattr(module, name)))
         #: per step kind, "vmap" or "loop" once decided
         self.modes: dict[str, str] = {} if vectorize == "auto" else {"training_step": "vmap" if vectorize else "loop"}
         #: the layout of your module's own 4-D weights, which every way but the channels-last one keeps
@@ -289,6 +289,28 @@ class MemberGroup(LightningModule):
             self.module.to(self.device)
         if self.module.dtype != self.dtype:  # `self.dtype` inside your steps: the precision's ("64-true": float64), as in a plain fit
             self.module.to(dtype=self.dtype)
+
+    def _on_template(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method`` of your module, run once for the whole group on your module (your data hooks, ``configure_optimizers``,
+        :data:`GROUP_HOOKS`, batch hooks on validation batches), attached to the trainer as in a plain fit; the attributes it
+        sets become every member's, as each member's own fit would have set them (a list, dict or set as a copy per member).
+
+        A value your ``setup`` computes (``self.class_weights = ...``), a count your ``optimizer_step`` keeps: before, the
+        members kept the values they were built with.
+        """
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._attach()
+            before = plain_attributes(self.module)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                changed = {n: v for n, v in plain_attributes(self.module).items() if n not in before or before[n] is not v}
+                if changed and not self._attributes_shared:  # (shared: your module's attributes are the members')
+                    for own in self.stack.member_attributes:
+                        own.update({n: copy.copy(v) if isinstance(v, (list, dict, set)) else v for n, v in changed.items()})
+
+        return call
 
     def _follow_mode(self) -> None:
         """Your module follows the group into eval mode (Lightning's evaluation loops switch the group) and back.
@@ -486,7 +508,7 @@ class MemberGroup(LightningModule):
                 out, logs = self.stack.call(i, method, member_args)
             if self.per_member:  # the `outputs` of the members' batch-end hooks
                 self.last_outputs[i] = _detached(out)
-            loss = loss_of(out)
+            loss = loss_of(out, required=method == "training_step" and self.automatic_optimization)
             outs.append(loss if isinstance(loss, Tensor) else torch.zeros((), device=self.device))
             per_member.append(logs)
         first = per_member[0]
@@ -669,7 +691,7 @@ class MemberGroup(LightningModule):
         hook, batch = getattr(owner, hook_name), args[0]
         self._attach()
         if not trainer.training:
-            return hook(*args)
+            return self._on_template(hook)(*args) if owner is self.module else hook(*args)
         active = self._active()
         changed = dict(zip(active, self.each_member(hook_name, lambda _, member_args: hook(*member_args), args, active)))
 
@@ -883,7 +905,7 @@ class MemberGroup(LightningModule):
             return self._configure_manual()
         before = dict(vars(self.module))
         with self.stack.swapped_parameters():
-            config = self.module.configure_optimizers()
+            config = self._on_template(self.module.configure_optimizers)()
         optimizers, schedulers, monitor = _configure_optimizers(config)
         for optimizer in optimizers:
             if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
@@ -956,12 +978,16 @@ class MemberGroup(LightningModule):
         self._group_hook("backward", loss, *args, **kwargs)
 
     def _group_hook(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        """Your ``hook`` (one of :data:`GROUP_HOOKS`) once for the whole group when you override it, else Lightning's."""
+        """Your ``hook`` (one of :data:`GROUP_HOOKS`) once for the whole group when you override it, else Lightning's.
+
+        Your module's parameters are the stacked ones while it runs, as in ``configure_optimizers``: what it does to them
+        element-wise (``p.clamp_(-c, c)`` after the step) is done to every member's.
+        """
         if hook not in self.group_hooks:
             getattr(super(), hook)(*args, **kwargs)
             return
-        self._attach()
-        getattr(self.module, hook)(*args, **kwargs)
+        with self.stack.swapped_parameters():
+            self._on_template(getattr(self.module, hook))(*args, **kwargs)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Steps each member's copy of ``scheduler`` as that member (with its own value of a monitored metric).

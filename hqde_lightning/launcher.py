@@ -40,6 +40,7 @@ from torch.nn.parameter import is_lazy
 from hqde_lightning.actors import FitOutcome, FitRemains, MemberResult
 from hqde_lightning.aggregation import RobustAggregator, Superposition, superposition_weights
 from hqde_lightning.checkpoint import EXTRAS_CANDIDATES, HQDE_KEY, load_checkpoint_file
+from hqde_lightning.events import SyncRecord
 from hqde_lightning.ensemble import Ensemble
 from hqde_lightning.evaluation import EnsembleEvaluation
 from hqde_lightning.embedded import embedded_blocker, group_blocker, run_group, with_module_callbacks
@@ -130,7 +131,7 @@ class RayEnsembleLauncher(_Launcher):
         if goes_on:
             rank_zero_info("HQDEStrategy: the members go on from where the last fit of this module left them (`strategy.ensemble`).")
         with tune_first(trainer, function, bound):
-            _prepare_data(model, bound)
+            _prepare_data(trainer, model, bound)
             self._actors = None
             self._remains, outcome = FitRemains(), None
             try:
@@ -143,6 +144,7 @@ class RayEnsembleLauncher(_Launcher):
                 if outcome is None:
                     outcome = self._fit_workers(trainer, bound, function, blocker)
                 results, final_snapshots, strategy.coordinator_state = outcome
+                _with_earlier_rounds(strategy)
                 _check_score_metric(strategy.score_metric, results)
                 self._recover(trainer, model, results)
                 strategy.trained_module = model
@@ -166,12 +168,12 @@ class RayEnsembleLauncher(_Launcher):
 
         ``strategy.ensemble`` holds them, your module their consensus (or member 0's weights), the trainer's loops and your
         callbacks' states are the furthest member's, and ``trainer.save_checkpoint`` writes every member's snapshot: an
-        ``OnExceptionCheckpoint`` of the driver writes a file each member resumes from. When no member reported a state
-        (the fit failed before its first epoch's end, with member actors) nothing changes: the last fit's ensemble stays.
+        ``OnExceptionCheckpoint`` of the driver writes a file each member resumes from. When no member trained a step (the
+        fit failed before, e.g. loading its checkpoint) nothing changes: the last fit's ensemble, if any, stays.
         """
         strategy = self._strategy
         snapshots = {i: s for i, s in sorted(self._remains.snapshots.items()) if s and s.get("state_dict") is not None}
-        if not snapshots:
+        if not any(s.get("global_step") for s in snapshots.values()):  # no member trained a step (nor resumed one)
             return
         try:
             model = trainer.strategy.precision_plugin.convert_module(model)
@@ -269,6 +271,11 @@ class RayEnsembleLauncher(_Launcher):
         """Loads ``ckpt_path`` once in the driver, before any actor starts: a file that is refused
         (``weights_only``, default True), damaged or of another ensemble size fails here."""
         section = load_checkpoint_file(path, weights_only=weights_only is not False).get(HQDE_KEY)
+        if section is None and self._strategy.num_members > 1:
+            rank_zero_warn(
+                f"HQDEStrategy: {path} is a plain Lightning checkpoint (no ensemble in it): every member resumes from its one set of"
+                " weights and optimizer state, so the members start as copies and differ only by their data orders (and noise)."
+            )
         if section is not None and int(section["num_members"]) != self._strategy.num_members:
             raise MisconfigurationException(
                 f"{path} holds {section['num_members']} members but `HQDEStrategy(num_members={self._strategy.num_members})`;"
@@ -343,6 +350,14 @@ class RayEnsembleLauncher(_Launcher):
             logger.log_metrics(excluded, trainer.global_step)
             logger.save()
             logger.finalize("success")
+
+
+def _with_earlier_rounds(strategy: Any) -> None:
+    """``strategy.sync_history`` of a resumed fit starts with the rounds of the fit it resumed (the checkpoint's coordinator
+    history), as an uninterrupted fit's would."""
+    first = min((record.round for record in strategy.sync_history), default=math.inf)
+    earlier = [SyncRecord(**record) for record in strategy.coordinator_state.get("history", []) if record["round"] < first]
+    strategy.sync_history = earlier + strategy.sync_history
 
 
 def _restore_callbacks(trainer: Trainer, states: Mapping[str, Any], attributes: Mapping[str, Mapping[str, Any]]) -> None:
@@ -428,15 +443,24 @@ def _data_hooks(model: LightningModule, bound: inspect.BoundArguments) -> list[A
     return [obj for obj in (_fit_datamodule(bound), model) if obj is not None]
 
 
-def _prepare_data(model: LightningModule, bound: inspect.BoundArguments) -> None:
-    """Runs ``prepare_data`` of the datamodule and the module once, in the driver, as Lightning runs it on rank 0.
+def _prepare_data(trainer: Trainer, model: LightningModule, bound: inspect.BoundArguments) -> None:
+    """Runs ``prepare_data`` of the datamodule and the module once, in the driver, as Lightning runs it on rank 0: with
+    ``trainer`` attached to them (``self.trainer`` works, as in a plain fit).
 
     Members skip it (see :class:`~hqde_lightning.actors.MemberActor`): N members would otherwise
     download into the same folder at the same time. Other nodes of a cluster get their own run
     (:meth:`RayEnsembleLauncher._prepare_data_on_other_nodes`).
     """
     for obj in _data_hooks(model, bound):
-        obj.prepare_data()
+        attached = obj._trainer if isinstance(obj, LightningModule) else obj.trainer
+        obj.trainer = trainer
+        try:
+            obj.prepare_data()
+        finally:
+            if isinstance(obj, LightningModule):
+                obj._trainer = attached
+            else:
+                obj.trainer = attached
 
 
 def _built_like_members(model: LightningModule, state: dict[str, Any]) -> None:

@@ -113,6 +113,12 @@ class MemberOptimizer:
         self._views = {id(stacked): view for stacked, view in pairs}
         self._stacked = {id(view): stacked for stacked, view in pairs}
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The stacked optimizer's class, for ``isinstance(optimizer, torch.optim.SGD)`` in your hooks (as a plain fit passes
+        your optimizer itself); ``type(optimizer)`` is still this class."""
+        return type(self.optimizer)
+
     @property
     def param_groups(self) -> list[MemberParamGroup]:
         return [

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics import Metric
@@ -198,10 +199,22 @@ class StackedMembers(nn.Module):
         return {name: self.stacked(name)[index].detach() for name in self.buffer_names if (name in self.state_keys) == saved}
 
     def load_member_state_dict(self, index: int, state: Mapping[str, Tensor]) -> None:
-        """Copies ``state`` (the template's keys) into member ``index``'s slices."""
+        """Copies ``state`` (the template's keys) into member ``index``'s slices.
+
+        Raises:
+            KeyError: naming the keys ``state`` lacks.
+            RuntimeError: naming the entries whose shapes differ from the member's, as ``load_state_dict`` does.
+        """
         missing = [k for k in self.state_keys if k not in state]
         if missing:
-            raise KeyError(f"member state is missing {missing[:5]}")
+            raise KeyError(f"member {index}'s state lacks {missing[:5]} of your module's keys (a checkpoint of another module?)")
+        mismatched = [
+            f"size mismatch for {key}: copying a param with shape {tuple(torch.as_tensor(state[key]).shape)}, the shape in the current model is {tuple(self.stacked(key).shape[1:])}"
+            for key in self.state_keys
+            if tuple(torch.as_tensor(state[key]).shape) != tuple(self.stacked(key).shape[1:])
+        ]
+        if mismatched:
+            raise RuntimeError(f"Error(s) in loading member {index}'s state_dict:\n\t" + "\n\t".join(mismatched))
         with torch.no_grad():
             for key in self.state_keys:
                 self.stacked(key)[index].copy_(torch.as_tensor(state[key]))
@@ -259,7 +272,7 @@ class StackedMembers(nn.Module):
             if any(isinstance(v, Metric) for v in logs.values):
                 raise RuntimeError(f"`{method}` logs a torchmetrics Metric object, which vmap cannot batch")
             names.append(logs)
-            loss = loss_of(out)
+            loss = loss_of(out, required=method == "training_step")  # (only automatic optimization vmaps)
             return (loss if isinstance(loss, Tensor) else torch.zeros(())), tuple(logs.values), self._rebound(b)
 
         try:
@@ -516,11 +529,19 @@ def vmap_miscomputes(module: nn.Module) -> str | None:
     return f"the nn.Embedding {padded} have a `padding_idx`, whose row torch.func.vmap's backward pass keeps at 0 for the first member only"
 
 
-def loss_of(out: Any) -> Any:
-    """The loss of a step's output: the output itself, or its ``"loss"`` entry."""
-    if isinstance(out, Mapping):
-        return out["loss"]
-    return out
+def loss_of(out: Any, required: bool = False) -> Any:
+    """The loss of a step's output: the output itself, or its ``"loss"`` entry (``None`` without one: a ``validation_step``
+    may return any dict).
+
+    Raises:
+        MisconfigurationException: with ``required`` (``training_step`` under automatic optimization), for a dict without
+            ``"loss"``, as Lightning raises it for a plain fit.
+    """
+    if not isinstance(out, Mapping):
+        return out
+    if "loss" not in out and required:
+        raise MisconfigurationException("In automatic_optimization, when `training_step` returns a dict, the 'loss' key needs to be present")
+    return out.get("loss")
 
 
 def _is_channels_last(tensor: Tensor) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from models import quiet_trainer
 from test_groups import FIT, MEMBERS, SEED, Net, assert_same_members, solo_fits, train_loader
 
@@ -131,3 +131,45 @@ def test_a_second_fit_that_fails_leaves_its_own_members_not_the_first_fits(tmp_p
     assert [e["global_step"] for e in _entries(tmp_path / "on_exception.ckpt")] == [STEPS + 3] * MEMBERS
     moved = [max((m.state_dict()[k] - f[k]).abs().max().item() for k in f) for m, f in zip(strategy.ensemble.members, first)]
     assert min(moved) > 1e-3, f"the members trained 3 more steps: {moved}"
+
+
+def test_a_resumed_fit_lists_the_sync_rounds_of_the_fit_it_resumed(tmp_path):
+    """Before: `strategy.sync_history` of the resumed fit held its own rounds only ([1] here, against [0, 1])."""
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, **FIT, callbacks=[ModelCheckpoint(tmp_path, save_last=True)], enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match=f"failed at step {FAIL_AT}"):
+        trainer.fit(FailsAtStep(fail_at=FAIL_AT), train_loader())
+    assert [r.round for r in strategy.sync_history] == [0]
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="elastic", seed=SEED)
+    quiet_trainer(strategy=strategy, **FIT).fit(FailsAtStep(), train_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert [r.round for r in strategy.sync_history] == [0, 1]
+    assert strategy.sync_history[0].members == [0, 1, 2]
+
+
+def test_resuming_from_a_plain_checkpoint_says_the_members_start_as_copies(tmp_path):
+    """Before: silently (every member loads the one state, so independent initialisation is lost)."""
+    plain = quiet_trainer(**FIT)
+    plain.fit(FailsAtStep(), train_loader())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=SEED), **{**FIT, "max_epochs": 3})
+    with pytest.warns(UserWarning, match="is a plain Lightning checkpoint .* the members start as copies"):
+        trainer.fit(FailsAtStep(), train_loader(), ckpt_path=tmp_path / "plain.ckpt")
+
+
+class Wider(FailsAtStep):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net[0] = torch.nn.Linear(64, 48)
+        self.net[-1] = torch.nn.Linear(48, 10)
+
+
+def test_resuming_into_a_module_of_other_shapes_names_the_entries(tmp_path):
+    """Before: `The size of tensor a (48) must match the size of tensor b (32)`, naming nothing."""
+    trainer = quiet_trainer(strategy=HQDEStrategy(num_members=2, sync="none", seed=SEED), **FIT)
+    trainer.fit(FailsAtStep(), train_loader())
+    trainer.save_checkpoint(tmp_path / "ensemble.ckpt")
+    strategy = HQDEStrategy(num_members=2, sync="none", seed=SEED)
+    trainer = quiet_trainer(strategy=strategy, **{**FIT, "max_epochs": 3})
+    with pytest.raises(RuntimeError, match=r"size mismatch for net\.0\.weight: copying a param with shape \(32, 64\), the shape in the current model is \(48, 64\)"):
+        trainer.fit(Wider(), train_loader(), ckpt_path=tmp_path / "ensemble.ckpt")
+    assert strategy.ensemble is None, "a fit that failed before its first step leaves no members of its own"
