@@ -47,10 +47,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-from hqde_lightning.attributes import changed_attributes, differing, plain_attributes
+from hqde_lightning.attributes import differing, plain_attributes
 from hqde_lightning.codec import non_persistent_buffers
 from hqde_lightning.ensemble import combine_name
 
@@ -282,14 +284,29 @@ def ensemble_members(ensemble: Any, final_checkpoints: Mapping[int, dict[str, An
 
 def extras_candidates(buffers: Mapping[str, Tensor], attributes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """What one member's entry keeps for :func:`ensemble_section` to pick its ``extras`` from: copies of its
-    non-persistent ``buffers`` and of its plain ``attributes`` (those that pickle; not its trainer or modules).
+    non-persistent ``buffers`` and of its plain ``attributes`` that ``torch.load(weights_only=True)`` reads back
+    (tensors, numbers, strings, lists/dicts of them), and a digest of each other attribute (compared only, to name
+    it when the members differ). Your data objects, submodules and trainer are left out.
 
     Kept under :data:`EXTRAS_CANDIDATES` in every entry and snapshot (of a group, a member actor or
     thread), so that the writer compares the members wherever they trained."""
-    return {
-        "buffers": {n: b.detach().cpu().clone() for n, b in buffers.items()},
-        "attributes": changed_attributes(attributes, {}),
-    }
+    safe, digests = {}, {}
+    for name, value in attributes.items():
+        if isinstance(value, (Trainer, torch.nn.Module, Dataset, DataLoader)):
+            continue
+        if _loads_safely(value):
+            safe[name] = copy.deepcopy(value)
+        else:
+            digests[name] = _digest(value)
+    return {"buffers": {n: b.detach().cpu().clone() for n, b in buffers.items()}, "attributes": safe, "digests": digests}
+
+
+def _digest(value: Any) -> str | None:
+    """SHA-256 of ``value`` pickled (``None`` when it does not pickle)."""
+    try:
+        return hashlib.sha256(pickle.dumps(value)).hexdigest()
+    except Exception:  # a lock, a lambda: not state to compare
+        return None
 
 
 def module_extras_candidates(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -305,9 +322,10 @@ def member_extras(candidates: Sequence[Mapping[str, Mapping[str, Any]]]) -> list
     are left out, with a warning naming them."""
     buffers = [c["buffers"] for c in candidates]
     attributes = [c["attributes"] for c in candidates]
+    digests = [c.get("digests", {}) for c in candidates]
     names = [n for n in buffers[0] if any(n not in b or not torch.equal(b[n], buffers[0][n]) for b in buffers[1:])]
     differ = differing(attributes)
-    unsafe = [n for n in differ if not all(_loads_safely(a.get(n)) for a in attributes)]
+    unsafe = sorted(n for n in set().union(*digests) if len({d.get(n, "missing") for d in digests}) > 1)
     if unsafe:
         rank_zero_warn(
             f"HQDE checkpoint: the members' attributes {unsafe} differ but are left out of the file (`torch.load(weights_only=True)`"
@@ -316,7 +334,7 @@ def member_extras(candidates: Sequence[Mapping[str, Mapping[str, Any]]]) -> list
     return [
         {
             "buffers": {n: b[n] for n in names if n in b},
-            "attributes": {n: copy.deepcopy(a[n]) for n in differ if n not in unsafe and n in a},
+            "attributes": {n: copy.deepcopy(a[n]) for n in differ if n in a},
         }
         for b, a in zip(buffers, attributes)
     ]

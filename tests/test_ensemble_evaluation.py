@@ -216,6 +216,24 @@ def test_checkpoints_written_during_the_fit_keep_each_members_own_draws(tmp_path
     assert all(torch.equal(a.shift, b.shift) for a, b in zip(loaded.members, strategy.ensemble.members))
 
 
+class DrawsUnsafeThings(DrawsInInit):
+    """A numpy array drawn in ``__init__`` (``weights_only`` loading cannot read numpy arrays) and a dataset kept on
+    the module (your data: never copied into checkpoints)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.noise = torch.rand(3).numpy()
+        self.data = TensorDataset(torch.randn(4000, 64))
+
+
+def test_attributes_a_checkpoint_cannot_keep_are_named_and_data_is_left_alone(tmp_path):
+    trainer, strategy, _ = _fit(DrawsUnsafeThings(), tmp_path)
+    with pytest.warns(UserWarning, match=r"the members' attributes \['noise'\] differ but are left out of the file"):
+        trainer.save_checkpoint(tmp_path / "ensemble.ckpt")
+    entries = torch.load(tmp_path / "ensemble.ckpt", weights_only=True)["hqde"]["members"]
+    assert [sorted(e["extras"]["attributes"]) for e in entries] == [["scale"]] * 3  # the draws it can keep, no data
+
+
 class MedianOfMembers(Combiner):
     """The element-wise median of the members' outputs (a rule of the user's own)."""
 
