@@ -6,7 +6,9 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   :mod:`hqde_lightning.member_data`), runs your ``training_step`` for every member (vectorized
   with ``torch.func.vmap`` or looped, see ``vectorize``) and returns the sum of the members'
   losses: the members share no parameter, so each member's parameters get exactly the
-  gradient of its own loss;
+  gradient of its own loss. Looped, each member's loss is back-propagated as soon as its step
+  returns, where no hook runs between a step and its backward pass
+  (:meth:`MemberGroup._backward_as_members_run`: the same gradients, a quarter less time for small CNNs on a CPU);
 * ``validation_step`` runs your ``validation_step`` for every member on the same batch;
 * what your steps log with ``self.log`` is logged once per member as ``member_{i}/<name>``;
   the group's first member is also logged under the plain name with ``logger=False``, for
@@ -64,6 +66,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import Strategy
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -255,6 +259,10 @@ class MemberGroup(LightningModule):
         self._training_modes: dict[str, bool] | None = None
         #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
         self.stepping: int | None = None
+        #: whether looped steps may back-propagate each member's loss as the member runs (known at the first step), and
+        #: whether this step did (see :meth:`_backward_as_members_run`)
+        self._backward_each: bool | None = None
+        self._backpropagated = False
 
     @property
     def num_members(self) -> int:
@@ -332,6 +340,7 @@ class MemberGroup(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if not self.automatic_optimization:
             return self._manual_step(batch, batch_idx)
+        self._backpropagated = False
         losses, logs = self._run("training_step", (batch, batch_idx), (0, None), self._training_mode())
         self.last_losses, self.last_batch_size = losses.detach().float(), group_batch_size(batch)
         self._relay(logs, self.last_batch_size)
@@ -502,6 +511,7 @@ class MemberGroup(LightningModule):
     def _loop(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
         outs: list[Any] = []
         per_member: list[CapturedLogs] = []
+        backward = self._backward_as_members_run(args[1]) if method == "training_step" else None
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
             with self.running_as(i, method in _WITHIN_BATCH):
@@ -509,11 +519,45 @@ class MemberGroup(LightningModule):
             if self.per_member:  # the `outputs` of the members' batch-end hooks
                 self.last_outputs[i] = _detached(out)
             loss = loss_of(out, required=method == "training_step" and self.automatic_optimization)
+            if backward is not None and isinstance(loss, Tensor) and loss.requires_grad:
+                backward(loss)
+                loss = loss.detach()
             outs.append(loss if isinstance(loss, Tensor) else torch.zeros((), device=self.device))
             per_member.append(logs)
         first = per_member[0]
         relayed = [(name, kwargs, [m.values[j] for m in per_member]) for j, (name, kwargs) in enumerate(zip(first.names, first.kwargs))]
         return torch.stack(outs), relayed
+
+    def _backward_as_members_run(self, batch_idx: int) -> Callable[[Tensor], None] | None:
+        """For a looped training step: the backward pass of each member's loss, run as soon as the member's step returns,
+        or ``None`` when Lightning's one backward over the sum of the losses must run instead.
+
+        The gradients are the same (no member's loss reaches another's parameters), but each member's graph is
+        back-propagated while its activations are still in the processor's caches and freed before the next member's
+        forward pass: a group of small CNNs steps about a quarter faster on a CPU, and holds one member's activations at
+        a time. It is done where nothing can tell: no hook of yours or of a callback runs between the step and the
+        backward pass (``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``, your ``backward`` or
+        ``optimizer_zero_grad``), the precision plugin at most scales the loss (``"16-mixed"``), the strategy adds nothing
+        around it, and Lightning back-propagates this step (an optimizer, not ``StochasticWeightAveraging``'s
+        batch-norm epoch). As Lightning, it zeroes the gradients first on the first batch of an accumulation and divides
+        each loss by ``accumulate_grad_batches``; the backward pass Lightning then calls is skipped (:meth:`backward`).
+        """
+        trainer = self.trainer
+        if self._backward_each is None:
+            self._backward_each = _nothing_between_step_and_backward(self, trainer)
+        if not (self._backward_each and trainer.optimizers and torch.is_grad_enabled()) or trainer.fit_loop._skip_backward:
+            return None
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # what Lightning's `optimizer_zero_grad` does before its backward
+            trainer.optimizers[0].zero_grad()
+        scaler, normalize = getattr(trainer.precision_plugin, "scaler", None), trainer.accumulate_grad_batches
+
+        def backward(loss: Tensor) -> None:
+            loss = loss / normalize
+            with torch.autocast(loss.device.type, enabled=False):
+                (loss if scaler is None else scaler.scale(loss)).backward()
+
+        self._backpropagated = True
+        return backward
 
     def _relay(self, logs: list[tuple[str, dict[str, Any], Any]], batch_size: int) -> None:
         """Logs each training member's value as ``member_{i}/<name>``, and the lead member's (:attr:`lead`) also as ``<name>`` (not sent to loggers).
@@ -970,11 +1014,17 @@ class MemberGroup(LightningModule):
             self.learning_rates.finish_step()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        """Your ``optimizer_zero_grad``, once for the group (the stacked gradients are every member's), or Lightning's."""
-        self._group_hook("optimizer_zero_grad", epoch, batch_idx, optimizer)
+        """Your ``optimizer_zero_grad``, once for the group (the stacked gradients are every member's), or Lightning's
+        (done already when the step back-propagated each member's loss, see :meth:`_backward_as_members_run`)."""
+        if not self._backpropagated:
+            self._group_hook("optimizer_zero_grad", epoch, batch_idx, optimizer)
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """Your ``backward`` on the sum of the members' losses, once for the group (each member's parameters get its own loss's gradient), or Lightning's."""
+        """Your ``backward`` on the sum of the members' losses, once for the group (each member's parameters get its own
+        loss's gradient), or Lightning's; nothing when the step back-propagated each member's loss already."""
+        if self._backpropagated:
+            self._backpropagated = False
+            return
         self._group_hook("backward", loss, *args, **kwargs)
 
     def _group_hook(self, hook: str, *args: Any, **kwargs: Any) -> None:
@@ -1037,6 +1087,26 @@ class MemberGroup(LightningModule):
         scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+#: the hooks Lightning calls between a training step and its backward pass (besides :data:`GROUP_HOOKS`)
+_BETWEEN_STEP_AND_BACKWARD = ("on_before_zero_grad", "on_before_backward", "on_after_backward")
+
+
+def _nothing_between_step_and_backward(group: MemberGroup, trainer: Any) -> bool:
+    """Whether a looped step may back-propagate each member's loss itself (see :meth:`MemberGroup._backward_as_members_run`):
+    nothing of yours, of a callback, of the precision plugin or of the strategy runs between the step and its backward pass
+    but scaling the loss."""
+    from hqde_lightning.member_callbacks import runs_hook  # (it builds on this module)
+
+    strategy, precision = trainer.strategy, trainer.precision_plugin
+    hooked = {*group.hooks, *group.group_hooks} & {*_BETWEEN_STEP_AND_BACKWARD, "backward", "optimizer_zero_grad"}
+    hooked |= {hook for callback in trainer.callbacks for hook in _BETWEEN_STEP_AND_BACKWARD if runs_hook(callback, hook)}
+    plain_strategy = all(getattr(type(strategy), name) is getattr(Strategy, name) for name in ("pre_backward", "backward", "post_backward"))
+    plain_precision = type(precision).pre_backward in (Precision.pre_backward, MixedPrecision.pre_backward) and all(
+        getattr(type(precision), name) is getattr(Precision, name) for name in ("backward", "post_backward")
+    )
+    return not hooked and plain_strategy and plain_precision and not strategy.handles_gradient_accumulation
 
 
 def _run_member_hook(hook: str) -> Callable[..., Any]:

@@ -72,7 +72,7 @@ from hqde_lightning.member_data import member_batch
 
 __all__ = [
     "GROUP_CALLBACKS", "GroupCallback", "GroupLearningRateMonitor", "GroupSWA", "GroupThroughputMonitor", "GroupWeightAveraging", "MemberAdaptiveQuantization", "MemberByzantine", "MemberCallback", "MemberCopy", "MemberEarlyStopping", "MemberFinetuning", "MemberQuantumNoise",
-    "callback_blocker", "is_group_callback", "member_callbacks", "needs_member_attributes", "runs_per_member",
+    "callback_blocker", "is_group_callback", "member_callbacks", "needs_member_attributes", "runs_hook", "runs_per_member",
 ]
 
 #: callbacks a member group runs: they read the trainer's state, write checkpoints or act in the
@@ -668,6 +668,13 @@ def _overrides(callback: Callback, hook: str) -> bool:
     """Whether ``callback`` has its own ``hook`` (by its class, or set on it as ``LambdaCallback`` does)."""
     method = getattr(callback, hook)
     return getattr(method, "__func__", method) is not getattr(Callback, hook)
+
+
+def runs_hook(callback: Callback, hook: str) -> bool:
+    """Whether ``callback`` does anything in ``hook`` (a member's copy of your callback: whether yours does)."""
+    if isinstance(callback, MemberCallback):
+        return hook in callback.overridden
+    return _overrides(callback, hook)
 
 
 def runs_per_member(callback: Callback) -> bool:

@@ -7,6 +7,7 @@ and the same data order (``member_data.member_loader``), after several optimizer
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 import re
@@ -100,12 +101,12 @@ class MemberOrderEpochs(pl.Callback):
 
 def solo_fits(hparams: dict, module: type[Net] = Net, fit: dict = FIT, val=None, **trainer_kwargs) -> list[tuple[Net, pl.Trainer]]:
     """Each member trained alone: its seed's initial weights, its own data order, a plain Trainer (validated on ``val()``)."""
-    fits = []
+    fits, callbacks = [], trainer_kwargs.pop("callbacks", [])
     for i in range(MEMBERS):
         pl.seed_everything(SEED + i, verbose=False)
         model = module(**hparams)
         loader = member_loader(train_loader(), SEED, i, 0, False, print, fill_generators=True)
-        trainer = quiet_trainer(**fit, callbacks=[MemberOrderEpochs()], **trainer_kwargs)
+        trainer = quiet_trainer(**fit, callbacks=[MemberOrderEpochs(), *copy.deepcopy(callbacks)], **trainer_kwargs)
         trainer.fit(model, loader, val() if val else None)
         fits.append((model, trainer))
     return fits
@@ -481,6 +482,57 @@ def test_member_in_group_trains_as_alone(vectorize, hparams, trainer_kwargs):
     assert_same_members(group_states(hparams, vectorize, **trainer_kwargs), solo)
     # the members really differ (own initial weights, own data order)
     assert not torch.allclose(solo[0]["net.0.weight"], solo[1]["net.0.weight"])
+
+
+class RecordsBackward(Net):
+    """``Net`` recording, per training step, when each member's forward pass ran and when its loss was back-propagated."""
+
+    events: list[tuple[str, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        member = self.trainer.strategy.member_index
+        RecordsBackward.events.append(("forward", member))
+        loss = super().training_step(batch, batch_idx)
+        loss.register_hook(lambda grad, member=member: RecordsBackward.events.append(("backward", member)))
+        return loss
+
+
+class HooksAfterBackward(pl.Callback):
+    """Records each member's gradient norm after the backward pass (Lightning calls it between the step and the optimizer)."""
+
+    norms: list[tuple[int | None, float]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        HooksAfterBackward.norms.append((getattr(trainer.strategy, "member_index", None), float(pl_module.net[0].weight.grad.norm())))
+
+
+@pytest.mark.parametrize("trainer_kwargs", [{}, dict(accumulate_grad_batches=2)], ids=["plain", "accumulate-2"])
+def test_a_looped_step_back_propagates_each_members_loss_as_the_member_runs(trainer_kwargs):
+    """A looped group back-propagates member i's loss before member i+1's forward pass (its activations still in the
+    caches, freed before the next member's), zeroing the gradients where Lightning would: the members still train as alone."""
+    RecordsBackward.events = []
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=strategy, **FIT, **trainer_kwargs).fit(RecordsBackward(), train_loader())
+    steps = 2 * FIT["limit_train_batches"]
+    assert RecordsBackward.events == [(kind, i) for _ in range(steps) for i in range(MEMBERS) for kind in ("forward", "backward")]
+    assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo_states({}, **trainer_kwargs))
+
+
+def test_a_hook_between_step_and_backward_sees_one_backward_over_the_group_as_before():
+    """With a callback's ``on_after_backward`` (it must run after the backward pass of every member), the step leaves the
+    backward pass to Lightning, once over the sum of the losses: each member's hook sees the member's whole gradient."""
+    RecordsBackward.events, HooksAfterBackward.norms = [], []
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    quiet_trainer(strategy=strategy, **FIT, callbacks=[HooksAfterBackward()]).fit(RecordsBackward(), train_loader())
+    forwards, backwards = [("forward", i) for i in range(MEMBERS)], [("backward", i) for i in reversed(range(MEMBERS))]
+    assert RecordsBackward.events[: 2 * MEMBERS] == forwards + backwards
+    by_member = [[norm for member, norm in HooksAfterBackward.norms if member == i] for i in range(MEMBERS)]
+    HooksAfterBackward.norms = []
+    solo_fits({}, callbacks=[HooksAfterBackward()])
+    steps = 2 * FIT["limit_train_batches"]
+    alone = [[norm for _, norm in HooksAfterBackward.norms[i * steps : (i + 1) * steps]] for i in range(MEMBERS)]
+    assert len(by_member[0]) == steps
+    torch.testing.assert_close(torch.tensor(by_member), torch.tensor(alone), rtol=1e-4, atol=1e-6)
 
 
 class LogsStepLoss(Net):
