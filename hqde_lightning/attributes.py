@@ -20,6 +20,7 @@ one module's attributes in vmapped code, so their steps run member by member.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "differing",
     "drawn_attributes",
     "fingerprints",
+    "pickled_digest",
     "plain_attributes",
     "yours",
 ]
@@ -101,6 +103,12 @@ def drawn_attributes(build: Callable[[], nn.Module]) -> list[str]:
             random.seed(seed)
             built.append(plain_attributes(build()))
     return differing(built)
+
+
+def pickled_digest(value: Any) -> str | None:
+    """SHA-256 of ``value`` pickled (``None`` when it does not pickle): to compare values without keeping them."""
+    pickled = _pickled(value)
+    return None if pickled is None else hashlib.sha256(pickled).hexdigest()
 
 
 def _pickled(value: Any) -> bytes | None:

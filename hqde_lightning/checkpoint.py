@@ -52,7 +52,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from hqde_lightning.attributes import differing, plain_attributes
+from hqde_lightning.attributes import differing, pickled_digest, plain_attributes
 from hqde_lightning.codec import non_persistent_buffers
 from hqde_lightning.ensemble import combine_name
 
@@ -297,16 +297,8 @@ def extras_candidates(buffers: Mapping[str, Tensor], attributes: Mapping[str, An
         if _loads_safely(value):
             safe[name] = copy.deepcopy(value)
         else:
-            digests[name] = _digest(value)
+            digests[name] = pickled_digest(value)
     return {"buffers": {n: b.detach().cpu().clone() for n, b in buffers.items()}, "attributes": safe, "digests": digests}
-
-
-def _digest(value: Any) -> str | None:
-    """SHA-256 of ``value`` pickled (``None`` when it does not pickle)."""
-    try:
-        return hashlib.sha256(pickle.dumps(value)).hexdigest()
-    except Exception:  # a lock, a lambda: not state to compare
-        return None
 
 
 def module_extras_candidates(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
