@@ -176,21 +176,14 @@ class RayEnsembleLauncher(_Launcher):
         if not any(s.get("global_step") for s in snapshots.values()):  # no member trained a step (nor resumed one)
             return
         try:
-            model = trainer.strategy.precision_plugin.convert_module(model)
             states = [{k: torch.as_tensor(v) for k, v in s["state_dict"].items()} for s in snapshots.values()]
             extras = [s.get(EXTRAS_CANDIDATES) or {} for s in snapshots.values()]
-            _built_like_members(model, states[0])
-            ensemble = Ensemble.from_states(
-                model, states, combine=strategy.combiner, member_ids=list(snapshots), buffers=[e.get("buffers", {}) for e in extras],
-                attributes=[e.get("attributes", {}) for e in extras],
-            )
+            model, ensemble = _members_of(trainer, model, strategy.combiner, states, list(snapshots), [e.get("buffers", {}) for e in extras], [e.get("attributes", {}) for e in extras])
             model.load_state_dict(strategy.module_state(states, members=list(snapshots)))
             strategy.ensemble, strategy.excluded_members, strategy.trained_module = ensemble.eval(), list(ensemble.excluded_members), model
             strategy.keep_final_checkpoints(snapshots)
             lead = max(snapshots.values(), key=lambda s: (s.get("epoch", 0), s.get("global_step", 0)))
-            trainer.fit_loop.load_state_dict(lead["loops"]["fit_loop"])
-            trainer.fit_loop.restarting = False
-            _restore_callbacks(trainer, lead.get("callbacks", {}), self._remains.callback_attributes)
+            _follow_lead(trainer, lead["loops"]["fit_loop"], lead.get("callbacks", {}), self._remains.callback_attributes)
         except Exception as err:  # the fit's own error goes on
             rank_zero_warn(f"HQDEStrategy: the members' states could not be kept after the fit failed ({type(err).__name__}: {err}).")
             return
@@ -301,17 +294,10 @@ class RayEnsembleLauncher(_Launcher):
         strategy.aggregator.load_state_dict(strategy.coordinator_state.get("aggregator", {}))
         if strategy.dropped_members:
             rank_zero_warn(f"HQDEStrategy: the ensemble holds {len(results)} of {strategy.num_members} members; members {strategy.dropped_members} were dropped after failing.")
-        # your module in the fit's precision, as a plain fit leaves it ("64-true": float64), and the members built from it
-        model = trainer.strategy.precision_plugin.convert_module(model)
         states = [{k: torch.tensor(v) for k, v in r.state_dict.items()} for r in results]
-        _built_like_members(model, states[0])
         scores = [r.score for r in results]
         try:  # members whose weights hold NaN/Inf leave the ensemble (with a warning naming them)
-            # with what each member's fit stored on its module (a plain fit's stays on yours)
-            ensemble = Ensemble.from_states(
-                model, states, combine=strategy.combiner, member_ids=[r.index for r in results], buffers=[r.buffers for r in results],
-                attributes=[r.attributes for r in results],
-            )
+            model, ensemble = _members_of(trainer, model, strategy.combiner, states, [r.index for r in results], [r.buffers for r in results], [r.attributes for r in results])
         except ValueError as err:
             raise RuntimeError(f"HQDEStrategy: the fit ended without a usable member: {err}") from err
         vars(model).update(copy.deepcopy(results[0].attributes))
@@ -331,8 +317,7 @@ class RayEnsembleLauncher(_Launcher):
         # the member that trained longest (lowest index on ties) wrote the last checkpoints: its
         # loops and callback states (e.g. the checkpoint callback's best/last paths) are the run's
         lead = max(results, key=lambda r: (_progress(r), math.inf if r.stopped_in_epoch is None else r.stopped_in_epoch, -r.index))
-        trainer.fit_loop.load_state_dict(lead.fit_loop_state)
-        trainer.fit_loop.restarting = False
+        _follow_lead(trainer, lead.fit_loop_state, lead.callbacks_state, lead.callback_attributes)
         trainer.state = lead.trainer_state
         metrics, logged = trainer.callback_metrics, trainer.logged_metrics
         metrics.update(lead.callback_metrics)
@@ -343,7 +328,6 @@ class RayEnsembleLauncher(_Launcher):
             logged.update({f"member_{result.index}/{k}": v for k, v in result.logged_metrics.items()})
         excluded = {"ensemble/excluded_members": float(len(strategy.excluded_members))}
         metrics.update({k: torch.tensor(v) for k, v in excluded.items()})
-        _restore_callbacks(trainer, lead.callbacks_state, lead.callback_attributes)
         strategy.connect(model)
         model.trainer = trainer
         for logger in trainer.loggers:
@@ -360,16 +344,33 @@ def _with_earlier_rounds(strategy: Any) -> None:
     strategy.sync_history = earlier + strategy.sync_history
 
 
-def _restore_callbacks(trainer: Trainer, states: Mapping[str, Any], attributes: Mapping[str, Mapping[str, Any]]) -> None:
-    """Your callbacks in the driver take the ``states`` (by ``state_key``) and the ``attributes`` (yours: what the fit stored
-    on them) of the member that trained furthest."""
+def _members_of(
+    trainer: Trainer, model: LightningModule, combine: Any, states: list[dict[str, torch.Tensor]], member_ids: list[int], buffers: list[dict[str, torch.Tensor]],
+    attributes: list[dict[str, Any]],
+) -> tuple[LightningModule, Ensemble]:
+    """Your module in the fit's precision, as a plain fit leaves it (``"64-true"``: float64), and the ensemble of the
+    members' ``states`` built from it (their outputs combined by ``combine``), with what each member's fit stored on its
+    module (its non-persistent ``buffers`` and ``attributes``). Members whose weights hold NaN/Inf leave the ensemble with
+    a warning; ``ValueError`` when none is left."""
+    model = trainer.strategy.precision_plugin.convert_module(model)
+    _built_like_members(model, states[0])
+    ensemble = Ensemble.from_states(model, states, combine=combine, member_ids=member_ids, buffers=buffers, attributes=attributes)
+    return model, ensemble
+
+
+def _follow_lead(trainer: Trainer, fit_loop: Mapping[str, Any], callback_states: Mapping[str, Any], callback_attributes: Mapping[str, Mapping[str, Any]]) -> None:
+    """The driver's trainer takes the loops of the member that trained furthest (it wrote the last checkpoints), and your
+    callbacks its callbacks' states (by ``state_key``: e.g. the checkpoint callback's best and last paths are the run's)
+    and what its fit stored on them (``callback_attributes``)."""
+    trainer.fit_loop.load_state_dict(fit_loop)
+    trainer.fit_loop.restarting = False
     for callback in trainer.callbacks:
-        state = states.get(callback.state_key)
+        state = callback_states.get(callback.state_key)
         if state:
             if getattr(callback, "dirpath", "") is None and "dirpath" in state:
                 callback.dirpath = state["dirpath"]  # resolved inside the member; lets best/last paths load in full
             callback.load_state_dict(copy.deepcopy(state))
-        vars(callback).update(copy.deepcopy(attributes.get(callback.state_key, {})))
+        vars(callback).update(copy.deepcopy(callback_attributes.get(callback.state_key, {})))
 
 
 def _check_initialised(model: LightningModule) -> None:
