@@ -6,9 +6,9 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
   :mod:`hqde_lightning.member_data`), runs your ``training_step`` for every member (vectorized
   with ``torch.func.vmap`` or looped, see ``vectorize``) and returns the sum of the members'
   losses: the members share no parameter, so each member's parameters get exactly the
-  gradient of its own loss. Looped, each member's loss is back-propagated as soon as its step
-  returns, where no hook runs between a step and its backward pass
-  (:meth:`MemberGroup._backward_as_members_run`: the same gradients, about a fifth less time for small CNNs on a CPU);
+  gradient of its own loss. Looped, ``vectorize="auto"`` also times back-propagating each
+  member's loss as soon as its step returns (:meth:`MemberGroup._backward_as_members_run`: the
+  same gradients, about a fifth less time for small CNNs on a CPU, more for a small MLP);
 * ``validation_step`` runs your ``validation_step`` for every member on the same batch;
 * what your steps log with ``self.log`` is logged once per member as ``member_{i}/<name>``;
   the group's first member is also logged under the plain name with ``logger=False``, for
@@ -46,7 +46,9 @@ The group is itself a ``LightningModule`` around :class:`~hqde_lightning.stackin
 steps (:data:`PROBE_STEPS_PER_WAY` each), keeps the fastest and logs every timing. The ways are vmap and
 the loop, and for members with convolution weights also the loop with those weights laid out
 channels-last (:meth:`~hqde_lightning.stacking.StackedMembers.set_channels_last`), which is what
-makes a group of small CNNs faster than the same members one after another on a CPU. On a GPU
+makes a group of small CNNs faster than the same members one after another on a CPU. Each looped
+way is timed with Lightning's one backward pass over the sum of the members' losses and with a
+backward pass per member as it runs (where no hook runs between a step and its backward pass). On a GPU
 vmap is timed first, on a CPU last (there vmap's grouped convolutions are often the slowest way);
 a way clearly slower than the best one timed before it is cut short (:data:`CUT_RATIO`), so that
 the probe costs little more than the steps it would have taken anyway. A step vmap
@@ -98,8 +100,12 @@ PROBE_STEPS_PER_WAY = 3
 #: way timed so far (or whose first step, one-off costs included, takes :data:`FIRST_STEP_CUT` times it)
 CUT_RATIO = 1.3
 FIRST_STEP_CUT = 2.0
-#: the ways ``vectorize="auto"`` times: how the step runs, and whether 4-D weights are laid out channels-last
-WAYS: dict[str, tuple[str, bool]] = {"vmap": ("vmap", False), "loop": ("loop", False), "loop, channels-last": ("loop", True)}
+#: the ways ``vectorize="auto"`` times: how the step runs, whether 4-D weights are laid out channels-last, and whether a
+#: looped step back-propagates each member's loss as the member runs (:meth:`MemberGroup._backward_as_members_run`)
+WAYS: dict[str, tuple[str, bool, bool]] = {
+    "vmap": ("vmap", False, False), "loop": ("loop", False, False), "loop, backward per member": ("loop", False, True),
+    "loop, channels-last": ("loop", True, False), "loop, channels-last, backward per member": ("loop", True, True),
+}
 #: hooks of your module that the group runs (data hooks are handed to your module; `configure_callbacks` runs before
 #: the fit, see :func:`~hqde_lightning.embedded.with_module_callbacks`)
 _RUN_HOOKS = ("training_step", "validation_step", "configure_optimizers", "lr_scheduler_step", "forward", "test_step", "predict_step", "configure_callbacks")
@@ -198,7 +204,11 @@ class MemberGroup(LightningModule):
         #: the layout of your module's own 4-D weights, which every way but the channels-last one keeps
         self._channels_last = self.stack.channels_last
         #: the ways ``vectorize="auto"`` still times (see :data:`WAYS`), and each one's step times
-        self._ways = [w for w in WAYS if not WAYS[w][1] or (self.stack.has_convolutions and not self._channels_last)]
+        # (under manual optimization each member back-propagates in its own step already)
+        self._ways = [
+            w for w, (_, channels_last, each) in WAYS.items()
+            if (not channels_last or (self.stack.has_convolutions and not self._channels_last)) and (not each or self.automatic_optimization)
+        ]
         self._timings: dict[str, list[float]] = {w: [] for w in self._ways}
         #: the ways cut short: clearly slower than one timed before
         self._cut: set[str] = set()
@@ -259,10 +269,11 @@ class MemberGroup(LightningModule):
         self._training_modes: dict[str, bool] | None = None
         #: under manual optimization, the place of the member whose ``training_step`` runs now (the hooks Lightning calls in it are its own)
         self.stepping: int | None = None
-        #: whether looped steps may back-propagate each member's loss as the member runs (known at the first step), and
-        #: whether this step did (see :meth:`_backward_as_members_run`)
-        self._backward_each: bool | None = None
+        #: whether looped steps back-propagate each member's loss as the member runs (``vectorize="auto"`` times it; see
+        #: :meth:`_backward_as_members_run`), and whether this step did
+        self._backward_each = False
         self._backpropagated = False
+        self._checked_backward_hooks = False
 
     @property
     def num_members(self) -> int:
@@ -390,8 +401,17 @@ class MemberGroup(LightningModule):
         """
         if "training_step" in self.modes:
             return self.modes["training_step"]
+        if not self._checked_backward_hooks:  # (the trainer's callbacks are known now)
+            self._checked_backward_hooks = True
+            if not _nothing_between_step_and_backward(self, self.trainer):  # Lightning's one backward pass runs
+                self._ways = [w for w in self._ways if not WAYS[w][2]]
+                self._timings = {w: self._timings[w] for w in self._ways}
+                if len(self._ways) == 1:  # nothing left to choose from
+                    self.modes["training_step"], channels_last, _ = WAYS[self._ways[0]]
+                    self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
+                    return self.modes["training_step"]
         self._way = next(w for w in self._ways if not self._timed(w))
-        mode, channels_last = WAYS[self._way]
+        mode, channels_last, self._backward_each = WAYS[self._way]
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
         return mode
 
@@ -511,7 +531,7 @@ class MemberGroup(LightningModule):
     def _loop(self, method: str, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Tensor, list[tuple[str, dict[str, Any], Any]]]:
         outs: list[Any] = []
         per_member: list[CapturedLogs] = []
-        backward = self._backward_as_members_run(args[1]) if method == "training_step" else None
+        backward = self._backward_as_members_run(args[1]) if method == "training_step" and self._backward_each else None
         for i in range(self.num_members):
             member_args = tuple(member_batch(a, i) if d == 0 else a for a, d in zip(args, in_dims))
             with self.running_as(i, method in _WITHIN_BATCH):
@@ -529,13 +549,14 @@ class MemberGroup(LightningModule):
         return torch.stack(outs), relayed
 
     def _backward_as_members_run(self, batch_idx: int) -> Callable[[Tensor], None] | None:
-        """For a looped training step: the backward pass of each member's loss, run as soon as the member's step returns,
-        or ``None`` when Lightning's one backward over the sum of the losses must run instead.
+        """For a looped training step of a way that does it (:data:`WAYS`): the backward pass of each member's loss, run as
+        soon as the member's step returns, or ``None`` when Lightning's one backward over the sum of the losses runs.
 
         The gradients are the same (no member's loss reaches another's parameters), but each member's graph is
         back-propagated while its activations are still in the processor's caches and freed before the next member's
         forward pass: a group of small CNNs steps about a fifth faster on a CPU, and holds one member's activations at
-        a time. It is done where nothing can tell: no hook of yours or of a callback runs between the step and the
+        a time; for a small MLP the k backward calls cost more than they save, hence the timing. It is done where
+        nothing can tell (``vectorize="auto"`` times it only then): no hook of yours or of a callback runs between the step and the
         backward pass (``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``, your ``backward`` or
         ``optimizer_zero_grad``), the precision plugin does nothing to the loss (no gradient scaler: a group never has
         one), the strategy adds nothing around it, and Lightning back-propagates this step (there is an optimizer, and it
@@ -543,9 +564,7 @@ class MemberGroup(LightningModule):
         each loss by ``accumulate_grad_batches``; the backward pass Lightning then calls is skipped (:meth:`backward`).
         """
         trainer = self.trainer
-        if self._backward_each is None:
-            self._backward_each = _nothing_between_step_and_backward(self, trainer)
-        if not (self._backward_each and trainer.optimizers and torch.is_grad_enabled()) or trainer.fit_loop._skip_backward:
+        if not (trainer.optimizers and torch.is_grad_enabled()) or trainer.fit_loop._skip_backward:
             return None
         if batch_idx % trainer.accumulate_grad_batches == 0:  # what Lightning's `optimizer_zero_grad` does before its backward
             trainer.optimizers[0].zero_grad()
@@ -913,7 +932,7 @@ class MemberGroup(LightningModule):
             return
         seconds = {w: self._seconds(w) for w in self._ways}
         best = min(self._ways, key=seconds.__getitem__)
-        mode, channels_last = WAYS[best]
+        mode, channels_last, self._backward_each = WAYS[best]
         self.modes["training_step"] = mode
         self.modes["validation_step"] = "loop" if mode == "loop" else self.modes.get("validation_step", mode)
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)

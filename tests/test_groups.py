@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.classification import MulticlassAccuracy
 
+import hqde_lightning.group as group_module
 import hqde_lightning.group_strategy as group_strategy
 import hqde_lightning.actor_fit as actor_fit
 from hqde_lightning import HQDEStrategy
@@ -507,25 +508,29 @@ class HooksAfterBackward(pl.Callback):
 
 
 @pytest.mark.parametrize("trainer_kwargs", [{}, dict(accumulate_grad_batches=2)], ids=["plain", "accumulate-2"])
-def test_a_looped_step_back_propagates_each_members_loss_as_the_member_runs(trainer_kwargs):
-    """A looped group back-propagates member i's loss before member i+1's forward pass (its activations still in the
-    caches, freed before the next member's), zeroing the gradients where Lightning would: the members still train as alone."""
+def test_a_looped_step_back_propagates_each_members_loss_as_the_member_runs(monkeypatch, trainer_kwargs):
+    """Looped with a backward pass per member (the way ``vectorize="auto"`` keeps when it is the fastest; here the only
+    one), a group back-propagates member i's loss before member i+1's forward pass (its activations still in the caches,
+    freed before the next member's), zeroing the gradients where Lightning would: the members still train as alone."""
+    monkeypatch.setattr(group_module, "WAYS", {"loop, backward per member": ("loop", False, True)})
     RecordsBackward.events = []
-    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
     quiet_trainer(strategy=strategy, **FIT, **trainer_kwargs).fit(RecordsBackward(), train_loader())
     steps = 2 * FIT["limit_train_batches"]
     assert RecordsBackward.events == [(kind, i) for _ in range(steps) for i in range(MEMBERS) for kind in ("forward", "backward")]
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], solo_states({}, **trainer_kwargs))
 
 
-def test_a_hook_between_step_and_backward_sees_one_backward_over_the_group_as_before():
-    """With a callback's ``on_after_backward`` (it must run after the backward pass of every member), the step leaves the
-    backward pass to Lightning, once over the sum of the losses: each member's hook sees the member's whole gradient."""
+def test_a_hook_between_step_and_backward_sees_one_backward_over_the_group_as_before(monkeypatch):
+    """With a callback's ``on_after_backward`` (it must run after the backward pass of every member), ``vectorize="auto"``
+    does not time a backward pass per member: Lightning's runs, once over the sum of the losses, and each member's hook
+    sees the member's whole gradient."""
+    monkeypatch.setattr(group_module, "WAYS", {"loop": ("loop", False, False), "loop, backward per member": ("loop", False, True)})
     RecordsBackward.events, HooksAfterBackward.norms = [], []
-    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=False)
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED)
     quiet_trainer(strategy=strategy, **FIT, callbacks=[HooksAfterBackward()]).fit(RecordsBackward(), train_loader())
     forwards, backwards = [("forward", i) for i in range(MEMBERS)], [("backward", i) for i in reversed(range(MEMBERS))]
-    assert RecordsBackward.events[: 2 * MEMBERS] == forwards + backwards
+    assert RecordsBackward.events == (forwards + backwards) * 2 * FIT["limit_train_batches"]
     by_member = [[norm for member, norm in HooksAfterBackward.norms if member == i] for i in range(MEMBERS)]
     HooksAfterBackward.norms = []
     solo_fits({}, callbacks=[HooksAfterBackward()])
@@ -700,14 +705,17 @@ def test_auto_times_channels_last_convolutions_and_members_still_train_as_alone(
 @pytest.mark.parametrize(
     "costs, steps, kept",
     [
-        ({"loop": 1.0, "loop, channels-last": 2.5, "vmap": 10.0}, {"loop": 3, "loop, channels-last": 1, "vmap": 1}, "loop"),
-        ({"loop": 1.5, "loop, channels-last": 1.0, "vmap": 1.4}, {"loop": 3, "loop, channels-last": 3, "vmap": 2}, "loop, channels-last"),
-        ({"loop": 2.4, "loop, channels-last": 2.0, "vmap": 1.0}, {"loop": 3, "loop, channels-last": 3, "vmap": 3}, "vmap"),
+        ((1.0, 1.1, 2.5, 2.6, 10.0), (3, 3, 1, 1, 1), "loop"),
+        ((1.5, 1.6, 1.0, 1.05, 1.4), (3, 3, 3, 3, 2), "loop, channels-last"),
+        ((2.4, 2.3, 2.0, 2.1, 1.0), (3, 3, 3, 3, 3), "vmap"),
+        ((1.2, 1.0, 1.1, 0.9, 5.0), (3, 3, 3, 3, 1), "loop, channels-last, backward per member"),
     ],
-    ids=["first-steps-twice-the-best", "counted-step-over-1.3x", "close-calls-timed-fully"],
+    ids=["first-steps-twice-the-best", "counted-step-over-1.3x", "close-calls-timed-fully", "backward-per-member-fastest"],
 )
 def test_auto_cuts_a_clearly_slower_way_short(monkeypatch, caplog, costs, steps, kept):
     """On a CPU the looped ways are timed first; a way clearly slower than the best before it stops being timed."""
+    order = ("loop", "loop, backward per member", "loop, channels-last", "loop, channels-last, backward per member", "vmap")
+    costs, steps = dict(zip(order, costs)), dict(zip(order, steps))
     now, timed = [0.0], []
     choose = MemberGroup._training_mode
 
@@ -722,7 +730,7 @@ def test_auto_cuts_a_clearly_slower_way_short(monkeypatch, caplog, costs, steps,
     monkeypatch.setattr(MemberGroup, "_probe_clock", lambda self: now[0])
     with caplog.at_level(logging.INFO):
         group_states(dict(optimizer="sgd"), "auto", ConvNet)
-    assert timed == [way for way in ("loop", "loop, channels-last", "vmap") for _ in range(steps[way])]
+    assert timed == [way for way in order for _ in range(steps[way])]
     assert f"training the {kept} way" in caplog.text
     assert caplog.text.count("(cut after") == sum(n < 3 for n in steps.values())
 
@@ -741,7 +749,8 @@ def test_auto_falls_back_to_the_loop_when_vmap_fails_after_the_other_ways(caplog
     with caplog.at_level(logging.INFO):
         group = group_states({}, "auto", BranchesOnItsLoss)
     assert "`BranchesOnItsLoss.training_step` runs member by member" in caplog.text
-    assert re.search(r"timed 3 members: [\d.]+ ms/step loop( \(cut after \d steps\))?, [\d.]+ ms/step loop, channels-last( \(cut after \d steps\))?; training the loop", caplog.text)
+    looped = ", ".join(rf"[\d.]+ ms/step {re.escape(way)}( \(cut after \d steps\))?" for way in ("loop", "loop, backward per member", "loop, channels-last", "loop, channels-last, backward per member"))
+    assert re.search(rf"timed 3 members: {looped}; training the loop", caplog.text)
     solo = solo_states({}, BranchesOnItsLoss)
     for i, (g, s) in enumerate(zip(group, solo)):  # the channels-last way rounds differently (see the test above)
         for key in s:
