@@ -48,8 +48,8 @@ the loop, and for members with convolution weights also the loop with those weig
 channels-last (:meth:`~hqde_lightning.stacking.StackedMembers.set_channels_last`), which is what
 makes a group of small CNNs faster than the same members one after another on a CPU. Each looped
 way is timed with Lightning's one backward pass over the sum of the members' losses and with a
-backward pass per member as it runs (where no hook runs between a step and its backward pass). On a GPU
-vmap is timed first, on a CPU last (there vmap's grouped convolutions are often the slowest way);
+backward pass per member as it runs (where no hook runs between a step and its backward pass).
+On a GPU vmap is timed first, on a CPU last (there vmap's grouped convolutions are often the slowest way);
 a way clearly slower than the best one timed before it is cut short (:data:`CUT_RATIO`), so that
 the probe costs little more than the steps it would have taken anyway. A step vmap
 cannot run (``.item()``, data-dependent control flow, a torchmetrics object updated inside the
@@ -556,12 +556,13 @@ class MemberGroup(LightningModule):
         back-propagated while its activations are still in the processor's caches and freed before the next member's
         forward pass: a group of small CNNs steps about a fifth faster on a CPU, and holds one member's activations at
         a time; for a small MLP the k backward calls cost more than they save, hence the timing. It is done where
-        nothing can tell (``vectorize="auto"`` times it only then): no hook of yours or of a callback runs between the step and the
-        backward pass (``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``, your ``backward`` or
-        ``optimizer_zero_grad``), the precision plugin does nothing to the loss (no gradient scaler: a group never has
-        one), the strategy adds nothing around it, and Lightning back-propagates this step (there is an optimizer, and it
-        is not ``StochasticWeightAveraging``'s batch-norm epoch). As Lightning, it zeroes the gradients first on the first batch of an accumulation and divides
-        each loss by ``accumulate_grad_batches``; the backward pass Lightning then calls is skipped (:meth:`backward`).
+        nothing can tell (``vectorize="auto"`` times it only then): no hook of yours or of a callback runs between the
+        step and the backward pass (``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``, your
+        ``backward`` or ``optimizer_zero_grad``), the precision plugin does nothing to the loss (no gradient scaler: a
+        group never has one), the strategy adds nothing around it, and Lightning back-propagates this step (there is an
+        optimizer, and it is not ``StochasticWeightAveraging``'s batch-norm epoch). As Lightning, it zeroes the
+        gradients first on the first batch of an accumulation and divides each loss by ``accumulate_grad_batches``; the
+        backward pass Lightning then calls is skipped (:meth:`backward`).
         """
         trainer = self.trainer
         if not (trainer.optimizers and torch.is_grad_enabled()) or trainer.fit_loop._skip_backward:
