@@ -13,8 +13,8 @@ user's ``Trainer`` is copied (as the Ray path pickles it for its actors) and the
   same codec, topology and aggregator as in the coordinator, and each member applies ``sync``
   (:class:`~hqde_lightning.group_actor.RemoteGroupSync` sends them to the coordinator instead).
 
-The copy logs to your loggers directly (``member_{i}/...`` and Lightning's plain ``epoch``) and
-shows Lightning's own progress bar. What comes back is one
+The copy logs to your loggers directly (``member_{i}/...`` and Lightning's plain ``epoch``), profiles
+with your profiler and shows Lightning's own progress bar. What comes back is one
 :class:`~hqde_lightning.actors.MemberResult` per member, as from member actors.
 """
 
@@ -230,10 +230,13 @@ class GroupSync(Callback):
         self.history = list(state.get("history", []))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # (the first callback) members that asked to stop, and may, stop before anything runs for the new epoch
+        self.group.release_stops(trainer.current_epoch - 1)
         self._loss_sum, self._returned, self._num_batches = None, None, None
         start_epoch(trainer.train_dataloader, trainer.current_epoch)  # the members' orders of this epoch, resumed or not
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.group.release_stops(trainer.current_epoch)  # before this batch: a member that stopped trains no more of the epoch
         self._training_flags = [not stopped for stopped in self.group.frozen]  # a member that stops in this batch still trained it
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -350,6 +353,9 @@ def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, A
     copy_trainer, function_name, args, kwargs = payload.fit if isinstance(payload, CopiedFit) else pickle.loads(payload)
     bound = inspect.signature(getattr(copy_trainer, function_name)).bind(*args, **kwargs, **data)
     copy_trainer.loggers = trainer.loggers
+    # your profiler records the group's fit, as a plain fit's: `trainer.profiler.summary()` after it, or its totals
+    # carried on into a later `test`
+    copy_trainer.profiler = trainer.profiler
     with _finalized_by_the_driver(trainer.loggers):
         results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder), remains=remains)
     return results, sync.final, sync.sync_state()

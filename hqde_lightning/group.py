@@ -709,24 +709,24 @@ class MemberGroup(LightningModule):
 
         The fit stops once every member has. A member that asks inside a training batch (in its
         step, or a batch-start, backward or optimizer hook) stops after the batch's update, as its
-        own fit would.
+        own fit would. It is frozen only when the group would train again (:meth:`release_stops`):
+        until then it runs what its own fit runs before it ends (the hooks and callbacks left at
+        that point, the epoch's end and its sync when the stop comes there, and, when every member
+        stops, the validation Lightning runs before stopping).
         """
         trainer = self.trainer
         if not trainer.should_stop or stopping:
             return
-        if within_batch:
-            self._stopping.add(position)
-        else:
-            self._held.add(position)
-            self._release_stops()
+        (self._stopping if within_batch else self._held).add(position)
         trainer.should_stop = all(self.frozen[j] or j in self._stopping or j in self._held for j in range(self.num_members))
 
-    def _release_stops(self) -> None:
-        """The members that asked to stop stop now, if Lightning lets a fit stop (``min_epochs``, ``min_steps`` met);
-        until then they train on, as in their own fits."""
+    def release_stops(self, last_epoch: int) -> None:
+        """The members that asked to stop stop now, before the group trains again (at a training batch's or epoch's start),
+        if Lightning lets a fit stop (``min_epochs``, ``min_steps`` met); until then they train on, as in their own fits.
+        ``last_epoch`` is the last epoch they trained (:attr:`frozen_at`)."""
         if self._held and self.trainer.fit_loop._can_stop_early:
             for position in sorted(self._held):
-                self.freeze(position)
+                self.freeze(position, last_epoch)
             self._held.clear()
 
     @contextmanager
@@ -784,12 +784,16 @@ class MemberGroup(LightningModule):
         return self.each_member(hook, lambda member, member_args: getattr(member, hook)(*member_args), args)
 
     # ---------------------------------------------------------- early stops
-    def freeze(self, position: int) -> None:
-        """Member ``position`` (its place in the group) stops training: its weights, buffers and optimizer state stay as they are now."""
+    def freeze(self, position: int, last_epoch: int | None = None) -> None:
+        """Member ``position`` (its place in the group) stops training: its weights, buffers and optimizer state stay as they are now.
+
+        ``last_epoch`` is the last epoch it trained (default: the current one).
+        """
         if self.frozen[position]:
             return
         self.frozen[position] = True
-        self.frozen_at[position] = self.trainer.current_epoch if self._trainer is not None else 0
+        current = self.trainer.current_epoch if self._trainer is not None else 0
+        self.frozen_at[position] = max(current if last_epoch is None else last_epoch, 0)
         self.keep_frozen_as_now(position)
         # its optimizer state as of its last update: its slices are put back after each step, its step counts go into checkpoints
         self._frozen_states[position], self.frozen_steps[position] = [], {}
@@ -898,7 +902,6 @@ class MemberGroup(LightningModule):
         self._hook("on_fit_start")
 
     def on_train_epoch_start(self) -> None:
-        self._release_stops()  # `min_epochs` met at the end of the last epoch: a member held back stops before this one
         lead = next((i for i in range(self.num_members) if not self.frozen[i]), self.lead)
         if lead != self.lead:
             self.lead = lead
@@ -922,7 +925,6 @@ class MemberGroup(LightningModule):
         self._restore_frozen()
         self._held |= self._stopping
         self._stopping.clear()
-        self._release_stops()
         self._hook("on_train_batch_end", outputs, batch, batch_idx)
         if "training_step" in self.modes:
             return
