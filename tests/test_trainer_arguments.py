@@ -83,7 +83,8 @@ def alone(hparams: dict, callbacks: Callable[[], list[pl.Callback]] = list, **tr
     return fits
 
 
-def in_a_group(hparams: dict, vectorize: bool, callbacks: Callable[[], list[pl.Callback]] = list, **trainer_kwargs) -> tuple[HQDEStrategy, pl.Trainer]:
+def grouped(hparams: dict, vectorize: bool, callbacks: Callable[[], list[pl.Callback]] = list, **trainer_kwargs) -> tuple[HQDEStrategy, pl.Trainer]:
+    """The members trained as one member group (``sync="none"``), looped ones recording their events."""
     EVENTS.clear()
     strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize=vectorize)
     recorded = [] if vectorize else [FitEvents()]  # (a callback of yours runs as each member: the steps would run looped)
@@ -113,7 +114,7 @@ def test_members_that_all_stop_together_end_as_their_own_fits(case, vectorize):
     hparams, uses_stopper, fit = STOPS[case]
     callbacks = stopper if uses_stopper else list
     solo = alone(hparams, callbacks, **fit)
-    strategy, trainer = in_a_group(hparams, vectorize, callbacks, **fit)
+    strategy, trainer = grouped(hparams, vectorize, callbacks, **fit)
     assert trainer.global_step == solo[0][1].global_step < fit["max_epochs"] * fit["limit_train_batches"]
     assert_same_members([m.state_dict() for m in strategy.ensemble.members], [model.state_dict() for model, _, _ in solo])
     for i, (_, alone_trainer, events) in enumerate(solo):
