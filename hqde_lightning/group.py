@@ -273,7 +273,6 @@ class MemberGroup(LightningModule):
         #: :meth:`_backward_as_members_run`), and whether this step did
         self._backward_each = False
         self._backpropagated = False
-        self._checked_backward_hooks = False
 
     @property
     def num_members(self) -> int:
@@ -401,17 +400,12 @@ class MemberGroup(LightningModule):
         """
         if "training_step" in self.modes:
             return self.modes["training_step"]
-        if not self._checked_backward_hooks:  # (the trainer's callbacks are known now)
-            self._checked_backward_hooks = True
-            if not _nothing_between_step_and_backward(self, self.trainer):  # Lightning's one backward pass runs
-                self._ways = [w for w in self._ways if not WAYS[w][2]]
-                self._timings = {w: self._timings[w] for w in self._ways}
-                if len(self._ways) == 1:  # nothing left to choose from
-                    self.modes["training_step"], channels_last, _ = WAYS[self._ways[0]]
-                    self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
-                    return self.modes["training_step"]
         self._way = next(w for w in self._ways if not self._timed(w))
-        mode, channels_last, self._backward_each = WAYS[self._way]
+        return self._lay_out(self._way)
+
+    def _lay_out(self, way: str) -> str:
+        """Lays the group out for ``way`` (:data:`WAYS`: its weights' layout, its backward pass); returns how its step runs."""
+        mode, channels_last, self._backward_each = WAYS[way]
         self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
         return mode
 
@@ -500,7 +494,7 @@ class MemberGroup(LightningModule):
             return
         self.modes["training_step"] = "loop"
         if self._ways:
-            self.stack.set_channels_last(WAYS[self._ways[0]][1] or self._channels_last, self.trainer.optimizers)
+            self._lay_out(self._ways[0])
 
     def _drop_vmap(self) -> None:
         """``vectorize="auto"`` no longer times the vmap way."""
@@ -899,6 +893,11 @@ class MemberGroup(LightningModule):
         self.loaded_entries = None  # every checkpoint hook has seen its entry
         if self.device.type != "cuda":  # on a CPU vmap last: often the slowest there, it is then cut short
             self._ways.sort(key=lambda way: way == "vmap")
+        if "training_step" not in self.modes and not _nothing_between_step_and_backward(self, self.trainer):
+            self._ways = [w for w in self._ways if not WAYS[w][2]]  # Lightning's one backward pass runs
+            self._timings = {w: self._timings[w] for w in self._ways}
+            if len(self._ways) == 1:  # nothing left to choose from
+                self.modes["training_step"] = self._lay_out(self._ways[0])
         self._hook("on_fit_start")
 
     def on_train_epoch_start(self) -> None:
@@ -935,10 +934,8 @@ class MemberGroup(LightningModule):
             return
         seconds = {w: self._seconds(w) for w in self._ways}
         best = min(self._ways, key=seconds.__getitem__)
-        mode, channels_last, self._backward_each = WAYS[best]
-        self.modes["training_step"] = mode
+        mode = self.modes["training_step"] = self._lay_out(best)
         self.modes["validation_step"] = "loop" if mode == "loop" else self.modes.get("validation_step", mode)
-        self.stack.set_channels_last(channels_last or self._channels_last, self.trainer.optimizers)
         timed = ", ".join(
             f"{seconds[w] * 1e3:.1f} ms/step {'with torch.func.vmap' if w == 'vmap' else w}" + (f" (cut after {len(self._timings[w])} steps)" if w in self._cut else "")
             for w in self._ways
