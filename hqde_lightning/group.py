@@ -53,7 +53,8 @@ On a GPU vmap is timed first, on a CPU last (there vmap's grouped convolutions a
 a way clearly slower than the best one timed before it is cut short (:data:`CUT_RATIO`), so that
 the probe costs little more than the steps it would have taken anyway. A step vmap
 cannot run (``.item()``, data-dependent control flow, a torchmetrics object updated inside the
-step) runs looped, with the reason logged.
+step) runs looped, with the reason logged. ``vectorize`` may also name one of the :data:`WAYS`, as the
+log line of the timing names the way it kept: the group is laid out for it at fit start and nothing is timed.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ __all__ = [
     "BATCH_HOOKS", "CHECKPOINT_HOOKS", "ELEMENTWISE_OPTIMIZERS", "GROUP_HOOKS", "MEMBER_HOOKS", "GroupUnsupported", "MemberGroup", "member_optimizer_state", "stacked_optimizer_state", "unsupported_hooks",
 ]
 
-Vectorize = Literal["auto"] | bool
+#: a way to run a group's training step (:data:`WAYS`), which ``vectorize`` may name: trained that way, nothing timed
+Way = Literal["vmap", "loop", "loop, backward per member", "loop, channels-last", "loop, channels-last, backward per member"]
+Vectorize = Literal["auto"] | bool | Way
 #: optimizers whose update of an element depends on that element's gradient and state only
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
@@ -102,7 +105,7 @@ CUT_RATIO = 1.3
 FIRST_STEP_CUT = 2.0
 #: the ways ``vectorize="auto"`` times: how the step runs, whether 4-D weights are laid out channels-last, and whether a
 #: looped step back-propagates each member's loss as the member runs (:meth:`MemberGroup._backward_as_members_run`)
-WAYS: dict[str, tuple[str, bool, bool]] = {
+WAYS: dict[Way, tuple[str, bool, bool]] = {
     "vmap": ("vmap", False, False), "loop": ("loop", False, False), "loop, backward per member": ("loop", False, True),
     "loop, channels-last": ("loop", True, False), "loop, channels-last, backward per member": ("loop", True, True),
 }
@@ -155,7 +158,8 @@ class MemberGroup(LightningModule):
         module: your module: the template whose methods run (its own weights are not trained).
         members: one module per member, holding the member's initial weights.
         member_ids: the members' indices in the ensemble (logged as ``member_{i}/``).
-        vectorize: ``True`` (vmap), ``False`` (loop) or ``"auto"`` (time both, keep the faster).
+        vectorize: ``True`` (vmap), ``False`` (loop), ``"auto"`` (time the ways, keep the fastest) or a way of
+            :data:`WAYS` (``"vmap"`` is ``True``, ``"loop"`` ``False``; a looped way is laid out at fit start).
         rng_states: per member, the torch RNG state its looped steps draw from.
         host_rng_states: per member, numpy's and Python's random states (:func:`~hqde_lightning.stacking.host_rng`) its
             looped steps, hooks and dataset draw from (default: the current ones).
@@ -190,6 +194,11 @@ class MemberGroup(LightningModule):
         self._attributes_shared = False
         object.__setattr__(self, "module", module)
         self.member_ids = list(member_ids)
+        #: the looped way you named in ``vectorize`` (``"loop, channels-last"``...): laid out at fit start, nothing timed
+        self._named_way: str | None = None
+        if isinstance(vectorize, str) and vectorize in WAYS:
+            self._named_way = None if vectorize in ("vmap", "loop") else vectorize
+            vectorize = WAYS[vectorize][0] == "vmap"  # otherwise as `True` or `False`
         self.vectorize = vectorize
         self._hparams_name = getattr(module, "_hparams_name", None)
         if hasattr(module, "_hparams"):
@@ -898,7 +907,25 @@ class MemberGroup(LightningModule):
             self._timings = {w: self._timings[w] for w in self._ways}
             if len(self._ways) == 1:  # nothing left to choose from
                 self.modes["training_step"] = self._lay_out(self._ways[0])
+        if self._named_way is not None:
+            self._lay_out_named_way(self._named_way)
         self._hook("on_fit_start")
+
+    def _lay_out_named_way(self, way: str) -> None:
+        """Lays the group out for the looped ``way`` you named in ``vectorize``; its backward pass per member only where a
+        looped way may have one (automatic optimization, nothing between a step and its backward pass)."""
+        self._lay_out(way)
+        if not self._backward_each or not self.automatic_optimization:  # under manual optimization each member's own step back-propagates
+            self._backward_each = False
+            return
+        if not _nothing_between_step_and_backward(self, self.trainer):
+            self._backward_each = False
+            rank_zero_warn(
+                f"HQDEStrategy: `vectorize={way!r}`: Lightning's one backward pass over the group's losses runs instead of one per"
+                " member, because something runs between a step and its backward pass (a hook of your module or of a callback:"
+                " `on_before_zero_grad`, `on_before_backward`, `on_after_backward`, your `backward` or `optimizer_zero_grad`; a"
+                " gradient scaler; a precision plugin or strategy of its own), and it must see every member's gradients."
+            )
 
     def on_train_epoch_start(self) -> None:
         lead = next((i for i in range(self.num_members) if not self.frozen[i]), self.lead)
@@ -940,7 +967,10 @@ class MemberGroup(LightningModule):
             f"{seconds[w] * 1e3:.1f} ms/step {'with torch.func.vmap' if w == 'vmap' else w}" + (f" (cut after {len(self._timings[w])} steps)" if w in self._cut else "")
             for w in self._ways
         )
-        rank_zero_info(f"HQDEStrategy: vectorize='auto' timed {self.num_members} members: {timed}; training the {best} way.")
+        rank_zero_info(
+            f"HQDEStrategy: vectorize='auto' timed {self.num_members} members: {timed}; training the {best} way"
+            f" (`vectorize={best!r}` trains it without timing the others)."
+        )
 
     def _probe_clock(self) -> float:
         """The time, for ``vectorize="auto"``'s step timings: on a GPU once the kernels queued so far have run."""

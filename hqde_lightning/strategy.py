@@ -29,6 +29,7 @@ from hqde_lightning.aggregation import Aggregator, Krum, MultiKrum, RobustAggreg
 from hqde_lightning.checkpoint import HQDE_KEY, AtomicCheckpointIO, ensemble_entries, ensemble_members, ensemble_section, load_checkpoint_file, read_checkpoint, seal_checkpoint
 from hqde_lightning.ensemble import Combiner, Ensemble, non_finite_members, resolve_combiner, saved_combiner
 from hqde_lightning.events import SyncRecord
+from hqde_lightning.group import WAYS, Vectorize
 from hqde_lightning.member import SYNC_MODES
 from hqde_lightning.misconfiguration import InvalidArgument, lightning_arguments
 from hqde_lightning.topology import Flat, Topology, aggregate, resolve_topology
@@ -134,9 +135,11 @@ class HQDEStrategy(SingleDeviceStrategy):
             ``resources_per_member`` is set or the members cannot share a process (saying why). An int ``k``: Ray actors of ``k`` members each (``1``: one per member;
             with ``k`` > 1 the CPUs, memory and custom resources of ``resources_per_member`` are multiplied by ``k``).
         vectorize: how a member group runs your steps: ``True`` with ``torch.func.vmap`` over the
-            members, ``False`` member by member, ``"auto"`` (default) times both on the first
-            training steps, and for a module with convolutions also the loop with the members'
-            convolution weights laid out channels-last, and keeps the fastest (all are logged).
+            members, ``False`` member by member, ``"auto"`` (default) times the ways to run them on the first
+            training steps (vmap; the loop, with Lightning's backward pass over the group or one per member
+            as it runs; for a module with convolutions also with the members' convolution weights laid out
+            channels-last) and keeps the fastest (all are logged). The name of a way (``"loop, channels-last,
+            backward per member"``, as that log line gives it) trains that way without timing the others.
         accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy
             (checkpoints are written atomically by default).
     """
@@ -165,7 +168,7 @@ class HQDEStrategy(SingleDeviceStrategy):
         max_member_restarts: int = 1,
         on_member_failure: FailurePolicy = "fail",
         members_per_worker: Literal["auto"] | int = "auto",
-        vectorize: Literal["auto"] | bool = "auto",
+        vectorize: Vectorize = "auto",
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
@@ -200,8 +203,8 @@ class HQDEStrategy(SingleDeviceStrategy):
                 )
             check_number(member_start_timeout_s, "member_start_timeout_s", 0, open_low=True)
             check_bool(bagging, "bagging")
-            if not (isinstance(vectorize, bool) or vectorize == "auto"):
-                raise ArgumentError("vectorize", vectorize, "one of ['auto', True, False]", "`{name}`: {value!r} is not known; choose {requirement}")
+            if not (isinstance(vectorize, bool) or vectorize == "auto" or (isinstance(vectorize, str) and vectorize in WAYS)):
+                raise ArgumentError("vectorize", vectorize, f"one of {['auto', True, False, *WAYS]}", "`{name}`: {value!r} is not known; choose {requirement}")
             if members_per_worker != "auto":
                 check_int(members_per_worker, "members_per_worker", 1)
             check_optional(check_choice, member_init, "member_init", MEMBER_INITS)

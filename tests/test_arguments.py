@@ -22,6 +22,7 @@ from hqde_lightning import HQDEStrategy
         ({"aggregator": "majority_vote"}, "aggregator='majority_vote'"),
         ({"aggregator": 3}, "aggregator"),
         ({"sync": "sometimes"}, "choose one of \\['none', 'elastic', 'replace'\\]"),
+        ({"vectorize": "loop, channels_last"}, "choose one of \\['auto', True, False, 'vmap', 'loop', 'loop, backward per member', 'loop, channels-last'"),
         ({"sync_strength": 1.5}, "sync_strength"),
         ({"sync_strength": -0.1}, "sync_strength"),
         ({"sync_every_n_epochs": 0}, "sync_every_n_epochs"),

@@ -36,6 +36,7 @@ from hqde_lightning.checkpoint import HQDE_KEY, load_checkpoint_file
 from hqde_lightning.embedded import group_blocker
 from hqde_lightning.group import MemberGroup, member_optimizer_state, stacked_optimizer_state
 from hqde_lightning.member_data import member_loader, start_epoch
+from hqde_lightning.stacking import StackedMembers
 
 SEED = 7
 MEMBERS = 3
@@ -538,6 +539,42 @@ def test_a_hook_between_step_and_backward_sees_one_backward_over_the_group_as_be
     alone = [[norm for _, norm in HooksAfterBackward.norms[i * steps : (i + 1) * steps]] for i in range(MEMBERS)]
     assert len(by_member[0]) == steps
     torch.testing.assert_close(torch.tensor(by_member), torch.tensor(alone), rtol=1e-4, atol=1e-6)
+
+
+class RecordsBackwardConv(RecordsBackward, ConvNet):
+    """:class:`ConvNet` recording when each member's forward and backward passes ran."""
+
+
+def test_a_way_named_in_vectorize_trains_that_way_and_times_nothing(monkeypatch, caplog):
+    """``vectorize`` naming a way, as ``vectorize="auto"``'s log line gives it: the group is laid out for it once, at fit
+    start (here channels-last, a backward pass per member), no other way runs, nothing is timed, and the members train as
+    alone (to the tolerance of channels-last rounding, see the test above)."""
+    layouts = []
+    lay_out = StackedMembers.set_channels_last
+    monkeypatch.setattr(StackedMembers, "set_channels_last", lambda self, on, optimizers=(): (layouts.append(on), lay_out(self, on, optimizers))[1])
+    RecordsBackward.events = []
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize="loop, channels-last, backward per member")
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(strategy=strategy, **FIT).fit(RecordsBackwardConv(), train_loader())
+    assert layouts.count(True) == 1  # laid out once (stacks are built contiguous, as the module is)
+    assert "timed" not in caplog.text
+    steps = 2 * FIT["limit_train_batches"]
+    assert RecordsBackward.events == [(kind, i) for _ in range(steps) for i in range(MEMBERS) for kind in ("forward", "backward")]
+    solo = solo_states({}, ConvNet)
+    for i, (g, s) in enumerate(zip([m.state_dict() for m in strategy.ensemble.members], solo)):
+        for key in s:
+            torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
+
+
+def test_a_named_backward_per_member_gives_way_to_a_hook_between_step_and_backward():
+    """A backward pass per member named in ``vectorize`` where a callback's ``on_after_backward`` must see every member's
+    gradients: Lightning's one backward pass over the group runs instead, and the warning says why."""
+    RecordsBackward.events = []
+    strategy = HQDEStrategy(num_members=MEMBERS, sync="none", seed=SEED, vectorize="loop, backward per member")
+    with pytest.warns(UserWarning, match=r"vectorize='loop, backward per member'`: Lightning's one backward pass .* runs instead"):
+        quiet_trainer(strategy=strategy, **FIT, callbacks=[HooksAfterBackward()]).fit(RecordsBackward(), train_loader())
+    forwards, backwards = [("forward", i) for i in range(MEMBERS)], [("backward", i) for i in reversed(range(MEMBERS))]
+    assert RecordsBackward.events == (forwards + backwards) * 2 * FIT["limit_train_batches"]
 
 
 class LogsStepLoss(Net):
