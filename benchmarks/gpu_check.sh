@@ -4,7 +4,7 @@
 #      whole GPU, members as Ray actors sharing the GPU, placement errors);
 #   2. benchmarks/training_cost.py on the GPU, 8 members each:
 #      - Fashion-MNIST small CNN, 20,000 images, 3 epochs, 2 repeats (throughput once fixed costs are paid:
-#        the GPU target, run first);
+#        the GPU target, run first; hqde-named: the same group with vmap named, nothing timed);
 #      - Fashion-MNIST small CNN, 1 epoch on FASHION_TRAIN_IMAGES images (the 1-epoch case, where
 #        every fit's fixed cost weighs most);
 #      - digits MLP, 10 epochs (the CPU target case);
@@ -43,7 +43,7 @@ bench() {  # bench NAME ARGS...: one training_cost.py run, its log and results s
 }
 # shellcheck disable=SC2086  # $modes is a list of words
 # the target case first (8 SmallCNN members at >= 4x the throughput of 8 plain Trainers), twice, in case time runs out
-bench fashion-mnist-3epochs fashion-mnist --epochs 3 --train-size 20000 --repeats 2 --modes sequential torch-vmap hqde
+bench fashion-mnist-3epochs fashion-mnist --epochs 3 --train-size 20000 --repeats 2 --modes sequential torch-vmap hqde hqde-named
 bench fashion-mnist fashion-mnist --epochs 1 --train-size "$fashion_images" --modes single $modes
 bench digits digits --epochs 10 --modes $modes
 for script in step_cost inference_cost; do
