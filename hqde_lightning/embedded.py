@@ -34,6 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.profilers import Profiler
 from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 from lightning.pytorch.utilities.exceptions import _TunerExitException
@@ -356,7 +357,7 @@ def run_group(trainer: Trainer, payload: bytes | CopiedFit, data: Mapping[str, A
     # your profiler records the group's fit, as a plain fit's: `trainer.profiler.summary()` after it, or its totals
     # carried on into a later `test`
     copy_trainer.profiler = trainer.profiler
-    with _finalized_by_the_driver(trainer.loggers):
+    with _finalized_by_the_driver(trainer.loggers), _lent(trainer.profiler):
         results, sync = fit_group(hqde, copy_trainer, function_name, bound, range(hqde.num_members), forwarder, lambda group: GroupSync(hqde, group, forwarder), remains=remains)
     return results, sync.final, sync.sync_state()
 
@@ -376,6 +377,25 @@ def _finalized_by_the_driver(loggers: Sequence[Logger]) -> Iterator[None]:
     finally:
         for logger in loggers:
             del logger.finalize
+
+
+#: "no such attribute" for :func:`_lent`
+_UNSET = object()
+
+
+@contextmanager
+def _lent(profiler: Profiler) -> Iterator[None]:
+    """Your ``profiler`` while the group's trainer uses it. That trainer points it at the group's module through a weak
+    proxy (as Lightning's ``_run`` does), which dies with the group: your trainer, profiler included, is pickled for its
+    next fit, and pickle refuses a dead proxy. Afterwards the profiler points where it pointed before."""
+    before = vars(profiler).get("_lightning_module", _UNSET)
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            vars(profiler).pop("_lightning_module", None)
+        else:
+            profiler._lightning_module = before
 
 
 def _fit_as_lightning_does(trainer: Trainer, fit: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

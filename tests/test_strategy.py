@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import glob
 import itertools
 import os
@@ -243,6 +244,9 @@ def test_the_fits_data_stays_attached_as_after_a_plain_fit_and_never_travels_ins
     trainer.fit(model, datamodule=dm)
     assert trainer.datamodule is dm and dm.trainer is trainer
     assert trainer.estimated_stepping_batches == len(dm.train_dataloader())
+    # the group of the first fit gone: your trainer's profiler (which recorded it) must not point at it through a dead
+    # weak proxy, which pickle refuses when the next fit copies your trainer
+    gc.collect()
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model, datamodule=dm)
     assert trainer.current_epoch == 2 and trainer.datamodule is dm
