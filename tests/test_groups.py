@@ -566,6 +566,13 @@ def test_a_way_named_in_vectorize_trains_that_way_and_times_nothing(monkeypatch,
             torch.testing.assert_close(g[key], s[key], rtol=0, atol=2e-3, msg=lambda m, i=i, key=key: f"member {i} {key}: {m}")
 
 
+@pytest.mark.parametrize("name, as_flag", [("vmap", True), ("loop", False)])
+def test_vmap_and_loop_named_in_vectorize_are_true_and_false(name, as_flag):
+    named = MemberGroup(ConvNet(), [ConvNet(), ConvNet()], [0, 1], vectorize=name)
+    flag = MemberGroup(ConvNet(), [ConvNet(), ConvNet()], [0, 1], vectorize=as_flag)
+    assert named.vectorize is as_flag and named.modes == flag.modes == {"training_step": name}
+
+
 def test_a_named_backward_per_member_gives_way_to_a_hook_between_step_and_backward():
     """A backward pass per member named in ``vectorize`` where a callback's ``on_after_backward`` must see every member's
     gradients: Lightning's one backward pass over the group runs instead, and the warning says why."""
